@@ -1,0 +1,74 @@
+"""ckptwise: decide when a PyTorch run saves, what it keeps, and how it stores it.
+
+>>> import ckptwise as cw
+>>> save = cw.every(1000, start=200) | cw.on_improvement("eval_loss", mode="min")
+>>> keep = cw.keep_last(3) | cw.keep_best(1, "eval_loss")
+"""
+
+from ckptwise.data import ResumableSampler
+from ckptwise.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    FormatError,
+    RunLockedError,
+    SnapshotError,
+    StorageError,
+)
+from ckptwise.manager import CheckpointManager, RestoreWarning
+from ckptwise.policy import (
+    Decision,
+    MetricStats,
+    RetentionContext,
+    RetentionPlan,
+    RetentionPolicy,
+    TrainingState,
+    Trigger,
+    at_steps,
+    every,
+    keep_all,
+    keep_best,
+    keep_every,
+    keep_last,
+    never,
+    on_final,
+    on_improvement,
+    plan_retention,
+)
+from ckptwise.records import CheckpointInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "Decision",
+    "FormatError",
+    "MetricStats",
+    "RestoreWarning",
+    "ResumableSampler",
+    "RetentionContext",
+    "RetentionPlan",
+    "RetentionPolicy",
+    "RunLockedError",
+    "SnapshotError",
+    "StorageError",
+    "TrainingState",
+    "Trigger",
+    "__version__",
+    "at_steps",
+    "every",
+    "keep_all",
+    "keep_best",
+    "keep_every",
+    "keep_last",
+    "never",
+    "on_final",
+    "on_improvement",
+    "plan_retention",
+]

@@ -1,0 +1,1 @@
+"""The ``ckptwise`` command line: a thin layer over the public API."""

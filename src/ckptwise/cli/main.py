@@ -1,0 +1,143 @@
+"""``ckptwise ls`` and ``ckptwise verify``: inspect and check a run folder.
+
+Every command opens the run read-only (no lock, nothing deleted) through
+:class:`~ckptwise.CheckpointManager`, and takes ``--json`` for machine-readable output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Any
+
+try:
+    import click
+    from rich.console import Console
+    from rich.table import Table
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise SystemExit(
+        f"the ckptwise command line needs its extra ({exc.name} is missing): "
+        "pip install 'ckptwise[cli]'"
+    ) from exc
+
+from ckptwise.errors import CheckpointError
+from ckptwise.manager import CheckpointManager
+
+__all__ = ["cli", "main"]
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _open(run: str) -> CheckpointManager:
+    try:
+        return CheckpointManager(run)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckptwise")
+def cli() -> None:
+    """Inspect, verify and manage ckptwise checkpoint runs."""
+
+
+@cli.command("ls")
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def ls_command(run: str, as_json: bool) -> None:
+    """List the committed checkpoints of RUN (a folder or fsspec URL)."""
+    manager = _open(run)
+    kept = manager.store.read_run_state().get("kept", {})
+    pins = manager.pinned()
+    rows: list[dict[str, Any]] = []
+    for info in manager.checkpoints():
+        why = list(kept.get(str(info.step), []))
+        if info.step in pins and "pinned" not in why:
+            why.append("pinned")
+        rows.append(
+            {
+                "step": info.step,
+                "time": info.time.isoformat(),
+                "reasons": list(info.reasons),
+                "metrics": dict(info.metrics),
+                "logical_bytes": info.logical_bytes,
+                "new_bytes": info.new_bytes,
+                "kept_because": why,
+            }
+        )
+    if as_json:
+        doc = {
+            "run": run,
+            "checkpoints": rows,
+            "physical_bytes": manager.store.physical_bytes(),
+            "unreadable": manager.store.broken,
+        }
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    table = Table(title=f"{run}: {len(rows)} checkpoint(s)")
+    for column in ("step", "time", "saved because", "metrics", "bytes", "written", "kept because"):
+        table.add_column(
+            column, justify="right" if column in ("step", "bytes", "written") else "left"
+        )
+    for row in rows:
+        table.add_row(
+            str(row["step"]),
+            datetime.fromisoformat(row["time"]).strftime("%Y-%m-%d %H:%M:%S"),
+            ", ".join(row["reasons"]),
+            ", ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()),
+            _size(row["logical_bytes"]),
+            _size(row["new_bytes"]),
+            ", ".join(row["kept_because"]),
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"on disk: {_size(manager.store.physical_bytes())} (each object counted once)")
+    for path, problem in manager.store.broken.items():
+        console.print(f"[red]unreadable manifest[/red] {path}: {problem}")
+
+
+@cli.command("verify")
+@click.argument("run")
+@click.option("--step", "steps", type=int, multiple=True, help="Only these steps (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def verify_command(run: str, steps: tuple[int, ...], as_json: bool) -> None:
+    """Check every object of RUN against its checksum; exit 1 if any fails."""
+    manager = _open(run)
+    try:
+        problems = manager.store.verify(steps or None)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
+    checked = list(steps) if steps else manager.store.steps()
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "run": run,
+                    "checked_steps": checked,
+                    "ok": not problems,
+                    "problems": [
+                        {"step": p.step, "tensor": p.tensor, "message": p.message} for p in problems
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for problem in problems:
+            click.echo(f"FAIL {problem}", err=True)
+        status = "ok" if not problems else f"{len(problems)} problem(s)"
+        click.echo(f"verified {len(checked)} checkpoint(s) in {run}: {status}")
+    sys.exit(1 if problems else 0)
+
+
+def main() -> None:
+    """Entry point of the ``ckptwise`` console script."""
+    cli(prog_name="ckptwise")

@@ -1,0 +1,399 @@
+"""The checkpoint manager: decide, snapshot, write, prune; and restore.
+
+The manager is orchestration only. It builds a :class:`~ckptwise.policy.TrainingState` at
+each step (injecting its clock and the metric history), asks the save trigger, captures the
+state with :mod:`ckptwise.snapshot`, hands the commit to the writer, then applies the
+retention plan. Framework adapters live in :mod:`ckptwise.integrations`.
+
+>>> import ckptwise as cw
+>>> manager = cw.CheckpointManager(  # doctest: +SKIP
+...     "runs/exp1", save=cw.every(1000, start=200), keep=cw.keep_last(3))
+>>> start = manager.restore(state)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import warnings
+from collections.abc import Callable, Mapping, MutableMapping
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from ckptwise.policy.retention import RetentionPlan, RetentionPolicy, keep_all, plan_retention
+from ckptwise.policy.state import Decision, MetricStats, TrainingState
+from ckptwise.policy.triggers import Trigger, _check_trigger, never
+from ckptwise.records import CheckpointInfo
+from ckptwise.snapshot import RngState, apply, capture, rebuild
+from ckptwise.store.backend import open_backend
+from ckptwise.store.lock import RunLock
+from ckptwise.store.store import CheckpointStore
+from ckptwise.writer import SyncWriter, Writer
+
+__all__ = ["CheckpointManager", "RestoreWarning"]
+
+log = logging.getLogger("ckptwise")
+
+RNG_KEY = "__rng__"
+
+
+class RestoreWarning(UserWarning):
+    """A checkpoint was skipped during restore because it failed verification."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if not isinstance(key, str):
+            raise ConfigError(f"metric names must be strings, got {key!r}")
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(
+                f"metric {key!r} has value {value!r} of type {type(value).__name__}; "
+                "pass plain numbers (e.g. loss.item())"
+            )
+        out[key] = float(value)
+    return out
+
+
+class CheckpointManager:
+    """Saves a training state by policy, keeps checkpoints by policy, and restores exactly.
+
+    With ``save`` or ``keep`` given, the manager writes: it takes the run's lock (released
+    by :meth:`close`), cleans debris a crash left and prunes after every commit. With
+    neither, it only reads: restore, load, export and inspect, without taking the lock.
+
+    Args:
+        root: a local folder or an fsspec URL (``s3://bucket/run``, ``memory://run``).
+        save: when to save (triggers composed with ``|`` / ``&``); none saves nothing.
+        keep: what to keep; defaults to :func:`~ckptwise.keep_all` for a writing manager.
+            The newest checkpoint, pinned ones and the one this manager restored are
+            always kept.
+        rng: also save and restore Python, numpy, torch (and CUDA) RNG states.
+        codec: how new objects are encoded (``"raw"`` or ``"zstd"``).
+        clock: the time source given to policies; tests pass a fake clock.
+        storage_options: passed to fsspec for URLs (credentials, endpoint).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        save: Trigger | None = None,
+        keep: RetentionPolicy | None = None,
+        rng: bool = True,
+        codec: str = "raw",
+        clock: Callable[[], datetime] = _utcnow,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if save is not None:
+            _check_trigger(save)
+        if keep is not None and not hasattr(keep, "select"):
+            raise ConfigError(
+                f"keep= expects a retention policy such as cw.keep_last(3), got {keep!r}"
+            )
+        self.writable = save is not None or keep is not None
+        self.save_policy: Trigger = save if save is not None else never()
+        self.keep_policy: RetentionPolicy = keep if keep is not None else keep_all()
+        self.rng = rng
+        self.clock = clock
+        backend = open_backend(root, **dict(storage_options or {}))
+        self._lock = RunLock(backend)
+        if self.writable:
+            self._lock.acquire()
+        try:
+            self.store = CheckpointStore(backend, codec=codec)
+            if self.writable:
+                removed = self.store.clean()
+                if removed:
+                    log.info("removed %d leftover file(s) from an interrupted save", removed)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._writer: Writer = SyncWriter()
+        self._history: dict[str, MetricStats] = {}
+        self._last_save: tuple[int, datetime] | None = None
+        self._requests: set[str] = set()
+        self.resumed_from: int | None = None
+        self.last_plan: RetentionPlan | None = None
+        self._closed = False
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def step(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        final: bool = False,
+    ) -> Decision:
+        """Report that ``step`` finished; save and prune if the policy says so.
+
+        ``metrics`` are the values reported at this step (e.g. ``{"eval_loss": 0.4}``);
+        ``final=True`` marks the last step, for :func:`~ckptwise.on_final`. Returns the
+        decision, whose ``reasons`` say which triggers fired.
+        """
+        self._check_open()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step must be an integer >= 0, got {step!r}")
+        values = _as_metrics(metrics)
+        now = self.clock()
+        training = TrainingState(
+            step=step,
+            now=now,
+            metrics=values,
+            history=dict(self._history),
+            last_save_step=None if self._last_save is None else self._last_save[0],
+            last_save_time=None if self._last_save is None else self._last_save[1],
+            requests=frozenset(self._requests),
+            final=final,
+        )
+        decision = self.save_policy.decide(training)
+        for key, value in values.items():
+            old = self._history.get(key)
+            self._history[key] = (
+                MetricStats.first(step, value) if old is None else old.updated(step, value)
+            )
+        if decision.save:
+            self.save(step, state, metrics=values, reasons=decision.reasons, now=now)
+            self._requests.clear()
+        return decision
+
+    def request_save(self, reason: str) -> None:
+        """Ask for a save at the next :meth:`step` (seen by triggers as ``requests``)."""
+        self._requests.add(reason)
+
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        reasons: tuple[str, ...] = ("manual",),
+        now: datetime | None = None,
+    ) -> CheckpointInfo | None:
+        """Save ``state`` as ``step`` now, whatever the policy says, then prune."""
+        self._check_open()
+        if not self.writable:
+            raise ConfigError(
+                "this manager was opened read-only (no save= or keep= policy); pass "
+                "save=... to CheckpointManager to write checkpoints"
+            )
+        if RNG_KEY in state:
+            raise ConfigError(f"the state key {RNG_KEY!r} is reserved for the RNG states")
+        now = self.clock() if now is None else now
+        values = _as_metrics(metrics)
+        full = {**state, RNG_KEY: RngState()} if self.rng else dict(state)
+        snap = capture(full)
+        extra = {"metric_history": {k: v.to_json() for k, v in self._history.items()}}
+        info = self._writer.write(
+            lambda: self.store.commit(
+                step,
+                snap.tensors,
+                tree=snap.tree,
+                metrics=values,
+                reasons=reasons,
+                extra=extra,
+                time=now.timestamp(),
+            ),
+            step=step,
+        )
+        self._last_save = (step, now)
+        if info is not None:
+            self.prune(now=now)
+        return info
+
+    def prune(self, *, now: datetime | None = None) -> RetentionPlan:
+        """Apply the retention policy to the committed checkpoints and delete the rest."""
+        self._check_open()
+        if not self.writable:
+            raise ConfigError("this manager was opened read-only; pass keep=... to prune")
+        plan = plan_retention(
+            self.keep_policy,
+            self.store.checkpoints(),
+            now=self.clock() if now is None else now,
+            pinned=self.pinned(),
+            resumed_from=self.resumed_from,
+        )
+        self.store.delete(plan.delete)
+        run = self.store.read_run_state()
+        run["kept"] = {str(s): list(r) for s, r in plan.keep.items()}
+        self.store.write_run_state(run)
+        self.last_plan = plan
+        return plan
+
+    # -- pins ------------------------------------------------------------------------------
+
+    def pinned(self) -> set[int]:
+        """Steps pinned in this run (kept until unpinned)."""
+        pins = self.store.read_run_state().get("pins", [])
+        return {int(p) for p in pins if isinstance(p, int)}
+
+    def pin(self, step: int) -> None:
+        """Keep ``step`` whatever the retention policy says, until :meth:`unpin`."""
+        self.store.manifest(step)
+        self._set_pins(self.pinned() | {step})
+
+    def unpin(self, step: int) -> None:
+        """Let the retention policy decide about ``step`` again."""
+        self._set_pins(self.pinned() - {step})
+
+    def _set_pins(self, pins: set[int]) -> None:
+        run = self.store.read_run_state()
+        run["pins"] = sorted(pins)
+        self.store.write_run_state(run)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first, with step, time, metrics and bytes."""
+        return self.store.checkpoints()
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or ``None``."""
+        steps = self.store.steps()
+        return steps[-1] if steps else None
+
+    def restore(
+        self, state: MutableMapping[str, Any], *, step: int | None = None, strict: bool = True
+    ) -> int:
+        """Load the newest checkpoint that verifies into ``state``; returns its step.
+
+        Returns 0 when the run has no checkpoint (so ``range(start + 1, ...)`` starts a
+        fresh run). A checkpoint that fails verification is skipped with a
+        :class:`RestoreWarning` and the next older one is tried; with an explicit ``step``
+        a failure raises :class:`~ckptwise.errors.CorruptCheckpointError` instead.
+        """
+        self._check_open()
+        for path, why in self.store.broken.items():
+            warnings.warn(
+                f"skipping unreadable manifest {path}: {why}", RestoreWarning, stacklevel=2
+            )
+        candidates = [step] if step is not None else sorted(self.store.steps(), reverse=True)
+        for candidate in candidates:
+            manifest = self.store.manifest(candidate)
+            try:
+                tensors = self.store.load_tensors(candidate)
+            except CorruptCheckpointError as exc:
+                if step is not None:
+                    raise
+                warnings.warn(
+                    f"checkpoint at step {candidate} fails verification ({exc}); "
+                    "falling back to an older one",
+                    RestoreWarning,
+                    stacklevel=2,
+                )
+                continue
+            where = f"checkpoint at step {candidate}"
+            apply(state, manifest.tree, tensors, strict=strict, where=where)
+            if self.rng and RNG_KEY in manifest.tree:
+                apply({RNG_KEY: RngState()}, manifest.tree, tensors, where=where)
+            history = manifest.extra.get("metric_history", {})
+            self._history = {k: MetricStats.from_json(v) for k, v in history.items()}
+            self._last_save = (candidate, datetime.fromtimestamp(manifest.time, UTC))
+            self.resumed_from = candidate
+            return candidate
+        if candidates:
+            raise CorruptCheckpointError(
+                f"no checkpoint in {self.store.backend.url} verifies (tried steps "
+                f"{', '.join(map(str, candidates))}); run `ckptwise verify` for details"
+            )
+        return 0
+
+    def load(self, step: int | None = None) -> dict[str, Any]:
+        """A checkpoint's saved values without a live state: state dicts, tensors, values.
+
+        ``step`` defaults to the newest. Tensors are verified as they are read.
+        """
+        self._check_open()
+        step = self._resolve(step)
+        manifest = self.store.manifest(step)
+        tensors = self.store.load_tensors(step)
+        return {
+            key: rebuild(manifest.tree, tensors, key) for key in manifest.tree if key != RNG_KEY
+        }
+
+    def export(
+        self, step: int | None, out_dir: str | os.PathLike[str], *, key: str = "model"
+    ) -> Path:
+        """Write the weights under ``key`` as ``out_dir/model.safetensors``; returns the path.
+
+        The file is plain safetensors: ``safetensors.torch.load_file`` reads it and
+        ``model.load_state_dict`` accepts what it returns.
+        """
+        from safetensors.torch import save_file
+
+        self._check_open()
+        step = self._resolve(step)
+        manifest = self.store.manifest(step)
+        prefix = f"{key}/"
+        names = [n for n in manifest.tensors if n.startswith(prefix)]
+        if not names:
+            raise CheckpointError(
+                f"checkpoint at step {step} has no tensors under {key!r}; its entries are "
+                f"{', '.join(k for k in manifest.tree if k != RNG_KEY)}; pass key=..."
+            )
+        weights = {
+            n[len(prefix) :]: self.store.read_tensor(manifest.tensors[n], step=step, name=n)
+            for n in names
+        }
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "model.safetensors"
+        save_file(weights, str(path), metadata={"format": "pt", "ckptwise_step": str(step)})
+        return path
+
+    def _resolve(self, step: int | None) -> int:
+        if step is not None:
+            return step
+        latest = self.latest_step()
+        if latest is None:
+            raise CheckpointError(f"run {self.store.backend.url} has no committed checkpoint")
+        return latest
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def wait(self) -> CheckpointInfo | None:
+        """Block until the save in flight (if any) has committed; re-raise its error."""
+        return self._writer.wait()
+
+    def close(self) -> None:
+        """Wait for the last write, then release the run's lock. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self._writer.close()
+        finally:
+            self._closed = True
+            self._lock.release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this CheckpointManager is closed; create a new one")
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "writable" if self.writable else "read-only"
+        return f"CheckpointManager({self.store.backend.url!r}, {mode}, steps={self.store.steps()})"

@@ -1,0 +1,222 @@
+"""Retention: pure decisions of *which* committed checkpoints to keep, composed with ``|``.
+
+A retention policy maps the list of committed checkpoints to the steps it wants kept, each
+with a reason. :func:`plan_retention` adds what is always kept (the newest checkpoint, pinned
+ones and the one the run resumed from) and returns what may be deleted; the manager only
+deletes after a new checkpoint has committed.
+
+>>> import ckptwise as cw
+>>> keep = cw.keep_last(3) | cw.keep_best(1, "eval_loss")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from ckptwise.errors import ConfigError
+from ckptwise.policy.triggers import Mode, _check_mode, _positive_int
+from ckptwise.records import CheckpointInfo
+
+__all__ = [
+    "KeepAll",
+    "KeepAny",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "RetentionContext",
+    "RetentionPlan",
+    "RetentionPolicy",
+    "keep_all",
+    "keep_best",
+    "keep_every",
+    "keep_last",
+    "plan_retention",
+]
+
+Kept = dict[int, tuple[str, ...]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetentionContext:
+    """What a retention policy sees: the committed checkpoints (any order) and the time."""
+
+    checkpoints: Sequence[CheckpointInfo]
+    now: datetime
+
+
+@runtime_checkable
+class RetentionPolicy(Protocol):
+    """Anything that picks checkpoints to keep."""
+
+    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
+        """Steps this policy wants kept, each with the reasons; others it does not protect."""
+        ...
+
+
+class _Composable:
+    def __or__(self, other: RetentionPolicy) -> KeepAny:
+        parts: list[RetentionPolicy] = []
+        for policy in (self, other):
+            if not isinstance(policy, RetentionPolicy):
+                raise ConfigError(
+                    f"keep= expects retention policies such as cw.keep_last(3); got {policy!r}"
+                )
+            parts.extend(policy.policies if isinstance(policy, KeepAny) else (policy,))
+        return KeepAny(tuple(parts))
+
+
+def _merge(into: Kept, more: Mapping[int, tuple[str, ...]]) -> None:
+    for step, reasons in more.items():
+        into[step] = into.get(step, ()) + tuple(r for r in reasons if r not in into.get(step, ()))
+
+
+@dataclass(frozen=True)
+class KeepAny(_Composable):
+    """Keeps what any of its policies keeps."""
+
+    policies: tuple[RetentionPolicy, ...]
+
+    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
+        kept: Kept = {}
+        for policy in self.policies:
+            _merge(kept, policy.select(context))
+        return kept
+
+
+@dataclass(frozen=True)
+class KeepLast(_Composable):
+    """Keeps the ``n`` checkpoints with the highest steps."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        _positive_int("keep_last(n)", self.n, "use cw.keep_all() to keep every checkpoint")
+
+    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
+        steps = sorted((c.step for c in context.checkpoints), reverse=True)[: self.n]
+        return dict.fromkeys(steps, (f"last {self.n}",))
+
+
+def keep_last(n: int) -> KeepLast:
+    """Keep the newest ``n`` checkpoints."""
+    return KeepLast(n)
+
+
+@dataclass(frozen=True)
+class KeepBest(_Composable):
+    """Keeps the ``n`` checkpoints with the best recorded value of ``metric``.
+
+    Checkpoints that did not record the metric (or recorded NaN) are ignored; among equal
+    values the earlier step wins, so a plateau does not churn the kept set.
+    """
+
+    n: int
+    metric: str
+    mode: Mode = "min"
+
+    def __post_init__(self) -> None:
+        _positive_int("keep_best(n)", self.n, "e.g. cw.keep_best(1, 'eval_loss')")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ConfigError(
+                f"keep_best needs a metric name such as 'eval_loss', got {self.metric!r}"
+            )
+        _check_mode(self.mode)
+
+    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
+        scored = [
+            (c.metrics[self.metric], c.step)
+            for c in context.checkpoints
+            if self.metric in c.metrics and not math.isnan(c.metrics[self.metric])
+        ]
+        sign = 1.0 if self.mode == "min" else -1.0
+        scored.sort(key=lambda vs: (sign * vs[0], vs[1]))
+        return {step: (f"best {self.n} {self.metric}",) for _, step in scored[: self.n]}
+
+
+def keep_best(n: int, metric: str, mode: Mode = "min") -> KeepBest:
+    """Keep the ``n`` checkpoints with the best ``metric`` (``mode="min"`` for losses)."""
+    return KeepBest(n, metric, mode)
+
+
+@dataclass(frozen=True)
+class KeepEvery(_Composable):
+    """Keeps one checkpoint per ``interval`` steps: the first at or after each multiple.
+
+    With saves every 3000 steps, ``keep_every(10_000)`` keeps 12000, 21000, 30000, ...; a
+    kept checkpoint stays kept, because later saves never come earlier in its window.
+    """
+
+    interval: int
+
+    def __post_init__(self) -> None:
+        _positive_int("keep_every(interval)", self.interval, "e.g. cw.keep_every(10_000)")
+
+    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
+        first_in_window: dict[int, int] = {}
+        for c in context.checkpoints:
+            window = c.step // self.interval
+            if window >= 1 and c.step < first_in_window.get(window, c.step + 1):
+                first_in_window[window] = c.step
+        return dict.fromkeys(first_in_window.values(), (f"every {self.interval}",))
+
+
+def keep_every(interval: int) -> KeepEvery:
+    """Keep a long-term checkpoint every ``interval`` steps."""
+    return KeepEvery(interval)
+
+
+@dataclass(frozen=True)
+class KeepAll(_Composable):
+    """Keeps every checkpoint."""
+
+    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
+        return {c.step: ("all",) for c in context.checkpoints}
+
+
+def keep_all() -> KeepAll:
+    """Keep every checkpoint (the default)."""
+    return KeepAll()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetentionPlan:
+    """The outcome of applying a policy: reasons for every kept step, and steps to delete."""
+
+    keep: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    delete: tuple[int, ...] = ()
+
+
+def plan_retention(
+    policy: RetentionPolicy,
+    checkpoints: Sequence[CheckpointInfo],
+    *,
+    now: datetime,
+    pinned: Iterable[int] = (),
+    resumed_from: int | None = None,
+) -> RetentionPlan:
+    """Apply ``policy`` and the rules that always hold.
+
+    Always kept, whatever the policy says: the newest checkpoint (by step), every pinned
+    step and ``resumed_from``. Steps a policy names that are not committed are ignored.
+    """
+    committed = {c.step for c in checkpoints}
+    kept: Kept = {}
+    _merge(
+        kept,
+        {
+            s: r
+            for s, r in policy.select(RetentionContext(checkpoints=checkpoints, now=now)).items()
+            if s in committed
+        },
+    )
+    if committed:
+        _merge(kept, {max(committed): ("newest",)})
+    _merge(kept, {s: ("pinned",) for s in pinned if s in committed})
+    if resumed_from is not None and resumed_from in committed:
+        _merge(kept, {resumed_from: ("resumed from",)})
+    delete = tuple(sorted(committed - kept.keys()))
+    return RetentionPlan(keep=dict(sorted(kept.items())), delete=delete)

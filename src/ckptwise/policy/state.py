@@ -1,0 +1,128 @@
+"""What a save trigger sees: the training state at one step, as plain immutable values.
+
+The manager builds a :class:`TrainingState` at every step (injecting the clock, the metrics
+reported so far and any external save requests); triggers only read it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+__all__ = ["Decision", "MetricStats", "TrainingState"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricStats:
+    """Running summary of one metric over every step that reported it.
+
+    NaN values are counted in ``count`` and ``last`` but never become the minimum or maximum,
+    so a diverged evaluation cannot displace the best checkpoint.
+    """
+
+    count: int
+    last: float
+    last_step: int
+    min: float = math.inf
+    min_step: int | None = None
+    max: float = -math.inf
+    max_step: int | None = None
+
+    @classmethod
+    def first(cls, step: int, value: float) -> MetricStats:
+        """The summary after a single observation."""
+        return cls(count=0, last=value, last_step=step).updated(step, value)
+
+    def updated(self, step: int, value: float) -> MetricStats:
+        """Return the summary with one more observation (``self`` is unchanged)."""
+        new = replace(self, count=self.count + 1, last=value, last_step=step)
+        if math.isnan(value):
+            return new
+        if value < self.min:
+            new = replace(new, min=value, min_step=step)
+        if value > self.max:
+            new = replace(new, max=value, max_step=step)
+        return new
+
+    def best(self, mode: str) -> float:
+        """The best value so far for ``mode`` (``"min"`` or ``"max"``)."""
+        return self.min if mode == "min" else self.max
+
+    def to_json(self) -> dict[str, float | int | None]:
+        """A JSON-safe form (infinities as ``None``) for storing in a checkpoint."""
+        return {
+            "count": self.count,
+            "last": None if not math.isfinite(self.last) else self.last,
+            "last_step": self.last_step,
+            "min": None if math.isinf(self.min) else self.min,
+            "min_step": self.min_step,
+            "max": None if math.isinf(self.max) else self.max,
+            "max_step": self.max_step,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> MetricStats:
+        """Inverse of :meth:`to_json`."""
+
+        def num(key: str, default: float) -> float:
+            value = data.get(key)
+            return default if value is None else float(value)  # type: ignore[arg-type]
+
+        def opt_int(key: str) -> int | None:
+            value = data.get(key)
+            return None if value is None else int(value)  # type: ignore[call-overload]
+
+        return cls(
+            count=int(data["count"]),  # type: ignore[call-overload]
+            last=num("last", math.nan),
+            last_step=int(data["last_step"]),  # type: ignore[call-overload]
+            min=num("min", math.inf),
+            min_step=opt_int("min_step"),
+            max=num("max", -math.inf),
+            max_step=opt_int("max_step"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingState:
+    """Everything a trigger may base its decision on.
+
+    Attributes:
+        step: the step that just finished.
+        now: the manager's clock at this step (timezone-aware).
+        metrics: the values reported at this step only.
+        history: summaries of every metric reported *before* this step.
+        last_save_step: step of the newest committed (or in-flight) checkpoint, if any.
+        last_save_time: when that save was taken.
+        requests: external save requests seen since the last step (``"signal"``, ``"file"``).
+        final: the caller marked this step as the last one of the run.
+    """
+
+    step: int
+    now: datetime
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    history: Mapping[str, MetricStats] = field(default_factory=dict)
+    last_save_step: int | None = None
+    last_save_time: datetime | None = None
+    requests: frozenset[str] = frozenset()
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A trigger's answer: whether to save, and the reasons of every trigger that fired."""
+
+    save: bool
+    reasons: tuple[str, ...] = ()
+
+    @classmethod
+    def no(cls) -> Decision:
+        """The decision not to save."""
+        return cls(False)
+
+    @classmethod
+    def yes(cls, reason: str) -> Decision:
+        """The decision to save, for one reason."""
+        return cls(True, (reason,))

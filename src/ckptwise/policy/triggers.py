@@ -1,0 +1,249 @@
+"""Save triggers: pure decisions of *when* to save, composed with ``|`` (any) and ``&`` (all).
+
+Every trigger is a frozen dataclass with one method, :meth:`Trigger.decide`, that reads a
+:class:`~ckptwise.policy.state.TrainingState` and returns a
+:class:`~ckptwise.policy.state.Decision`. Triggers never read a clock, touch a file or talk to
+other ranks: the manager passes all of that in, so a trigger's test is a plain table.
+
+>>> import ckptwise as cw
+>>> policy = cw.every(1000, start=200) | cw.on_improvement("eval_loss")
+>>> from datetime import UTC, datetime
+>>> policy.decide(cw.TrainingState(step=1000, now=datetime.now(UTC))).reasons
+('every(1000)',)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from ckptwise.errors import ConfigError
+from ckptwise.policy.state import Decision, TrainingState
+
+__all__ = [
+    "AllOf",
+    "AnyOf",
+    "Mode",
+    "Trigger",
+    "at_steps",
+    "every",
+    "never",
+    "on_final",
+    "on_improvement",
+]
+
+Mode = Literal["min", "max"]
+
+
+@runtime_checkable
+class Trigger(Protocol):
+    """Anything that decides whether the step in a :class:`TrainingState` should be saved."""
+
+    def decide(self, state: TrainingState) -> Decision:
+        """Return the decision for ``state``; must not depend on anything but ``state``."""
+        ...
+
+
+class _Composable:
+    """Adds ``|`` and ``&`` to trigger dataclasses."""
+
+    def __or__(self, other: Trigger) -> AnyOf:
+        return AnyOf(_flatten(AnyOf, (self, other)))  # type: ignore[arg-type]
+
+    def __and__(self, other: Trigger) -> AllOf:
+        return AllOf(_flatten(AllOf, (self, other)))  # type: ignore[arg-type]
+
+
+def _flatten(kind: type[AnyOf | AllOf], triggers: Iterable[Trigger]) -> tuple[Trigger, ...]:
+    out: list[Trigger] = []
+    for trigger in triggers:
+        _check_trigger(trigger)
+        if isinstance(trigger, kind):
+            out.extend(trigger.triggers)
+        else:
+            out.append(trigger)
+    return tuple(out)
+
+
+def _check_trigger(trigger: object) -> None:
+    if not isinstance(trigger, Trigger):
+        raise ConfigError(
+            f"save= expects triggers such as cw.every(1000); got {trigger!r} "
+            f"({type(trigger).__name__}), which has no decide(state) method"
+        )
+
+
+@dataclass(frozen=True)
+class AnyOf(_Composable):
+    """Saves when any of its triggers fires; the decision lists every trigger that fired."""
+
+    triggers: tuple[Trigger, ...]
+
+    def decide(self, state: TrainingState) -> Decision:
+        reasons: list[str] = []
+        for trigger in self.triggers:
+            decision = trigger.decide(state)
+            if decision.save:
+                reasons.extend(decision.reasons)
+        return Decision(bool(reasons), tuple(reasons))
+
+
+@dataclass(frozen=True)
+class AllOf(_Composable):
+    """Saves only when every one of its triggers fires; the reasons of all are recorded."""
+
+    triggers: tuple[Trigger, ...]
+
+    def decide(self, state: TrainingState) -> Decision:
+        reasons: list[str] = []
+        for trigger in self.triggers:
+            decision = trigger.decide(state)
+            if not decision.save:
+                return Decision.no()
+            reasons.extend(decision.reasons)
+        return Decision(True, tuple(reasons))
+
+
+def _positive_int(name: str, value: object, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}; {fix}")
+    return value
+
+
+def _non_negative_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _check_mode(mode: object) -> Mode:
+    if mode not in ("min", "max"):
+        raise ConfigError(
+            f"mode must be 'min' (lower is better, e.g. a loss) or 'max' (e.g. accuracy), "
+            f"got {mode!r}"
+        )
+    return mode
+
+
+@dataclass(frozen=True)
+class Every(_Composable):
+    """Fires at every multiple of ``interval``, from ``start`` on; never at step 0."""
+
+    interval: int
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int(
+            "every(interval)", self.interval, "use cw.every(1000) to save every 1000 steps"
+        )
+        _non_negative_int("every(start=)", self.start)
+
+    def decide(self, state: TrainingState) -> Decision:
+        step = state.step
+        if step > 0 and step >= self.start and step % self.interval == 0:
+            return Decision.yes(f"every({self.interval})")
+        return Decision.no()
+
+
+def every(interval: int, *, start: int = 0) -> Every:
+    """Save at multiples of ``interval`` (as ``save_steps`` does), none before ``start``.
+
+    ``start`` skips the useless early saves: ``every(1000, start=2000)`` first saves at 2000.
+    """
+    return Every(interval, start)
+
+
+@dataclass(frozen=True)
+class AtSteps(_Composable):
+    """Fires exactly at the listed steps."""
+
+    steps: frozenset[int]
+
+    def decide(self, state: TrainingState) -> Decision:
+        if state.step in self.steps:
+            return Decision.yes("at_steps")
+        return Decision.no()
+
+
+def at_steps(steps: Iterable[int]) -> AtSteps:
+    """Save at exactly these steps (``at_steps([0])`` saves the untrained model)."""
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+        raise ConfigError(f"at_steps expects a list of step numbers, got {steps!r}")
+    checked = frozenset(_non_negative_int("at_steps(steps)", s) for s in steps)
+    if not checked:
+        raise ConfigError("at_steps got an empty list; give at least one step, e.g. [500, 1000]")
+    return AtSteps(checked)
+
+
+@dataclass(frozen=True)
+class OnImprovement(_Composable):
+    """Fires when ``metric`` is reported at this step and beats every earlier value.
+
+    Ignores steps where the metric is not reported. The first value ever seen counts as an
+    improvement; NaN never does. "Beats" means by more than ``min_delta``: for ``mode="min"``,
+    ``value < best - min_delta`` (the comparison Lightning's ``EarlyStopping`` uses).
+    """
+
+    metric: str
+    mode: Mode = "min"
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ConfigError(
+                f"on_improvement needs a metric name such as 'eval_loss', got {self.metric!r}"
+            )
+        _check_mode(self.mode)
+        if not math.isfinite(self.min_delta) or self.min_delta < 0:
+            raise ConfigError(
+                f"on_improvement(min_delta=) must be a finite number >= 0, got {self.min_delta!r}"
+            )
+
+    def decide(self, state: TrainingState) -> Decision:
+        value = state.metrics.get(self.metric)
+        if value is None or math.isnan(value):
+            return Decision.no()
+        stats = state.history.get(self.metric)
+        best = None if stats is None else stats.best(self.mode)
+        if best is None or math.isinf(best):
+            return Decision.yes(f"on_improvement({self.metric})")
+        improved = (
+            value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
+        )
+        return Decision.yes(f"on_improvement({self.metric})") if improved else Decision.no()
+
+
+def on_improvement(metric: str, mode: Mode = "min", *, min_delta: float = 0.0) -> OnImprovement:
+    """Save when a validation metric improves on its best value so far.
+
+    Metrics arrive through ``manager.step(step, state, metrics={...})``.
+    """
+    return OnImprovement(metric, mode, float(min_delta))
+
+
+@dataclass(frozen=True)
+class OnFinal(_Composable):
+    """Fires on the step the caller marks as final (``manager.step(..., final=True)``)."""
+
+    def decide(self, state: TrainingState) -> Decision:
+        return Decision.yes("final") if state.final else Decision.no()
+
+
+def on_final() -> OnFinal:
+    """Save the last step of the run, whatever the other triggers say."""
+    return OnFinal()
+
+
+@dataclass(frozen=True)
+class Never(_Composable):
+    """Never fires: the save policy of a manager that only reads."""
+
+    def decide(self, state: TrainingState) -> Decision:
+        return Decision.no()
+
+
+def never() -> Never:
+    """A trigger that never saves."""
+    return Never()

@@ -1,0 +1,268 @@
+"""Turning a training state into named tensors plus a JSON tree, and back, without pickle.
+
+A *state* is a dict whose values are objects with ``state_dict()``/``load_state_dict()``
+(models, optimizers, schedulers, grad scalers, samplers, your own classes), tensors, or JSON
+values. :func:`capture` walks it and returns every tensor under a stable name together with a
+JSON tree that records where each tensor goes; :func:`apply` rebuilds the state dicts from
+such a tree and loads them back into the live objects.
+
+Everything that is not a tensor must be JSON-like: ``None``, ``bool``, ``int``, ``float``
+(NaN and infinities included), ``str``, lists, tuples, dicts with str/int/float/bool/None
+keys, numpy arrays and numpy scalars. Anything else raises :class:`SnapshotError` naming
+where it sits, rather than being pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptwise.errors import CheckpointError, CorruptCheckpointError, SnapshotError
+
+__all__ = ["RngState", "Snapshot", "apply", "capture"]
+
+log = logging.getLogger("ckptwise")
+
+TAG = "__ckptwise__"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The tensors of a state by name, and the JSON tree that places them."""
+
+    tensors: dict[str, torch.Tensor]
+    tree: dict[str, Any]
+
+
+def _is_stateful(value: object) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(
+        getattr(value, "load_state_dict", None)
+    )
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def _name(self, path: str) -> str:
+        name, n = path, 1
+        while name in self.tensors:
+            n += 1
+            name = f"{path}#{n}"
+        return name
+
+    def encode(self, value: Any, path: str) -> Any:
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {TAG: "float", "value": repr(value)}
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided or value.is_quantized or value.is_meta:
+                raise SnapshotError(
+                    f"{path}: {value.layout} / quantized / meta tensors cannot be saved; "
+                    "convert it to a dense tensor (e.g. .to_dense()) first"
+                )
+            name = self._name(path)
+            self.tensors[name] = value
+            return {TAG: "tensor", "name": name}
+        if isinstance(value, np.ndarray):
+            if value.dtype.byteorder == ">" or value.dtype.kind not in "biufc":
+                raise SnapshotError(
+                    f"{path}: numpy arrays of dtype {value.dtype} cannot be saved; use a "
+                    "little-endian numeric dtype"
+                )
+            name = self._name(path)
+            self.tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
+            return {TAG: "ndarray", "name": name}
+        if isinstance(value, np.generic):
+            return {
+                TAG: "npscalar",
+                "dtype": value.dtype.str,
+                "value": self.encode(value.item(), path),
+            }
+        if isinstance(value, Mapping):
+            plain = all(isinstance(k, str) for k in value) and TAG not in value
+            if plain:
+                return {k: self.encode(v, f"{path}/{k}") for k, v in value.items()}
+            items = []
+            for k, v in value.items():
+                if not (k is None or isinstance(k, (str, int, float, bool))):
+                    raise SnapshotError(
+                        f"{path}: dict key {k!r} of type {type(k).__name__} cannot be saved; "
+                        "use str, int, float, bool or None keys"
+                    )
+                items.append([self.encode(k, path), self.encode(v, f"{path}/{k}")])
+            return {TAG: "dict", "items": items}
+        if isinstance(value, list):
+            return [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return {
+                TAG: "tuple",
+                "items": [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)],
+            }
+        raise SnapshotError(
+            f"{path}: cannot save a value of type {type(value).__module__}.{type(value).__qualname__} "
+            "without pickling it; give the object state_dict()/load_state_dict() methods that "
+            "return tensors and JSON values, or leave it out of the state"
+        )
+
+
+def capture(state: Mapping[str, Any]) -> Snapshot:
+    """Walk ``state`` and return its tensors (not copied) and the tree that places them.
+
+    The tensors still alias the live state: a writer must finish with them, or copy them,
+    before training mutates them again.
+    """
+    encoder = _Encoder()
+    tree: dict[str, Any] = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not key or "/" in key:
+            raise SnapshotError(
+                f"state keys must be non-empty strings without '/', got {key!r}; "
+                "e.g. {'model': model, 'optimizer': optimizer}"
+            )
+        if _is_stateful(value):
+            tree[key] = {"kind": "stateful", "state": encoder.encode(value.state_dict(), key)}
+        else:
+            tree[key] = {"kind": "value", "value": encoder.encode(value, key)}
+    return Snapshot(encoder.tensors, tree)
+
+
+def _decode(node: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, list):
+        return [_decode(v, tensors, where) for v in node]
+    if not isinstance(node, dict):
+        raise CorruptCheckpointError(f"{where}: unexpected node {node!r} in the state tree")
+    tag = node.get(TAG)
+    if tag is None:
+        return {k: _decode(v, tensors, where) for k, v in node.items()}
+    if tag in ("tensor", "ndarray"):
+        name = node.get("name")
+        if not isinstance(name, str) or name not in tensors:
+            raise CorruptCheckpointError(
+                f"{where}: the state tree names tensor {name!r}, which is missing"
+            )
+        t = tensors[name]
+        return t.numpy().copy() if tag == "ndarray" else t
+    if tag == "float":
+        text = node.get("value")
+        if text not in ("nan", "inf", "-inf"):
+            raise CorruptCheckpointError(f"{where}: bad float literal {text!r}")
+        return float(text)
+    if tag == "npscalar":
+        try:
+            return np.dtype(node["dtype"]).type(_decode(node["value"], tensors, where))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"{where}: bad numpy scalar {node!r}") from exc
+    if tag == "tuple":
+        return tuple(_decode(v, tensors, where) for v in node.get("items", []))
+    if tag == "dict":
+        out = {}
+        for pair in node.get("items", []):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise CorruptCheckpointError(f"{where}: bad dict item {pair!r}")
+            out[_decode(pair[0], tensors, where)] = _decode(pair[1], tensors, where)
+        return out
+    raise CorruptCheckpointError(
+        f"{where}: unknown node type {tag!r}; it may be written by a newer ckptwise"
+    )
+
+
+def rebuild(tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], key: str) -> Any:
+    """The saved value (for stateful entries: the state dict) of one top-level key."""
+    node = tree[key]
+    if not isinstance(node, dict) or node.get("kind") not in ("stateful", "value"):
+        raise CorruptCheckpointError(f"state entry {key!r} is malformed")
+    return _decode(node.get("state" if node["kind"] == "stateful" else "value"), tensors, key)
+
+
+def apply(
+    state: MutableMapping[str, Any],
+    tree: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    where: str = "checkpoint",
+) -> None:
+    """Load a captured tree back into ``state``.
+
+    Objects with ``load_state_dict`` get their saved state dict; tensors are copied in place
+    when shape and dtype match (so references held elsewhere see the restored values) and
+    replaced otherwise; plain values are replaced in ``state``. With ``strict``, a key of
+    ``state`` that the checkpoint lacks is an error.
+    """
+    missing = [k for k in state if k not in tree]
+    if missing and strict:
+        raise CheckpointError(
+            f"{where} has no entry for {', '.join(map(repr, missing))} (it has "
+            f"{', '.join(map(repr, tree))}); pass strict=False to restore only what it holds"
+        )
+    for key, value in state.items():
+        if key not in tree:
+            continue
+        saved = rebuild(tree, tensors, key)
+        if tree[key]["kind"] == "stateful":
+            if not _is_stateful(value):
+                raise CheckpointError(
+                    f"{where} saved {key!r} from an object with load_state_dict(), but the "
+                    f"state now holds a {type(value).__name__}"
+                )
+            value.load_state_dict(saved)
+        elif (
+            isinstance(value, torch.Tensor)
+            and isinstance(saved, torch.Tensor)
+            and value.shape == saved.shape
+            and value.dtype == saved.dtype
+        ):
+            with torch.no_grad():
+                value.copy_(saved)
+        else:
+            state[key] = saved
+    for key in tree:
+        if key not in state:
+            log.debug("%s holds %r, which the state passed to restore() lacks", where, key)
+
+
+class RngState:
+    """The random number generators of this process as a stateful object.
+
+    Covers Python's ``random``, numpy's legacy global generator, torch's CPU generator and,
+    when CUDA is initialised, every CUDA device's generator.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(legacy=False),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            states = state["cuda"]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+            else:
+                log.warning(
+                    "checkpoint holds CUDA RNG states for %d devices but %d are visible; "
+                    "CUDA RNG not restored",
+                    len(states),
+                    torch.cuda.device_count(),
+                )

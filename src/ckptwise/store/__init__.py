@@ -1,0 +1,19 @@
+"""Storage: layout, manifests, content-addressed objects, codecs, locks and backends."""
+
+from ckptwise.store.backend import Backend, FsspecBackend, LocalBackend, open_backend
+from ckptwise.store.lock import RunLock
+from ckptwise.store.manifest import FORMAT_VERSION, Manifest, TensorEntry
+from ckptwise.store.store import CheckpointStore, Problem
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Backend",
+    "CheckpointStore",
+    "FsspecBackend",
+    "LocalBackend",
+    "Manifest",
+    "Problem",
+    "RunLock",
+    "TensorEntry",
+    "open_backend",
+]

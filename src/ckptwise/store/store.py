@@ -1,0 +1,404 @@
+"""The checkpoint store: content-addressed tensor objects plus one manifest per checkpoint.
+
+Layout of a run folder (see ``docs/FORMAT.md``)::
+
+    RUN/ckptwise.lock                   the writer's lock
+    RUN/run.json                        pins and the last retention decision
+    RUN/checkpoints/000000001000.json   a committed checkpoint's manifest
+    RUN/objects/ab/ab12...ef            a tensor's bytes, named by their BLAKE3 digest
+
+A commit writes and fsyncs every new object, then the manifest under a temporary name, then
+renames it into place: until that rename the checkpoint does not exist, and anything else
+left by a crash is debris that :meth:`CheckpointStore.clean` removes. An object already
+referenced by a committed checkpoint is never written again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time as _time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import blake3
+import torch
+
+from ckptwise.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    FormatError,
+)
+from ckptwise.records import CheckpointInfo
+from ckptwise.store.backend import TMP_MARK, Backend
+from ckptwise.store.codecs import CODECS, get_codec
+from ckptwise.store.manifest import (
+    DTYPES,
+    Manifest,
+    TensorEntry,
+    decode_manifest,
+    dtype_name,
+    encode_manifest,
+)
+
+__all__ = ["CheckpointStore", "Problem", "object_id", "tensor_bytes"]
+
+log = logging.getLogger("ckptwise")
+
+CHECKPOINTS = "checkpoints"
+OBJECTS = "objects"
+RUN_FILE = "run.json"
+_MANIFEST_NAME = re.compile(r"^checkpoints/(\d+)\.json$")
+_WRITERS = 4
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+    raise ImportError("ckptwise's on-disk format is little-endian; this machine is big-endian")
+
+
+def manifest_path(step: int) -> str:
+    return f"{CHECKPOINTS}/{step:012d}.json"
+
+
+def object_path(oid: str) -> str:
+    return f"{OBJECTS}/{oid[:2]}/{oid}"
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A flat byte view of ``tensor``'s values in C order, copying only when needed."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    t = t.contiguous().reshape(-1)
+    return _byte_view(t.view(torch.uint8))
+
+
+def _byte_view(flat_u8: torch.Tensor) -> memoryview:
+    """A writable byte view sharing memory with a flat uint8 CPU tensor."""
+    array: Any = flat_u8.numpy()
+    return memoryview(array).cast("B")
+
+
+def object_id(raw: memoryview) -> str:
+    """The content address (BLAKE3 hex digest) of raw tensor bytes."""
+    hasher = (
+        blake3.blake3(max_threads=blake3.blake3.AUTO) if len(raw) > 1 << 24 else blake3.blake3()
+    )
+    hasher.update(raw)
+    return str(hasher.hexdigest())
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing :meth:`CheckpointStore.verify` found wrong."""
+
+    step: int | None
+    tensor: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = "run" if self.step is None else f"step {self.step}"
+        if self.tensor:
+            where += f", tensor {self.tensor!r}"
+        return f"{where}: {self.message}"
+
+
+class CheckpointStore:
+    """Reads and writes the checkpoints of one run through a :class:`Backend`.
+
+    The store keeps an index of committed manifests (refreshed by :meth:`refresh`) so that
+    dedup and garbage collection need no listing of objects on the hot path.
+    """
+
+    def __init__(self, backend: Backend, *, codec: str = "raw") -> None:
+        if codec not in CODECS:
+            raise CheckpointError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
+        self.backend = backend
+        self.codec = codec
+        self._manifests: dict[int, Manifest] = {}
+        self._refs: dict[str, set[int]] = {}
+        self._entries: dict[str, TensorEntry] = {}
+        #: manifest paths that exist but could not be read, with the reason
+        self.broken: dict[str, str] = {}
+        self.refresh()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Reload the index from the committed manifests."""
+        self._manifests.clear()
+        self._refs.clear()
+        self._entries.clear()
+        self.broken.clear()
+        for path in self.backend.list_files(CHECKPOINTS):
+            match = _MANIFEST_NAME.match(path)
+            if not match:
+                continue
+            try:
+                manifest = self._read_manifest(path)
+                if manifest.step != int(match.group(1)):
+                    raise FormatError(f"manifest {path} says step {manifest.step}")
+            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                self.broken[path] = str(exc)
+                continue
+            self._index(manifest)
+
+    def _read_manifest(self, path: str) -> Manifest:
+        return decode_manifest(self.backend.read_bytes(path), where=path, codecs=frozenset(CODECS))
+
+    def _index(self, manifest: Manifest) -> None:
+        self._manifests[manifest.step] = manifest
+        for entry in manifest.tensors.values():
+            self._refs.setdefault(entry.object, set()).add(manifest.step)
+            self._entries.setdefault(entry.object, entry)
+
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first."""
+        return sorted(self._manifests)
+
+    def manifest(self, step: int) -> Manifest:
+        """The manifest of a committed step."""
+        try:
+            return self._manifests[step]
+        except KeyError:
+            have = ", ".join(map(str, self.steps())) or "none"
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint at step {step} in {self.backend.url} (have: {have})"
+            ) from None
+
+    def info(self, step: int) -> CheckpointInfo:
+        """The summary of a committed step that policies and listings use."""
+        m = self.manifest(step)
+        return CheckpointInfo(
+            step=m.step,
+            time=datetime.fromtimestamp(m.time, UTC),
+            metrics=dict(m.metrics),
+            reasons=m.reasons,
+            logical_bytes=m.logical_bytes,
+            new_bytes=m.written_bytes,
+            objects=frozenset(e.object for e in m.tensors.values()),
+        )
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, oldest first."""
+        return [self.info(s) for s in self.steps()]
+
+    def read_tensor(self, entry: TensorEntry, *, step: int, name: str) -> torch.Tensor:
+        """Load one tensor and check its bytes against its content address."""
+        out = torch.empty(entry.nbytes, dtype=torch.uint8)
+        view = _byte_view(out)
+        path = object_path(entry.object)
+        try:
+            if entry.codec == "raw":
+                got = self.backend.read_into(path, view)
+                if got != entry.nbytes or self.backend.size(path) != entry.nbytes:
+                    raise CorruptCheckpointError(
+                        f"object holds {self.backend.size(path)} bytes, expected {entry.nbytes}"
+                    )
+            else:
+                get_codec(entry.codec).decode(self.backend.read_bytes(path), view)
+        except CheckpointNotFoundError as exc:
+            raise CorruptCheckpointError(
+                f"step {step}, tensor {name!r}: object {entry.object} is missing"
+            ) from exc
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(
+                f"step {step}, tensor {name!r}: object {entry.object}: {exc}"
+            ) from exc
+        if object_id(view) != entry.object:
+            raise CorruptCheckpointError(
+                f"step {step}, tensor {name!r}: object {entry.object} fails its checksum "
+                "(its bytes changed on disk)"
+            )
+        return out.view(DTYPES[entry.dtype]).reshape(entry.shape)
+
+    def load_tensors(self, step: int) -> dict[str, torch.Tensor]:
+        """Every tensor of a committed step, verified."""
+        manifest = self.manifest(step)
+        return {
+            name: self.read_tensor(entry, step=step, name=name)
+            for name, entry in manifest.tensors.items()
+        }
+
+    def verify(self, steps: Iterable[int] | None = None) -> list[Problem]:
+        """Check every object of the given steps (all by default); empty when all is well."""
+        problems = [Problem(None, None, f"{p}: {why}") for p, why in self.broken.items()]
+        for step in self.steps() if steps is None else steps:
+            for name, entry in self.manifest(step).tensors.items():
+                try:
+                    self.read_tensor(entry, step=step, name=name)
+                except CorruptCheckpointError as exc:
+                    problems.append(Problem(step, name, str(exc).split(": ", 2)[-1]))
+        return problems
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def commit(
+        self,
+        step: int,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        tree: Any = None,
+        metrics: Mapping[str, float] | None = None,
+        reasons: Iterable[str] = (),
+        extra: Mapping[str, Any] | None = None,
+        time: float | None = None,
+    ) -> CheckpointInfo:
+        """Write a checkpoint: new objects first, then the manifest, atomically.
+
+        Objects whose content is already referenced by a committed checkpoint are not
+        written again. Replacing an existing step is allowed (the new manifest wins).
+        """
+        entries: dict[str, TensorEntry] = {}
+        pending: dict[str, tuple[memoryview, str]] = {}
+        for name, tensor in tensors.items():
+            raw = tensor_bytes(tensor)
+            oid = object_id(raw)
+            known = self._entries.get(oid)
+            codec = known.codec if known else self.codec
+            stored = known.stored_bytes if known else 0
+            if known is None and oid not in pending:
+                pending[oid] = (raw, codec)
+            entries[name] = TensorEntry(
+                object=oid,
+                dtype=dtype_name(tensor.dtype),
+                shape=tuple(tensor.shape),
+                nbytes=len(raw),
+                codec=codec,
+                stored_bytes=stored,
+            )
+        sizes = self._write_objects(pending)
+        entries = {
+            n: e if e.object not in sizes else _with_stored(e, sizes[e.object])
+            for n, e in entries.items()
+        }
+        manifest = Manifest(
+            step=step,
+            time=_time.time() if time is None else time,
+            tensors=entries,
+            tree=tree,
+            metrics=dict(metrics or {}),
+            reasons=tuple(reasons),
+            extra=dict(extra or {}),
+            written_bytes=sum(sizes.values()),
+        )
+        self.backend.write_atomic(manifest_path(step), [encode_manifest(manifest)])
+        self.backend.sync_dirs([CHECKPOINTS])
+        old = self._manifests.pop(step, None)
+        if old is not None:
+            self._unindex(old)
+            log.warning("step %d was saved again; the new checkpoint replaces the old one", step)
+        self._index(manifest)
+        if old is not None:
+            self.collect_garbage()
+        return self.info(step)
+
+    def _write_objects(self, pending: Mapping[str, tuple[memoryview, str]]) -> dict[str, int]:
+        if not pending:
+            return {}
+
+        def write(item: tuple[str, tuple[memoryview, str]]) -> tuple[str, int]:
+            oid, (raw, codec) = item
+            data = get_codec(codec).encode(raw)
+            return oid, self.backend.write_atomic(object_path(oid), [data])
+
+        if len(pending) == 1:
+            sizes = dict(map(write, pending.items()))
+        else:
+            with ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="ckptwise-io") as pool:
+                sizes = dict(pool.map(write, pending.items()))
+        self.backend.sync_dirs({object_path(oid).rsplit("/", 1)[0] for oid in sizes} | {OBJECTS})
+        return sizes
+
+    def _unindex(self, manifest: Manifest) -> None:
+        for entry in manifest.tensors.values():
+            refs = self._refs.get(entry.object)
+            if refs is not None:
+                refs.discard(manifest.step)
+                if not refs:
+                    del self._refs[entry.object]
+                    self._entries.pop(entry.object, None)
+
+    def delete(self, steps: Iterable[int]) -> None:
+        """Delete committed checkpoints: manifests first, then objects no one references."""
+        doomed = [s for s in steps if s in self._manifests]
+        if not doomed:
+            return
+        for step in doomed:
+            self.backend.delete(manifest_path(step))
+        self.backend.sync_dirs([CHECKPOINTS])
+        for step in doomed:
+            self._unindex(self._manifests.pop(step))
+        self.collect_garbage()
+
+    def collect_garbage(self) -> int:
+        """Delete objects no committed manifest references; returns how many.
+
+        Skipped (with a warning) while some manifest cannot be read, since its objects are
+        unknown and a person may still want to rescue them.
+        """
+        if self.broken:
+            log.warning(
+                "not collecting unreferenced objects: %d manifest(s) cannot be read (%s)",
+                len(self.broken),
+                ", ".join(self.broken),
+            )
+            return 0
+        removed = 0
+        for path in self.backend.list_files(OBJECTS):
+            oid = path.rsplit("/", 1)[-1]
+            if TMP_MARK not in oid and oid not in self._refs:
+                self.backend.delete(path)
+                removed += 1
+        return removed
+
+    def clean(self) -> int:
+        """Remove debris a crash can leave: temporary files and unreferenced objects."""
+        removed = 0
+        for path in self.backend.list_files(""):
+            if TMP_MARK in path.rsplit("/", 1)[-1]:
+                self.backend.delete(path)
+                removed += 1
+        return removed + self.collect_garbage()
+
+    def physical_bytes(self) -> int:
+        """Bytes of all objects referenced by committed checkpoints (each counted once)."""
+        return sum(self._entries[oid].stored_bytes for oid in self._refs)
+
+    # -- run state -------------------------------------------------------------------------
+
+    def read_run_state(self) -> dict[str, Any]:
+        """The mutable run record (pins, last retention reasons); empty when absent."""
+        try:
+            data = json.loads(self.backend.read_bytes(RUN_FILE))
+        except CheckpointNotFoundError:
+            return {}
+        except json.JSONDecodeError as exc:
+            log.warning("ignoring unreadable %s: %s", RUN_FILE, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_run_state(self, state: Mapping[str, Any]) -> None:
+        """Atomically replace the run record."""
+        doc = {"format": "ckptwise.run", "version": 1, **state}
+        self.backend.write_atomic(RUN_FILE, [json.dumps(doc, indent=1).encode()])
+
+
+def _with_stored(entry: TensorEntry, stored: int) -> TensorEntry:
+    return TensorEntry(
+        object=entry.object,
+        dtype=entry.dtype,
+        shape=entry.shape,
+        nbytes=entry.nbytes,
+        codec=entry.codec,
+        stored_bytes=stored,
+    )
