@@ -38,9 +38,15 @@ def _size(n: int) -> str:
 
 def _open(run: str) -> CheckpointManager:
     try:
-        return CheckpointManager(run)
+        manager = CheckpointManager(run)
+        if not manager.store.backend.list_files(""):
+            raise click.ClickException(
+                f"{run} holds no ckptwise run (no checkpoints/ or objects/ in it); "
+                "pass the folder given to CheckpointManager"
+            )
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
+    return manager
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

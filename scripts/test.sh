@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: set up .venv, lint, type-check, run the test suite (fast, then slow).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+VENV=${CKPTWISE_VENV:-.venv}
+export PYTHONHASHSEED=0 CUBLAS_WORKSPACE_CONFIG=:4096:8
+"$VENV/bin/ruff" check src tests bench examples
+"$VENV/bin/ruff" format --check src tests bench examples
+"$VENV/bin/mypy" src tests examples
+run_pytest() {
+  # pytest exits 5 when it collects no test: that is a failure here, never a pass.
+  set +e
+  "$VENV/bin/python" -m pytest "$@"
+  rc=$?
+  set -e
+  if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests for: $*" >&2
+    exit 1
+  fi
+  [ "$rc" -eq 0 ] || exit "$rc"
+}
+run_pytest -m "not slow" -p no:cacheprovider "$@"
+if [ -z "${CKPTWISE_SKIP_SLOW:-}" ]; then
+  run_pytest -m slow -p no:cacheprovider "$@"
+fi

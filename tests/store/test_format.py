@@ -1,0 +1,137 @@
+"""Golden files for the on-disk format, and validation of everything a manifest says.
+
+Set ``CKPTWISE_REGENERATE_GOLDEN=1`` to rewrite ``golden/run_v1`` after a deliberate format
+change (and bump ``FORMAT_VERSION``: old golden runs must stay readable).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptwise as cw
+from ckptwise.errors import FormatError
+from ckptwise.snapshot import capture
+from ckptwise.store import CheckpointStore, LocalBackend
+from ckptwise.store.manifest import FORMAT_VERSION
+
+GOLDEN = Path(__file__).with_name("golden") / "run_v1"
+MANIFEST = "checkpoints/000000000007.json"
+
+
+def golden_state() -> dict[str, Any]:
+    return {
+        "model": {
+            "w": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+            "b": torch.tensor([1.0, -2.5], dtype=torch.bfloat16),
+        },
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.tensor([0.5, 0.25])}},
+            "param_groups": [{"lr": 0.001, "betas": (0.9, 0.999), "params": [0]}],
+        },
+        "epoch": 2,
+        "best": float("inf"),
+    }
+
+
+def write_golden(root: Path) -> None:
+    snap = capture(golden_state())
+    CheckpointStore(LocalBackend(root)).commit(
+        7,
+        snap.tensors,
+        tree=snap.tree,
+        metrics={"eval_loss": 0.25},
+        reasons=("every(7)",),
+        time=1_700_000_000.0,
+    )
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_writing_the_golden_state_gives_the_golden_bytes(tmp_path: Path) -> None:
+    if os.environ.get("CKPTWISE_REGENERATE_GOLDEN"):
+        shutil.rmtree(GOLDEN, ignore_errors=True)
+        write_golden(GOLDEN)
+    write_golden(tmp_path)
+    assert files(tmp_path) == files(GOLDEN)
+
+
+def test_the_golden_run_reads_back() -> None:
+    manager = cw.CheckpointManager(GOLDEN)
+    assert [c.step for c in manager.checkpoints()] == [7]
+    assert manager.store.verify() == []
+    loaded = manager.load(7)
+    expected = golden_state()
+    assert torch.equal(loaded["model"]["w"], expected["model"]["w"])
+    assert loaded["model"]["b"].dtype == torch.bfloat16
+    assert torch.equal(loaded["model"]["b"], expected["model"]["b"])
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], torch.tensor([0.5, 0.25]))
+    assert loaded["epoch"] == 2
+    assert math.isinf(loaded["best"])
+    info = manager.checkpoints()[0]
+    assert info.metrics == {"eval_loss": 0.25}
+    assert info.reasons == ("every(7)",)
+
+
+def test_golden_manifest_is_readable_json_with_a_version() -> None:
+    doc = json.loads((GOLDEN / MANIFEST).read_text())
+    assert doc["format"] == "ckptwise.checkpoint"
+    assert doc["version"] == FORMAT_VERSION == 1
+    assert doc["tensors"]["model/w"]["dtype"] == "float32"
+    assert doc["tensors"]["model/w"]["shape"] == [2, 3]
+
+
+def _mutate(doc: dict[str, Any], path: list[str], value: Any) -> None:
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (["version"], 99, "newer than this ckptwise reads"),
+        (["format"], "something", "'format' field"),
+        (["step"], -1, "step must be a non-negative integer"),
+        (["tensors", "model/w", "object"], "../../../etc/passwd", "not a 64-digit hex digest"),
+        (["tensors", "model/w", "object"], "A" * 64, "not a 64-digit hex digest"),
+        (["tensors", "model/w", "codec"], "brotli9", "upgrade ckptwise"),
+        (["tensors", "model/w", "dtype"], "float128", "unknown dtype"),
+        (["tensors", "model/w", "nbytes"], 4, "shape needs 24"),
+        (["tensors", "model/w", "shape"], [2, -3], "non-negative integer"),
+        (["metrics"], {"loss": "low"}, "not a number"),
+    ],
+)
+def test_malformed_manifests_are_rejected_with_a_clear_error(
+    tmp_path: Path, path: list[str], value: Any, message: str
+) -> None:
+    shutil.copytree(GOLDEN, tmp_path / "run")
+    manifest = tmp_path / "run" / MANIFEST
+    doc = json.loads(manifest.read_text())
+    _mutate(doc, path, value)
+    manifest.write_text(json.dumps(doc))
+    store = CheckpointStore(LocalBackend(tmp_path / "run"))
+    assert store.steps() == []
+    (reason,) = store.broken.values()
+    assert message in reason
+    with pytest.raises(FormatError, match=r"malformed|newer|upgrade"):
+        store._read_manifest(MANIFEST)
+
+
+def test_manifest_whose_name_and_step_disagree_is_not_trusted(tmp_path: Path) -> None:
+    shutil.copytree(GOLDEN, tmp_path / "run")
+    (tmp_path / "run" / MANIFEST).rename(tmp_path / "run" / "checkpoints" / "000000000008.json")
+    store = CheckpointStore(LocalBackend(tmp_path / "run"))
+    assert store.steps() == []
+    assert "says step 7" in next(iter(store.broken.values()))

@@ -1,0 +1,105 @@
+"""Capturing a state as tensors + JSON and loading it back, without pickle."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import ckptwise as cw
+from ckptwise.snapshot import RngState, apply, capture, rebuild
+
+
+def round_trip(state: dict[str, Any]) -> dict[str, Any]:
+    snap = capture(state)
+    tree = json.loads(json.dumps(snap.tree, allow_nan=False))  # the tree is strict JSON
+    tensors = {k: v.clone() for k, v in snap.tensors.items()}
+    return {k: rebuild(tree, tensors, k) for k in tree}
+
+
+def test_values_keep_their_types() -> None:
+    value = {
+        "ints": {0: "a", 1: "b", -3: None},
+        "mixed": {1.5: True, "s": (1, 2.5, "x")},
+        "floats": [math.inf, -math.inf, 0.1],
+        "tag": {"__ckptwise__": "not a tag"},
+        "np": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "npscalar": np.float32(1.25),
+        "nested": [[{"deep": (None,)}]],
+    }
+    back = round_trip({"v": value})["v"]
+    assert back["ints"] == {0: "a", 1: "b", -3: None}
+    assert back["mixed"] == {1.5: True, "s": (1, 2.5, "x")}
+    assert back["floats"] == [math.inf, -math.inf, 0.1]
+    assert back["tag"] == {"__ckptwise__": "not a tag"}
+    assert isinstance(back["np"], np.ndarray)
+    assert back["np"].dtype == np.int16
+    assert (back["np"] == value["np"]).all()
+    assert type(back["npscalar"]) is np.float32
+    assert back["npscalar"] == np.float32(1.25)
+    assert back["nested"] == [[{"deep": (None,)}]]
+
+
+def test_nan_survives() -> None:
+    assert math.isnan(round_trip({"x": math.nan})["x"])
+
+
+def test_optimizer_state_with_int_keys_round_trips() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    snap = capture({"optimizer": opt})
+    assert set(snap.tensors) == {
+        "optimizer/state/0/step",
+        "optimizer/state/0/exp_avg",
+        "optimizer/state/0/exp_avg_sq",
+        "optimizer/state/1/step",
+        "optimizer/state/1/exp_avg",
+        "optimizer/state/1/exp_avg_sq",
+    }
+    fresh = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    apply({"optimizer": fresh}, snap.tree, snap.tensors)
+    assert str(fresh.state_dict()) == str(opt.state_dict())
+
+
+def test_colliding_paths_get_distinct_names() -> None:
+    snap = capture({"a": {"b/c": torch.zeros(1), "b": {"c": torch.ones(1)}}})
+    assert sorted(snap.tensors) == ["a/b/c", "a/b/c#2"]
+    back = round_trip({"a": {"b/c": torch.zeros(1), "b": {"c": torch.ones(1)}}})
+    assert torch.equal(back["a"]["b"]["c"], torch.ones(1))
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"cfg": {"fn": len}}, r"cfg/fn: cannot save a value of type builtins.builtin_function"),
+        ({"x": [object()]}, r"x/0: cannot save"),
+        ({"x": {(1, 2): 3}}, r"x: dict key \(1, 2\) of type tuple"),
+        ({"x": torch.zeros(3).to_sparse()}, r"x: .*sparse"),
+        ({"a/b": 1}, r"state keys must be non-empty strings without '/'"),
+        ({"x": np.array(["a"])}, r"numpy arrays of dtype <U1"),
+    ],
+)
+def test_unsaveable_values_are_named(state: dict[str, Any], message: str) -> None:
+    with pytest.raises(cw.SnapshotError, match=message):
+        capture(state)
+
+
+def test_rng_state_restores_every_generator() -> None:
+    rng = RngState()
+    saved = round_trip({"rng": rng})["rng"]
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    rng.load_state_dict(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_stateful_mismatch_is_reported() -> None:
+    snap = capture({"model": torch.nn.Linear(2, 2)})
+    with pytest.raises(cw.CheckpointError, match="now holds a int"):
+        apply({"model": 3}, snap.tree, snap.tensors)
