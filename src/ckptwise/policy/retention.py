@@ -59,14 +59,21 @@ class RetentionPolicy(Protocol):
 
 class _Composable:
     def __or__(self, other: RetentionPolicy) -> KeepAny:
-        parts: list[RetentionPolicy] = []
-        for policy in (self, other):
-            if not isinstance(policy, RetentionPolicy):
-                raise ConfigError(
-                    f"keep= expects retention policies such as cw.keep_last(3); got {policy!r}"
-                )
-            parts.extend(policy.policies if isinstance(policy, KeepAny) else (policy,))
-        return KeepAny(tuple(parts))
+        return _union((self, other))  # type: ignore[arg-type]
+
+    def __ror__(self, other: RetentionPolicy) -> KeepAny:
+        return _union((other, self))  # type: ignore[arg-type]
+
+
+def _union(policies: tuple[RetentionPolicy, ...]) -> KeepAny:
+    parts: list[RetentionPolicy] = []
+    for policy in policies:
+        if not isinstance(policy, RetentionPolicy):
+            raise ConfigError(
+                f"keep= expects retention policies such as cw.keep_last(3); got {policy!r}"
+            )
+        parts.extend(policy.policies if isinstance(policy, KeepAny) else (policy,))
+    return KeepAny(tuple(parts))
 
 
 def _merge(into: Kept, more: Mapping[int, tuple[str, ...]]) -> None:

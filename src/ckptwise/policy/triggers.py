@@ -55,6 +55,12 @@ class _Composable:
     def __and__(self, other: Trigger) -> AllOf:
         return AllOf(_flatten(AllOf, (self, other)))  # type: ignore[arg-type]
 
+    def __ror__(self, other: Trigger) -> AnyOf:
+        return AnyOf(_flatten(AnyOf, (other, self)))  # type: ignore[arg-type]
+
+    def __rand__(self, other: Trigger) -> AllOf:
+        return AllOf(_flatten(AllOf, (other, self)))  # type: ignore[arg-type]
+
 
 def _flatten(kind: type[AnyOf | AllOf], triggers: Iterable[Trigger]) -> tuple[Trigger, ...]:
     out: list[Trigger] = []
@@ -206,9 +212,12 @@ class OnImprovement(_Composable):
         if value is None or math.isnan(value):
             return Decision.no()
         stats = state.history.get(self.metric)
-        best = None if stats is None else stats.best(self.mode)
-        if best is None or math.isinf(best):
+        best_step = (
+            None if stats is None else (stats.min_step if self.mode == "min" else stats.max_step)
+        )
+        if stats is None or best_step is None:  # nothing (or only NaN) seen before
             return Decision.yes(f"on_improvement({self.metric})")
+        best = stats.best(self.mode)
         improved = (
             value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
         )
@@ -220,6 +229,8 @@ def on_improvement(metric: str, mode: Mode = "min", *, min_delta: float = 0.0) -
 
     Metrics arrive through ``manager.step(step, state, metrics={...})``.
     """
+    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)):
+        raise ConfigError(f"on_improvement(min_delta=) must be a number >= 0, got {min_delta!r}")
     return OnImprovement(metric, mode, float(min_delta))
 
 

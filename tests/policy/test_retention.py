@@ -1,0 +1,458 @@
+"""Table and property tests for the retention policies and :func:`plan_retention`."""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ckptwise as cw
+from ckptwise.errors import ConfigError
+from ckptwise.policy import RetentionContext, RetentionPlan, RetentionPolicy, plan_retention
+from ckptwise.records import CheckpointInfo
+
+Mode = Literal["min", "max"]
+
+NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def ckpt(step: int, **metrics: float) -> CheckpointInfo:
+    return CheckpointInfo(
+        step=step, time=NOW - timedelta(hours=1) + timedelta(seconds=step), metrics=metrics
+    )
+
+
+def ckpts(*steps: int) -> list[CheckpointInfo]:
+    return [ckpt(s) for s in steps]
+
+
+def select(
+    policy: RetentionPolicy, checkpoints: Sequence[CheckpointInfo]
+) -> dict[int, tuple[str, ...]]:
+    return dict(policy.select(RetentionContext(checkpoints=checkpoints, now=NOW)))
+
+
+# --------------------------------------------------------------------------- keep_last
+
+
+@pytest.mark.parametrize(
+    ("n", "steps", "kept"),
+    [
+        (1, [], []),
+        (3, [], []),
+        (1, [10], [10]),
+        (3, [10], [10]),
+        (1, [10, 20, 30], [30]),
+        (2, [10, 20, 30], [20, 30]),
+        (3, [10, 20, 30], [10, 20, 30]),
+        (5, [10, 20, 30], [10, 20, 30]),
+        (2, [30, 10, 20], [20, 30]),  # input order does not matter
+        (2, [0, 1000, 5, 999], [999, 1000]),
+    ],
+)
+def test_keep_last(n: int, steps: list[int], kept: list[int]) -> None:
+    assert select(cw.keep_last(n), ckpts(*steps)) == dict.fromkeys(kept, (f"last {n}",))
+
+
+# --------------------------------------------------------------------------- keep_best
+
+
+@pytest.mark.parametrize(
+    ("n", "mode", "checkpoints", "kept"),
+    [
+        (1, "min", [], []),
+        (1, "min", [ckpt(10, loss=3.0), ckpt(20, loss=1.0), ckpt(30, loss=2.0)], [20]),
+        (2, "min", [ckpt(10, loss=3.0), ckpt(20, loss=1.0), ckpt(30, loss=2.0)], [20, 30]),
+        (5, "min", [ckpt(10, loss=3.0), ckpt(20, loss=1.0), ckpt(30, loss=2.0)], [10, 20, 30]),
+        (1, "max", [ckpt(10, loss=3.0), ckpt(20, loss=1.0), ckpt(30, loss=2.0)], [10]),
+        (2, "max", [ckpt(10, loss=3.0), ckpt(20, loss=1.0), ckpt(30, loss=2.0)], [10, 30]),
+        # negative values and infinities are ordinary values
+        (1, "min", [ckpt(10, loss=-1.0), ckpt(20, loss=-5.0)], [20]),
+        (1, "max", [ckpt(10, loss=-1.0), ckpt(20, loss=-5.0)], [10]),
+        (1, "min", [ckpt(10, loss=math.inf), ckpt(20, loss=1e300)], [20]),
+        (1, "max", [ckpt(10, loss=math.inf), ckpt(20, loss=1e300)], [10]),
+        # checkpoints without the metric are ignored
+        (2, "min", [ckpt(10), ckpt(20, acc=0.1), ckpt(30, loss=9.0)], [30]),
+        (1, "min", [ckpt(10), ckpt(20, acc=0.1)], []),
+        # NaN is ignored, in both modes
+        (1, "min", [ckpt(10, loss=math.nan), ckpt(20, loss=5.0)], [20]),
+        (1, "max", [ckpt(10, loss=math.nan), ckpt(20, loss=5.0)], [20]),
+        (3, "min", [ckpt(10, loss=math.nan), ckpt(20, loss=5.0)], [20]),
+        (1, "min", [ckpt(10, loss=math.nan), ckpt(20, loss=math.nan)], []),
+        # ties: the earlier step wins, whatever the input order
+        (1, "min", [ckpt(10, loss=1.0), ckpt(20, loss=1.0)], [10]),
+        (1, "min", [ckpt(20, loss=1.0), ckpt(10, loss=1.0)], [10]),
+        (1, "max", [ckpt(30, loss=1.0), ckpt(20, loss=1.0), ckpt(10, loss=0.0)], [20]),
+        (2, "min", [ckpt(40, loss=1.0), ckpt(30, loss=1.0), ckpt(20, loss=1.0)], [20, 30]),
+        (1, "min", [ckpt(20, loss=0.0), ckpt(10, loss=-0.0)], [10]),
+    ],
+)
+def test_keep_best(n: int, mode: Mode, checkpoints: list[CheckpointInfo], kept: list[int]) -> None:
+    assert select(cw.keep_best(n, "loss", mode), checkpoints) == dict.fromkeys(
+        kept, (f"best {n} loss",)
+    )
+
+
+def test_keep_best_defaults_to_min() -> None:
+    checkpoints = [ckpt(10, loss=3.0), ckpt(20, loss=1.0)]
+    assert select(cw.keep_best(1, "loss"), checkpoints) == {20: ("best 1 loss",)}
+
+
+# --------------------------------------------------------------------------- keep_every
+
+
+@pytest.mark.parametrize(
+    ("interval", "steps", "kept"),
+    [
+        (10, [], []),
+        (10, [0, 5, 9], []),  # window 0 is never kept
+        (10, [0, 10, 20], [10, 20]),
+        (10, [3, 6, 9, 12, 15, 18, 21, 24], [12, 21]),  # first at/after each multiple
+        (10, [24, 21, 18, 15, 12, 9, 6, 3], [12, 21]),  # input order does not matter
+        (10, [15, 11, 19], [11]),
+        (10, [10, 35, 70], [10, 35, 70]),  # gaps: windows without a checkpoint keep nothing
+        (10_000, [3000 * k for k in range(1, 12)], [12000, 21000, 30000]),
+        (1, [0, 1, 2, 3], [1, 2, 3]),
+        (5, [4, 5, 6, 9, 10], [5, 10]),
+    ],
+)
+def test_keep_every(interval: int, steps: list[int], kept: list[int]) -> None:
+    assert select(cw.keep_every(interval), ckpts(*steps)) == dict.fromkeys(
+        kept, (f"every {interval}",)
+    )
+
+
+def test_keep_every_kept_checkpoint_stays_kept_as_saves_arrive() -> None:
+    policy = cw.keep_every(10_000)
+    steps: list[int] = []
+    ever_kept: set[int] = set()
+    for step in range(3000, 60_001, 3000):
+        steps.append(step)
+        kept = set(select(policy, ckpts(*steps)))
+        assert ever_kept <= kept
+        ever_kept |= kept
+
+
+# --------------------------------------------------------------------------- keep_all
+
+
+@pytest.mark.parametrize("steps", [[], [0], [5, 1, 3], list(range(0, 100, 7))])
+def test_keep_all(steps: list[int]) -> None:
+    assert select(cw.keep_all(), ckpts(*steps)) == dict.fromkeys(steps, ("all",))
+
+
+# --------------------------------------------------------------------------- union
+
+
+def test_union_merges_reasons() -> None:
+    policy = cw.keep_last(2) | cw.keep_best(1, "loss") | cw.keep_every(100)
+    checkpoints = [
+        ckpt(50, loss=0.5),
+        ckpt(100, loss=2.0),
+        ckpt(150, loss=0.1),
+        ckpt(200, loss=3.0),
+        ckpt(250, loss=0.2),
+    ]
+    assert select(policy, checkpoints) == {
+        100: ("every 100",),
+        150: ("best 1 loss",),
+        200: ("last 2", "every 100"),
+        250: ("last 2",),
+    }
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (cw.keep_last(1) | cw.keep_last(1), {30: ("last 1",)}),  # duplicate reasons merge
+        (cw.keep_last(1) | cw.keep_all(), {10: ("all",), 20: ("all",), 30: ("last 1", "all")}),
+        (cw.keep_all() | cw.keep_last(1), {10: ("all",), 20: ("all",), 30: ("all", "last 1")}),
+        (cw.keep_every(20) | cw.keep_last(2), {20: ("every 20", "last 2"), 30: ("last 2",)}),
+    ],
+)
+def test_union_table(policy: RetentionPolicy, expected: Mapping[int, tuple[str, ...]]) -> None:
+    assert select(policy, ckpts(10, 20, 30)) == expected
+
+
+def test_union_flattens() -> None:
+    a, b, c, d = cw.keep_last(1), cw.keep_all(), cw.keep_every(5), cw.keep_best(1, "x")
+    assert ((a | b) | c).policies == (a, b, c)
+    assert (a | (b | c)).policies == (a, b, c)
+    assert ((a | b) | (c | d)).policies == (a, b, c, d)
+    assert isinstance(a | b, RetentionPolicy)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("make", "pattern"),
+    [
+        (lambda: cw.keep_last(0), r"keep_last\(n\).*got 0"),
+        (lambda: cw.keep_last(-1), r"keep_last\(n\).*got -1"),
+        (lambda: cw.keep_last(2.0), r"keep_last\(n\).*got 2\.0"),  # type: ignore[arg-type]
+        (lambda: cw.keep_last(False), r"keep_last\(n\).*got False"),
+        (lambda: cw.keep_best(0, "x"), r"keep_best\(n\).*got 0"),
+        (lambda: cw.keep_best(1, ""), r"keep_best.*metric.*got ''"),
+        (lambda: cw.keep_best(1, "x", mode="best"), r"mode.*got 'best'"),  # type: ignore[arg-type]
+        (lambda: cw.keep_every(0), r"keep_every\(interval\).*got 0"),
+        (lambda: cw.keep_every(-10), r"keep_every\(interval\).*got -10"),
+        (lambda: cw.keep_last(2) | "x", r"keep=.*got 'x'"),  # type: ignore[operator]
+        (lambda: cw.keep_last(2) | 3, r"keep=.*got 3"),  # type: ignore[operator]
+        (lambda: (cw.keep_last(2) | cw.keep_all()) | None, r"keep=.*got None"),  # type: ignore[operator]
+        (lambda: cw.keep_last(2) | cw.every(10), r"keep=.*got Every"),  # type: ignore[operator]
+    ],
+)
+def test_bad_arguments_raise_config_error(make: object, pattern: str) -> None:
+    assert callable(make)
+    with pytest.raises(ConfigError, match=pattern) as info:
+        make()
+    assert isinstance(info.value, ValueError)
+
+
+# --------------------------------------------------------------------------- plan_retention
+
+
+def plan(
+    policy: RetentionPolicy,
+    checkpoints: Sequence[CheckpointInfo],
+    *,
+    pinned: Iterable[int] = (),
+    resumed_from: int | None = None,
+) -> RetentionPlan:
+    return plan_retention(policy, checkpoints, now=NOW, pinned=pinned, resumed_from=resumed_from)
+
+
+def test_plan_empty() -> None:
+    result = plan(cw.keep_last(1), [], pinned=[5], resumed_from=5)
+    assert result == RetentionPlan(keep={}, delete=())
+
+
+def test_plan_newest_always_kept() -> None:
+    # keep_best keeps only step 10, but the newest checkpoint (30) survives too
+    checkpoints = [ckpt(10, loss=0.1), ckpt(20, loss=0.5), ckpt(30, loss=0.9)]
+    result = plan(cw.keep_best(1, "loss"), checkpoints)
+    assert result.keep == {10: ("best 1 loss",), 30: ("newest",)}
+    assert result.delete == (20,)
+
+
+def test_plan_newest_reason_is_merged() -> None:
+    result = plan(cw.keep_last(1), ckpts(10, 20, 30))
+    assert result.keep == {30: ("last 1", "newest")}
+    assert result.delete == (10, 20)
+
+
+@pytest.mark.parametrize(
+    ("pinned", "resumed_from", "keep", "delete"),
+    [
+        ((), None, {50: ("last 1", "newest")}, (10, 20, 30, 40)),
+        ([20], None, {20: ("pinned",), 50: ("last 1", "newest")}, (10, 30, 40)),
+        ([20, 40], None, {20: ("pinned",), 40: ("pinned",), 50: ("last 1", "newest")}, (10, 30)),
+        # pins of steps that are not committed are ignored
+        ([25, 999], None, {50: ("last 1", "newest")}, (10, 20, 30, 40)),
+        ((), 30, {30: ("resumed from",), 50: ("last 1", "newest")}, (10, 20, 40)),
+        ((), 35, {50: ("last 1", "newest")}, (10, 20, 30, 40)),
+        ((), 50, {50: ("last 1", "newest", "resumed from")}, (10, 20, 30, 40)),
+        (
+            [10, 50],
+            10,
+            {10: ("pinned", "resumed from"), 50: ("last 1", "newest", "pinned")},
+            (20, 30, 40),
+        ),
+        (iter([30]), None, {30: ("pinned",), 50: ("last 1", "newest")}, (10, 20, 40)),
+    ],
+)
+def test_plan_pinned_and_resumed(
+    pinned: Iterable[int],
+    resumed_from: int | None,
+    keep: dict[int, tuple[str, ...]],
+    delete: tuple[int, ...],
+) -> None:
+    result = plan(
+        cw.keep_last(1), ckpts(40, 10, 50, 30, 20), pinned=pinned, resumed_from=resumed_from
+    )
+    assert result.keep == keep
+    assert list(result.keep) == sorted(keep)
+    assert result.delete == delete
+
+
+def test_plan_delete_sorted_and_disjoint() -> None:
+    checkpoints = ckpts(70, 10, 60, 30, 0, 50, 20, 40)
+    result = plan(cw.keep_every(30) | cw.keep_last(2), checkpoints, pinned=[10])
+    assert list(result.keep) == [10, 30, 60, 70]
+    assert result.delete == (0, 20, 40, 50)
+    assert set(result.keep).isdisjoint(result.delete)
+    assert set(result.keep) | set(result.delete) == {c.step for c in checkpoints}
+
+
+def test_plan_keep_all_deletes_nothing() -> None:
+    result = plan(cw.keep_all(), ckpts(3, 1, 2))
+    assert result.delete == ()
+    assert result.keep == {1: ("all",), 2: ("all",), 3: ("all", "newest")}
+
+
+def test_plan_ignores_policy_steps_that_are_not_committed() -> None:
+    @dataclass(frozen=True)
+    class Phantom:
+        def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
+            return {999: ("phantom",), 10: ("phantom",)}
+
+    result = plan(Phantom(), ckpts(10, 20))
+    assert result.keep == {10: ("phantom",), 20: ("newest",)}
+    assert result.delete == ()
+
+
+# --------------------------------------------------------------------------- properties
+
+METRICS = ("loss", "acc")
+
+metric_values = st.one_of(
+    st.floats(allow_nan=False),  # includes +-inf
+    st.just(math.nan),
+)
+
+
+@st.composite
+def checkpoint_lists(draw: st.DrawFn) -> list[CheckpointInfo]:
+    steps = draw(st.lists(st.integers(min_value=0, max_value=500), unique=True, max_size=25))
+    return [
+        CheckpointInfo(
+            step=step,
+            time=NOW - timedelta(seconds=step),
+            metrics=draw(st.dictionaries(st.sampled_from(METRICS), metric_values)),
+        )
+        for step in steps
+    ]
+
+
+@dataclass(frozen=True)
+class BestSpec:
+    n: int
+    metric: str
+    mode: Mode
+
+
+@st.composite
+def simple_policies(draw: st.DrawFn) -> tuple[RetentionPolicy, BestSpec | None]:
+    kind = draw(st.sampled_from(["last", "best", "every", "all"]))
+    if kind == "last":
+        return cw.keep_last(draw(st.integers(min_value=1, max_value=6))), None
+    if kind == "best":
+        spec = BestSpec(
+            n=draw(st.integers(min_value=1, max_value=4)),
+            metric=draw(st.sampled_from(METRICS)),
+            mode=draw(st.sampled_from(["min", "max"])),
+        )
+        return cw.keep_best(spec.n, spec.metric, spec.mode), spec
+    if kind == "every":
+        return cw.keep_every(draw(st.integers(min_value=1, max_value=200))), None
+    return cw.keep_all(), None
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> tuple[RetentionPolicy, list[BestSpec]]:
+    parts = draw(st.lists(simple_policies(), min_size=1, max_size=4))
+    policy: RetentionPolicy = functools.reduce(operator.or_, (p for p, _ in parts))
+    return policy, [spec for _, spec in parts if spec is not None]
+
+
+@st.composite
+def scenarios(
+    draw: st.DrawFn,
+) -> tuple[list[CheckpointInfo], RetentionPolicy, list[BestSpec], set[int], int | None]:
+    checkpoints = draw(checkpoint_lists())
+    policy, best_specs = draw(policies())
+    steps = [c.step for c in checkpoints]
+    committed_pins = draw(st.sets(st.sampled_from(steps))) if steps else set()
+    stray_pins = draw(st.sets(st.integers(min_value=0, max_value=600), max_size=3))
+    resume_choices: list[st.SearchStrategy[int | None]] = [
+        st.none(),
+        st.integers(min_value=0, max_value=600),
+    ]
+    if steps:
+        resume_choices.append(st.sampled_from(steps))
+    resumed_from = draw(st.one_of(resume_choices))
+    return checkpoints, policy, best_specs, committed_pins | stray_pins, resumed_from
+
+
+def best_step(checkpoints: Sequence[CheckpointInfo], spec: BestSpec) -> int | None:
+    """The single best checkpoint by ``spec`` (ties to the earlier step), computed naively."""
+    best: tuple[float, int] | None = None
+    for c in checkpoints:
+        value = c.metrics.get(spec.metric)
+        if value is None or math.isnan(value):
+            continue
+        better = (
+            best is None
+            or (value < best[0] if spec.mode == "min" else value > best[0])
+            or (value == best[0] and c.step < best[1])
+        )
+        if better:
+            best = (value, c.step)
+    return None if best is None else best[1]
+
+
+@given(scenarios())
+def test_plan_never_deletes_protected_checkpoints(
+    scenario: tuple[list[CheckpointInfo], RetentionPolicy, list[BestSpec], set[int], int | None],
+) -> None:
+    checkpoints, policy, best_specs, pinned, resumed_from = scenario
+    result = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from)
+    deleted = set(result.delete)
+    committed = {c.step for c in checkpoints}
+
+    if committed:
+        assert max(committed) not in deleted
+        assert "newest" in result.keep[max(committed)]
+    for step in pinned & committed:
+        assert step not in deleted
+        assert "pinned" in result.keep[step]
+    if resumed_from is not None and resumed_from in committed:
+        assert resumed_from not in deleted
+        assert "resumed from" in result.keep[resumed_from]
+    for spec in best_specs:
+        best = best_step(checkpoints, spec)
+        if best is not None:
+            assert best not in deleted
+            assert f"best {spec.n} {spec.metric}" in result.keep[best]
+
+
+@given(scenarios())
+def test_plan_partitions_committed_steps(
+    scenario: tuple[list[CheckpointInfo], RetentionPolicy, list[BestSpec], set[int], int | None],
+) -> None:
+    checkpoints, policy, _, pinned, resumed_from = scenario
+    result = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from)
+    committed = {c.step for c in checkpoints}
+    assert set(result.keep) | set(result.delete) == committed
+    assert set(result.keep).isdisjoint(result.delete)
+    assert list(result.delete) == sorted(set(result.delete))
+    assert list(result.keep) == sorted(result.keep)
+    assert all(result.keep[step] for step in result.keep)  # every kept step has a reason
+
+
+@given(scenarios(), st.data())
+def test_plan_is_deterministic_and_order_independent(
+    scenario: tuple[list[CheckpointInfo], RetentionPolicy, list[BestSpec], set[int], int | None],
+    data: st.DataObject,
+) -> None:
+    checkpoints, policy, _, pinned, resumed_from = scenario
+    first = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from)
+    second = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from)
+    assert first == second
+    assert list(first.keep.items()) == list(second.keep.items())
+
+    shuffled = data.draw(st.permutations(checkpoints), label="shuffled checkpoints")
+    reordered = plan(
+        policy, shuffled, pinned=sorted(pinned, reverse=True), resumed_from=resumed_from
+    )
+    assert reordered == first
+    assert list(reordered.keep.items()) == list(first.keep.items())
