@@ -26,9 +26,11 @@ from typing import Any
 import torch
 
 from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from ckptwise.monitor import Monitor
 from ckptwise.policy.retention import RetentionPlan, RetentionPolicy, keep_all, plan_retention
-from ckptwise.policy.state import Decision, MetricStats, TrainingState
-from ckptwise.policy.triggers import Trigger, _check_trigger, never
+from ckptwise.policy.state import Decision
+from ckptwise.policy.triggers import Trigger, _check_trigger, never, walk
+from ckptwise.progress import Progress
 from ckptwise.records import CheckpointInfo
 from ckptwise.snapshot import RngState, apply, capture, rebuild
 from ckptwise.store.backend import open_backend
@@ -122,8 +124,8 @@ class CheckpointManager:
             self._lock.release()
             raise
         self._writer: Writer = SyncWriter()
-        self._history: dict[str, MetricStats] = {}
-        self._last_save: tuple[int, datetime] | None = None
+        self._progress = Progress(self.clock())
+        self._monitor = Monitor(backend, walk(self.save_policy)) if self.writable else None
         self._requests: set[str] = set()
         self.resumed_from: int | None = None
         self.last_plan: RetentionPlan | None = None
@@ -150,29 +152,30 @@ class CheckpointManager:
             raise ConfigError(f"step must be an integer >= 0, got {step!r}")
         values = _as_metrics(metrics)
         now = self.clock()
-        training = TrainingState(
-            step=step,
-            now=now,
-            metrics=values,
-            history=dict(self._history),
-            last_save_step=None if self._last_save is None else self._last_save[0],
-            last_save_time=None if self._last_save is None else self._last_save[1],
-            requests=frozenset(self._requests),
-            final=final,
-        )
+        requests = frozenset(self._requests)
+        if self._monitor is not None:
+            requests |= self._monitor.poll()
+        training = self._progress.state(step, now, metrics=values, requests=requests, final=final)
         decision = self.save_policy.decide(training)
-        for key, value in values.items():
-            old = self._history.get(key)
-            self._history[key] = (
-                MetricStats.first(step, value) if old is None else old.updated(step, value)
-            )
+        self._progress.observe(step, values)
         if decision.save:
             self.save(step, state, metrics=values, reasons=decision.reasons, now=now)
-            self._requests.clear()
+            self._requests.difference_update(requests)
+            if self._monitor is not None:
+                self._monitor.consume(requests)
+                if self._monitor.wants_exit(decision.reasons):
+                    self.wait()
+                    log.info(
+                        "saved step %d on a signal; exiting as on_signal(then='exit') asks", step
+                    )
+                    raise SystemExit(0)
         return decision
 
     def request_save(self, reason: str) -> None:
-        """Ask for a save at the next :meth:`step` (seen by triggers as ``requests``)."""
+        """Add ``reason`` to the next step's ``requests`` (e.g. ``"signal:SIGTERM"``).
+
+        Framework adapters use this to forward requests they received themselves.
+        """
         self._requests.add(reason)
 
     def save(
@@ -197,7 +200,8 @@ class CheckpointManager:
         values = _as_metrics(metrics)
         full = {**state, RNG_KEY: RngState()} if self.rng else dict(state)
         snap = capture(full)
-        extra = {"metric_history": {k: v.to_json() for k, v in self._history.items()}}
+        self._progress.started_save(step, now, reasons)
+        extra = self._progress.to_json()
         info = self._writer.write(
             lambda: self.store.commit(
                 step,
@@ -210,9 +214,9 @@ class CheckpointManager:
             ),
             step=step,
         )
-        self._last_save = (step, now)
         if info is not None:
             self.prune(now=now)
+        self._progress.finished_save(self.clock() - now)
         return info
 
     def prune(self, *, now: datetime | None = None) -> RetentionPlan:
@@ -226,6 +230,7 @@ class CheckpointManager:
             now=self.clock() if now is None else now,
             pinned=self.pinned(),
             resumed_from=self.resumed_from,
+            object_bytes=self.store.object_bytes(),
         )
         self.store.delete(plan.delete)
         run = self.store.read_run_state()
@@ -300,9 +305,7 @@ class CheckpointManager:
             apply(state, manifest.tree, tensors, strict=strict, where=where)
             if self.rng and RNG_KEY in manifest.tree:
                 apply({RNG_KEY: RngState()}, manifest.tree, tensors, where=where)
-            history = manifest.extra.get("metric_history", {})
-            self._history = {k: MetricStats.from_json(v) for k, v in history.items()}
-            self._last_save = (candidate, datetime.fromtimestamp(manifest.time, UTC))
+            self._progress.restore_json(manifest.extra, step=candidate, now=self.clock())
             self.resumed_from = candidate
             return candidate
         if candidates:
@@ -377,6 +380,8 @@ class CheckpointManager:
             self._writer.close()
         finally:
             self._closed = True
+            if self._monitor is not None:
+                self._monitor.close()
             self._lock.release()
 
     def _check_open(self) -> None:

@@ -1,23 +1,30 @@
 """Pure policies: triggers decide when to save, retention decides what to keep."""
 
+from ckptwise.policy.requests import on_file, on_signal
 from ckptwise.policy.retention import (
     RetentionContext,
     RetentionPlan,
     RetentionPolicy,
     keep_all,
     keep_best,
+    keep_budget,
     keep_every,
     keep_last,
+    keep_within,
     plan_retention,
 )
-from ckptwise.policy.state import Decision, MetricStats, TrainingState
+from ckptwise.policy.state import Decision, MetricStats, SaveMark, TrainingState
+from ckptwise.policy.timing import daly_interval, every_duration, optimal_interval, overhead_budget
 from ckptwise.policy.triggers import (
     Trigger,
     at_steps,
     every,
+    geometric,
     never,
     on_final,
     on_improvement,
+    schedule,
+    walk,
 )
 
 __all__ = [
@@ -26,16 +33,28 @@ __all__ = [
     "RetentionContext",
     "RetentionPlan",
     "RetentionPolicy",
+    "SaveMark",
     "TrainingState",
     "Trigger",
     "at_steps",
+    "daly_interval",
     "every",
+    "every_duration",
+    "geometric",
     "keep_all",
     "keep_best",
+    "keep_budget",
     "keep_every",
     "keep_last",
+    "keep_within",
     "never",
+    "on_file",
     "on_final",
     "on_improvement",
+    "on_signal",
+    "optimal_interval",
+    "overhead_budget",
     "plan_retention",
+    "schedule",
+    "walk",
 ]

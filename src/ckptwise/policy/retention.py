@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from ckptwise.errors import ConfigError
@@ -25,15 +25,19 @@ __all__ = [
     "KeepAll",
     "KeepAny",
     "KeepBest",
+    "KeepBudget",
     "KeepEvery",
     "KeepLast",
+    "KeepWithin",
     "RetentionContext",
     "RetentionPlan",
     "RetentionPolicy",
     "keep_all",
     "keep_best",
+    "keep_budget",
     "keep_every",
     "keep_last",
+    "keep_within",
     "plan_retention",
 ]
 
@@ -42,10 +46,12 @@ Kept = dict[int, tuple[str, ...]]
 
 @dataclass(frozen=True, kw_only=True)
 class RetentionContext:
-    """What a retention policy sees: the committed checkpoints (any order) and the time."""
+    """What a retention policy sees: the committed checkpoints (any order), the time, and
+    the stored size of every object they reference (for byte budgets)."""
 
     checkpoints: Sequence[CheckpointInfo]
     now: datetime
+    object_bytes: Mapping[str, int] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -177,6 +183,66 @@ def keep_every(interval: int) -> KeepEvery:
 
 
 @dataclass(frozen=True)
+class KeepWithin(_Composable):
+    """Keeps every checkpoint saved less than ``age`` before the context's ``now``."""
+
+    age: timedelta
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.age, timedelta) or self.age <= timedelta(0):
+            raise ConfigError(
+                f"keep_within(age) must be a positive datetime.timedelta, got {self.age!r}"
+            )
+
+    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
+        return {
+            c.step: (f"within {self.age}",)
+            for c in context.checkpoints
+            if context.now - c.time < self.age
+        }
+
+
+def keep_within(age: timedelta) -> KeepWithin:
+    """Keep everything newer than ``age`` (e.g. ``keep_within(timedelta(hours=6))``)."""
+    return KeepWithin(age)
+
+
+@dataclass(frozen=True)
+class KeepBudget(_Composable):
+    """Keeps the newest checkpoints whose objects together fit in ``max_bytes``.
+
+    Bytes are physical: an object shared by several kept checkpoints counts once, so a
+    frozen backbone is paid for once. Walking from the newest, a checkpoint that would
+    overflow the budget stops the walk (older ones are not kept to fill the gap). What the
+    manager always keeps (the newest, pinned, resumed-from) stays even past the budget.
+    """
+
+    max_bytes: int
+
+    def __post_init__(self) -> None:
+        _positive_int("keep_budget(max_bytes)", self.max_bytes, "e.g. keep_budget(200 * 2**30)")
+
+    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
+        counted: set[str] = set()
+        total = 0
+        kept: Kept = {}
+        for c in sorted(context.checkpoints, key=lambda c: c.step, reverse=True):
+            extra = c.objects - counted
+            cost = sum(context.object_bytes.get(o, 0) for o in extra)
+            if total + cost > self.max_bytes:
+                break
+            total += cost
+            counted |= extra
+            kept[c.step] = (f"budget {self.max_bytes}",)
+        return kept
+
+
+def keep_budget(max_bytes: int) -> KeepBudget:
+    """Keep the newest checkpoints that fit a byte budget (counted after dedup)."""
+    return KeepBudget(max_bytes)
+
+
+@dataclass(frozen=True)
 class KeepAll(_Composable):
     """Keeps every checkpoint."""
 
@@ -204,6 +270,7 @@ def plan_retention(
     now: datetime,
     pinned: Iterable[int] = (),
     resumed_from: int | None = None,
+    object_bytes: Mapping[str, int] | None = None,
 ) -> RetentionPlan:
     """Apply ``policy`` and the rules that always hold.
 
@@ -216,7 +283,9 @@ def plan_retention(
         kept,
         {
             s: r
-            for s, r in policy.select(RetentionContext(checkpoints=checkpoints, now=now)).items()
+            for s, r in policy.select(
+                RetentionContext(checkpoints=checkpoints, now=now, object_bytes=object_bytes or {})
+            ).items()
             if s in committed
         },
     )

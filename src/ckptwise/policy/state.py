@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
-__all__ = ["Decision", "MetricStats", "TrainingState"]
+__all__ = ["Decision", "MetricStats", "SaveMark", "TrainingState"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +86,19 @@ class MetricStats:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SaveMark:
+    """When a trigger last caused a save: its step, time and each metric's report count then.
+
+    Lets a trigger reason about "since I last fired" (e.g. ``on_improvement(patience=)``)
+    without holding state of its own.
+    """
+
+    step: int
+    time: datetime
+    counts: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainingState:
     """Everything a trigger may base its decision on.
 
@@ -94,9 +107,15 @@ class TrainingState:
         now: the manager's clock at this step (timezone-aware).
         metrics: the values reported at this step only.
         history: summaries of every metric reported *before* this step.
-        last_save_step: step of the newest committed (or in-flight) checkpoint, if any.
-        last_save_time: when that save was taken.
-        requests: external save requests seen since the last step (``"signal"``, ``"file"``).
+        last_save_step: step of the newest checkpoint this run saved (or restored), if any.
+        last_save_time: when that save started (for a restored one: when it was restored,
+            so downtime between jobs does not count as training time).
+        run_start: when the manager started (the reference before the first save).
+        save_costs: the durations of recent saves, oldest first (as measured by the manager
+            with the same clock as ``now``).
+        marks: for each save reason, when it last caused a save.
+        requests: external save requests since the last step (``"signal:SIGTERM"``,
+            ``"file:SAVE_NOW"``, ...).
         final: the caller marked this step as the last one of the run.
     """
 
@@ -106,8 +125,16 @@ class TrainingState:
     history: Mapping[str, MetricStats] = field(default_factory=dict)
     last_save_step: int | None = None
     last_save_time: datetime | None = None
+    run_start: datetime | None = None
+    save_costs: tuple[timedelta, ...] = ()
+    marks: Mapping[str, SaveMark] = field(default_factory=dict)
     requests: frozenset[str] = frozenset()
     final: bool = False
+
+    def since_last_save(self) -> timedelta | None:
+        """Time since the last save started, else since the run started, else ``None``."""
+        ref = self.last_save_time if self.last_save_time is not None else self.run_start
+        return None if ref is None else self.now - ref
 
 
 @dataclass(frozen=True)

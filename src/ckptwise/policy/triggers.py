@@ -14,9 +14,10 @@ other ranks: the manager passes all of that in, so a trigger's test is a plain t
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from ckptwise.errors import ConfigError
@@ -29,9 +30,12 @@ __all__ = [
     "Trigger",
     "at_steps",
     "every",
+    "geometric",
     "never",
     "on_final",
     "on_improvement",
+    "schedule",
+    "walk",
 ]
 
 Mode = Literal["min", "max"]
@@ -184,17 +188,121 @@ def at_steps(steps: Iterable[int]) -> AtSteps:
 
 
 @dataclass(frozen=True)
+class Schedule(_Composable):
+    """Fires every ``interval`` steps counted from the threshold where that interval starts.
+
+    ``intervals`` pairs each threshold with the interval in force from it on, sorted by
+    threshold. Thresholds themselves are save points (except step 0); no save happens
+    before the first threshold.
+    """
+
+    intervals: tuple[tuple[int, int], ...]
+
+    def decide(self, state: TrainingState) -> Decision:
+        step = state.step
+        current: tuple[int, int] | None = None
+        for threshold, interval in self.intervals:
+            if threshold > step:
+                break
+            current = (threshold, interval)
+        if current is None or step == 0:
+            return Decision.no()
+        threshold, interval = current
+        if (step - threshold) % interval == 0:
+            return Decision.yes(f"schedule({interval})")
+        return Decision.no()
+
+
+def schedule(intervals: Mapping[int, int]) -> Schedule:
+    """Save with an interval that changes at step thresholds.
+
+    ``schedule({0: 2000, 10_000: 1000, 50_000: 500})`` saves every 2000 steps, then every
+    1000 from step 10 000, then every 500 from 50 000. Intervals may grow or shrink.
+    """
+    if not isinstance(intervals, Mapping) or not intervals:
+        raise ConfigError(
+            "schedule expects a mapping of step threshold -> interval such as "
+            f"{{0: 2000, 10000: 1000}}, got {intervals!r}"
+        )
+    pairs = sorted(
+        (
+            _non_negative_int("schedule threshold", k),
+            _positive_int(f"schedule interval at step {k}", v, "e.g. {0: 2000, 10000: 1000}"),
+        )
+        for k, v in intervals.items()
+    )
+    return Schedule(tuple(pairs))
+
+
+@dataclass(frozen=True)
+class Geometric(_Composable):
+    """Fires at log-spaced steps: ``first``, then each next step ``factor`` times the last,
+    until the gap reaches ``max_interval``, then every ``max_interval`` steps."""
+
+    first: int
+    factor: float
+    max_interval: int
+    _ramp: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _positive_int("geometric(first)", self.first, "e.g. geometric(first=100, factor=2.0)")
+        if (
+            isinstance(self.factor, bool)
+            or not isinstance(self.factor, (int, float))
+            or not (math.isfinite(self.factor) and self.factor > 1)
+        ):
+            raise ConfigError(f"geometric(factor) must be a number > 1, got {self.factor!r}")
+        _positive_int("geometric(max_interval)", self.max_interval, "e.g. max_interval=5000")
+        ramp = [self.first]
+        while True:
+            last = ramp[-1]
+            nxt = min(max(last + 1, round(last * self.factor)), last + self.max_interval)
+            if nxt - last >= self.max_interval:
+                break
+            ramp.append(nxt)
+        object.__setattr__(self, "_ramp", tuple(ramp))
+
+    def decide(self, state: TrainingState) -> Decision:
+        step, ramp = state.step, self._ramp
+        tail = ramp[-1]
+        if step >= tail:
+            hit = (step - tail) % self.max_interval == 0
+        else:
+            hit = ramp[bisect.bisect_left(ramp, step)] == step
+        return Decision.yes(f"geometric({self.first})") if hit else Decision.no()
+
+
+def geometric(first: int = 100, factor: float = 2.0, max_interval: int = 5000) -> Geometric:
+    """Save densely early and sparsely later: ``first``, ``first*factor``, ... capped gaps.
+
+    ``geometric(100, 2.0, 5000)`` saves at 100, 200, 400, ..., 6400, then every 5000.
+    """
+    return Geometric(first, factor, max_interval)
+
+
+@dataclass(frozen=True)
 class OnImprovement(_Composable):
     """Fires when ``metric`` is reported at this step and beats every earlier value.
 
     Ignores steps where the metric is not reported. The first value ever seen counts as an
     improvement; NaN never does. "Beats" means by more than ``min_delta``: for ``mode="min"``,
-    ``value < best - min_delta`` (the comparison Lightning's ``EarlyStopping`` uses).
+    ``value < best - min_delta``, where ``best`` is the best value ever reported (the
+    reference of the Hugging Face ``Trainer``'s ``save_strategy="best"`` with
+    ``early_stopping_threshold``; Lightning's ``EarlyStopping`` instead compares with the last
+    value that improved by more than ``min_delta``). With ``min_delta=0`` it saves exactly
+    where ``save_strategy="best"`` and Lightning's ``ModelCheckpoint(monitor=..., save_top_k=1)``
+    would.
+
+    ``patience`` caps what a noisy, fast-improving metric costs: after this trigger saved,
+    the next improvement saves only once ``patience`` reports of the metric (the current one
+    included) have come in. ``patience=0`` or ``1`` saves every improvement; with more, an
+    improvement inside the window is not saved, so the kept "best" may trail the true best.
     """
 
     metric: str
     mode: Mode = "min"
     min_delta: float = 0.0
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.metric, str) or not self.metric:
@@ -202,36 +310,55 @@ class OnImprovement(_Composable):
                 f"on_improvement needs a metric name such as 'eval_loss', got {self.metric!r}"
             )
         _check_mode(self.mode)
-        if not math.isfinite(self.min_delta) or self.min_delta < 0:
+        if (
+            isinstance(self.min_delta, bool)
+            or not isinstance(self.min_delta, (int, float))
+            or not math.isfinite(self.min_delta)
+            or self.min_delta < 0
+        ):
             raise ConfigError(
                 f"on_improvement(min_delta=) must be a finite number >= 0, got {self.min_delta!r}"
             )
+        _non_negative_int("on_improvement(patience=)", self.patience)
+
+    @property
+    def reason(self) -> str:
+        """The reason this trigger records when it fires."""
+        return f"on_improvement({self.metric})"
 
     def decide(self, state: TrainingState) -> Decision:
         value = state.metrics.get(self.metric)
         if value is None or math.isnan(value):
             return Decision.no()
         stats = state.history.get(self.metric)
-        best_step = (
-            None if stats is None else (stats.min_step if self.mode == "min" else stats.max_step)
-        )
-        if stats is None or best_step is None:  # nothing (or only NaN) seen before
-            return Decision.yes(f"on_improvement({self.metric})")
-        best = stats.best(self.mode)
-        improved = (
-            value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
-        )
-        return Decision.yes(f"on_improvement({self.metric})") if improved else Decision.no()
+        best_step = None
+        if stats is not None:
+            best_step = stats.min_step if self.mode == "min" else stats.max_step
+        if stats is not None and best_step is not None:  # else nothing (or only NaN) before
+            best = stats.best(self.mode)
+            improved = (
+                value < best - self.min_delta
+                if self.mode == "min"
+                else value > best + self.min_delta
+            )
+            if not improved:
+                return Decision.no()
+        mark = state.marks.get(self.reason)
+        if self.patience > 1 and mark is not None:
+            seen = 0 if stats is None else stats.count
+            if seen - mark.counts.get(self.metric, 0) + 1 < self.patience:
+                return Decision.no()
+        return Decision.yes(self.reason)
 
 
-def on_improvement(metric: str, mode: Mode = "min", *, min_delta: float = 0.0) -> OnImprovement:
+def on_improvement(
+    metric: str, mode: Mode = "min", *, min_delta: float = 0.0, patience: int = 0
+) -> OnImprovement:
     """Save when a validation metric improves on its best value so far.
 
     Metrics arrive through ``manager.step(step, state, metrics={...})``.
     """
-    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)):
-        raise ConfigError(f"on_improvement(min_delta=) must be a number >= 0, got {min_delta!r}")
-    return OnImprovement(metric, mode, float(min_delta))
+    return OnImprovement(metric, mode, min_delta, patience)
 
 
 @dataclass(frozen=True)
@@ -258,3 +385,12 @@ class Never(_Composable):
 def never() -> Never:
     """A trigger that never saves."""
     return Never()
+
+
+def walk(trigger: Trigger) -> Iterator[Trigger]:
+    """Every leaf trigger inside ``trigger`` (through ``|`` and ``&``), depth first."""
+    if isinstance(trigger, (AnyOf, AllOf)):
+        for inner in trigger.triggers:
+            yield from walk(inner)
+    else:
+        yield trigger

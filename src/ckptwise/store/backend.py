@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
@@ -62,6 +63,10 @@ class Backend(Protocol):
 
     def delete(self, path: str) -> None:
         """Remove one file; a missing file is not an error."""
+        ...
+
+    def free_bytes(self) -> int | None:
+        """Free space where the run lives, or ``None`` when the backend cannot tell."""
         ...
 
 
@@ -173,6 +178,15 @@ class LocalBackend:
         except OSError as exc:
             raise StorageError(f"could not delete {self._abs(path)}: {exc}") from exc
 
+    def free_bytes(self) -> int | None:
+        path = self.root
+        while not os.path.exists(path):
+            parent = os.path.dirname(path)
+            if parent == path:
+                return None
+            path = parent
+        return shutil.disk_usage(path).free
+
 
 class FsspecBackend:
     """Any fsspec filesystem (``s3://``, ``memory://``, ...).
@@ -252,6 +266,9 @@ class FsspecBackend:
         with self._wrap("delete", path):
             if self.fs.exists(self._abs(path)):
                 self.fs.rm_file(self._abs(path))
+
+    def free_bytes(self) -> int | None:
+        return None
 
 
 def open_backend(root: str | os.PathLike[str], **storage_options: Any) -> Backend:

@@ -34,6 +34,7 @@ from ckptwise.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatError,
+    StorageError,
 )
 from ckptwise.records import CheckpointInfo
 from ckptwise.store.backend import TMP_MARK, Backend
@@ -56,6 +57,8 @@ OBJECTS = "objects"
 RUN_FILE = "run.json"
 _MANIFEST_NAME = re.compile(r"^checkpoints/(\d+)\.json$")
 _WRITERS = 4
+#: Room left free on the disk after a save, for the manifest and everything else.
+SPACE_MARGIN = 64 * 2**20
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("ckptwise's on-disk format is little-endian; this machine is big-endian")
@@ -276,6 +279,7 @@ class CheckpointStore:
                 codec=codec,
                 stored_bytes=stored,
             )
+        self._check_space(sum(len(raw) for raw, _ in pending.values()))
         sizes = self._write_objects(pending)
         entries = {
             n: e if e.object not in sizes else _with_stored(e, sizes[e.object])
@@ -301,6 +305,16 @@ class CheckpointStore:
         if old is not None:
             self.collect_garbage()
         return self.info(step)
+
+    def _check_space(self, needed: int) -> None:
+        free = self.backend.free_bytes()
+        if free is not None and needed + SPACE_MARGIN > free:
+            raise StorageError(
+                f"not enough free space in {self.backend.url}: this save needs up to "
+                f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free (keeping "
+                f"{SPACE_MARGIN / 2**20:.0f} MiB spare). Nothing was written; free space, or "
+                "keep fewer checkpoints (e.g. keep=cw.keep_last(2) or cw.keep_budget(...))"
+            )
 
     def _write_objects(self, pending: Mapping[str, tuple[memoryview, str]]) -> dict[str, int]:
         if not pending:
@@ -369,6 +383,10 @@ class CheckpointStore:
                 self.backend.delete(path)
                 removed += 1
         return removed + self.collect_garbage()
+
+    def object_bytes(self) -> dict[str, int]:
+        """Stored size of every object a committed checkpoint references."""
+        return {oid: self._entries[oid].stored_bytes for oid in self._refs}
 
     def physical_bytes(self) -> int:
         """Bytes of all objects referenced by committed checkpoints (each counted once)."""

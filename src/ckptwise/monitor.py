@@ -1,0 +1,105 @@
+"""Turns outside events into save requests: POSIX signals and a file in the run folder.
+
+The signal handler only records the signal's name (and chains to a Python handler that was
+installed before); everything else happens at the next step boundary, on the training
+thread. Requests are strings that :mod:`ckptwise.policy.requests` triggers look for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any
+
+from ckptwise.errors import StorageError
+from ckptwise.policy.requests import OnFile, OnSignal
+from ckptwise.policy.triggers import Trigger
+from ckptwise.store.backend import Backend, LocalBackend
+
+__all__ = ["Monitor"]
+
+log = logging.getLogger("ckptwise")
+
+#: Remote stores are asked whether the request file exists at most this often (seconds).
+REMOTE_POLL_SECONDS = 5.0
+
+Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+class Monitor:
+    """Watches for the signals and files named by the ``on_signal``/``on_file`` triggers."""
+
+    def __init__(self, backend: Backend, triggers: Iterable[Trigger]) -> None:
+        self.backend = backend
+        leaves = list(triggers)
+        self.signals = sorted({n for t in leaves if isinstance(t, OnSignal) for n in t.signals})
+        self.exit_on = sorted(
+            {n for t in leaves if isinstance(t, OnSignal) and t.then == "exit" for n in t.signals}
+        )
+        self.files = sorted({t.name for t in leaves if isinstance(t, OnFile)})
+        self._received: set[str] = set()
+        self._previous: dict[int, Handler] = {}
+        self._last_poll = -float("inf")
+        self._remote = not isinstance(backend, LocalBackend)
+        if self.signals:
+            self._install()
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning(
+                "on_signal(%s) is not active: signal handlers can only be installed from the "
+                "main thread; create the CheckpointManager there",
+                ", ".join(self.signals),
+            )
+            return
+        for name in self.signals:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._received.add(f"signal:{signal.Signals(signum).name}")
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    def poll(self) -> frozenset[str]:
+        """The requests that are pending now."""
+        requests = set(self._received)
+        if self.files:
+            now = time.monotonic()
+            if not self._remote or now - self._last_poll >= REMOTE_POLL_SECONDS:
+                self._last_poll = now
+                for name in self.files:
+                    try:
+                        if self.backend.exists(name):
+                            requests.add(f"file:{name}")
+                    except StorageError as exc:
+                        log.warning("could not look for the request file %s: %s", name, exc)
+        return frozenset(requests)
+
+    def consume(self, requests: Iterable[str]) -> None:
+        """Forget requests a committed save answered; remove their request files."""
+        for request in requests:
+            self._received.discard(request)
+            kind, _, name = request.partition(":")
+            if kind == "file" and name in self.files:
+                with contextlib.suppress(StorageError):
+                    self.backend.delete(name)
+
+    def wants_exit(self, reasons: Iterable[str]) -> bool:
+        """Whether a save made for ``reasons`` should end the process (``then="exit"``)."""
+        return any(f"on_signal({name})" in reasons for name in self.exit_on)
+
+    def close(self) -> None:
+        """Put back the signal handlers that were installed before."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()

@@ -1,0 +1,93 @@
+"""Triggers for saves requested from outside: a POSIX signal or a file in the run folder.
+
+The triggers only look for a request string in ``TrainingState.requests``; the manager's
+monitor (:mod:`ckptwise.monitor`) installs the signal handlers and looks for the file, and
+turns what it sees into those strings (``"signal:SIGTERM"``, ``"file:SAVE_NOW"``).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from ckptwise.errors import ConfigError
+from ckptwise.policy.state import Decision, TrainingState
+from ckptwise.policy.triggers import _Composable
+
+__all__ = ["OnFile", "OnSignal", "on_file", "on_signal"]
+
+Then = Literal["exit", "continue"]
+
+
+@dataclass(frozen=True)
+class OnSignal(_Composable):
+    """Fires at the first step boundary after one of ``signals`` arrived.
+
+    With ``then="exit"`` the manager, once that save has committed, raises
+    ``SystemExit(0)`` from ``step()`` so ``finally`` blocks and context managers run; with
+    ``"continue"`` training goes on.
+    """
+
+    signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    then: Then = "exit"
+
+    def __post_init__(self) -> None:
+        if not self.signals:
+            raise ConfigError("on_signal needs at least one signal name, e.g. ('SIGTERM',)")
+        for name in self.signals:
+            if not isinstance(name, str) or not isinstance(getattr(signal, name, None), int):
+                raise ConfigError(
+                    f"on_signal got {name!r}, which is not a signal of this platform; use "
+                    "names such as 'SIGTERM' or 'SIGUSR1'"
+                )
+            if name in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(f"on_signal cannot catch {name}: no process can")
+        if self.then not in ("exit", "continue"):
+            raise ConfigError(f"on_signal(then=) must be 'exit' or 'continue', got {self.then!r}")
+
+    def decide(self, state: TrainingState) -> Decision:
+        for name in self.signals:
+            if f"signal:{name}" in state.requests:
+                return Decision.yes(f"on_signal({name})")
+        return Decision.no()
+
+
+def on_signal(
+    signals: Iterable[str] | str = ("SIGTERM", "SIGUSR1"), *, then: Then = "exit"
+) -> OnSignal:
+    """Save when the process receives a signal (a scheduler's preemption notice, say)."""
+    names = (signals,) if isinstance(signals, str) else tuple(signals)
+    return OnSignal(names, then)
+
+
+@dataclass(frozen=True)
+class OnFile(_Composable):
+    """Fires when the file ``RUN/name`` exists; the manager removes it once the save
+    committed, so ``touch RUN/SAVE_NOW`` asks for exactly one save."""
+
+    name: str = "SAVE_NOW"
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.name, str)
+            or not self.name
+            or "/" in self.name
+            or "\\" in self.name
+            or self.name.startswith(".")
+        ):
+            raise ConfigError(
+                f"on_file needs a plain file name inside the run folder, e.g. 'SAVE_NOW'; "
+                f"got {self.name!r}"
+            )
+
+    def decide(self, state: TrainingState) -> Decision:
+        if f"file:{self.name}" in state.requests:
+            return Decision.yes(f"on_file({self.name})")
+        return Decision.no()
+
+
+def on_file(name: str = "SAVE_NOW") -> OnFile:
+    """Save when someone creates ``RUN/name`` (``touch runs/exp1/SAVE_NOW``)."""
+    return OnFile(name)
