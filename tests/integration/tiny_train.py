@@ -12,8 +12,10 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--out", required=True)
     parser.add_argument("--no-rng", action="store_true", help="do not save/restore RNG states")
+    parser.add_argument("--on-signal", action="store_true", help="save and exit on SIGTERM")
+    parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds to wait per step")
     args = parser.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -77,31 +81,46 @@ def main(argv: list[str] | None = None) -> int:
     state = {"model": model, "optimizer": opt, "scheduler": sched, "data": sampler}
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.exists() else {"losses": {}}
-    with cw.CheckpointManager(
-        args.run,
-        save=cw.every(args.every) | cw.on_final(),
-        keep=cw.keep_last(2),
-        rng=not args.no_rng,
-    ) as manager:
-        start = manager.restore(state)
-        record.setdefault("restored", []).append(start)
-        stream = batches(loader)
-        for step in range(start + 1, args.steps + 1):
-            model.train()
-            x, y = next(stream)
-            loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
-            opt.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            sched.step()
-            record["losses"][str(step)] = float(loss.item()).hex()
-            last = step == args.stop_after or step == args.steps
-            manager.step(step, state, metrics={"loss": loss.item()}, final=last)
-            if step == args.stop_after:
-                break
-    record["weights"] = {k: v.flatten().tolist() for k, v in model.state_dict().items()}
-    out.write_text(json.dumps(record))
+    save = cw.every(args.every) | cw.on_final()
+    if args.on_signal:
+        save = save | cw.on_signal("SIGTERM", then="exit")
+    try:
+        with cw.CheckpointManager(
+            args.run, save=save, keep=cw.keep_last(2), rng=not args.no_rng
+        ) as manager:
+            train(manager, state, loader, record, args)
+    finally:  # also when on_signal ends the run with SystemExit(0)
+        record["weights"] = {k: v.flatten().tolist() for k, v in model.state_dict().items()}
+        out.write_text(json.dumps(record))
     return 0
+
+
+def train(
+    manager: cw.CheckpointManager,
+    state: dict[str, Any],
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    record: dict[str, Any],
+    args: argparse.Namespace,
+) -> None:
+    model, opt, sched = state["model"], state["optimizer"], state["scheduler"]
+    start = manager.restore(state)
+    record.setdefault("restored", []).append(start)
+    stream = batches(loader)
+    for step in range(start + 1, args.steps + 1):
+        model.train()
+        x, y = next(stream)
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        sched.step()
+        record["losses"][str(step)] = float(loss.item()).hex()
+        last = step == args.stop_after or step == args.steps
+        print(f"step {step}", flush=True)
+        time.sleep(args.step_sleep)
+        manager.step(step, state, metrics={"loss": loss.item()}, final=last)
+        if step == args.stop_after:
+            break
 
 
 if __name__ == "__main__":

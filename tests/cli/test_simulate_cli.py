@@ -1,0 +1,110 @@
+"""``ckptwise simulate``, ``pin`` and ``unpin`` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+
+import ckptwise as cw
+from ckptwise.cli.main import cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_minicpm_v_like_trainer_schedule(tmp_path: Path) -> None:
+    """`--save_steps 1000 --save_total_limit 10` over 10 000 steps with 22 GB checkpoints."""
+    plot = tmp_path / "timeline.png"
+    args = [
+        "simulate",
+        "--save-steps",
+        "1000",
+        "--save-total-limit",
+        "10",
+        "--steps",
+        "10000",
+        "--checkpoint-bytes",
+        "22GB",
+        "--save-cost",
+        "5m",
+        "--step-time",
+        "6s",
+        "--mtbf",
+        "1d",
+        "--plot",
+        str(plot),
+    ]
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0, text.output
+    assert "10 saves over 10000 steps" in text.output
+    assert "step     1000  every(1000)" in text.output
+    assert "204.9 GiB" in text.output  # 10 x 22 GB written
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+
+    as_json = CliRunner().invoke(cli, [*args, "--json"])
+    doc = json.loads(as_json.output)
+    assert [s["step"] for s in doc["saves"]] == list(range(1000, 10_001, 1000))
+    assert doc["bytes_written"] == 220 * 10**9
+    assert doc["peak_bytes_on_disk"] == 220 * 10**9
+    assert sorted(map(int, doc["kept"])) == list(range(1000, 10_001, 1000))
+    assert doc["policy"] == {
+        "save": {"every": {"interval": 1000, "start": 0}},
+        "keep": {"last": 10},
+    }
+    assert doc["save_seconds"] == 10 * 300
+    assert 0 < doc["expected_failures"] < 1
+
+
+def test_policy_file_and_metrics_trace(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "save:\n  every: 500\n  start: 1000\n  on_improvement: {metric: eval_loss}\n"
+        "keep:\n  last: 2\n  best: eval_loss\n"
+    )
+    trace = tmp_path / "trace.csv"
+    trace.write_text("step,eval_loss\n250,1.0\n750,0.5\n1250,0.7\n")
+    result = CliRunner().invoke(
+        cli,
+        ["simulate", "--config", str(policy), "--steps", "2000", "--metrics", str(trace), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert [s["step"] for s in doc["saves"]] == [250, 750, 1000, 1500, 2000]
+    assert sorted(map(int, doc["kept"])) == [750, 1500, 2000]
+
+
+def test_one_line_policies_and_bad_input(tmp_path: Path) -> None:
+    ok = CliRunner().invoke(
+        cli,
+        ["simulate", "--save", "geometric(100, 2, 5000)", "--keep", "last(3)", "--steps", "20000"],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "9 saves over 20000 steps" in ok.output
+    bad = CliRunner().invoke(cli, ["simulate", "--save", "evry(10)", "--steps", "10"])
+    assert bad.exit_code == 2
+    assert "unknown policy 'evry'" in bad.output
+    none = CliRunner().invoke(cli, ["simulate", "--steps", "10"])
+    assert none.exit_code == 2
+    assert "give a save policy" in none.output
+    size = CliRunner().invoke(
+        cli, ["simulate", "--save-steps", "5", "--steps", "10", "--checkpoint-bytes", "lots"]
+    )
+    assert size.exit_code == 2
+    assert "not a size" in size.output
+
+
+def test_pin_and_unpin_from_the_command_line(run_dir: Path) -> None:
+    with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_last(1)) as manager:
+        manager.step(1, {"w": torch.zeros(2)})
+        assert CliRunner().invoke(cli, ["pin", str(run_dir), "1"]).exit_code == 0
+        manager.step(2, {"w": torch.ones(2)})  # the writer re-reads pins before pruning
+        assert [c.step for c in manager.checkpoints()] == [1, 2]
+        missing = CliRunner().invoke(cli, ["pin", str(run_dir), "9"])
+        assert missing.exit_code == 1
+        assert "no committed checkpoint at step 9" in missing.output
+        assert CliRunner().invoke(cli, ["unpin", str(run_dir), "1"]).exit_code == 0
+        assert CliRunner().invoke(cli, ["unpin", str(run_dir), "1"]).exit_code == 1
+        manager.step(3, {"w": torch.full((2,), 3.0)})
+        assert [c.step for c in manager.checkpoints()] == [3]
