@@ -153,3 +153,12 @@ def test_keep_budget_counts_deduplicated_bytes(run_dir: Path) -> None:
         for step in range(1, 8):
             manager.step(step, {"frozen": frozen, "head": torch.full((1024,), float(step))})
         assert steps_of(manager) == [5, 6, 7]
+
+
+def test_manager_from_a_policy_file(run_dir: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[save]\nevery = 2\nstart = 4\n\n[keep]\nlast = 1\n")
+    with cw.CheckpointManager.from_config(run_dir, policy, rng=False) as manager:
+        saved = [s for s in range(1, 9) if manager.step(s, {"x": s}).save]
+        assert saved == [4, 6, 8]
+        assert steps_of(manager) == [8]

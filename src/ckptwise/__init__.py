@@ -5,6 +5,7 @@
 >>> keep = cw.keep_last(3) | cw.keep_best(1, "eval_loss")
 """
 
+from ckptwise.config import Policy, parse_keep, parse_save, policy_from_config, to_config
 from ckptwise.data import ResumableSampler
 from ckptwise.errors import (
     CheckpointError,
@@ -61,6 +62,7 @@ __all__ = [
     "Decision",
     "FormatError",
     "MetricStats",
+    "Policy",
     "RestoreWarning",
     "ResumableSampler",
     "RetentionContext",
@@ -91,6 +93,10 @@ __all__ = [
     "on_signal",
     "optimal_interval",
     "overhead_budget",
+    "parse_keep",
+    "parse_save",
     "plan_retention",
+    "policy_from_config",
     "schedule",
+    "to_config",
 ]

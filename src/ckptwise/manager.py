@@ -131,6 +131,22 @@ class CheckpointManager:
         self.last_plan: RetentionPlan | None = None
         self._closed = False
 
+    @classmethod
+    def from_config(
+        cls,
+        root: str | os.PathLike[str],
+        config: Mapping[str, Any] | str | os.PathLike[str],
+        **kwargs: Any,
+    ) -> CheckpointManager:
+        """A manager whose policies come from a config mapping or a YAML/TOML/JSON file.
+
+        >>> manager = cw.CheckpointManager.from_config("runs/exp1", "policy.yaml")  # doctest: +SKIP
+        """
+        from ckptwise.config import policy_from_config
+
+        policy = policy_from_config(config)
+        return cls(root, save=policy.save, keep=policy.keep, **kwargs)
+
     # -- saving ----------------------------------------------------------------------------
 
     def step(
