@@ -29,6 +29,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,11 @@ def parse_duration(value: object, *, where: str = "duration") -> timedelta:
 def format_duration(delta: timedelta) -> str:
     """The shortest exact text :func:`parse_duration` reads back as ``delta``."""
     total = delta.total_seconds()
-    if total and total == int(total):
+    if not total:
+        return "0s"
+    if total < 0:
+        raise ConfigError(f"durations in policies are positive, got {delta!r}")
+    if total == int(total):
         seconds = int(total)
         out = ""
         for unit in ("d", "h", "m", "s"):
@@ -138,7 +143,8 @@ def format_duration(delta: timedelta) -> str:
                 out += f"{seconds // size}{unit}"
                 seconds %= size
         return out
-    return f"{total!r}s"
+    micro = delta // timedelta(microseconds=1)
+    return f"{micro // 10**6}.{micro % 10**6:06d}".rstrip("0") + "s"
 
 
 def parse_bytes(value: object, *, where: str = "size") -> int:
@@ -150,11 +156,13 @@ def parse_bytes(value: object, *, where: str = "size") -> int:
     if isinstance(value, str):
         match = _BYTES.match(value)
         if match:
-            number, unit = float(match.group(1)), match.group(2).lower()
+            number, unit = Decimal(match.group(1)), match.group(2).lower()
             prefix = unit[:1] if unit[:1] in "kmgtp" else ""
             power = "kmgtp".index(prefix) + 1 if prefix else 0
             base = 1024 if "i" in unit else 1000
-            return int(number * base**power)
+            size = number * base**power
+            if size == size.to_integral_value():
+                return int(size)
     raise ConfigError(
         f"{where}: {value!r} is not a size; write e.g. '22GB', '1.5GiB', '500MB' or a number "
         "of bytes"
@@ -227,6 +235,7 @@ class _Spec:
     params: tuple[_Param, ...]
     bare: str | None = None  # the parameter a bare value fills; "" for flags (true)
     variadic: bool = False  # positional args of the one-line form form a list
+    takes_mapping: bool = False  # a bare value may itself be a mapping (schedule's)
 
 
 def _dur(v: object, where: str) -> timedelta:
@@ -240,7 +249,9 @@ def _size(v: object, where: str) -> int:
 SAVE_SPECS: dict[str, _Spec] = {
     "every": _Spec(every, (_Param("interval", _int, True), _Param("start", _int)), "interval"),
     "at_steps": _Spec(at_steps, (_Param("steps", _int_list, True),), "steps", variadic=True),
-    "schedule": _Spec(schedule, (_Param("intervals", _schedule_map, True),), "intervals"),
+    "schedule": _Spec(
+        schedule, (_Param("intervals", _schedule_map, True),), "intervals", takes_mapping=True
+    ),
     "geometric": _Spec(
         geometric,
         (_Param("first", _int), _Param("factor", _float), _Param("max_interval", _int)),
@@ -286,8 +297,11 @@ KEEP_ALIASES = {f"keep_{k}": k for k in KEEP_SPECS}
 
 
 def _build(spec: _Spec, name: str, value: object, where: str) -> Any:
-    if isinstance(value, Mapping):
-        params = dict(value)
+    known = {p.name: p for p in spec.params}
+    if isinstance(value, Mapping) and not (
+        spec.takes_mapping and not any(str(k) in known for k in value)
+    ):
+        params = {str(k): v for k, v in value.items()}
     elif spec.bare == "":
         if value is not True:
             raise ConfigError(f"{where}: write `{name}: true` (got {value!r})")
@@ -297,7 +311,6 @@ def _build(spec: _Spec, name: str, value: object, where: str) -> Any:
     else:
         allowed = ", ".join(p.name for p in spec.params)
         raise ConfigError(f"{where}: {value!r} is not a mapping; give {{{allowed}}}")
-    known = {p.name: p for p in spec.params}
     unknown = [k for k in params if k not in known]
     if unknown:
         raise ConfigError(
@@ -418,7 +431,10 @@ def policy_from_config(source: Mapping[str, Any] | str | os.PathLike[str]) -> Po
     if isinstance(doc, Mapping) and "ckptwise" in doc and isinstance(doc["ckptwise"], Mapping):
         doc = doc["ckptwise"]
     if not isinstance(doc, Mapping):
-        raise ConfigError(f"a policy config is a mapping with 'save' and/or 'keep', got {doc!r}")
+        where = "" if isinstance(source, Mapping) else f"{source}: "
+        raise ConfigError(
+            f"{where}a policy config is a mapping with 'save' and/or 'keep', got {doc!r}"
+        )
     unknown = [k for k in doc if k not in ("save", "keep")]
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section; a policy config has 'save' and 'keep'")
@@ -613,7 +629,9 @@ class _Parser:
                     raise self.error(f"expected ',' or ')', found {self.peek()!r}")
             self.take(")")
         params: dict[str, Any] = {}
-        if spec.variadic and args:
+        if spec.variadic and len(args) == 1 and isinstance(args[0], list):
+            params[spec.params[0].name] = args[0]
+        elif spec.variadic and args:
             params[spec.params[0].name] = args
         else:
             if len(args) > len(spec.params):
@@ -654,13 +672,27 @@ class _Parser:
 
 def parse_save(text: str) -> Trigger:
     """Parse the one-line save form, e.g. ``every(1000, start=200) | on_signal``."""
-    return _save_node(_Parser(text, SAVE_SPECS, SAVE_ALIASES).parse(), "save")
+    parser = _Parser(text, SAVE_SPECS, SAVE_ALIASES)
+    node = parser.parse()
+    try:
+        return _save_node(node, "save")
+    except ConfigError as exc:
+        raise parser.error(str(exc)) from exc
 
 
 def parse_keep(text: str) -> RetentionPolicy:
     """Parse the one-line keep form, e.g. ``last(3) | best(1, eval_loss)``."""
     parser = _Parser(text, KEEP_SPECS, KEEP_ALIASES)
     node = parser.parse()
-    if "all" in node and isinstance(node["all"], list):
-        raise parser.error("retention policies combine with '|' only")
-    return _keep_node(node, "keep")
+
+    def has_and(item: Any) -> bool:
+        if isinstance(item, dict):
+            return any((k == "all" and isinstance(v, list)) or has_and(v) for k, v in item.items())
+        return isinstance(item, list) and any(has_and(v) for v in item)
+
+    if has_and(node):
+        raise parser.error("retention policies combine with '|' only, not '&'")
+    try:
+        return _keep_node(node, "keep")
+    except ConfigError as exc:
+        raise parser.error(str(exc)) from exc
