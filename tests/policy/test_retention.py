@@ -149,6 +149,186 @@ def test_keep_all(steps: list[int]) -> None:
     assert select(cw.keep_all(), ckpts(*steps)) == dict.fromkeys(steps, ("all",))
 
 
+# --------------------------------------------------------------------------- keep_within
+
+
+def aged(step: int, age: timedelta) -> CheckpointInfo:
+    """A checkpoint saved ``age`` before ``NOW``."""
+    return CheckpointInfo(step=step, time=NOW - age)
+
+
+HOUR = timedelta(hours=1)
+US = timedelta(microseconds=1)
+
+
+@pytest.mark.parametrize(
+    ("age", "checkpoints", "kept"),
+    [
+        (HOUR, [], []),
+        (HOUR, [aged(10, timedelta(0))], [10]),  # saved right now
+        (HOUR, [aged(10, HOUR - US)], [10]),
+        (HOUR, [aged(10, HOUR)], []),  # exactly `age` old: not strictly newer
+        (HOUR, [aged(10, HOUR + US)], []),
+        (
+            HOUR,
+            [aged(10, 3 * HOUR), aged(20, 2 * HOUR), aged(30, HOUR), aged(40, HOUR / 2)],
+            [40],
+        ),
+        (
+            3 * HOUR,
+            [aged(10, 3 * HOUR), aged(20, 2 * HOUR), aged(30, HOUR), aged(40, HOUR / 2)],
+            [20, 30, 40],
+        ),
+        (
+            timedelta(days=30),
+            [aged(10, 3 * HOUR), aged(20, 2 * HOUR), aged(30, HOUR), aged(40, HOUR / 2)],
+            [10, 20, 30, 40],
+        ),
+        # age is judged by time, not by step: a high step saved long ago is not kept
+        (HOUR, [aged(10, timedelta(minutes=5)), aged(500, timedelta(days=2))], [10]),
+        # a checkpoint stamped in the future (clock skew) is newer than anything
+        (HOUR, [aged(10, -timedelta(minutes=5))], [10]),
+        # input order does not matter
+        (2 * HOUR, [aged(40, HOUR / 2), aged(10, 3 * HOUR), aged(30, HOUR)], [30, 40]),
+    ],
+)
+def test_keep_within(age: timedelta, checkpoints: list[CheckpointInfo], kept: list[int]) -> None:
+    assert select(cw.keep_within(age), checkpoints) == dict.fromkeys(kept, (f"within {age}",))
+
+
+def test_keep_within_reason() -> None:
+    policy = cw.keep_within(timedelta(hours=6))
+    assert select(policy, [aged(1, HOUR)]) == {1: ("within 6:00:00",)}
+
+
+# --------------------------------------------------------------------------- keep_budget
+
+SIZES = {"a": 100, "b": 10, "c": 10, "d": 10, "e": 50, "big": 1000, "empty": 0}
+
+
+def blob(step: int, *objects: str) -> CheckpointInfo:
+    """A checkpoint referencing ``objects`` (sizes from ``SIZES``)."""
+    return CheckpointInfo(
+        step=step, time=NOW - timedelta(seconds=1000 - step), objects=frozenset(objects)
+    )
+
+
+# three checkpoints sharing a 100-byte backbone "a", each with a 10-byte head of its own
+SHARED = [blob(10, "a", "d"), blob(20, "a", "c"), blob(30, "a", "b")]
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "checkpoints", "kept"),
+    [
+        (1000, [], []),
+        # "a" is paid for once: 110, then +10, then +10
+        (109, SHARED, []),  # the newest alone does not fit
+        (110, SHARED, [30]),
+        (119, SHARED, [30]),
+        (120, SHARED, [20, 30]),  # an exact fit is kept
+        (129, SHARED, [20, 30]),
+        (130, SHARED, [10, 20, 30]),
+        (10**9, SHARED, [10, 20, 30]),
+        # newest first whatever the input order
+        (120, [SHARED[2], SHARED[0], SHARED[1]], [20, 30]),
+        (120, [SHARED[0], SHARED[2], SHARED[1]], [20, 30]),
+        # the walk stops at the first checkpoint that overflows: 10 would fit, but is
+        # older than 20, which does not
+        (100, [blob(10, "b"), blob(20, "big"), blob(30, "e")], [30]),
+        (1060, [blob(10, "b"), blob(20, "big"), blob(30, "e")], [10, 20, 30]),
+        (1059, [blob(10, "b"), blob(20, "big"), blob(30, "e")], [20, 30]),
+        # one object referenced by every checkpoint counts once
+        (100, [blob(10, "a"), blob(20, "a"), blob(30, "a")], [10, 20, 30]),
+        (99, [blob(10, "a"), blob(20, "a"), blob(30, "a")], []),
+        # an object shared with an older checkpoint is already paid for when it is reached
+        (110, [blob(10, "a"), blob(20, "b"), blob(30, "a")], [10, 20, 30]),
+        (109, [blob(10, "a"), blob(20, "b"), blob(30, "a")], [30]),
+        # several objects of one checkpoint add up
+        (1119, [blob(10, "a", "b", "c", "big")], []),
+        (1120, [blob(10, "a", "b", "c", "big")], [10]),
+        # checkpoints without objects or with zero-byte objects cost nothing
+        (1, [blob(10), blob(20, "empty"), blob(30)], [10, 20, 30]),
+        (1, [blob(10, "b"), blob(20, "empty"), blob(30)], [20, 30]),
+    ],
+)
+def test_keep_budget(max_bytes: int, checkpoints: list[CheckpointInfo], kept: list[int]) -> None:
+    context = RetentionContext(checkpoints=checkpoints, now=NOW, object_bytes=SIZES)
+    assert dict(cw.keep_budget(max_bytes).select(context)) == dict.fromkeys(
+        kept, (f"budget {max_bytes}",)
+    )
+
+
+def test_keep_budget_counts_from_the_newest_step_not_the_newest_time() -> None:
+    # step 30 was stamped earlier than step 10; the walk goes by step
+    checkpoints = [
+        CheckpointInfo(step=10, time=NOW, objects=frozenset({"e"})),
+        CheckpointInfo(step=30, time=NOW - HOUR, objects=frozenset({"a"})),
+    ]
+    context = RetentionContext(checkpoints=checkpoints, now=NOW, object_bytes=SIZES)
+    assert dict(cw.keep_budget(100).select(context)) == {30: ("budget 100",)}
+
+
+@pytest.mark.parametrize(
+    ("pinned", "resumed_from", "keep", "delete"),
+    [
+        # the newest (30) does not fit in 100 bytes on its own, but is always kept
+        ((), None, {30: ("newest",)}, (10, 20)),
+        ([10], None, {10: ("pinned",), 30: ("newest",)}, (20,)),
+        ((), 20, {20: ("resumed from",), 30: ("newest",)}, (10,)),
+    ],
+)
+def test_plan_keeps_protected_checkpoints_past_the_budget(
+    pinned: Iterable[int],
+    resumed_from: int | None,
+    keep: dict[int, tuple[str, ...]],
+    delete: tuple[int, ...],
+) -> None:
+    result = plan(
+        cw.keep_budget(100),
+        SHARED,
+        pinned=pinned,
+        resumed_from=resumed_from,
+        object_bytes=SIZES,
+    )
+    assert result.keep == keep
+    assert result.delete == delete
+
+
+def test_plan_passes_object_bytes_to_the_policy() -> None:
+    result = plan(cw.keep_budget(120) | cw.keep_last(1), SHARED, object_bytes=SIZES)
+    assert result.keep == {20: ("budget 120",), 30: ("budget 120", "last 1", "newest")}
+    assert result.delete == (10,)
+
+
+@given(
+    sizes=st.dictionaries(st.sampled_from("abcdefgh"), st.integers(0, 500)),
+    object_sets=st.lists(st.sets(st.sampled_from("abcdefgh"), max_size=4), max_size=12),
+    max_bytes=st.integers(min_value=1, max_value=3000),
+)
+def test_keep_budget_keeps_the_longest_newest_first_run_that_fits(
+    sizes: dict[str, int], object_sets: list[set[str]], max_bytes: int
+) -> None:
+    checkpoints = [
+        CheckpointInfo(step=10 * i, time=NOW, objects=frozenset(objs))
+        for i, objs in enumerate(object_sets)
+    ]
+    context = RetentionContext(checkpoints=checkpoints[::-1], now=NOW, object_bytes=sizes)
+    kept = sorted(cw.keep_budget(max_bytes).select(context))
+
+    def physical(steps: Iterable[int]) -> int:
+        objects: set[str] = set()
+        for c in checkpoints:
+            if c.step in steps:
+                objects |= c.objects
+        return sum(sizes.get(o, 0) for o in objects)
+
+    newest_first = sorted((c.step for c in checkpoints), reverse=True)
+    assert kept == sorted(newest_first[: len(kept)])  # a run from the newest, no gaps
+    assert physical(kept) <= max_bytes
+    if len(kept) < len(newest_first):  # one more would overflow
+        assert physical([*kept, newest_first[len(kept)]]) > max_bytes
+
+
 # --------------------------------------------------------------------------- union
 
 
@@ -205,6 +385,12 @@ def test_union_flattens() -> None:
         (lambda: cw.keep_best(1, "x", mode="best"), r"mode.*got 'best'"),  # type: ignore[arg-type]
         (lambda: cw.keep_every(0), r"keep_every\(interval\).*got 0"),
         (lambda: cw.keep_every(-10), r"keep_every\(interval\).*got -10"),
+        (lambda: cw.keep_within(timedelta(0)), r"keep_within\(age\).*got"),
+        (lambda: cw.keep_within(-timedelta(hours=1)), r"keep_within\(age\).*got"),
+        (lambda: cw.keep_within(3600), r"keep_within\(age\).*timedelta.*got 3600"),  # type: ignore[arg-type]
+        (lambda: cw.keep_budget(0), r"keep_budget\(max_bytes\).*got 0"),
+        (lambda: cw.keep_budget(-1), r"keep_budget\(max_bytes\).*got -1"),
+        (lambda: cw.keep_budget(1.5e9), r"keep_budget\(max_bytes\).*got 1500000000\.0"),  # type: ignore[arg-type]
         (lambda: cw.keep_last(2) | "x", r"keep=.*got 'x'"),  # type: ignore[operator]
         (lambda: cw.keep_last(2) | 3, r"keep=.*got 3"),  # type: ignore[operator]
         (lambda: (cw.keep_last(2) | cw.keep_all()) | None, r"keep=.*got None"),  # type: ignore[operator]
@@ -227,8 +413,16 @@ def plan(
     *,
     pinned: Iterable[int] = (),
     resumed_from: int | None = None,
+    object_bytes: Mapping[str, int] | None = None,
 ) -> RetentionPlan:
-    return plan_retention(policy, checkpoints, now=NOW, pinned=pinned, resumed_from=resumed_from)
+    return plan_retention(
+        policy,
+        checkpoints,
+        now=NOW,
+        pinned=pinned,
+        resumed_from=resumed_from,
+        object_bytes=object_bytes,
+    )
 
 
 def test_plan_empty() -> None:
@@ -313,6 +507,7 @@ def test_plan_ignores_policy_steps_that_are_not_committed() -> None:
 # --------------------------------------------------------------------------- properties
 
 METRICS = ("loss", "acc")
+OBJECTS = tuple(f"o{i}" for i in range(8))
 
 metric_values = st.one_of(
     st.floats(allow_nan=False),  # includes +-inf
@@ -326,8 +521,9 @@ def checkpoint_lists(draw: st.DrawFn) -> list[CheckpointInfo]:
     return [
         CheckpointInfo(
             step=step,
-            time=NOW - timedelta(seconds=step),
+            time=NOW - timedelta(seconds=draw(st.integers(min_value=-60, max_value=900))),
             metrics=draw(st.dictionaries(st.sampled_from(METRICS), metric_values)),
+            objects=frozenset(draw(st.sets(st.sampled_from(OBJECTS), max_size=4))),
         )
         for step in steps
     ]
@@ -342,7 +538,7 @@ class BestSpec:
 
 @st.composite
 def simple_policies(draw: st.DrawFn) -> tuple[RetentionPolicy, BestSpec | None]:
-    kind = draw(st.sampled_from(["last", "best", "every", "all"]))
+    kind = draw(st.sampled_from(["last", "best", "every", "all", "within", "budget"]))
     if kind == "last":
         return cw.keep_last(draw(st.integers(min_value=1, max_value=6))), None
     if kind == "best":
@@ -354,6 +550,10 @@ def simple_policies(draw: st.DrawFn) -> tuple[RetentionPolicy, BestSpec | None]:
         return cw.keep_best(spec.n, spec.metric, spec.mode), spec
     if kind == "every":
         return cw.keep_every(draw(st.integers(min_value=1, max_value=200))), None
+    if kind == "within":
+        return cw.keep_within(timedelta(seconds=draw(st.integers(1, 900)))), None
+    if kind == "budget":
+        return cw.keep_budget(draw(st.integers(min_value=1, max_value=4000))), None
     return cw.keep_all(), None
 
 
@@ -364,10 +564,13 @@ def policies(draw: st.DrawFn) -> tuple[RetentionPolicy, list[BestSpec]]:
     return policy, [spec for _, spec in parts if spec is not None]
 
 
+Scenario = tuple[
+    list[CheckpointInfo], RetentionPolicy, list[BestSpec], set[int], int | None, dict[str, int]
+]
+
+
 @st.composite
-def scenarios(
-    draw: st.DrawFn,
-) -> tuple[list[CheckpointInfo], RetentionPolicy, list[BestSpec], set[int], int | None]:
+def scenarios(draw: st.DrawFn) -> Scenario:
     checkpoints = draw(checkpoint_lists())
     policy, best_specs = draw(policies())
     steps = [c.step for c in checkpoints]
@@ -380,7 +583,9 @@ def scenarios(
     if steps:
         resume_choices.append(st.sampled_from(steps))
     resumed_from = draw(st.one_of(resume_choices))
-    return checkpoints, policy, best_specs, committed_pins | stray_pins, resumed_from
+    # sizes of the objects; some may be missing
+    object_bytes = draw(st.dictionaries(st.sampled_from(OBJECTS), st.integers(0, 1000)))
+    return checkpoints, policy, best_specs, committed_pins | stray_pins, resumed_from, object_bytes
 
 
 def best_step(checkpoints: Sequence[CheckpointInfo], spec: BestSpec) -> int | None:
@@ -402,10 +607,10 @@ def best_step(checkpoints: Sequence[CheckpointInfo], spec: BestSpec) -> int | No
 
 @given(scenarios())
 def test_plan_never_deletes_protected_checkpoints(
-    scenario: tuple[list[CheckpointInfo], RetentionPolicy, list[BestSpec], set[int], int | None],
+    scenario: Scenario,
 ) -> None:
-    checkpoints, policy, best_specs, pinned, resumed_from = scenario
-    result = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from)
+    checkpoints, policy, best_specs, pinned, resumed_from, sizes = scenario
+    result = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from, object_bytes=sizes)
     deleted = set(result.delete)
     committed = {c.step for c in checkpoints}
 
@@ -427,32 +632,40 @@ def test_plan_never_deletes_protected_checkpoints(
 
 @given(scenarios())
 def test_plan_partitions_committed_steps(
-    scenario: tuple[list[CheckpointInfo], RetentionPolicy, list[BestSpec], set[int], int | None],
+    scenario: Scenario,
 ) -> None:
-    checkpoints, policy, _, pinned, resumed_from = scenario
-    result = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from)
+    checkpoints, policy, _, pinned, resumed_from, sizes = scenario
+    result = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from, object_bytes=sizes)
     committed = {c.step for c in checkpoints}
     assert set(result.keep) | set(result.delete) == committed
     assert set(result.keep).isdisjoint(result.delete)
     assert list(result.delete) == sorted(set(result.delete))
     assert list(result.keep) == sorted(result.keep)
     assert all(result.keep[step] for step in result.keep)  # every kept step has a reason
+    # whatever the policy selects is kept, with the policy's reasons first
+    context = RetentionContext(checkpoints=checkpoints, now=NOW, object_bytes=sizes)
+    for step, reasons in policy.select(context).items():
+        assert result.keep[step][: len(reasons)] == tuple(reasons)
 
 
 @given(scenarios(), st.data())
 def test_plan_is_deterministic_and_order_independent(
-    scenario: tuple[list[CheckpointInfo], RetentionPolicy, list[BestSpec], set[int], int | None],
+    scenario: Scenario,
     data: st.DataObject,
 ) -> None:
-    checkpoints, policy, _, pinned, resumed_from = scenario
-    first = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from)
-    second = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from)
+    checkpoints, policy, _, pinned, resumed_from, sizes = scenario
+    first = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from, object_bytes=sizes)
+    second = plan(policy, checkpoints, pinned=pinned, resumed_from=resumed_from, object_bytes=sizes)
     assert first == second
     assert list(first.keep.items()) == list(second.keep.items())
 
     shuffled = data.draw(st.permutations(checkpoints), label="shuffled checkpoints")
     reordered = plan(
-        policy, shuffled, pinned=sorted(pinned, reverse=True), resumed_from=resumed_from
+        policy,
+        shuffled,
+        pinned=sorted(pinned, reverse=True),
+        resumed_from=resumed_from,
+        object_bytes=dict(reversed(sizes.items())),
     )
     assert reordered == first
     assert list(reordered.keep.items()) == list(first.keep.items())

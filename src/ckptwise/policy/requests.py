@@ -36,14 +36,18 @@ class OnSignal(_Composable):
     def __post_init__(self) -> None:
         if not self.signals:
             raise ConfigError("on_signal needs at least one signal name, e.g. ('SIGTERM',)")
+        canonical = []
         for name in self.signals:
-            if not isinstance(name, str) or not isinstance(getattr(signal, name, None), int):
+            if not isinstance(name, str) or name not in signal.Signals.__members__:
                 raise ConfigError(
                     f"on_signal got {name!r}, which is not a signal of this platform; use "
                     "names such as 'SIGTERM' or 'SIGUSR1'"
                 )
             if name in ("SIGKILL", "SIGSTOP"):
                 raise ConfigError(f"on_signal cannot catch {name}: no process can")
+            # aliases (SIGIOT, SIGCLD) become the name the monitor reports (SIGABRT, SIGCHLD)
+            canonical.append(signal.Signals[name].name)
+        object.__setattr__(self, "signals", tuple(dict.fromkeys(canonical)))
         if self.then not in ("exit", "continue"):
             raise ConfigError(f"on_signal(then=) must be 'exit' or 'continue', got {self.then!r}")
 
