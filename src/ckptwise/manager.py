@@ -35,6 +35,7 @@ from ckptwise.records import CheckpointInfo
 from ckptwise.snapshot import RngState, apply, capture, rebuild
 from ckptwise.store.backend import open_backend
 from ckptwise.store.lock import RunLock
+from ckptwise.store.manifest import Manifest
 from ckptwise.store.store import CheckpointStore
 from ckptwise.writer import SyncWriter, Writer
 
@@ -297,16 +298,45 @@ class CheckpointManager:
         :class:`RestoreWarning` and the next older one is tried; with an explicit ``step``
         a failure raises :class:`~ckptwise.errors.CorruptCheckpointError` instead.
         """
+        found = self._newest_verified(step)
+        if found is None:
+            return 0
+        candidate, manifest, tensors = found
+        where = f"checkpoint at step {candidate}"
+        apply(state, manifest.tree, tensors, strict=strict, where=where)
+        if self.rng and RNG_KEY in manifest.tree:
+            apply({RNG_KEY: RngState()}, manifest.tree, tensors, where=where)
+        self._adopt(candidate, manifest)
+        return candidate
+
+    def resume_values(self, step: int | None = None) -> tuple[int, dict[str, Any]] | None:
+        """Like :meth:`restore`, for adapters that load the state themselves.
+
+        Returns the step and every saved value (RNG states under ``"__rng__"``) of the
+        newest checkpoint that verifies, and continues this run from it (metric history,
+        protection of the resumed-from checkpoint); ``None`` when there is none.
+        """
+        found = self._newest_verified(step)
+        if found is None:
+            return None
+        candidate, manifest, tensors = found
+        values = {key: rebuild(manifest.tree, tensors, key) for key in manifest.tree}
+        self._adopt(candidate, manifest)
+        return candidate, values
+
+    def _newest_verified(
+        self, step: int | None
+    ) -> tuple[int, Manifest, dict[str, torch.Tensor]] | None:
         self._check_open()
         for path, why in self.store.broken.items():
             warnings.warn(
-                f"skipping unreadable manifest {path}: {why}", RestoreWarning, stacklevel=2
+                f"skipping unreadable manifest {path}: {why}", RestoreWarning, stacklevel=3
             )
         candidates = [step] if step is not None else sorted(self.store.steps(), reverse=True)
         for candidate in candidates:
             manifest = self.store.manifest(candidate)
             try:
-                tensors = self.store.load_tensors(candidate)
+                return candidate, manifest, self.store.load_tensors(candidate)
             except CorruptCheckpointError as exc:
                 if step is not None:
                     raise
@@ -314,22 +344,18 @@ class CheckpointManager:
                     f"checkpoint at step {candidate} fails verification ({exc}); "
                     "falling back to an older one",
                     RestoreWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-                continue
-            where = f"checkpoint at step {candidate}"
-            apply(state, manifest.tree, tensors, strict=strict, where=where)
-            if self.rng and RNG_KEY in manifest.tree:
-                apply({RNG_KEY: RngState()}, manifest.tree, tensors, where=where)
-            self._progress.restore_json(manifest.extra, step=candidate, now=self.clock())
-            self.resumed_from = candidate
-            return candidate
         if candidates:
             raise CorruptCheckpointError(
                 f"no checkpoint in {self.store.backend.url} verifies (tried steps "
                 f"{', '.join(map(str, candidates))}); run `ckptwise verify` for details"
             )
-        return 0
+        return None
+
+    def _adopt(self, step: int, manifest: Manifest) -> None:
+        self._progress.restore_json(manifest.extra, step=step, now=self.clock())
+        self.resumed_from = step
 
     def load(self, step: int | None = None) -> dict[str, Any]:
         """A checkpoint's saved values without a live state: state dicts, tensors, values.
