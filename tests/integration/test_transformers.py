@@ -1,0 +1,319 @@
+"""The Hugging Face ``Trainer`` integration with a real ``Trainer`` on a tiny MiniCPM-V-shaped
+model (nothing downloaded): saved steps, retention, resume after kill -9, bytes, exports."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import torch
+from minicpmv_tiny import CPMTrainer, MiniCPMVLike, SyntheticImageText, build_model
+from transformers import HfArgumentParser, TrainingArguments
+
+import ckptwise as cw
+from ckptwise.integrations.transformers import (
+    CkptwiseArguments,
+    attach,
+    policy_from_training_args,
+)
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).parents[2] / "examples" / "finetune_minicpmv.py"
+
+
+def make_trainer(out: Path, **overrides: Any) -> CPMTrainer:
+    options: dict[str, Any] = {
+        "output_dir": str(out),
+        "max_steps": 20,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "eval_strategy": "steps",
+        "eval_steps": 5,
+        "save_strategy": "steps",
+        "save_steps": 5,
+        "use_cpu": True,
+        "report_to": [],
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    options.update(overrides)
+    return CPMTrainer(
+        model=build_model(),
+        args=TrainingArguments(**options),
+        train_dataset=SyntheticImageText(128, seed=1),
+        eval_dataset=SyntheticImageText(32, seed=2),
+    )
+
+
+def test_policy_owns_every_save_and_the_trainer_writes_none(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path / "out")
+    callback = attach(
+        trainer, tmp_path / "run", save=cw.every(7) | cw.on_final(), keep=cw.keep_last(2)
+    )
+    trainer.train()
+    assert [s for s, _ in callback.saved] == [7, 14, 20]
+    assert callback.saved[-1][1] == ("final",)
+    assert [c.step for c in callback.manager.checkpoints()] == [14, 20]
+    assert not list((tmp_path / "out").glob("checkpoint-*"))  # not even at max_steps
+
+
+def test_eval_metrics_of_the_same_step_drive_on_improvement(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path / "out", eval_steps=4)
+    callback = attach(
+        trainer,
+        tmp_path / "run",
+        save=cw.on_improvement("eval_loss"),
+        keep=cw.keep_best(1, "eval_loss"),
+    )
+    trainer.train()
+    evals = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
+    expected, best = [], float("inf")
+    for step, value in evals:
+        if value < best:
+            expected.append(step)
+            best = value
+    assert [s for s, _ in callback.saved] == expected
+    (info,) = callback.manager.checkpoints()
+    assert info.metrics["eval_loss"] == min(v for _, v in evals)
+    assert "loss" in info.metrics  # the training loss logged at that step travels too
+
+
+def test_default_policy_mirrors_the_trainer_arguments(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path / "out", save_steps=6, save_total_limit=2)
+    policy = policy_from_training_args(trainer.args)
+    assert policy.save == cw.every(6) | cw.on_final()
+    assert policy.keep == cw.keep_last(2)
+    callback = attach(trainer)
+    trainer.train()
+    assert [s for s, _ in callback.saved] == [6, 12, 18, 20]
+    assert [c.step for c in callback.manager.checkpoints()] == [18, 20]
+    assert (tmp_path / "out" / "ckptwise" / "checkpoints").is_dir()
+
+
+def test_policy_from_the_command_line_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataclasses: Any = (TrainingArguments, CkptwiseArguments)
+    parser = HfArgumentParser(dataclasses)
+    _, ckpt = parser.parse_args_into_dataclasses(
+        args=[
+            "--output_dir",
+            str(tmp_path),
+            "--ckptwise_save",
+            "every(3, start=9)",
+            "--ckptwise_keep",
+            "last(1)",
+            "--ckptwise_dir",
+            str(tmp_path / "cli-run"),
+        ]
+    )
+    trainer = make_trainer(tmp_path / "out", max_steps=12)
+    callback = attach(trainer, args=ckpt)
+    trainer.train()
+    assert [s for s, _ in callback.saved] == [9, 12]
+    assert callback.manager.store.backend.url == str(tmp_path / "cli-run")
+
+    monkeypatch.setenv("CKPTWISE_SAVE", "at_steps([2, 4])")
+    trainer = make_trainer(tmp_path / "out2", max_steps=6)
+    assert [s for s, _ in _trained(attach(trainer), trainer)] == [2, 4]
+
+
+def _trained(callback: Any, trainer: CPMTrainer) -> list[tuple[int, tuple[str, ...]]]:
+    trainer.train()
+    saved: list[tuple[int, tuple[str, ...]]] = callback.saved
+    return saved
+
+
+def run_script(out: Path, *extra: str, sleep: float = 0.0) -> subprocess.Popen[str]:
+    args = [
+        sys.executable,
+        str(SCRIPT),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "30",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "10",
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--seed",
+        "0",
+        "--full_determinism",
+        "--disable_tqdm",
+        "true",
+        "--losses_file",
+        f"{out}.losses",
+        "--summary_file",
+        f"{out}.json",
+        "--step_sleep",
+        str(sleep),
+        *extra,
+    ]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def losses(path: Path) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]  # a resumed run overwrites the steps it redoes
+    return out
+
+
+def test_kill_9_after_a_save_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    policy = ["--ckptwise_save", "every(5)", "--ckptwise_keep", "last(2)"]
+    straight = run_script(tmp_path / "a", *policy)
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err
+
+    victim = run_script(tmp_path / "b", *policy, sleep=0.15)
+    manifest = tmp_path / "b" / "ckptwise" / "checkpoints" / "000000000015.json"
+    deadline = time.monotonic() + 240
+    while not manifest.exists():
+        assert victim.poll() is None, victim.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b.json").exists()  # it really died mid-run
+
+    resumed = run_script(tmp_path / "b", *policy, "--resume", "true")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    a, b = losses(tmp_path / "a.losses"), losses(tmp_path / "b.losses")
+    assert sorted(a) == list(range(1, 31))
+    assert a == b
+    summary_a = json.loads((tmp_path / "a.json").read_text())
+    summary_b = json.loads((tmp_path / "b.json").read_text())
+    assert summary_a["weights_digest"] == summary_b["weights_digest"]
+    assert not (tmp_path / "b" / "ckptwise" / "hf-resume").exists() or not any(
+        (tmp_path / "b" / "ckptwise" / "hf-resume").iterdir()
+    )
+
+
+def test_ten_saves_write_under_a_third_of_what_the_trainer_writes(tmp_path: Path) -> None:
+    """MiniCPM-V's layout (frozen LLM, ~6 % trainable), 10 saves, everything kept."""
+    common = ["--max_steps", "50", "--eval_strategy", "no", "--save_steps", "5"]
+
+    def run(out: Path, *extra: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(SCRIPT),
+                "--output_dir",
+                str(out),
+                "--logging_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "8",
+                "--disable_tqdm",
+                "true",
+                "--summary_file",
+                f"{out}.json",
+                *common,
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr
+        summary: dict[str, Any] = json.loads(Path(f"{out}.json").read_text())
+        return summary
+
+    ours = run(tmp_path / "ours", "--ckptwise_save", "every(5)", "--ckptwise_keep", "all")
+    theirs = run(tmp_path / "theirs", "--use_ckptwise", "false")
+    assert 0.05 < ours["trainable_fraction"] < 0.07
+    assert len(ours["saves"]) == len(theirs["saves"]) == 10
+    assert ours["bytes_written"] * 3 <= theirs["bytes_written"], (ours, theirs)
+
+
+def test_trainable_only_checkpoints_resume_and_export_the_best(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path / "out", max_steps=12, eval_steps=4)
+    callback = attach(
+        trainer,
+        tmp_path / "run",
+        save=cw.on_improvement("eval_loss") | cw.on_final(),
+        keep=cw.keep_all(),
+        weights="trainable",
+    )
+    trainer.train()
+    model: Any = trainer.model
+    latest = callback.manager.load()["model"]
+    assert set(latest) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(name.startswith("llm.") for name in latest)
+
+    out = callback.export(tmp_path / "best", "best")
+    loaded = MiniCPMVLike.from_pretrained(out)
+    best = callback.best_step()
+    saved_best = callback.manager.load(best)["model"]
+    for name, tensor in saved_best.items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    for name, tensor in model.llm.state_dict().items():
+        assert torch.equal(loaded.llm.state_dict()[name], tensor)  # frozen part from the base
+
+
+def test_final_export_loads_with_from_pretrained_and_gives_the_same_outputs(
+    tmp_path: Path,
+) -> None:
+    trainer = make_trainer(tmp_path / "out", max_steps=6, eval_strategy="no")
+    callback = attach(trainer, tmp_path / "run", save=cw.on_final(), keep=cw.keep_last(1))
+    trainer.train()
+    out = callback.export(tmp_path / "final", "latest")
+    loaded: Any = MiniCPMVLike.from_pretrained(out)
+    loaded.eval()
+    model: Any = trainer.model
+    model.eval()
+    batch = SyntheticImageText(4, seed=9)
+    inputs = {
+        k: torch.stack([batch[i][k] for i in range(4)]) for k in ("pixel_values", "input_ids")
+    }
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_lora_adapter_with_modules_to_save_exports_for_peft(tmp_path: Path) -> None:
+    base = build_model()
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["resampler"]
+    )
+    model = peft.get_peft_model(base, config)
+    trainer = make_trainer(tmp_path / "out", max_steps=8, eval_strategy="no")
+    trainer = CPMTrainer(
+        model=model, args=trainer.args, train_dataset=SyntheticImageText(64, seed=1)
+    )
+    callback = attach(
+        trainer, tmp_path / "run", save=cw.every(4), keep=cw.keep_all(), weights="trainable"
+    )
+    trainer.train()
+    saved = callback.manager.load(8)["model"]
+    assert any("lora_A" in name for name in saved)
+    assert any("resampler.modules_to_save" in name for name in saved)
+    assert not any(".llm." in name and "lora" not in name for name in saved)
+
+    out = callback.export(tmp_path / "adapter", 8)
+    assert (out / "adapter_config.json").exists()
+    reloaded = peft.PeftModel.from_pretrained(build_model(), out).eval()
+    batch = SyntheticImageText(4, seed=9)
+    inputs = {
+        k: torch.stack([batch[i][k] for i in range(4)]) for k in ("pixel_values", "input_ids")
+    }
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, model.eval()(**inputs).logits)
