@@ -327,7 +327,6 @@ class CheckpointManager:
     def _newest_verified(
         self, step: int | None
     ) -> tuple[int, Manifest, dict[str, torch.Tensor]] | None:
-        self._check_open()
         for path, why in self.store.broken.items():
             warnings.warn(
                 f"skipping unreadable manifest {path}: {why}", RestoreWarning, stacklevel=3
@@ -362,7 +361,6 @@ class CheckpointManager:
 
         ``step`` defaults to the newest. Tensors are verified as they are read.
         """
-        self._check_open()
         step = self._resolve(step)
         manifest = self.store.manifest(step)
         tensors = self.store.load_tensors(step)
@@ -380,7 +378,6 @@ class CheckpointManager:
         """
         from safetensors.torch import save_file
 
-        self._check_open()
         step = self._resolve(step)
         manifest = self.store.manifest(step)
         prefix = f"{key}/"
@@ -428,7 +425,9 @@ class CheckpointManager:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise CheckpointError("this CheckpointManager is closed; create a new one")
+            raise CheckpointError(
+                "this CheckpointManager is closed; it can still read, but create a new one to save"
+            )
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -1,0 +1,112 @@
+"""A tiny Lightning run used by the tests as a real subprocess (and in-process).
+
+``python lightning_train.py RUN --steps 40 --losses OUT [--resume] [--step-sleep S]`` trains
+an MLP with dropout through ``ckptwise.integrations.lightning.CheckpointCallback``, appending
+each step's loss (as an exact hex float) to OUT, one JSON line per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ckptwise as cw
+from ckptwise.integrations.lightning import CheckpointCallback
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, losses: str | None = None, step_sleep: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+        self.losses = losses
+        self.step_sleep = step_sleep
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        if self.losses:
+            with open(self.losses, "a") as f:
+                f.write(
+                    json.dumps({"step": self.global_step + 1, "loss": float(loss.item()).hex()})
+                    + "\n"
+                )
+        time.sleep(self.step_sleep)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 5, 0.8)}
+
+
+def loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(120, 8, generator=g)
+    y = x[:, :2].sum(dim=1, keepdim=True)
+    sampler = cw.ResumableSampler(100, seed=5, auto_advance=False)
+    train = DataLoader(
+        TensorDataset(x[:100], y[:100]),
+        batch_size=8,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(0),
+    )
+    val = DataLoader(TensorDataset(x[100:], y[100:]), batch_size=10)
+    return train, val
+
+
+def run(
+    root: str,
+    steps: int,
+    *,
+    losses: str | None = None,
+    resume: bool = False,
+    step_sleep: float = 0.0,
+    save: cw.Trigger | None = None,
+    keep: cw.RetentionPolicy | None = None,
+    val_every: int = 5,
+) -> CheckpointCallback:
+    torch.manual_seed(0)
+    model = Tiny(losses, step_sleep)
+    callback = CheckpointCallback(root, save=save or cw.every(5), keep=keep or cw.keep_last(2))
+    trainer = L.Trainer(
+        max_steps=steps,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        deterministic=True,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+    train, val = loaders()
+    trainer.fit(model, train, val, ckpt_path=callback.resume_checkpoint() if resume else None)
+    return callback
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--losses")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--step-sleep", type=float, default=0.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run(args.run, args.steps, losses=args.losses, resume=args.resume, step_sleep=args.step_sleep)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The Lightning callback with a real ``Trainer.fit``: policy-driven saves, validation-driven
+saves, and an exact resume after kill -9 (RNG and data position included)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning_train import Tiny, loaders, run
+
+import ckptwise as cw
+from ckptwise.integrations.lightning import CheckpointCallback
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).with_name("lightning_train.py")
+
+
+def test_saves_follow_the_policy_and_retention(tmp_path: Path) -> None:
+    callback = run(
+        str(tmp_path / "run"), 20, save=cw.every(7) | cw.on_final(), keep=cw.keep_last(2)
+    )
+    assert [s for s, _ in callback.saved] == [7, 14, 20]
+    assert callback.saved[-1][1] == ("final",)
+    assert [c.step for c in callback.manager.checkpoints()] == [14, 20]
+    data = callback.manager.load(20)["data"]
+    assert (data["epoch"], data["offset"]) == (1, 7 * 8)  # 13 batches fill epoch 0 (100 = 12*8+4)
+
+
+def test_validation_metrics_of_the_step_drive_on_improvement(tmp_path: Path) -> None:
+    callback = run(
+        str(tmp_path / "run"),
+        30,
+        save=cw.on_improvement("val_loss"),
+        keep=cw.keep_all(),
+        val_every=5,
+    )
+    saved = [s for s, _ in callback.saved]
+    assert saved
+    assert set(saved) <= {5, 10, 15, 20, 25, 30}
+    values = [c.metrics["val_loss"] for c in callback.manager.checkpoints()]
+    assert values == sorted(values, reverse=True)  # each save improved on the one before
+    assert saved[0] == 5
+
+
+def test_lightning_checkpointing_or_a_counting_sampler_is_refused(tmp_path: Path) -> None:
+    callback = CheckpointCallback(tmp_path / "a", save=cw.every(5))
+    trainer = L.Trainer(
+        max_steps=2,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
+    train, val = loaders()
+    with pytest.raises(cw.ConfigError, match="enable_checkpointing=False"):
+        trainer.fit(Tiny(), train, val)
+    callback.manager.close()
+
+    callback = CheckpointCallback(tmp_path / "b", save=cw.every(5))
+    trainer = L.Trainer(
+        max_steps=2,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
+    train.sampler.auto_advance = True  # type: ignore[attr-defined]
+    with pytest.raises(cw.ConfigError, match="auto_advance=False"):
+        trainer.fit(Tiny(), train, val)
+
+
+def losses(path: Path) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]
+    return out
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    straight = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "a"), "--losses", str(tmp_path / "a.l")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert straight.returncode == 0, straight.stderr
+    victim = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(tmp_path / "b"),
+            "--losses",
+            str(tmp_path / "b.l"),
+            "--step-sleep",
+            "0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    manifest = tmp_path / "b" / "checkpoints" / "000000000015.json"
+    deadline = time.monotonic() + 240
+    while not manifest.exists():
+        assert victim.poll() is None, victim.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.15)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(tmp_path / "b"),
+            "--losses",
+            str(tmp_path / "b.l"),
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Restored all states" in resumed.stderr + resumed.stdout
+    a, b = losses(tmp_path / "a.l"), losses(tmp_path / "b.l")
+    assert sorted(a) == list(range(1, 41))
+    assert a == b
+    assert not list((tmp_path / "b" / "lightning-resume").glob("*.ckpt"))
