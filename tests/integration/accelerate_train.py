@@ -1,0 +1,78 @@
+"""A tiny loop on an ``Accelerator`` (CPU), saving through ckptwise; used as a subprocess.
+
+``python accelerate_train.py RUN --out OUT.json --steps 24 [--stop-after 11]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ckptwise as cw
+from ckptwise.integrations.accelerate import accelerate_state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--stop-after", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    accelerator = Accelerator(cpu=True)
+    set_seed(0)
+    model = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Dropout(0.3), nn.Linear(24, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 4, 0.7)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(70, 6, generator=g)
+    sampler = cw.ResumableSampler(70, seed=2, auto_advance=False)
+    loader = DataLoader(
+        TensorDataset(x, x.sum(dim=1, keepdim=True)),
+        batch_size=8,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(0),
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    state = accelerate_state(
+        accelerator, model=model, optimizer=optimizer, scheduler=scheduler, data=sampler
+    )
+    out = Path(args.out)
+    record = json.loads(out.read_text()) if out.exists() else {"losses": {}}
+    with cw.CheckpointManager(
+        args.run, save=cw.every(3) | cw.on_final(), keep=cw.keep_last(2)
+    ) as manager:
+        step = manager.restore(state)
+        record.setdefault("restored", []).append(step)
+        while step < args.steps:
+            for xb, yb in loader:
+                step += 1
+                loss = nn.functional.mse_loss(model(xb), yb)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                sampler.advance(len(xb))
+                record["losses"][str(step)] = float(loss.item()).hex()
+                stop = step in (args.stop_after, args.steps)
+                manager.step(step, state, metrics={"loss": loss.item()}, final=stop)
+                if stop:
+                    break
+            if step == args.stop_after:
+                break
+    unwrapped = accelerator.unwrap_model(model)
+    record["weights"] = {k: v.flatten().tolist() for k, v in unwrapped.state_dict().items()}
+    out.write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
