@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${CKPTWISE_VENV:-.venv}
-exec "$VENV/bin/python" examples/tiny_run.py "$@"
+exec "$VENV/bin/python" examples/demo.py "$@"
