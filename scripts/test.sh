@@ -28,3 +28,7 @@ run_pytest -m "not slow" "$@"
 if [ "$slow" -gt 0 ] && [ -z "${CKPTWISE_SKIP_SLOW:-}" ]; then
   run_pytest -m slow "$@"
 fi
+# The Trainer integration once more, against transformers 4.51.2 (MiniCPM-V's pin).
+if [ -z "${CKPTWISE_SKIP_TF4:-}" ]; then
+  bash scripts/test-transformers4.sh
+fi
