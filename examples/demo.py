@@ -29,19 +29,45 @@ from typing import Any
 SCRIPT = Path(__file__).with_name("finetune_minicpmv.py")
 STEPS = 60
 COMMON = [
-    "--max_steps", str(STEPS), "--per_device_train_batch_size", "8", "--learning_rate", "2e-3",
-    "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "10", "--seed", "0",
-    "--full_determinism", "--disable_tqdm", "true",
+    "--max_steps",
+    str(STEPS),
+    "--per_device_train_batch_size",
+    "8",
+    "--learning_rate",
+    "2e-3",
+    "--logging_steps",
+    "1",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "10",
+    "--seed",
+    "0",
+    "--full_determinism",
+    "--disable_tqdm",
+    "true",
 ]
 POLICY = [
-    "--ckptwise_save", "every(10, start=20) | on_improvement(eval_loss) | final",
-    "--ckptwise_keep", "last(2) | best(1, eval_loss)",
+    "--ckptwise_save",
+    "every(10, start=20) | on_improvement(eval_loss) | final",
+    "--ckptwise_keep",
+    "last(2) | best(1, eval_loss)",
 ]
 
 
 def launch(out: Path, *extra: str) -> subprocess.Popen[str]:
-    args = [sys.executable, str(SCRIPT), "--output_dir", str(out), *COMMON,
-            "--losses_file", f"{out}.losses", "--summary_file", f"{out}.json", *extra]
+    args = [
+        sys.executable,
+        str(SCRIPT),
+        "--output_dir",
+        str(out),
+        *COMMON,
+        "--losses_file",
+        f"{out}.losses",
+        "--summary_file",
+        f"{out}.json",
+        *extra,
+    ]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -74,9 +100,13 @@ def main() -> None:
     work.mkdir(parents=True)
     run, reference = work / "run", work / "reference"
 
-    print(f"MiniCPM-V-shaped fine-tune (vpm + resampler train, llm frozen), {STEPS} steps, in {work}")
-    print("policy: save every(10, start=20) | on_improvement(eval_loss) | final;"
-          " keep last(2) | best(1, eval_loss)\n")
+    print(
+        f"MiniCPM-V-shaped fine-tune (vpm + resampler train, llm frozen), {STEPS} steps, in {work}"
+    )
+    print(
+        "policy: save every(10, start=20) | on_improvement(eval_loss) | final;"
+        " keep last(2) | best(1, eval_loss)\n"
+    )
 
     victim = launch(run, *POLICY, "--step_sleep", "0.1")
     marker = run / "ckptwise" / "checkpoints" / "000000000030.json"
@@ -96,8 +126,10 @@ def main() -> None:
     finish(reference_run)
     ours = summary(run)
     first_resumed = min(s["step"] for s in ours["saves"])
-    print(f"[2] a new process resumed from the newest verified checkpoint and saved again from "
-          f"step {first_resumed} on\n")
+    print(
+        f"[2] a new process resumed from the newest verified checkpoint and saved again from "
+        f"step {first_resumed} on\n"
+    )
 
     ref = summary(reference)
     print("which steps were saved, and why (the same in the interrupted and the straight run):")
@@ -111,23 +143,30 @@ def main() -> None:
     a, b = losses(reference), losses(run)
     same = a == b and sorted(a) == list(range(1, STEPS + 1))
     weights = ref["weights_digest"] == ours["weights_digest"]
-    print(f"losses of all {STEPS} steps, killed-and-resumed vs uninterrupted, bit for bit: "
-          f"{'identical' if same else 'DIFFERENT'}; final weights: "
-          f"{'identical' if weights else 'DIFFERENT'}\n")
+    print(
+        f"losses of all {STEPS} steps, killed-and-resumed vs uninterrupted, bit for bit: "
+        f"{'identical' if same else 'DIFFERENT'}; final weights: "
+        f"{'identical' if weights else 'DIFFERENT'}\n"
+    )
 
     schedule = ["--eval_strategy", "no", "--save_steps", "10"]
     hf = launch(work / "trainer", *schedule, "--save_total_limit", "2", "--use_ckptwise", "false")
-    cw_same = launch(work / "ckptwise", *schedule, "--ckptwise_save", "every(10)",
-                     "--ckptwise_keep", "last(2)")
+    cw_same = launch(
+        work / "ckptwise", *schedule, "--ckptwise_save", "every(10)", "--ckptwise_keep", "last(2)"
+    )
     finish(hf)
     finish(cw_same)
     theirs, mine = summary(work / "trainer"), summary(work / "ckptwise")
     print("bytes for the same schedule (save every 10 steps, keep 2), measured by running both:")
-    print(f"  Trainer save_steps=10, save_total_limit=2: {len(theirs['saves'])} saves wrote "
-          f"{mib(theirs['bytes_written'])}, {mib(theirs['on_disk'])} on disk at the end")
-    print(f"  ckptwise every(10), keep_last(2):          {len(mine['saves'])} saves wrote "
-          f"{mib(mine['bytes_written'])}, {mib(mine['on_disk'])} on disk at the end "
-          f"({mine['bytes_written'] / theirs['bytes_written']:.2f}x the bytes written)")
+    print(
+        f"  Trainer save_steps=10, save_total_limit=2: {len(theirs['saves'])} saves wrote "
+        f"{mib(theirs['bytes_written'])}, {mib(theirs['on_disk'])} on disk at the end"
+    )
+    print(
+        f"  ckptwise every(10), keep_last(2):          {len(mine['saves'])} saves wrote "
+        f"{mib(mine['bytes_written'])}, {mib(mine['on_disk'])} on disk at the end "
+        f"({mine['bytes_written'] / theirs['bytes_written']:.2f}x the bytes written)"
+    )
     if not (same and weights):
         raise SystemExit(1)
 
