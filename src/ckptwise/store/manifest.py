@@ -82,9 +82,11 @@ class TensorEntry:
     nbytes: int
     codec: str = "raw"
     stored_bytes: int = 0
+    #: why the codec was chosen (optional; written only when there is something to say)
+    note: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "object": self.object,
             "dtype": self.dtype,
             "shape": list(self.shape),
@@ -92,6 +94,9 @@ class TensorEntry:
             "codec": self.codec,
             "stored_bytes": self.stored_bytes,
         }
+        if self.note:
+            doc["note"] = self.note
+        return doc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,8 +177,17 @@ def _entry(name: Any, raw: Any, where: str, codecs: frozenset[str]) -> TensorEnt
             f"ckptwise does not know ({', '.join(sorted(codecs))}); upgrade ckptwise to read it"
         )
     stored = _int(raw.get("stored_bytes", nbytes), f"stored_bytes of {name!r}", where)
+    note = raw.get("note", "")
+    if not isinstance(note, str):
+        raise _fail(where, f"tensor {name!r} has a note that is not a string")
     return TensorEntry(
-        object=obj, dtype=dtype, shape=dims, nbytes=nbytes, codec=codec, stored_bytes=stored
+        object=obj,
+        dtype=dtype,
+        shape=dims,
+        nbytes=nbytes,
+        codec=codec,
+        stored_bytes=stored,
+        note=note,
     )
 
 

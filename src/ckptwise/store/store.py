@@ -15,6 +15,7 @@ referenced by a committed checkpoint is never written again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -30,14 +31,14 @@ import blake3
 import torch
 
 from ckptwise.errors import (
-    CheckpointError,
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointError,
     FormatError,
     StorageError,
 )
 from ckptwise.records import CheckpointInfo
-from ckptwise.store.backend import TMP_MARK, Backend
+from ckptwise.store.backend import TMP_MARK, Backend, LocalBackend
 from ckptwise.store.codecs import CODECS, get_codec
 from ckptwise.store.manifest import (
     DTYPES,
@@ -47,6 +48,7 @@ from ckptwise.store.manifest import (
     dtype_name,
     encode_manifest,
 )
+from ckptwise.store.planner import CodecPlanner
 
 __all__ = ["CheckpointStore", "Problem", "object_id", "tensor_bytes"]
 
@@ -123,10 +125,13 @@ class CheckpointStore:
     """
 
     def __init__(self, backend: Backend, *, codec: str = "raw") -> None:
-        if codec not in CODECS:
-            raise CheckpointError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
+        if not CodecPlanner.known(codec):
+            raise ConfigError(
+                f"codec={codec!r} is unknown; choose 'auto' (compress where it makes saves "
+                f"faster) or one of {', '.join(sorted(CODECS))}"
+            )
         self.backend = backend
-        self.codec = codec
+        self.planner = CodecPlanner(mode=codec, remote=not isinstance(backend, LocalBackend))
         self._manifests: dict[int, Manifest] = {}
         self._refs: dict[str, set[int]] = {}
         self._entries: dict[str, TensorEntry] = {}
@@ -208,7 +213,9 @@ class CheckpointStore:
                         f"object holds {self.backend.size(path)} bytes, expected {entry.nbytes}"
                     )
             else:
-                get_codec(entry.codec).decode(self.backend.read_bytes(path), view)
+                get_codec(entry.codec).decode(
+                    self.backend.read_bytes(path), view, itemsize=DTYPES[entry.dtype].itemsize
+                )
         except CheckpointNotFoundError as exc:
             raise CorruptCheckpointError(
                 f"step {step}, tensor {name!r}: object {entry.object} is missing"
@@ -262,24 +269,24 @@ class CheckpointStore:
         written again. Replacing an existing step is allowed (the new manifest wins).
         """
         entries: dict[str, TensorEntry] = {}
-        pending: dict[str, tuple[memoryview, str]] = {}
+        pending: dict[str, _Pending] = {}
         for name, tensor in tensors.items():
             raw = tensor_bytes(tensor)
             oid = object_id(raw)
-            known = self._entries.get(oid)
-            codec = known.codec if known else self.codec
-            stored = known.stored_bytes if known else 0
-            if known is None and oid not in pending:
-                pending[oid] = (raw, codec)
+            known = self._entries.get(oid) or pending.get(oid)
+            if known is None:
+                codec, note = self.planner.choose(tensor.dtype, len(raw))
+                known = pending[oid] = _Pending(raw, codec, tensor.dtype.itemsize, note)
             entries[name] = TensorEntry(
                 object=oid,
                 dtype=dtype_name(tensor.dtype),
                 shape=tuple(tensor.shape),
                 nbytes=len(raw),
-                codec=codec,
-                stored_bytes=stored,
+                codec=known.codec,
+                stored_bytes=known.stored_bytes,
+                note=known.note,
             )
-        self._check_space(sum(len(raw) for raw, _ in pending.values()))
+        self._check_space(sum(len(p.raw) for p in pending.values()))
         sizes = self._write_objects(pending)
         entries = {
             n: e if e.object not in sizes else _with_stored(e, sizes[e.object])
@@ -316,13 +323,21 @@ class CheckpointStore:
                 "keep fewer checkpoints (e.g. keep=cw.keep_last(2) or cw.keep_budget(...))"
             )
 
-    def _write_objects(self, pending: Mapping[str, tuple[memoryview, str]]) -> dict[str, int]:
+    def _write_objects(self, pending: Mapping[str, _Pending]) -> dict[str, int]:
         if not pending:
             return {}
+        started = _time.perf_counter()
+        encode_seconds = 0.0
 
-        def write(item: tuple[str, tuple[memoryview, str]]) -> tuple[str, int]:
-            oid, (raw, codec) = item
-            data = get_codec(codec).encode(raw)
+        def write(item: tuple[str, _Pending]) -> tuple[str, int]:
+            nonlocal encode_seconds
+            oid, job = item
+            t0 = _time.perf_counter()
+            data = get_codec(job.codec).encode(job.raw, itemsize=job.itemsize)
+            if job.codec != "raw":
+                spent = _time.perf_counter() - t0
+                encode_seconds += spent
+                self.planner.observed_encode(job.itemsize, len(job.raw), len(data), spent)
             return oid, self.backend.write_atomic(object_path(oid), [data])
 
         if len(pending) == 1:
@@ -331,6 +346,8 @@ class CheckpointStore:
             with ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="ckptwise-io") as pool:
                 sizes = dict(pool.map(write, pending.items()))
         self.backend.sync_dirs({object_path(oid).rsplit("/", 1)[0] for oid in sizes} | {OBJECTS})
+        elapsed = _time.perf_counter() - started - encode_seconds / _WRITERS
+        self.planner.observed_write(sum(sizes.values()), elapsed)
         return sizes
 
     def _unindex(self, manifest: Manifest) -> None:
@@ -412,11 +429,15 @@ class CheckpointStore:
 
 
 def _with_stored(entry: TensorEntry, stored: int) -> TensorEntry:
-    return TensorEntry(
-        object=entry.object,
-        dtype=entry.dtype,
-        shape=entry.shape,
-        nbytes=entry.nbytes,
-        codec=entry.codec,
-        stored_bytes=stored,
-    )
+    return dataclasses.replace(entry, stored_bytes=stored)
+
+
+@dataclass
+class _Pending:
+    """A new object of this commit: its raw bytes and how it will be stored."""
+
+    raw: memoryview
+    codec: str
+    itemsize: int
+    note: str
+    stored_bytes: int = 0
