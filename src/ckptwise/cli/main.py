@@ -1,9 +1,10 @@
-"""The ``ckptwise`` commands: ``ls``, ``verify``, ``pin``/``unpin`` and ``simulate``.
+"""The ``ckptwise`` command line: a thin layer over the public API.
 
-Commands open a run read-only (no lock, nothing deleted) through
-:class:`~ckptwise.CheckpointManager`; ``pin`` only edits the run's ``run.json``, which a
-training process re-reads before it prunes. ``simulate`` replays a policy with
-:func:`ckptwise.simulate.simulate`.
+``ls``, ``verify``, ``pin`` and ``unpin`` live here; ``simulate`` in
+:mod:`ckptwise.cli.simulate_cmd`; ``show``, ``du``, ``diff`` and ``export`` in
+:mod:`ckptwise.cli.storage`. Commands open a run read-only (no lock, nothing deleted);
+``pin`` only edits the run's ``run.json``, which a training process re-reads before it
+prunes.
 """
 
 from __future__ import annotations
@@ -23,43 +24,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'ckptwise[cli]'"
     ) from exc
 
-import ckptwise as cw
-from ckptwise.config import (
-    Policy,
-    parse_bytes,
-    parse_duration,
-    parse_keep,
-    parse_save,
-    policy_from_config,
-    to_config,
-)
+from ckptwise.cli.common import human_size, open_run
+from ckptwise.cli.simulate_cmd import simulate_command
+from ckptwise.cli.storage import diff_command, du_command, export_command, show_command
 from ckptwise.errors import CheckpointError
-from ckptwise.manager import CheckpointManager
-from ckptwise.simulate import simulate
 
 __all__ = ["cli", "main"]
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def _open(run: str) -> CheckpointManager:
-    try:
-        manager = CheckpointManager(run)
-        if not manager.store.backend.list_files(""):
-            raise click.ClickException(
-                f"{run} holds no ckptwise run (no checkpoints/ or objects/ in it); "
-                "pass the folder given to CheckpointManager"
-            )
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from exc
-    return manager
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,7 +43,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def ls_command(run: str, as_json: bool) -> None:
     """List the committed checkpoints of RUN (a folder or fsspec URL)."""
-    manager = _open(run)
+    manager = open_run(run)
     kept = manager.store.read_run_state().get("kept", {})
     pins = manager.pinned()
     rows: list[dict[str, Any]] = []
@@ -112,13 +82,15 @@ def ls_command(run: str, as_json: bool) -> None:
             datetime.fromisoformat(row["time"]).strftime("%Y-%m-%d %H:%M:%S"),
             ", ".join(row["reasons"]),
             ", ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()),
-            _size(row["logical_bytes"]),
-            _size(row["new_bytes"]),
+            human_size(row["logical_bytes"]),
+            human_size(row["new_bytes"]),
             ", ".join(row["kept_because"]),
         )
     console = Console()
     console.print(table)
-    console.print(f"on disk: {_size(manager.store.physical_bytes())} (each object counted once)")
+    console.print(
+        f"on disk: {human_size(manager.store.physical_bytes())} (each object counted once)"
+    )
     for path, problem in manager.store.broken.items():
         console.print(f"[red]unreadable manifest[/red] {path}: {problem}")
 
@@ -129,7 +101,7 @@ def ls_command(run: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def verify_command(run: str, steps: tuple[int, ...], as_json: bool) -> None:
     """Check every object of RUN against its checksum; exit 1 if any fails."""
-    manager = _open(run)
+    manager = open_run(run)
     try:
         problems = manager.store.verify(steps or None)
     except CheckpointError as exc:
@@ -162,7 +134,7 @@ def verify_command(run: str, steps: tuple[int, ...], as_json: bool) -> None:
 @click.argument("step", type=int)
 def pin_command(run: str, step: int) -> None:
     """Keep STEP of RUN whatever the retention policy says (until `ckptwise unpin`)."""
-    manager = _open(run)
+    manager = open_run(run)
     try:
         manager.pin(step)
     except CheckpointError as exc:
@@ -175,185 +147,15 @@ def pin_command(run: str, step: int) -> None:
 @click.argument("step", type=int)
 def unpin_command(run: str, step: int) -> None:
     """Let the retention policy decide about STEP of RUN again (at the next save)."""
-    manager = _open(run)
+    manager = open_run(run)
     if step not in manager.pinned():
         raise click.ClickException(f"step {step} of {run} is not pinned")
     manager.unpin(step)
     click.echo(f"unpinned step {step} of {run}")
 
 
-def _read_metrics(path: str) -> dict[int, dict[str, float]]:
-    """A CSV whose first column is the step and whose other columns are metrics; empty
-    cells mean "not reported at this step"."""
-    import csv
-
-    out: dict[int, dict[str, float]] = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header or header[0].strip().lower() != "step":
-            raise click.BadParameter("the first column of the metrics CSV must be 'step'")
-        for line, row in enumerate(reader, start=2):
-            try:
-                step = int(row[0])
-                values = {
-                    name.strip(): float(cell)
-                    for name, cell in zip(header[1:], row[1:], strict=False)
-                    if cell.strip()
-                }
-            except (ValueError, IndexError) as exc:
-                raise click.BadParameter(f"{path}, line {line}: {exc}") from exc
-            out.setdefault(step, {}).update(values)
-    return out
-
-
-def _policy(
-    config: str | None,
-    save: str | None,
-    keep: str | None,
-    save_steps: int | None,
-    save_total_limit: int | None,
-) -> Policy:
-    policy = policy_from_config(config) if config else Policy()
-    if save:
-        policy = Policy(parse_save(save), policy.keep)
-    if keep:
-        policy = Policy(policy.save, parse_keep(keep))
-    if save_steps is not None:
-        policy = Policy(cw.every(save_steps), policy.keep)
-    if save_total_limit is not None:
-        policy = Policy(policy.save, cw.keep_last(save_total_limit))
-    if policy.save is None:
-        raise click.UsageError(
-            "give a save policy: --config FILE, --save 'every(1000)' or --save-steps 1000"
-        )
-    return policy
-
-
-def _human_seconds(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
-
-
-def _parse_option(kind: str, value: str | None, parse: Any) -> Any:
-    if value is None:
-        return None
-    try:
-        return parse(value, where=kind)
-    except CheckpointError as exc:
-        raise click.BadParameter(str(exc), param_hint=kind) from exc
-
-
-@cli.command("simulate")
-@click.option(
-    "--config",
-    "config",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Policy file (YAML, TOML or JSON) with save/keep sections.",
-)
-@click.option("--save", "save", help="Save policy, one-line form: 'every(1000) | on_signal'.")
-@click.option("--keep", "keep", help="Retention, one-line form: 'last(3) | best(1, eval_loss)'.")
-@click.option("--save-steps", type=int, help="As Trainer's --save_steps: every(N).")
-@click.option("--save-total-limit", type=int, help="As Trainer's --save_total_limit: last(N).")
-@click.option("--steps", type=int, required=True, help="Length of the run in steps.")
-@click.option("--step-time", default="1s", show_default=True, help="Time per step, e.g. 1.2s.")
-@click.option("--save-cost", default="30s", show_default=True, help="Time per save, e.g. 30s.")
-@click.option(
-    "--checkpoint-bytes", default="0", show_default=True, help="Bytes per checkpoint, e.g. 22GB."
-)
-@click.option(
-    "--metrics",
-    "metrics_csv",
-    type=click.Path(exists=True, dir_okay=False),
-    help="CSV trace: step,metric1,metric2,... (empty cell = not reported).",
-)
-@click.option("--mtbf", help="Mean time between failures, e.g. 3h, to estimate lost work.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG timeline.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def simulate_command(
-    config: str | None,
-    save: str | None,
-    keep: str | None,
-    save_steps: int | None,
-    save_total_limit: int | None,
-    steps: int,
-    step_time: str,
-    save_cost: str,
-    checkpoint_bytes: str,
-    metrics_csv: str | None,
-    mtbf: str | None,
-    plot_path: str | None,
-    as_json: bool,
-) -> None:
-    """Replay a run without training: saves, kept checkpoints, bytes, time, lost work."""
-    try:
-        policy = _policy(config, save, keep, save_steps, save_total_limit)
-    except CheckpointError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    assert policy.save is not None
-    step_td = _parse_option("--step-time", step_time, parse_duration)
-    cost_td = _parse_option("--save-cost", save_cost, parse_duration)
-    size = _parse_option("--checkpoint-bytes", checkpoint_bytes, parse_bytes)
-    mtbf_td = _parse_option("--mtbf", mtbf, parse_duration)
-    metrics = _read_metrics(metrics_csv) if metrics_csv else None
-    try:
-        result = simulate(
-            policy.save,
-            policy.keep,
-            steps=steps,
-            step_time=step_td,
-            save_cost=cost_td,
-            checkpoint_bytes=size,
-            metrics=metrics,
-        )
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from exc
-    doc = result.to_json()
-    doc["policy"] = to_config(policy.save, policy.keep)
-    if mtbf_td is not None:
-        failures = result.wall_seconds / mtbf_td.total_seconds()
-        doc["expected_failures"] = failures
-        doc["expected_lost_seconds_total"] = failures * result.expected_loss_seconds
-    if plot_path:
-        from ckptwise.cli.plot import plot_simulation
-
-        plot_simulation(result, plot_path, title=f"{len(result.saves)} saves over {steps} steps")
-        doc["plot"] = plot_path
-    if as_json:
-        click.echo(json.dumps(doc, indent=2))
-        return
-    shown = result.saves[:20]
-    click.echo(f"{len(result.saves)} saves over {steps} steps:")
-    for step, reasons in shown:
-        click.echo(f"  step {step:>8}  {', '.join(reasons)}")
-    if len(result.saves) > len(shown):
-        click.echo(f"  ... and {len(result.saves) - len(shown)} more (--json lists all)")
-    click.echo(
-        "kept at the end: " + ", ".join(f"{s} ({', '.join(r)})" for s, r in result.kept.items())
-    )
-    click.echo(
-        f"bytes written: {_size(result.bytes_written)}; peak on disk: "
-        f"{_size(result.peak_bytes)}; on disk at the end: "
-        f"{_size(result.timeline[-1][1])}"
-    )
-    click.echo(
-        f"time saving: {_human_seconds(result.save_seconds)} of "
-        f"{_human_seconds(result.wall_seconds)} ({100 * result.overhead:.2f}%)"
-    )
-    click.echo(
-        f"expected work lost per failure: {_human_seconds(result.expected_loss_seconds)}"
-        f" (~{result.expected_loss_steps:.0f} steps)"
-    )
-    if mtbf_td is not None:
-        click.echo(
-            f"with a failure every {mtbf}: {doc['expected_failures']:.2f} failures, "
-            f"{_human_seconds(doc['expected_lost_seconds_total'])} of work lost in all"
-        )
-    if plot_path:
-        click.echo(f"plot: {plot_path}")
+for command in (simulate_command, show_command, du_command, diff_command, export_command):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -1,0 +1,198 @@
+"""``ckptwise simulate``: replay a policy on a simulated clock, without training."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+import ckptwise as cw
+from ckptwise.cli.common import human_size
+from ckptwise.config import (
+    Policy,
+    parse_bytes,
+    parse_duration,
+    parse_keep,
+    parse_save,
+    policy_from_config,
+    to_config,
+)
+from ckptwise.errors import CheckpointError
+from ckptwise.simulate import simulate
+
+__all__ = ["simulate_command"]
+
+
+def _read_metrics(path: str) -> dict[int, dict[str, float]]:
+    """A CSV whose first column is the step and whose other columns are metrics; empty
+    cells mean "not reported at this step"."""
+    import csv
+
+    out: dict[int, dict[str, float]] = {}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or header[0].strip().lower() != "step":
+            raise click.BadParameter("the first column of the metrics CSV must be 'step'")
+        for line, row in enumerate(reader, start=2):
+            try:
+                step = int(row[0])
+                values = {
+                    name.strip(): float(cell)
+                    for name, cell in zip(header[1:], row[1:], strict=False)
+                    if cell.strip()
+                }
+            except (ValueError, IndexError) as exc:
+                raise click.BadParameter(f"{path}, line {line}: {exc}") from exc
+            out.setdefault(step, {}).update(values)
+    return out
+
+
+def _policy(
+    config: str | None,
+    save: str | None,
+    keep: str | None,
+    save_steps: int | None,
+    save_total_limit: int | None,
+) -> Policy:
+    policy = policy_from_config(config) if config else Policy()
+    if save:
+        policy = Policy(parse_save(save), policy.keep)
+    if keep:
+        policy = Policy(policy.save, parse_keep(keep))
+    if save_steps is not None:
+        policy = Policy(cw.every(save_steps), policy.keep)
+    if save_total_limit is not None:
+        policy = Policy(policy.save, cw.keep_last(save_total_limit))
+    if policy.save is None:
+        raise click.UsageError(
+            "give a save policy: --config FILE, --save 'every(1000)' or --save-steps 1000"
+        )
+    return policy
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _parse_option(kind: str, value: str | None, parse: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse(value, where=kind)
+    except CheckpointError as exc:
+        raise click.BadParameter(str(exc), param_hint=kind) from exc
+
+
+@click.command("simulate")
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Policy file (YAML, TOML or JSON) with save/keep sections.",
+)
+@click.option("--save", "save", help="Save policy, one-line form: 'every(1000) | on_signal'.")
+@click.option("--keep", "keep", help="Retention, one-line form: 'last(3) | best(1, eval_loss)'.")
+@click.option("--save-steps", type=int, help="As Trainer's --save_steps: every(N).")
+@click.option("--save-total-limit", type=int, help="As Trainer's --save_total_limit: last(N).")
+@click.option("--steps", type=int, required=True, help="Length of the run in steps.")
+@click.option("--step-time", default="1s", show_default=True, help="Time per step, e.g. 1.2s.")
+@click.option("--save-cost", default="30s", show_default=True, help="Time per save, e.g. 30s.")
+@click.option(
+    "--checkpoint-bytes", default="0", show_default=True, help="Bytes per checkpoint, e.g. 22GB."
+)
+@click.option(
+    "--metrics",
+    "metrics_csv",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CSV trace: step,metric1,metric2,... (empty cell = not reported).",
+)
+@click.option("--mtbf", help="Mean time between failures, e.g. 3h, to estimate lost work.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG timeline.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def simulate_command(
+    config: str | None,
+    save: str | None,
+    keep: str | None,
+    save_steps: int | None,
+    save_total_limit: int | None,
+    steps: int,
+    step_time: str,
+    save_cost: str,
+    checkpoint_bytes: str,
+    metrics_csv: str | None,
+    mtbf: str | None,
+    plot_path: str | None,
+    as_json: bool,
+) -> None:
+    """Replay a run without training: saves, kept checkpoints, bytes, time, lost work."""
+    try:
+        policy = _policy(config, save, keep, save_steps, save_total_limit)
+    except CheckpointError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    assert policy.save is not None
+    step_td = _parse_option("--step-time", step_time, parse_duration)
+    cost_td = _parse_option("--save-cost", save_cost, parse_duration)
+    size = _parse_option("--checkpoint-bytes", checkpoint_bytes, parse_bytes)
+    mtbf_td = _parse_option("--mtbf", mtbf, parse_duration)
+    metrics = _read_metrics(metrics_csv) if metrics_csv else None
+    try:
+        result = simulate(
+            policy.save,
+            policy.keep,
+            steps=steps,
+            step_time=step_td,
+            save_cost=cost_td,
+            checkpoint_bytes=size,
+            metrics=metrics,
+        )
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
+    doc = result.to_json()
+    doc["policy"] = to_config(policy.save, policy.keep)
+    if mtbf_td is not None:
+        failures = result.wall_seconds / mtbf_td.total_seconds()
+        doc["expected_failures"] = failures
+        doc["expected_lost_seconds_total"] = failures * result.expected_loss_seconds
+    if plot_path:
+        from ckptwise.cli.plot import plot_simulation
+
+        plot_simulation(result, plot_path, title=f"{len(result.saves)} saves over {steps} steps")
+        doc["plot"] = plot_path
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    shown = result.saves[:20]
+    click.echo(f"{len(result.saves)} saves over {steps} steps:")
+    for step, reasons in shown:
+        click.echo(f"  step {step:>8}  {', '.join(reasons)}")
+    if len(result.saves) > len(shown):
+        click.echo(f"  ... and {len(result.saves) - len(shown)} more (--json lists all)")
+    click.echo(
+        "kept at the end: " + ", ".join(f"{s} ({', '.join(r)})" for s, r in result.kept.items())
+    )
+    click.echo(
+        f"bytes written: {human_size(result.bytes_written)}; peak on disk: "
+        f"{human_size(result.peak_bytes)}; on disk at the end: "
+        f"{human_size(result.timeline[-1][1])}"
+    )
+    click.echo(
+        f"time saving: {_human_seconds(result.save_seconds)} of "
+        f"{_human_seconds(result.wall_seconds)} ({100 * result.overhead:.2f}%)"
+    )
+    click.echo(
+        f"expected work lost per failure: {_human_seconds(result.expected_loss_seconds)}"
+        f" (~{result.expected_loss_steps:.0f} steps)"
+    )
+    if mtbf_td is not None:
+        click.echo(
+            f"with a failure every {mtbf}: {doc['expected_failures']:.2f} failures, "
+            f"{_human_seconds(doc['expected_lost_seconds_total'])} of work lost in all"
+        )
+    if plot_path:
+        click.echo(f"plot: {plot_path}")

@@ -1,0 +1,262 @@
+"""``ckptwise show``, ``du``, ``diff`` and ``export``: what a run stores, and getting it out.
+
+``show`` lists a checkpoint's tensors with the codec each got and why; ``du`` splits each
+checkpoint's bytes into what it holds (logical), what it alone keeps on disk and what dedup
+and compression saved; ``diff`` says which tensors changed between two steps and by how
+much; ``export`` writes plain safetensors or a Hugging Face style folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ckptwise.cli.common import human_size, open_run
+from ckptwise.errors import CheckpointError
+from ckptwise.manager import CheckpointManager
+
+__all__ = ["diff_command", "du_command", "export_command", "show_command"]
+
+
+def _resolve(manager: CheckpointManager, step: str, metric: str | None, mode: str) -> int:
+    steps = manager.store.steps()
+    if not steps:
+        raise click.ClickException("the run has no committed checkpoint")
+    if step == "latest":
+        return steps[-1]
+    if step == "best":
+        if not metric:
+            raise click.BadParameter("--step best needs --metric (e.g. --metric eval_loss)")
+        scored = [
+            (c.metrics[metric], c.step)
+            for c in manager.checkpoints()
+            if metric in c.metrics and not math.isnan(c.metrics[metric])
+        ]
+        if not scored:
+            raise click.ClickException(f"no committed checkpoint recorded {metric!r}")
+        sign = 1.0 if mode == "min" else -1.0
+        return min(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]
+    try:
+        return int(step)
+    except ValueError:
+        raise click.BadParameter(f"{step!r} is not a step, 'best' or 'latest'") from None
+
+
+@click.command("show")
+@click.argument("run")
+@click.option("--step", default="latest", show_default=True, help="A step, or 'latest'.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def show_command(run: str, step: str, as_json: bool) -> None:
+    """List the tensors of one checkpoint: dtype, shape, bytes, codec and why."""
+    manager = open_run(run)
+    chosen = _resolve(manager, step, None, "min")
+    try:
+        manifest = manager.store.manifest(chosen)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
+    earlier: dict[str, int] = {}  # object -> the oldest committed step holding it
+    for s in manager.store.steps():
+        if s < chosen:
+            for e in manager.store.manifest(s).tensors.values():
+                earlier.setdefault(e.object, s)
+    rows: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "bytes": e.nbytes,
+            "stored_bytes": e.stored_bytes,
+            "codec": e.codec,
+            "why": e.note,
+            "stored_by_step": earlier.get(e.object, chosen),
+        }
+        for name, e in manifest.tensors.items()
+    ]
+    if as_json:
+        click.echo(json.dumps({"run": run, "step": chosen, "tensors": rows}, indent=2))
+        return
+    table = Table(title=f"{run}, step {chosen}: {len(rows)} tensors")
+    for column in ("tensor", "dtype", "shape", "bytes", "stored", "codec", "why"):
+        table.add_column(column, justify="right" if column in ("bytes", "stored") else "left")
+    for row in rows:
+        stored = human_size(row["stored_bytes"])
+        if row["stored_by_step"] != chosen:
+            stored = f"(step {row['stored_by_step']})"
+        table.add_row(
+            row["name"],
+            row["dtype"],
+            "x".join(map(str, row["shape"])) or "scalar",
+            human_size(row["bytes"]),
+            stored,
+            row["codec"],
+            row["why"],
+        )
+    Console().print(table)
+
+
+@click.command("du")
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def du_command(run: str, as_json: bool) -> None:
+    """Logical vs physical bytes per checkpoint, and what dedup and compression saved."""
+    manager = open_run(run)
+    store = manager.store
+    refs = Counter(
+        oid for s in store.steps() for oid in {e.object for e in store.manifest(s).tensors.values()}
+    )
+    objects = {e.object: e for s in store.steps() for e in store.manifest(s).tensors.values()}
+    rows = []
+    for step in store.steps():
+        manifest = store.manifest(step)
+        own = {e.object: e for e in manifest.tensors.values()}
+        rows.append(
+            {
+                "step": step,
+                "logical_bytes": manifest.logical_bytes,
+                "written_bytes": manifest.written_bytes,
+                "exclusive_bytes": sum(e.stored_bytes for o, e in own.items() if refs[o] == 1),
+                "shared_bytes": sum(e.stored_bytes for o, e in own.items() if refs[o] > 1),
+            }
+        )
+    logical = sum(r["logical_bytes"] for r in rows)
+    unique_raw = sum(e.nbytes for e in objects.values())
+    physical = sum(e.stored_bytes for e in objects.values())
+    totals = {
+        "checkpoints": len(rows),
+        "logical_bytes": logical,
+        "unique_bytes": unique_raw,
+        "physical_bytes": physical,
+        "saved_by_dedup": logical - unique_raw,
+        "saved_by_compression": unique_raw - physical,
+    }
+    if as_json:
+        click.echo(json.dumps({"run": run, "checkpoints": rows, "total": totals}, indent=2))
+        return
+    table = Table(title=f"{run}: {len(rows)} checkpoint(s)")
+    for column in ("step", "logical", "written", "only here", "shared"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["step"]),
+            human_size(r["logical_bytes"]),
+            human_size(r["written_bytes"]),
+            human_size(r["exclusive_bytes"]),
+            human_size(r["shared_bytes"]),
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"logical {human_size(logical)} -> {human_size(unique_raw)} after dedup "
+        f"(saved {human_size(totals['saved_by_dedup'])}) -> {human_size(physical)} on disk after "
+        f"compression (saved {human_size(totals['saved_by_compression'])})"
+    )
+
+
+@click.command("diff")
+@click.argument("run")
+@click.argument("a", type=int)
+@click.argument("b", type=int)
+@click.option("--all", "show_all", is_flag=True, help="Also list unchanged tensors.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def diff_command(run: str, a: int, b: int, show_all: bool, as_json: bool) -> None:
+    """Which tensors changed between steps A and B, and by how much."""
+    manager = open_run(run)
+    try:
+        ma, mb = manager.store.manifest(a), manager.store.manifest(b)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
+    rows: list[dict[str, Any]] = []
+    for name in sorted(set(ma.tensors) | set(mb.tensors)):
+        ea, eb = ma.tensors.get(name), mb.tensors.get(name)
+        if ea is None or eb is None:
+            rows.append({"name": name, "status": "added" if ea is None else "removed"})
+            continue
+        if ea.object == eb.object:
+            rows.append({"name": name, "status": "same"})
+            continue
+        row: dict[str, Any] = {"name": name, "status": "changed"}
+        if ea.shape == eb.shape and ea.dtype == eb.dtype:
+            ta = manager.store.read_tensor(ea, step=a, name=name)
+            tb = manager.store.read_tensor(eb, step=b, name=name)
+            if ta.is_floating_point():
+                delta = tb.double() - ta.double()
+                norm = ta.double().norm().item()
+                row["max_abs_change"] = delta.abs().max().item() if delta.numel() else 0.0
+                row["relative_change"] = delta.norm().item() / norm if norm else math.inf
+            row["changed_elements"] = int(torch.ne(ta, tb).sum().item())
+            row["elements"] = ta.numel()
+        else:
+            row["status"] = "reshaped"
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps({"run": run, "a": a, "b": b, "tensors": rows}, indent=2))
+        return
+    counts = Counter(r["status"] for r in rows)
+    for r in rows:
+        if r["status"] == "same" and not show_all:
+            continue
+        extra = ""
+        if "relative_change" in r:
+            extra = f"  rel {r['relative_change']:.3g}  max|d| {r['max_abs_change']:.3g}"
+        if "changed_elements" in r:
+            extra += f"  {r['changed_elements']}/{r['elements']} elements"
+        click.echo(f"{r['status']:>8}  {r['name']}{extra}")
+    click.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+
+
+@click.command("export")
+@click.argument("run")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--step", default="latest", show_default=True, help="A step, 'best' or 'latest'.")
+@click.option("--metric", help="The metric 'best' is judged by (e.g. eval_loss).")
+@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "hf"]),
+    default="safetensors",
+    show_default=True,
+    help="One file, or a Hugging Face style folder.",
+)
+@click.option(
+    "--key",
+    default="model",
+    show_default=True,
+    help="Which entry of the state holds the weights (e.g. lightning/state_dict).",
+)
+@click.option(
+    "--config-from",
+    type=click.Path(exists=True, file_okay=False),
+    help="With --format hf: copy config/tokenizer JSON files from this folder.",
+)
+def export_command(
+    run: str,
+    out: str,
+    step: str,
+    metric: str | None,
+    mode: str,
+    fmt: str,
+    key: str,
+    config_from: str | None,
+) -> None:
+    """Write a checkpoint's weights as model.safetensors any tool loads."""
+    manager = open_run(run)
+    chosen = _resolve(manager, step, metric, mode)
+    try:
+        path = manager.export(chosen, out, key=key)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if fmt == "hf" and config_from:
+        for source in Path(config_from).glob("*.json"):
+            if source.name not in ("model.safetensors.index.json", "trainer_state.json"):
+                shutil.copy2(source, Path(out) / source.name)
+    click.echo(f"exported step {chosen} to {path}")

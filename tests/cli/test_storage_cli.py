@@ -1,0 +1,103 @@
+"""``ckptwise show``, ``du``, ``diff`` and ``export`` on a real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import ckptwise as cw
+from ckptwise.cli.main import cli
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """Three checkpoints: a frozen tensor, a changing one, and an eval metric."""
+    root = tmp_path / "run"
+    frozen = torch.randn(256, 256)
+    with cw.CheckpointManager(root, save=cw.every(1), codec="bytegroup", rng=False) as manager:
+        for step, loss in ((1, 0.9), (2, 0.5), (3, 0.7)):
+            head = torch.full((64, 64), float(step)).to(torch.bfloat16)
+            manager.step(
+                step,
+                {"model": {"frozen": frozen, "head": head}, "epoch": step},
+                metrics={"eval_loss": loss},
+            )
+    return root
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_show_lists_codec_and_where_each_object_was_stored(run: Path) -> None:
+    doc = json.loads(invoke("show", str(run), "--step", "3", "--json"))
+    rows = {r["name"]: r for r in doc["tensors"]}
+    assert rows["model/frozen"]["stored_by_step"] == 1
+    assert rows["model/head"]["stored_by_step"] == 3
+    assert rows["model/head"]["codec"] == "bytegroup"
+    assert rows["model/frozen"]["stored_bytes"] < rows["model/frozen"]["bytes"]
+    assert "model/frozen" in invoke("show", str(run))
+
+
+def test_du_splits_dedup_from_compression(run: Path) -> None:
+    doc = json.loads(invoke("du", str(run), "--json"))
+    total = doc["total"]
+    frozen, head = 256 * 256 * 4, 64 * 64 * 2
+    assert total["logical_bytes"] == 3 * (frozen + head)
+    assert total["unique_bytes"] == frozen + 3 * head
+    assert total["saved_by_dedup"] == 2 * frozen
+    assert total["saved_by_compression"] == total["unique_bytes"] - total["physical_bytes"] > 0
+    first, last = doc["checkpoints"][0], doc["checkpoints"][-1]
+    assert first["shared_bytes"] > 0
+    assert last["exclusive_bytes"] < 2 * head
+    assert "after dedup" in invoke("du", str(run))
+
+
+def test_diff_names_changed_tensors_and_how_much(run: Path) -> None:
+    doc = json.loads(invoke("diff", str(run), "1", "2", "--json"))
+    rows = {r["name"]: r for r in doc["tensors"]}
+    assert rows["model/frozen"]["status"] == "same"
+    head = rows["model/head"]
+    assert head["status"] == "changed"
+    assert head["changed_elements"] == head["elements"] == 64 * 64
+    assert head["max_abs_change"] == pytest.approx(1.0)
+    assert head["relative_change"] == pytest.approx(1.0)
+    text = invoke("diff", str(run), "1", "3")
+    assert "changed  model/head" in text
+    assert "1 changed, 1 same" in text
+
+
+def test_export_best_latest_and_step(run: Path, tmp_path: Path) -> None:
+    out = invoke(
+        "export", str(run), str(tmp_path / "best"), "--step", "best", "--metric", "eval_loss"
+    )
+    assert "exported step 2" in out
+    weights = load_file(str(tmp_path / "best" / "model.safetensors"))
+    assert torch.equal(weights["head"], torch.full((64, 64), 2.0).to(torch.bfloat16))
+    invoke("export", str(run), str(tmp_path / "latest"))
+    assert load_file(str(tmp_path / "latest" / "model.safetensors"))["head"][0, 0].item() == 3.0
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "config.json").write_text('{"model_type": "x"}')
+    invoke(
+        "export",
+        str(run),
+        str(tmp_path / "hf"),
+        "--step",
+        "1",
+        "--format",
+        "hf",
+        "--config-from",
+        str(config),
+    )
+    assert (tmp_path / "hf" / "config.json").exists()
+    bad = CliRunner().invoke(cli, ["export", str(run), str(tmp_path / "x"), "--step", "best"])
+    assert bad.exit_code == 2
+    assert "--metric" in bad.output
