@@ -33,6 +33,10 @@ __all__ = [
 
 FORMAT_NAME = "ckptwise.checkpoint"
 FORMAT_VERSION = 1
+#: The codec of an object stored as the XOR against another object (its base), byte-grouped.
+DELTA_CODEC = "xor-bytegroup"
+#: The longest delta chain a manifest may describe (readers refuse longer ones).
+MAX_CHAIN = 64
 
 #: Every dtype the format can hold, by its stable on-disk name.
 DTYPES: dict[str, torch.dtype] = {
@@ -84,6 +88,22 @@ class TensorEntry:
     stored_bytes: int = 0
     #: why the codec was chosen (optional; written only when there is something to say)
     note: str = ""
+    #: for a delta (codec ``xor-bytegroup``): the objects it builds on, nearest first, each as
+    #: (object id, codec, stored bytes); the last is a keyframe stored whole
+    bases: tuple[tuple[str, str, int], ...] = ()
+
+    def ancestor(self, index: int) -> TensorEntry:
+        """The entry of ``bases[index]``, as a tensor entry of the same dtype and shape."""
+        oid, codec, stored = self.bases[index]
+        return TensorEntry(
+            object=oid,
+            dtype=self.dtype,
+            shape=self.shape,
+            nbytes=self.nbytes,
+            codec=codec,
+            stored_bytes=stored,
+            bases=self.bases[index + 1 :],
+        )
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -96,6 +116,8 @@ class TensorEntry:
         }
         if self.note:
             doc["note"] = self.note
+        if self.bases:
+            doc["bases"] = [list(b) for b in self.bases]
         return doc
 
 
@@ -180,6 +202,9 @@ def _entry(name: Any, raw: Any, where: str, codecs: frozenset[str]) -> TensorEnt
     note = raw.get("note", "")
     if not isinstance(note, str):
         raise _fail(where, f"tensor {name!r} has a note that is not a string")
+    bases = _bases(raw.get("bases", []), name, where, codecs)
+    if (codec == DELTA_CODEC) != bool(bases):
+        raise _fail(where, f"tensor {name!r}: codec {codec!r} does not match its bases")
     return TensorEntry(
         object=obj,
         dtype=dtype,
@@ -188,7 +213,27 @@ def _entry(name: Any, raw: Any, where: str, codecs: frozenset[str]) -> TensorEnt
         codec=codec,
         stored_bytes=stored,
         note=note,
+        bases=bases,
     )
+
+
+def _bases(
+    raw: Any, name: str, where: str, codecs: frozenset[str]
+) -> tuple[tuple[str, str, int], ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_CHAIN:
+        raise _fail(where, f"tensor {name!r} has bases that are not a list of at most {MAX_CHAIN}")
+    out = []
+    for i, item in enumerate(raw):
+        if not (isinstance(item, list) and len(item) == 3):
+            raise _fail(where, f"tensor {name!r}: base {i} is not [object, codec, stored_bytes]")
+        oid, codec, stored = item
+        if not isinstance(oid, str) or not _OBJECT_ID.match(oid):
+            raise _fail(where, f"tensor {name!r}: base {i} has object id {oid!r}")
+        last = i == len(raw) - 1
+        if codec not in codecs or (codec == DELTA_CODEC) == last:
+            raise _fail(where, f"tensor {name!r}: base {i} has codec {codec!r}")
+        out.append((oid, codec, _int(stored, f"stored bytes of base {i} of {name!r}", where)))
+    return tuple(out)
 
 
 def decode_manifest(data: bytes, *, where: str, codecs: frozenset[str]) -> Manifest:

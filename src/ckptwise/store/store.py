@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import blake3
+import numpy as np
 import torch
 
 from ckptwise.errors import (
@@ -41,7 +42,9 @@ from ckptwise.records import CheckpointInfo
 from ckptwise.store.backend import TMP_MARK, Backend, LocalBackend
 from ckptwise.store.codecs import CODECS, get_codec
 from ckptwise.store.manifest import (
+    DELTA_CODEC,
     DTYPES,
+    MAX_CHAIN,
     Manifest,
     TensorEntry,
     decode_manifest,
@@ -124,13 +127,24 @@ class CheckpointStore:
     dedup and garbage collection need no listing of objects on the hot path.
     """
 
-    def __init__(self, backend: Backend, *, codec: str = "raw") -> None:
+    def __init__(self, backend: Backend, *, codec: str = "raw", deltas: int | None = None) -> None:
         if not CodecPlanner.known(codec):
             raise ConfigError(
                 f"codec={codec!r} is unknown; choose 'auto' (compress where it makes saves "
                 f"faster) or one of {', '.join(sorted(CODECS))}"
             )
+        if deltas is not None and (
+            isinstance(deltas, bool) or not isinstance(deltas, int) or not 2 <= deltas <= MAX_CHAIN
+        ):
+            raise ConfigError(
+                f"deltas={deltas!r}: give the keyframe interval K (2 to {MAX_CHAIN}): a restore "
+                "then reads at most K objects per tensor; None stores every object whole"
+            )
         self.backend = backend
+        #: keyframe interval of delta chains, or None when deltas are off
+        self.deltas = deltas
+        #: object reads made through this store (restores read at most K per tensor)
+        self.reads = 0
         self.planner = CodecPlanner(mode=codec, remote=not isinstance(backend, LocalBackend))
         self._manifests: dict[int, Manifest] = {}
         self._refs: dict[str, set[int]] = {}
@@ -161,13 +175,23 @@ class CheckpointStore:
             self._index(manifest)
 
     def _read_manifest(self, path: str) -> Manifest:
-        return decode_manifest(self.backend.read_bytes(path), where=path, codecs=frozenset(CODECS))
+        return decode_manifest(
+            self.backend.read_bytes(path), where=path, codecs=frozenset(CODECS) | {DELTA_CODEC}
+        )
+
+    @staticmethod
+    def _objects_of(entry: TensorEntry) -> Iterable[tuple[str, TensorEntry]]:
+        """The object of ``entry`` and every object its delta chain needs."""
+        yield entry.object, entry
+        for i, (oid, _, _) in enumerate(entry.bases):
+            yield oid, entry.ancestor(i)
 
     def _index(self, manifest: Manifest) -> None:
         self._manifests[manifest.step] = manifest
         for entry in manifest.tensors.values():
-            self._refs.setdefault(entry.object, set()).add(manifest.step)
-            self._entries.setdefault(entry.object, entry)
+            for oid, described in self._objects_of(entry):
+                self._refs.setdefault(oid, set()).add(manifest.step)
+                self._entries.setdefault(oid, described)
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
@@ -201,35 +225,48 @@ class CheckpointStore:
         return [self.info(s) for s in self.steps()]
 
     def read_tensor(self, entry: TensorEntry, *, step: int, name: str) -> torch.Tensor:
-        """Load one tensor and check its bytes against its content address."""
+        """Load one tensor and check its bytes (and every base's) against its address."""
+        try:
+            out = self._read_raw(entry)
+        except CheckpointNotFoundError as exc:
+            raise CorruptCheckpointError(f"step {step}, tensor {name!r}: {exc}") from exc
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"step {step}, tensor {name!r}: {exc}") from exc
+        return out.view(DTYPES[entry.dtype]).reshape(entry.shape)
+
+    def _read_raw(self, entry: TensorEntry) -> torch.Tensor:
+        """The verified raw bytes of an object, decoding its delta chain if it has one."""
         out = torch.empty(entry.nbytes, dtype=torch.uint8)
         view = _byte_view(out)
         path = object_path(entry.object)
+        itemsize = DTYPES[entry.dtype].itemsize
+        self.reads += 1
         try:
             if entry.codec == "raw":
                 got = self.backend.read_into(path, view)
                 if got != entry.nbytes or self.backend.size(path) != entry.nbytes:
                     raise CorruptCheckpointError(
-                        f"object holds {self.backend.size(path)} bytes, expected {entry.nbytes}"
+                        f"object {entry.object} holds {self.backend.size(path)} bytes, "
+                        f"expected {entry.nbytes}"
                     )
+            elif entry.codec == DELTA_CODEC:
+                stored = self.backend.read_bytes(path)
+                base = self._read_raw(entry.ancestor(0))
+                get_codec("bytegroup").decode(stored, view, itemsize=itemsize)
+                torch.bitwise_xor(out, base, out=out)
             else:
                 get_codec(entry.codec).decode(
-                    self.backend.read_bytes(path), view, itemsize=DTYPES[entry.dtype].itemsize
+                    self.backend.read_bytes(path), view, itemsize=itemsize
                 )
         except CheckpointNotFoundError as exc:
-            raise CorruptCheckpointError(
-                f"step {step}, tensor {name!r}: object {entry.object} is missing"
-            ) from exc
+            raise CorruptCheckpointError(f"object {entry.object} is missing") from exc
         except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(
-                f"step {step}, tensor {name!r}: object {entry.object}: {exc}"
-            ) from exc
+            raise CorruptCheckpointError(f"object {entry.object}: {exc}") from exc
         if object_id(view) != entry.object:
             raise CorruptCheckpointError(
-                f"step {step}, tensor {name!r}: object {entry.object} fails its checksum "
-                "(its bytes changed on disk)"
+                f"object {entry.object} fails its checksum (its bytes changed on disk)"
             )
-        return out.view(DTYPES[entry.dtype]).reshape(entry.shape)
+        return out
 
     def load_tensors(self, step: int) -> dict[str, torch.Tensor]:
         """Every tensor of a committed step, verified."""
@@ -268,30 +305,42 @@ class CheckpointStore:
         Objects whose content is already referenced by a committed checkpoint are not
         written again. Replacing an existing step is allowed (the new manifest wins).
         """
-        entries: dict[str, TensorEntry] = {}
+        previous = self._manifests[max(self._manifests)] if self._manifests else None
+        named: dict[str, tuple[str, str, tuple[int, ...], int]] = {}
         pending: dict[str, _Pending] = {}
         for name, tensor in tensors.items():
             raw = tensor_bytes(tensor)
             oid = object_id(raw)
-            known = self._entries.get(oid) or pending.get(oid)
-            if known is None:
-                codec, note = self.planner.choose(tensor.dtype, len(raw))
-                known = pending[oid] = _Pending(raw, codec, tensor.dtype.itemsize, note)
+            named[name] = (oid, dtype_name(tensor.dtype), tuple(tensor.shape), len(raw))
+            if oid in self._entries or oid in pending:
+                continue
+            codec, note = self.planner.choose(tensor.dtype, len(raw))
+            job = pending[oid] = _Pending(raw, codec, tensor.dtype.itemsize, note)
+            if previous is not None and codec == "bytegroup":
+                job.base = self._delta_base(previous.tensors.get(name), tensor)
+        self._check_space(sum(len(p.raw) for p in pending.values()))
+        self._write_objects(pending)
+        entries: dict[str, TensorEntry] = {}
+        for name, (oid, dtype, shape, nbytes) in named.items():
+            done = pending.get(oid)
+            if done is None:
+                known = self._entries[oid]
+                entries[name] = dataclasses.replace(known, dtype=dtype, shape=shape)
+                continue
+            bases: tuple[tuple[str, str, int], ...] = ()
+            if done.codec == DELTA_CODEC and done.base is not None:
+                base = done.base
+                bases = ((base.object, base.codec, base.stored_bytes), *base.bases)
             entries[name] = TensorEntry(
                 object=oid,
-                dtype=dtype_name(tensor.dtype),
-                shape=tuple(tensor.shape),
-                nbytes=len(raw),
-                codec=known.codec,
-                stored_bytes=known.stored_bytes,
-                note=known.note,
+                dtype=dtype,
+                shape=shape,
+                nbytes=nbytes,
+                codec=done.codec,
+                stored_bytes=done.stored_bytes,
+                note=done.note,
+                bases=bases,
             )
-        self._check_space(sum(len(p.raw) for p in pending.values()))
-        sizes = self._write_objects(pending)
-        entries = {
-            n: e if e.object not in sizes else _with_stored(e, sizes[e.object])
-            for n, e in entries.items()
-        }
         manifest = Manifest(
             step=step,
             time=_time.time() if time is None else time,
@@ -300,7 +349,7 @@ class CheckpointStore:
             metrics=dict(metrics or {}),
             reasons=tuple(reasons),
             extra=dict(extra or {}),
-            written_bytes=sum(sizes.values()),
+            written_bytes=sum(p.stored_bytes for p in pending.values()),
         )
         self.backend.write_atomic(manifest_path(step), [encode_manifest(manifest)])
         self.backend.sync_dirs([CHECKPOINTS])
@@ -313,6 +362,18 @@ class CheckpointStore:
             self.collect_garbage()
         return self.info(step)
 
+    def _delta_base(self, prior: TensorEntry | None, tensor: torch.Tensor) -> TensorEntry | None:
+        """The entry a new object may be stored as a delta against, if deltas are on."""
+        if (
+            self.deltas is None
+            or prior is None
+            or prior.dtype != dtype_name(tensor.dtype)
+            or prior.shape != tuple(tensor.shape)
+            or len(prior.bases) + 1 >= self.deltas  # the chain would outgrow K: keyframe
+        ):
+            return None
+        return prior
+
     def _check_space(self, needed: int) -> None:
         free = self.backend.free_bytes()
         if free is not None and needed + SPACE_MARGIN > free:
@@ -323,41 +384,61 @@ class CheckpointStore:
                 "keep fewer checkpoints (e.g. keep=cw.keep_last(2) or cw.keep_budget(...))"
             )
 
-    def _write_objects(self, pending: Mapping[str, _Pending]) -> dict[str, int]:
+    def _write_objects(self, pending: Mapping[str, _Pending]) -> None:
+        """Encode and write new objects (filling in each job's stored size), then sync."""
         if not pending:
-            return {}
+            return
         started = _time.perf_counter()
         encode_seconds = 0.0
 
-        def write(item: tuple[str, _Pending]) -> tuple[str, int]:
+        def write(item: tuple[str, _Pending]) -> None:
             nonlocal encode_seconds
             oid, job = item
             t0 = _time.perf_counter()
-            data = get_codec(job.codec).encode(job.raw, itemsize=job.itemsize)
+            data = self._encode(job)
             if job.codec != "raw":
                 spent = _time.perf_counter() - t0
                 encode_seconds += spent
                 self.planner.observed_encode(job.itemsize, len(job.raw), len(data), spent)
-            return oid, self.backend.write_atomic(object_path(oid), [data])
+            job.stored_bytes = self.backend.write_atomic(object_path(oid), [data])
 
         if len(pending) == 1:
-            sizes = dict(map(write, pending.items()))
+            for item in pending.items():
+                write(item)
         else:
             with ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="ckptwise-io") as pool:
-                sizes = dict(pool.map(write, pending.items()))
-        self.backend.sync_dirs({object_path(oid).rsplit("/", 1)[0] for oid in sizes} | {OBJECTS})
+                list(pool.map(write, pending.items()))
+        self.backend.sync_dirs({object_path(oid).rsplit("/", 1)[0] for oid in pending} | {OBJECTS})
         elapsed = _time.perf_counter() - started - encode_seconds / _WRITERS
-        self.planner.observed_write(sum(sizes.values()), elapsed)
-        return sizes
+        self.planner.observed_write(sum(p.stored_bytes for p in pending.values()), elapsed)
+
+    def _encode(self, job: _Pending) -> bytes | memoryview:
+        """The stored bytes of a job; a delta when it beats the whole object by 10 %."""
+        whole = get_codec(job.codec).encode(job.raw, itemsize=job.itemsize)
+        if job.base is None:
+            return whole
+        base = self._read_raw(job.base).numpy()
+        xor = np.bitwise_xor(np.frombuffer(job.raw, dtype=np.uint8), base)
+        delta = get_codec("bytegroup").encode(memoryview(xor), itemsize=job.itemsize)
+        if len(delta) < 0.9 * len(whole):
+            job.note = (
+                f"delta against the previous checkpoint: {len(job.raw) / len(delta):.2f}x, "
+                f"whole {len(job.raw) / len(whole):.2f}x"
+            )
+            job.codec = DELTA_CODEC
+            return delta
+        job.base = None
+        return whole
 
     def _unindex(self, manifest: Manifest) -> None:
         for entry in manifest.tensors.values():
-            refs = self._refs.get(entry.object)
-            if refs is not None:
-                refs.discard(manifest.step)
-                if not refs:
-                    del self._refs[entry.object]
-                    self._entries.pop(entry.object, None)
+            for oid, _ in self._objects_of(entry):
+                refs = self._refs.get(oid)
+                if refs is not None:
+                    refs.discard(manifest.step)
+                    if not refs:
+                        del self._refs[oid]
+                        self._entries.pop(oid, None)
 
     def delete(self, steps: Iterable[int]) -> None:
         """Delete committed checkpoints: manifests first, then objects no one references."""
@@ -428,10 +509,6 @@ class CheckpointStore:
         self.backend.write_atomic(RUN_FILE, [json.dumps(doc, indent=1).encode()])
 
 
-def _with_stored(entry: TensorEntry, stored: int) -> TensorEntry:
-    return dataclasses.replace(entry, stored_bytes=stored)
-
-
 @dataclass
 class _Pending:
     """A new object of this commit: its raw bytes and how it will be stored."""
@@ -441,3 +518,4 @@ class _Pending:
     itemsize: int
     note: str
     stored_bytes: int = 0
+    base: TensorEntry | None = None
