@@ -70,7 +70,7 @@ def test_a_damaged_base_fails_every_checkpoint_built_on_it(tmp_path: Path) -> No
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     problems = {p.step: p.message for p in CheckpointStore(LocalBackend(tmp_path)).verify()}
-    assert sorted(problems) == [1, 2, 3]
+    assert sorted(s for s in problems if s is not None) == [1, 2, 3]
     assert keyframe in problems[3]
 
 
@@ -102,21 +102,17 @@ def test_any_dtype_round_trips_through_a_chain(
     first = bytearray(data.draw(st.binary(min_size=n, max_size=n)))
     root = tmp_path_factory.mktemp("chain")
     store = CheckpointStore(LocalBackend(root), codec="bytegroup", deltas=3)
-    values = []
+    values: list[bytes] = []
     current = first
     for step in range(1, 5):
         current = bytearray(current)
         for f in flips:
             current[f % n] ^= 1 << (f % 8)  # a few bits change per step: NaN, Inf, denormals...
-        tensor = (
-            torch.frombuffer(bytes(current), dtype=torch.uint8).view(torch_dtype).reshape(shape)
-        )
-        values.append(tensor.clone())
+        values.append(bytes(current))
+        tensor = torch.frombuffer(current, dtype=torch.uint8).view(torch_dtype).reshape(shape)
         store.commit(step, {"t": tensor})
     fresh = CheckpointStore(LocalBackend(root))
-    for step, tensor in enumerate(values, start=1):
+    for step, expected in enumerate(values, start=1):
         back = fresh.load_tensors(step)["t"]
-        assert (
-            back.reshape(-1).view(torch.uint8).tolist()
-            == tensor.reshape(-1).view(torch.uint8).tolist()
-        )
+        assert back.dtype == torch_dtype
+        assert bytes(back.reshape(-1).view(torch.uint8).numpy()) == expected
