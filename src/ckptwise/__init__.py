@@ -19,6 +19,7 @@ from ckptwise.errors import (
 )
 from ckptwise.manager import CheckpointManager, RestoreWarning
 from ckptwise.policy import (
+    ContentPolicy,
     Decision,
     MetricStats,
     RetentionContext,
@@ -27,10 +28,13 @@ from ckptwise.policy import (
     SaveMark,
     TrainingState,
     Trigger,
+    Variant,
     at_steps,
     daly_interval,
     every,
     every_duration,
+    full,
+    full_every,
     geometric,
     keep_all,
     keep_best,
@@ -47,6 +51,8 @@ from ckptwise.policy import (
     overhead_budget,
     plan_retention,
     schedule,
+    trainable_only,
+    weights_only,
 )
 from ckptwise.records import CheckpointInfo
 
@@ -58,6 +64,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "ConfigError",
+    "ContentPolicy",
     "CorruptCheckpointError",
     "Decision",
     "FormatError",
@@ -74,11 +81,14 @@ __all__ = [
     "StorageError",
     "TrainingState",
     "Trigger",
+    "Variant",
     "__version__",
     "at_steps",
     "daly_interval",
     "every",
     "every_duration",
+    "full",
+    "full_every",
     "geometric",
     "keep_all",
     "keep_best",
@@ -99,4 +109,6 @@ __all__ = [
     "policy_from_config",
     "schedule",
     "to_config",
+    "trainable_only",
+    "weights_only",
 ]

@@ -27,15 +27,16 @@ import torch
 
 from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from ckptwise.monitor import Monitor
+from ckptwise.policy.content import ContentPolicy, Variant, full
 from ckptwise.policy.retention import RetentionPlan, RetentionPolicy, keep_all, plan_retention
 from ckptwise.policy.state import Decision
 from ckptwise.policy.triggers import Trigger, _check_trigger, never, walk
 from ckptwise.progress import Progress
 from ckptwise.records import CheckpointInfo
-from ckptwise.snapshot import RngState, apply, capture, rebuild
+from ckptwise.snapshot import ModelWeights, RngState, apply, capture, rebuild
 from ckptwise.store.backend import open_backend
 from ckptwise.store.lock import RunLock
-from ckptwise.store.manifest import Manifest
+from ckptwise.store.manifest import DTYPES, Manifest
 from ckptwise.store.store import CheckpointStore
 from ckptwise.writer import SyncWriter, Writer
 
@@ -80,6 +81,9 @@ class CheckpointManager:
     Args:
         root: a local folder or an fsspec URL (``s3://bucket/run``, ``memory://run``).
         save: when to save (triggers composed with ``|`` / ``&``); none saves nothing.
+        content: what each save holds; by default everything. E.g.
+            ``cw.full_every(5000, otherwise=cw.weights_only())`` makes the saves between
+            full ones slim. Only full checkpoints can be restored into a training state.
         keep: what to keep; defaults to :func:`~ckptwise.keep_all` for a writing manager.
             The newest checkpoint, pinned ones and the one this manager restored are
             always kept.
@@ -100,6 +104,7 @@ class CheckpointManager:
         *,
         save: Trigger | None = None,
         keep: RetentionPolicy | None = None,
+        content: ContentPolicy | None = None,
         rng: bool = True,
         codec: str = "raw",
         deltas: int | None = None,
@@ -115,6 +120,11 @@ class CheckpointManager:
         self.writable = save is not None or keep is not None
         self.save_policy: Trigger = save if save is not None else never()
         self.keep_policy: RetentionPolicy = keep if keep is not None else keep_all()
+        if content is not None and not isinstance(content, ContentPolicy):
+            raise ConfigError(
+                f"content= expects a content policy such as cw.full_every(5000), got {content!r}"
+            )
+        self.content: ContentPolicy = content if content is not None else full()
         self.rng = rng
         self.clock = clock
         backend = open_backend(root, **dict(storage_options or {}))
@@ -182,7 +192,10 @@ class CheckpointManager:
         decision = self.save_policy.decide(training)
         self._progress.observe(step, values)
         if decision.save:
-            self.save(step, state, metrics=values, reasons=decision.reasons, now=now)
+            variant = self.content.choose(training, decision)
+            self.save(
+                step, state, metrics=values, reasons=decision.reasons, now=now, variant=variant
+            )
             self._requests.difference_update(requests)
             if self._monitor is not None:
                 self._monitor.consume(requests)
@@ -209,8 +222,12 @@ class CheckpointManager:
         metrics: Mapping[str, Any] | None = None,
         reasons: tuple[str, ...] = ("manual",),
         now: datetime | None = None,
+        variant: Variant | None = None,
     ) -> CheckpointInfo | None:
-        """Save ``state`` as ``step`` now, whatever the policy says, then prune."""
+        """Save ``state`` as ``step`` now, whatever the policy says, then prune.
+
+        ``variant`` (default: the whole state) may make it a slim, weights-only save.
+        """
         self._check_open()
         if not self.writable:
             raise ConfigError(
@@ -221,10 +238,11 @@ class CheckpointManager:
             raise ConfigError(f"the state key {RNG_KEY!r} is reserved for the RNG states")
         now = self.clock() if now is None else now
         values = _as_metrics(metrics)
-        full = {**state, RNG_KEY: RngState()} if self.rng else dict(state)
-        snap = capture(full)
+        variant = variant if variant is not None else full()
+        snap = capture(self._contents(state, variant))
         self._progress.started_save(step, now, reasons)
         extra = self._progress.to_json()
+        extra["variant"] = {"kind": variant.kind, "key": variant.key, "cast": variant.cast}
         info = self._writer.write(
             lambda: self.store.commit(
                 step,
@@ -241,6 +259,21 @@ class CheckpointManager:
             self.prune(now=now)
         self._progress.finished_save(self.clock() - now)
         return info
+
+    def _contents(self, state: Mapping[str, Any], variant: Variant) -> dict[str, Any]:
+        """The entries one save of ``variant`` captures."""
+        if variant.kind == "full":
+            return {**state, RNG_KEY: RngState()} if self.rng else dict(state)
+        if variant.key not in state:
+            raise ConfigError(
+                f"a {variant.kind}-only save needs the model under {variant.key!r} in the state "
+                f"(it has {', '.join(map(repr, state))}); pass key= to the variant"
+            )
+        cast = None if variant.cast is None else DTYPES[variant.cast]
+        weights = ModelWeights(
+            state[variant.key], trainable_only=variant.kind == "trainable", cast=cast
+        )
+        return {variant.key: weights}
 
     def prune(self, *, now: datetime | None = None) -> RetentionPlan:
         """Apply the retention policy to the committed checkpoints and delete the rest."""
@@ -340,6 +373,14 @@ class CheckpointManager:
         candidates = [step] if step is not None else sorted(self.store.steps(), reverse=True)
         for candidate in candidates:
             manifest = self.store.manifest(candidate)
+            kind = manifest.extra.get("variant", {}).get("kind", "full")
+            if kind != "full":
+                if step is not None:
+                    raise CheckpointError(
+                        f"step {candidate} holds {kind} only and cannot resume training; "
+                        "load() or export() it, or restore a full checkpoint"
+                    )
+                continue
             try:
                 return candidate, manifest, self.store.load_tensors(candidate)
             except CorruptCheckpointError as exc:

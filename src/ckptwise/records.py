@@ -29,3 +29,5 @@ class CheckpointInfo:
     logical_bytes: int = 0
     new_bytes: int = 0
     objects: frozenset[str] = frozenset()
+    #: what the checkpoint holds: ``full``, ``weights``, ``trainable`` (``/dtype`` if cast)
+    variant: str = "full"

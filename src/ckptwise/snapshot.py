@@ -26,7 +26,7 @@ import torch
 
 from ckptwise.errors import CheckpointError, CorruptCheckpointError, SnapshotError
 
-__all__ = ["RngState", "Snapshot", "apply", "capture"]
+__all__ = ["ModelWeights", "RngState", "Snapshot", "apply", "capture"]
 
 log = logging.getLogger("ckptwise")
 
@@ -266,3 +266,42 @@ class RngState:
                     len(states),
                     torch.cuda.device_count(),
                 )
+
+
+class ModelWeights:
+    """A model's tensors as a stateful entry: all of them, or only trainable parameters,
+    optionally cast to another floating-point dtype for storage.
+
+    Loading back into the model accepts a partial set (trainable only) and casts back to
+    the model's own dtypes.
+    """
+
+    def __init__(
+        self, model: Any, *, trainable_only: bool = False, cast: torch.dtype | None = None
+    ) -> None:
+        self.model = model
+        self.trainable_only = trainable_only
+        self.cast = cast
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.trainable_only:
+            if not isinstance(self.model, torch.nn.Module):
+                raise SnapshotError(
+                    f"trainable-only saves need an nn.Module, got {type(self.model).__name__}"
+                )
+            tensors: dict[str, Any] = {
+                n: p for n, p in self.model.named_parameters() if p.requires_grad
+            }
+        else:
+            tensors = dict(self.model.state_dict())
+        if self.cast is not None:
+            tensors = {
+                k: v.detach().to(self.cast)
+                if isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v
+                for k, v in tensors.items()
+            }
+        return tensors
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(dict(state), strict=not self.trainable_only)

@@ -56,6 +56,7 @@ def ls_command(run: str, as_json: bool) -> None:
                 "step": info.step,
                 "time": info.time.isoformat(),
                 "reasons": list(info.reasons),
+                "holds": info.variant,
                 "metrics": dict(info.metrics),
                 "logical_bytes": info.logical_bytes,
                 "new_bytes": info.new_bytes,
@@ -72,7 +73,17 @@ def ls_command(run: str, as_json: bool) -> None:
         click.echo(json.dumps(doc, indent=2, default=str))
         return
     table = Table(title=f"{run}: {len(rows)} checkpoint(s)")
-    for column in ("step", "time", "saved because", "metrics", "bytes", "written", "kept because"):
+    columns = (
+        "step",
+        "time",
+        "saved because",
+        "holds",
+        "metrics",
+        "bytes",
+        "written",
+        "kept because",
+    )
+    for column in columns:
         table.add_column(
             column, justify="right" if column in ("step", "bytes", "written") else "left"
         )
@@ -81,6 +92,7 @@ def ls_command(run: str, as_json: bool) -> None:
             str(row["step"]),
             datetime.fromisoformat(row["time"]).strftime("%Y-%m-%d %H:%M:%S"),
             ", ".join(row["reasons"]),
+            row["holds"],
             ", ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()),
             human_size(row["logical_bytes"]),
             human_size(row["new_bytes"]),

@@ -48,6 +48,7 @@ from ckptwise.manager import RNG_KEY, CheckpointManager
 from ckptwise.policy.retention import KeepAny, KeepBest, RetentionPolicy, keep_all, keep_best
 from ckptwise.policy.retention import keep_last as _keep_last
 from ckptwise.policy.triggers import OnImprovement, Trigger, every, on_final, on_improvement, walk
+from ckptwise.snapshot import ModelWeights
 
 __all__ = ["CheckpointCallback", "CkptwiseArguments", "attach", "policy_from_training_args"]
 
@@ -164,22 +165,6 @@ def _resolve_policy(
     return policy_from_training_args(args)
 
 
-class _Weights:
-    """The model as a stateful entry: every tensor, or only trainable parameters."""
-
-    def __init__(self, model: torch.nn.Module, mode: Weights) -> None:
-        self.model = model
-        self.mode = mode
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.mode == "all":
-            return dict(self.model.state_dict())
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(dict(state), strict=self.mode == "all")
-
-
 class _TrainerStateEntry:
     """``TrainerState`` as JSON, with the ``ExportableState`` callbacks folded in as
     ``Trainer._save_checkpoint`` does."""
@@ -289,7 +274,9 @@ class CheckpointCallback(TrainerCallback):
     def state(self) -> dict[str, Any]:
         """What one checkpoint holds (the RNG states are added by the manager)."""
         trainer = self.trainer
-        out: dict[str, Any] = {"model": _Weights(trainer.model, self.weights)}
+        out: dict[str, Any] = {
+            "model": ModelWeights(trainer.model, trainable_only=self.weights == "trainable")
+        }
         if trainer.optimizer is not None:
             out["optimizer"] = trainer.optimizer
         if trainer.lr_scheduler is not None:

@@ -1,5 +1,13 @@
 """Pure policies: triggers decide when to save, retention decides what to keep."""
 
+from ckptwise.policy.content import (
+    ContentPolicy,
+    Variant,
+    full,
+    full_every,
+    trainable_only,
+    weights_only,
+)
 from ckptwise.policy.requests import on_file, on_signal
 from ckptwise.policy.retention import (
     RetentionContext,
@@ -28,6 +36,7 @@ from ckptwise.policy.triggers import (
 )
 
 __all__ = [
+    "ContentPolicy",
     "Decision",
     "MetricStats",
     "RetentionContext",
@@ -36,10 +45,13 @@ __all__ = [
     "SaveMark",
     "TrainingState",
     "Trigger",
+    "Variant",
     "at_steps",
     "daly_interval",
     "every",
     "every_duration",
+    "full",
+    "full_every",
     "geometric",
     "keep_all",
     "keep_best",
@@ -56,5 +68,7 @@ __all__ = [
     "overhead_budget",
     "plan_retention",
     "schedule",
+    "trainable_only",
     "walk",
+    "weights_only",
 ]
