@@ -444,6 +444,51 @@ class CheckpointManager:
         save_file(weights, str(path), metadata={"format": "pt", "ckptwise_step": str(step)})
         return path
 
+    def archive(
+        self,
+        step: int | None,
+        out: str | os.PathLike[str],
+        *,
+        lossy: tuple[str, ...] = ("optimizer/",),
+        codec: str = "bytegroup",
+    ) -> CheckpointInfo:
+        """Copy one checkpoint into a new run at ``out``, quantizing some tensors (lossy).
+
+        Float tensors whose names start with a prefix in ``lossy`` (by default the optimizer
+        state: Adam moments) are stored as blockwise int8 (codec ``q8``), in the spirit of
+        Check-N-Run and ExCP; every other tensor is copied exactly with ``codec``. Each lossy
+        entry's note records its maximum and relative error. The copy restores like any
+        checkpoint (with the quantized optimizer state); the original run is untouched.
+        Opt-in only: nothing lossy ever happens in a training run's own saves.
+        """
+        step = self._resolve(step)
+        manifest = self.store.manifest(step)
+        tensors = self.store.load_tensors(step)
+        backend = open_backend(out)
+        lock = RunLock(backend)
+        lock.acquire()
+        try:
+            target = CheckpointStore(backend, codec=codec)
+            if target.steps():
+                raise CheckpointError(
+                    f"{backend.url} already holds checkpoints; archive into a new folder"
+                )
+            return target.commit(
+                step,
+                tensors,
+                tree=manifest.tree,
+                metrics=manifest.metrics,
+                reasons=manifest.reasons,
+                extra={
+                    **manifest.extra,
+                    "archive": {"from": self.store.backend.url, "lossy": list(lossy)},
+                },
+                time=manifest.time,
+                lossy=[n for n in tensors if n.startswith(lossy)],
+            )
+        finally:
+            lock.release()
+
     def _resolve(self, step: int | None) -> int:
         if step is not None:
             return step

@@ -101,3 +101,17 @@ def test_export_best_latest_and_step(run: Path, tmp_path: Path) -> None:
     bad = CliRunner().invoke(cli, ["export", str(run), str(tmp_path / "x"), "--step", "best"])
     assert bad.exit_code == 2
     assert "--metric" in bad.output
+
+
+def test_archive_reports_what_it_quantized(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    with cw.CheckpointManager(root, save=cw.every(1)) as manager:
+        manager.step(1, {"model": model, "optimizer": opt})
+    out = invoke("archive", str(root), str(tmp_path / "archive"))
+    assert "optimizer/state/0/exp_avg: lossy q8: max abs error" in out
+    assert "archived step 1" in out
+    assert "verified 1 checkpoint(s)" in invoke("verify", str(tmp_path / "archive"))

@@ -26,7 +26,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ckptwise.cli.common import human_size, open_run
 from ckptwise.cli.simulate_cmd import simulate_command
-from ckptwise.cli.storage import diff_command, du_command, export_command, show_command
+from ckptwise.cli.storage import (
+    archive_command,
+    diff_command,
+    du_command,
+    export_command,
+    show_command,
+)
 from ckptwise.errors import CheckpointError
 
 __all__ = ["cli", "main"]
@@ -166,7 +172,14 @@ def unpin_command(run: str, step: int) -> None:
     click.echo(f"unpinned step {step} of {run}")
 
 
-for command in (simulate_command, show_command, du_command, diff_command, export_command):
+for command in (
+    simulate_command,
+    show_command,
+    du_command,
+    diff_command,
+    export_command,
+    archive_command,
+):
     cli.add_command(command)
 
 

@@ -24,7 +24,7 @@ from ckptwise.cli.common import human_size, open_run
 from ckptwise.errors import CheckpointError
 from ckptwise.manager import CheckpointManager
 
-__all__ = ["diff_command", "du_command", "export_command", "show_command"]
+__all__ = ["archive_command", "diff_command", "du_command", "export_command", "show_command"]
 
 
 def _resolve(manager: CheckpointManager, step: str, metric: str | None, mode: str) -> int:
@@ -260,3 +260,38 @@ def export_command(
             if source.name not in ("model.safetensors.index.json", "trainer_state.json"):
                 shutil.copy2(source, Path(out) / source.name)
     click.echo(f"exported step {chosen} to {path}")
+
+
+@click.command("archive")
+@click.argument("run")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--step", default="latest", show_default=True, help="A step, 'best' or 'latest'.")
+@click.option("--metric", help="The metric 'best' is judged by (e.g. eval_loss).")
+@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
+@click.option(
+    "--lossy",
+    "prefixes",
+    multiple=True,
+    default=["optimizer/"],
+    show_default=True,
+    help="Quantize float tensors whose names start with this (repeatable).",
+)
+def archive_command(
+    run: str, out: str, step: str, metric: str | None, mode: str, prefixes: tuple[str, ...]
+) -> None:
+    """Copy one checkpoint to a new run OUT, optimizer state quantized to int8 (lossy)."""
+    manager = open_run(run)
+    chosen = _resolve(manager, step, metric, mode)
+    try:
+        info = manager.archive(chosen, out, lossy=prefixes)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
+    manifest = CheckpointManager(out).store.manifest(chosen)
+    lossy = {n: e.note for n, e in manifest.tensors.items() if e.codec == "q8"}
+    for name, note in lossy.items():
+        click.echo(f"{name}: {note}")
+    original = sum(e.nbytes for e in manifest.tensors.values())
+    click.echo(
+        f"archived step {chosen} to {out}: {human_size(info.new_bytes)} for "
+        f"{human_size(original)} of tensors, {len(lossy)} of them lossy"
+    )

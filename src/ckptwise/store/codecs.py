@@ -12,11 +12,20 @@ import struct
 from typing import Protocol
 
 import numpy as np
+import torch
 import zstandard
 
 from ckptwise.errors import CorruptCheckpointError
 
-__all__ = ["CODECS", "ByteGroupedCodec", "Codec", "RawCodec", "ZstdCodec", "get_codec"]
+__all__ = [
+    "CODECS",
+    "ByteGroupedCodec",
+    "Codec",
+    "Q8Codec",
+    "RawCodec",
+    "ZstdCodec",
+    "get_codec",
+]
 
 
 class Codec(Protocol):
@@ -158,10 +167,76 @@ class ByteGroupedCodec:
         target[...] = grouped.T
 
 
+_Q8_HEADER = struct.Struct("<4sBBHQ")  # magic, version, dtype code, block, element count
+_Q8_MAGIC = b"CKQ8"
+_Q8_DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16, 3: torch.float64}
+_Q8_CODES = {v: k for k, v in _Q8_DTYPES.items()}
+
+
+class Q8Codec:
+    """Lossy: blockwise absmax int8 quantization of float tensors, for archival copies only.
+
+    Each block of ``block`` elements stores one float32 scale (its largest magnitude / 127)
+    and one int8 per element; decoding computes ``q * scale`` in float32 and casts to the
+    tensor's dtype. The object is zstd-compressed. A lossy object's address is the digest of
+    what it *decodes* to, so it verifies like any other; what was lost is recorded in the
+    manifest entry's note. Never chosen automatically.
+    """
+
+    name = "q8"
+    lossy = True
+
+    def __init__(self, block: int = 256) -> None:
+        self.block = block
+
+    def quantize(self, values: torch.Tensor) -> bytes:
+        """The stored form of a float tensor's values (any shape)."""
+        flat = values.detach().reshape(-1).to(torch.float32)
+        count = flat.numel()
+        pad = (-count) % self.block
+        blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, self.block)
+        scales = blocks.abs().amax(dim=1) / 127.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(blocks / safe[:, None]).clamp(-127, 127).to(torch.int8)
+        if values.dtype not in _Q8_CODES:
+            raise TypeError(f"q8 quantizes floating-point tensors, not {values.dtype}")
+        header = _Q8_HEADER.pack(_Q8_MAGIC, 1, _Q8_CODES[values.dtype], self.block, count)
+        body = scales.numpy().tobytes() + q.reshape(-1)[:count].numpy().tobytes()
+        return header + zstandard.ZstdCompressor(level=3).compress(body)
+
+    def encode(self, raw: memoryview, *, itemsize: int) -> bytes:
+        raise TypeError("q8 is lossy: quantize() the tensor, it does not encode raw bytes")
+
+    def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
+        try:
+            magic, version, code, block, count = _Q8_HEADER.unpack_from(stored)
+            body = zstandard.ZstdDecompressor().decompress(
+                stored[_Q8_HEADER.size :],
+                max_output_size=count * 5 + 4 * count // max(block, 1) + 8,
+            )
+        except (struct.error, zstandard.ZstdError) as exc:
+            raise CorruptCheckpointError(f"q8 object does not decode: {exc}") from exc
+        dtype = _Q8_DTYPES.get(code)
+        if magic != _Q8_MAGIC or version != 1 or dtype is None or block < 1:
+            raise CorruptCheckpointError("not a q8 object")
+        if dtype.itemsize != itemsize:
+            raise CorruptCheckpointError(f"q8 object holds {dtype}, not {itemsize}-byte elements")
+        blocks = -(-count // block)
+        if len(body) != 4 * blocks + count or count * itemsize != len(out):
+            raise CorruptCheckpointError("q8 object has the wrong size for its tensor")
+        scales = torch.frombuffer(bytearray(body[: 4 * blocks]), dtype=torch.float32)
+        q = torch.frombuffer(bytearray(body[4 * blocks :]), dtype=torch.int8).to(torch.float32)
+        q = torch.nn.functional.pad(q, (0, blocks * block - count)).reshape(blocks, block)
+        values = (q * scales[:, None]).reshape(-1)[:count]
+        target = torch.frombuffer(out, dtype=torch.uint8)
+        target.copy_(values.to(dtype).view(torch.uint8))
+
+
 CODECS: dict[str, Codec] = {
     "raw": RawCodec(),
     "zstd": ZstdCodec(),
     "bytegroup": ByteGroupedCodec(),
+    "q8": Q8Codec(),
 }
 
 

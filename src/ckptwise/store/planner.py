@@ -83,4 +83,4 @@ class CodecPlanner:
     @staticmethod
     def known(mode: str) -> bool:
         """Whether ``mode`` names something the planner can do."""
-        return mode == "auto" or mode in CODECS
+        return mode == "auto" or (mode in CODECS and not getattr(CODECS[mode], "lossy", False))

@@ -131,7 +131,7 @@ class CheckpointStore:
         if not CodecPlanner.known(codec):
             raise ConfigError(
                 f"codec={codec!r} is unknown; choose 'auto' (compress where it makes saves "
-                f"faster) or one of {', '.join(sorted(CODECS))}"
+                f"faster) or one of {', '.join(sorted(c for c in CODECS if CodecPlanner.known(c)))}"
             )
         if deltas is not None and (
             isinstance(deltas, bool) or not isinstance(deltas, int) or not 2 <= deltas <= MAX_CHAIN
@@ -300,16 +300,27 @@ class CheckpointStore:
         reasons: Iterable[str] = (),
         extra: Mapping[str, Any] | None = None,
         time: float | None = None,
+        lossy: Iterable[str] = (),
     ) -> CheckpointInfo:
         """Write a checkpoint: new objects first, then the manifest, atomically.
 
         Objects whose content is already referenced by a committed checkpoint are not
         written again. Replacing an existing step is allowed (the new manifest wins).
+        Float tensors named in ``lossy`` are stored quantized (codec ``q8``); their entries
+        then hold what they decode to, and the error in ``note``.
         """
+        lossy = set(lossy)
         previous = self._manifests[max(self._manifests)] if self._manifests else None
         named: dict[str, tuple[str, str, tuple[int, ...], int]] = {}
         pending: dict[str, _Pending] = {}
         for name, tensor in tensors.items():
+            if name in lossy and tensor.is_floating_point() and tensor.numel():
+                job = _quantized(tensor)
+                oid = object_id(job.raw)
+                named[name] = (oid, dtype_name(tensor.dtype), tuple(tensor.shape), len(job.raw))
+                if oid not in self._entries:
+                    pending.setdefault(oid, job)
+                continue
             raw = tensor_bytes(tensor)
             oid = object_id(raw)
             named[name] = (oid, dtype_name(tensor.dtype), tuple(tensor.shape), len(raw))
@@ -415,6 +426,8 @@ class CheckpointStore:
 
     def _encode(self, job: _Pending) -> bytes | memoryview:
         """The stored bytes of a job; a delta when it beats the whole object by 10 %."""
+        if job.data is not None:
+            return job.data
         whole = get_codec(job.codec).encode(job.raw, itemsize=job.itemsize)
         if job.base is None:
             return whole
@@ -527,3 +540,19 @@ class _Pending:
     note: str
     stored_bytes: int = 0
     base: TensorEntry | None = None
+    data: bytes | None = None  # already encoded (lossy objects)
+
+
+def _quantized(tensor: torch.Tensor) -> _Pending:
+    """A q8 job for a float tensor: the stored bytes, what they decode to, and the error."""
+    codec = CODECS["q8"]
+    original = tensor.detach().cpu().contiguous()
+    stored = codec.quantize(original)  # type: ignore[attr-defined]
+    decoded = torch.empty(original.numel() * original.element_size(), dtype=torch.uint8)
+    codec.decode(stored, _byte_view(decoded), itemsize=original.element_size())
+    values = decoded.view(original.dtype).reshape(original.shape)
+    error = (values.double() - original.double()).reshape(-1)
+    scale = original.double().norm().item()
+    rms = error.norm().item() / scale if scale else 0.0
+    note = f"lossy q8: max abs error {error.abs().max().item():.3g}, relative error {rms:.3g}"
+    return _Pending(_byte_view(decoded), "q8", original.element_size(), note, data=stored)

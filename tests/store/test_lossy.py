@@ -1,0 +1,62 @@
+"""The opt-in lossy archive: quantized optimizer moments, reported error, verifiable copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_state, train_step
+
+import ckptwise as cw
+from ckptwise.store.codecs import CODECS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_q8_decodes_close_to_the_input_and_exactly_the_same_twice(dtype: torch.dtype) -> None:
+    values = (torch.randn(1000) * 3).to(dtype)
+    codec = CODECS["q8"]
+    stored = codec.quantize(values)  # type: ignore[attr-defined]
+    out = bytearray(values.numel() * values.element_size())
+    codec.decode(stored, memoryview(out), itemsize=values.element_size())
+    back = torch.frombuffer(out, dtype=dtype)
+    assert (back.double() - values.double()).abs().max() <= values.double().abs().max() / 127 + 0.05
+    again = bytearray(len(out))
+    codec.decode(stored, memoryview(again), itemsize=values.element_size())
+    assert again == out
+
+
+def test_archive_quantizes_optimizer_state_only_and_reports_the_error(tmp_path: Path) -> None:
+    state = make_state(128)
+    for _ in range(3):
+        train_step(state, 128)
+    with cw.CheckpointManager(tmp_path / "run", save=cw.every(1), rng=False) as manager:
+        manager.step(3, state)
+        info = manager.archive(3, tmp_path / "archive")
+        original = manager.store.manifest(3)
+    copy = cw.CheckpointManager(tmp_path / "archive")
+    assert copy.store.verify() == []
+    entries = copy.store.manifest(3).tensors
+    moments = [n for n in entries if n.startswith("optimizer/") and "exp_avg" in n]
+    assert moments
+    for name in moments:
+        assert entries[name].codec == "q8"
+        assert entries[name].note.startswith("lossy q8: max abs error")
+    assert all(e.codec != "q8" for n, e in entries.items() if n.startswith("model/"))
+    loaded, exact = copy.load(3), cw.CheckpointManager(tmp_path / "run").load(3)
+    for name, tensor in exact["model"].items():
+        assert torch.equal(loaded["model"][name], tensor)
+    moment = exact["optimizer"]["state"][0]["exp_avg"]
+    approx = loaded["optimizer"]["state"][0]["exp_avg"]
+    assert not torch.equal(approx, moment)
+    assert torch.allclose(approx, moment, atol=moment.abs().max().item() / 100)
+    assert info.new_bytes < sum(e.stored_bytes for e in original.tensors.values())
+    fresh = make_state(128, seed=4)
+    assert copy.restore(fresh) == 3  # an archive still restores, with approximate moments
+    with pytest.raises(cw.CheckpointError, match="already holds checkpoints"):
+        cw.CheckpointManager(tmp_path / "run").archive(3, tmp_path / "archive")
+
+
+def test_lossy_codecs_are_never_a_run_codec(tmp_path: Path) -> None:
+    with pytest.raises(cw.ConfigError, match="codec='q8' is unknown"):
+        cw.CheckpointManager(tmp_path, save=cw.every(1), codec="q8")
