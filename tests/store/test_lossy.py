@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_state, train_step
 
 import ckptwise as cw
 from ckptwise.store.codecs import CODECS
+from conftest import make_state, train_step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
