@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from ckptwise.errors import CorruptCheckpointError
 from ckptwise.store.codecs import CODECS, ByteGroupedCodec
-
-LOSSLESS = sorted(name for name, codec in CODECS.items() if not getattr(codec, "lossy", False))
 from ckptwise.store.manifest import DTYPES
 from ckptwise.store.store import tensor_bytes
+
+LOSSLESS = sorted(name for name, codec in CODECS.items() if not getattr(codec, "lossy", False))
 
 
 def round_trip(codec: str, tensor: torch.Tensor) -> torch.Tensor:
