@@ -88,9 +88,9 @@ class CheckpointManager:
             The newest checkpoint, pinned ones and the one this manager restored are
             always kept.
         rng: also save and restore Python, numpy, torch (and CUDA) RNG states.
-        codec: how new objects are encoded: ``"raw"``, ``"bytegroup"`` (byte-grouped zstd,
-            for float weights), ``"zstd"``, or ``"auto"`` (byte-grouped where the measured
-            encode and write rates say it makes the save faster, raw elsewhere).
+        codec: how new objects are encoded: ``"auto"`` (the default: byte-grouped zstd for
+            float tensors where the measured encode and write rates say it makes the save
+            faster, raw elsewhere), ``"raw"``, ``"bytegroup"`` or ``"zstd"``.
         deltas: with a compressing codec, store a tensor as the XOR against its value in
             the previous checkpoint when that is 10 % smaller, with a whole keyframe at least
             every ``deltas`` saves, so a restore reads at most ``deltas`` objects per tensor.
@@ -106,7 +106,7 @@ class CheckpointManager:
         keep: RetentionPolicy | None = None,
         content: ContentPolicy | None = None,
         rng: bool = True,
-        codec: str = "raw",
+        codec: str = "auto",
         deltas: int | None = None,
         clock: Callable[[], datetime] = _utcnow,
         storage_options: Mapping[str, Any] | None = None,
