@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -33,12 +33,12 @@ from ckptwise.policy.state import Decision
 from ckptwise.policy.triggers import Trigger, _check_trigger, never, walk
 from ckptwise.progress import Progress
 from ckptwise.records import CheckpointInfo
-from ckptwise.snapshot import ModelWeights, RngState, apply, capture, rebuild
+from ckptwise.snapshot import ModelWeights, RngState, SnapshotCopier, apply, capture, rebuild
 from ckptwise.store.backend import open_backend
 from ckptwise.store.lock import RunLock
 from ckptwise.store.manifest import DTYPES, Manifest
 from ckptwise.store.store import CheckpointStore
-from ckptwise.writer import SyncWriter, Writer
+from ckptwise.writer import AsyncWriter, SyncWriter, Writer
 
 __all__ = ["CheckpointManager", "RestoreWarning"]
 
@@ -95,6 +95,11 @@ class CheckpointManager:
             the previous checkpoint when that is 10 % smaller, with a whole keyframe at least
             every ``deltas`` saves, so a restore reads at most ``deltas`` objects per tensor.
         clock: the time source given to policies; tests pass a fake clock.
+        async_save: take a private copy of what changed and return; hashing, encoding,
+            writing and pruning run on a background thread (at most one save in flight).
+            Its errors are raised by the next ``step()``, ``wait()`` or ``close()``.
+        on_busy: with ``async_save``, what a new save does while one is still writing:
+            ``"wait"`` for it, or ``"skip"`` (recorded in :attr:`skipped`).
         storage_options: passed to fsspec for URLs (credentials, endpoint).
     """
 
@@ -108,6 +113,8 @@ class CheckpointManager:
         rng: bool = True,
         codec: str = "auto",
         deltas: int | None = None,
+        async_save: bool = False,
+        on_busy: Literal["wait", "skip"] = "wait",
         clock: Callable[[], datetime] = _utcnow,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -140,7 +147,14 @@ class CheckpointManager:
         except BaseException:
             self._lock.release()
             raise
-        self._writer: Writer = SyncWriter()
+        if on_busy not in ("wait", "skip"):
+            raise ConfigError(f"on_busy must be 'wait' or 'skip', got {on_busy!r}")
+        self.on_busy = on_busy
+        self._writer: Writer = AsyncWriter() if async_save else SyncWriter()
+        self._copier = SnapshotCopier() if async_save else None
+        self._after_commit: list[Callable[[], None]] = []
+        #: steps whose save was skipped because the previous one was still writing
+        self.skipped: list[int] = []
         self._progress = Progress(self.clock())
         self._monitor = Monitor(backend, walk(self.save_policy)) if self.writable else None
         self._requests: set[str] = set()
@@ -183,6 +197,7 @@ class CheckpointManager:
         self._check_open()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be an integer >= 0, got {step!r}")
+        self._finish(self._writer.poll())
         values = _as_metrics(metrics)
         now = self.clock()
         requests = frozenset(self._requests)
@@ -192,20 +207,31 @@ class CheckpointManager:
         decision = self.save_policy.decide(training)
         self._progress.observe(step, values)
         if decision.save:
+            if self._writer.busy and self.on_busy == "skip":
+                self.skipped.append(step)
+                log.info("step %d not saved: the save of a previous step is still writing", step)
+                return decision
             variant = self.content.choose(training, decision)
+            self._requests.difference_update(requests)
+            if self._monitor is not None:
+                monitor = self._monitor
+                self._after_commit.append(lambda: monitor.consume(requests))
             self.save(
                 step, state, metrics=values, reasons=decision.reasons, now=now, variant=variant
             )
-            self._requests.difference_update(requests)
-            if self._monitor is not None:
-                self._monitor.consume(requests)
-                if self._monitor.wants_exit(decision.reasons):
-                    self.wait()
-                    log.info(
-                        "saved step %d on a signal; exiting as on_signal(then='exit') asks", step
-                    )
-                    raise SystemExit(0)
+            if self._monitor is not None and self._monitor.wants_exit(decision.reasons):
+                self.wait()
+                log.info("saved step %d on a signal; exiting as on_signal(then='exit') asks", step)
+                raise SystemExit(0)
         return decision
+
+    def _finish(self, info: CheckpointInfo | None) -> None:
+        """Run what waits for a commit (request files are removed only once it is durable)."""
+        if info is None:
+            return
+        actions, self._after_commit = self._after_commit, []
+        for action in actions:
+            action()
 
     def request_save(self, reason: str) -> None:
         """Add ``reason`` to the next step's ``requests`` (e.g. ``"signal:SIGTERM"``).
@@ -239,25 +265,31 @@ class CheckpointManager:
         now = self.clock() if now is None else now
         values = _as_metrics(metrics)
         variant = variant if variant is not None else full()
+        if self._writer.busy:
+            self._finish(self._writer.wait())  # at most one save in flight
         snap = capture(self._contents(state, variant))
+        tensors = snap.tensors if self._copier is None else self._copier.copy(snap.tensors)
         self._progress.started_save(step, now, reasons)
         extra = self._progress.to_json()
         extra["variant"] = {"kind": variant.kind, "key": variant.key, "cast": variant.cast}
-        info = self._writer.write(
-            lambda: self.store.commit(
+
+        def job() -> CheckpointInfo:
+            info = self.store.commit(
                 step,
-                snap.tensors,
+                tensors,
                 tree=snap.tree,
                 metrics=values,
                 reasons=reasons,
                 extra=extra,
                 time=now.timestamp(),
-            ),
-            step=step,
-        )
-        if info is not None:
+            )
             self.prune(now=now)
+            return info
+
+        info = self._writer.write(job, step=step)
+        # what training felt: the whole save when synchronous, the copy when asynchronous
         self._progress.finished_save(self.clock() - now)
+        self._finish(info)
         return info
 
     def _contents(self, state: Mapping[str, Any], variant: Variant) -> dict[str, Any]:
@@ -501,13 +533,16 @@ class CheckpointManager:
 
     def wait(self) -> CheckpointInfo | None:
         """Block until the save in flight (if any) has committed; re-raise its error."""
-        return self._writer.wait()
+        info = self._writer.wait()
+        self._finish(info)
+        return info
 
     def close(self) -> None:
         """Wait for the last write, then release the run's lock. Safe to call twice."""
         if self._closed:
             return
         try:
+            self._finish(self._writer.wait())
             self._writer.close()
         finally:
             self._closed = True

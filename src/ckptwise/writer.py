@@ -2,19 +2,22 @@
 
 The manager hands the writer a job (a callable that commits one checkpoint and returns its
 :class:`~ckptwise.records.CheckpointInfo`). :class:`SyncWriter` runs it on the caller's
-thread. A job's failure is raised as a :class:`~ckptwise.errors.CheckpointError` with the
-original cause chained.
+thread; :class:`AsyncWriter` on a background thread (hashing, compression and file writes
+release the GIL). A job's failure is raised as a :class:`~ckptwise.errors.CheckpointError`
+with the original cause chained.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Protocol
 
 from ckptwise.errors import CheckpointError
 from ckptwise.records import CheckpointInfo
 
-__all__ = ["SyncWriter", "WriteJob", "Writer"]
+__all__ = ["AsyncWriter", "SyncWriter", "WriteJob", "Writer"]
 
 WriteJob = Callable[[], CheckpointInfo]
 
@@ -22,8 +25,17 @@ WriteJob = Callable[[], CheckpointInfo]
 class Writer(Protocol):
     """Runs write jobs one at a time."""
 
+    @property
+    def busy(self) -> bool:
+        """Whether a job is still running."""
+        ...
+
     def write(self, job: WriteJob, *, step: int) -> CheckpointInfo | None:
         """Run or schedule ``job``; returns its result when it already finished."""
+        ...
+
+    def poll(self) -> CheckpointInfo | None:
+        """The result of a job that finished since the last call, raising its failure."""
         ...
 
     def wait(self) -> CheckpointInfo | None:
@@ -38,8 +50,13 @@ class Writer(Protocol):
 class SyncWriter:
     """Writes on the calling thread: simple, and the state may change right after."""
 
+    busy = False
+
     def __init__(self) -> None:
         self.last: CheckpointInfo | None = None
+
+    def poll(self) -> CheckpointInfo | None:
+        return None
 
     def write(self, job: WriteJob, *, step: int) -> CheckpointInfo:
         try:
@@ -55,3 +72,57 @@ class SyncWriter:
 
     def close(self) -> None:
         return None
+
+
+class AsyncWriter:
+    """Writes on one background thread; at most one job in flight.
+
+    The job's tensors must already be private copies (the manager's snapshot copier makes
+    them), so training may change its own tensors as soon as :meth:`write` returns. A
+    failure is kept and raised, as :class:`~ckptwise.errors.CheckpointError` with the cause
+    chained, by the next :meth:`poll`, :meth:`write`, :meth:`wait` or :meth:`close`. The
+    worker thread is not a daemon: an interpreter that exits without ``close()`` still
+    finishes the write in flight.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptwise-writer")
+        self._future: Future[CheckpointInfo] | None = None
+        self._step: int | None = None
+        self.last: CheckpointInfo | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job is still running."""
+        return self._future is not None and not self._future.done()
+
+    def poll(self) -> CheckpointInfo | None:
+        """The result of a job that finished since the last call (raising its failure)."""
+        if self._future is None or not self._future.done():
+            return None
+        future, step = self._future, self._step
+        self._future = self._step = None
+        try:
+            self.last = future.result()
+        except CheckpointError as exc:
+            raise CheckpointError(f"the background save of step {step} failed: {exc}") from exc
+        except Exception as exc:
+            raise CheckpointError(f"the background save of step {step} failed: {exc}") from exc
+        return self.last
+
+    def write(self, job: WriteJob, *, step: int) -> None:
+        self.wait()
+        self._future = self._pool.submit(job)
+        self._step = step
+
+    def wait(self) -> CheckpointInfo | None:
+        if self._future is not None:
+            wait_futures([self._future])
+            return self.poll()
+        return None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)

@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time as _time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,8 @@ class CheckpointStore:
         #: object reads made through this store (restores read at most K per tensor)
         self.reads = 0
         self.planner = CodecPlanner(mode=codec, remote=not isinstance(backend, LocalBackend))
+        # the index is read by the training thread while a background writer updates it
+        self._lock = threading.RLock()
         self._manifests: dict[int, Manifest] = {}
         self._refs: dict[str, set[int]] = {}
         self._entries: dict[str, TensorEntry] = {}
@@ -157,22 +160,23 @@ class CheckpointStore:
 
     def refresh(self) -> None:
         """Reload the index from the committed manifests."""
-        self._manifests.clear()
-        self._refs.clear()
-        self._entries.clear()
-        self.broken.clear()
-        for path in self.backend.list_files(CHECKPOINTS):
-            match = _MANIFEST_NAME.match(path)
-            if not match:
-                continue
-            try:
-                manifest = self._read_manifest(path)
-                if manifest.step != int(match.group(1)):
-                    raise FormatError(f"manifest {path} says step {manifest.step}")
-            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-                self.broken[path] = str(exc)
-                continue
-            self._index(manifest)
+        with self._lock:
+            self._manifests.clear()
+            self._refs.clear()
+            self._entries.clear()
+            self.broken.clear()
+            for path in self.backend.list_files(CHECKPOINTS):
+                match = _MANIFEST_NAME.match(path)
+                if not match:
+                    continue
+                try:
+                    manifest = self._read_manifest(path)
+                    if manifest.step != int(match.group(1)):
+                        raise FormatError(f"manifest {path} says step {manifest.step}")
+                except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                    self.broken[path] = str(exc)
+                    continue
+                self._index(manifest)
 
     def _read_manifest(self, path: str) -> Manifest:
         return decode_manifest(
@@ -195,35 +199,39 @@ class CheckpointStore:
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
-        return sorted(self._manifests)
+        with self._lock:
+            return sorted(self._manifests)
 
     def manifest(self, step: int) -> Manifest:
         """The manifest of a committed step."""
-        try:
-            return self._manifests[step]
-        except KeyError:
-            have = ", ".join(map(str, self.steps())) or "none"
-            raise CheckpointNotFoundError(
-                f"no committed checkpoint at step {step} in {self.backend.url} (have: {have})"
-            ) from None
+        with self._lock:
+            try:
+                return self._manifests[step]
+            except KeyError:
+                have = ", ".join(map(str, self.steps())) or "none"
+                raise CheckpointNotFoundError(
+                    f"no committed checkpoint at step {step} in {self.backend.url} (have: {have})"
+                ) from None
 
     def info(self, step: int) -> CheckpointInfo:
         """The summary of a committed step that policies and listings use."""
-        m = self.manifest(step)
-        return CheckpointInfo(
-            step=m.step,
-            time=datetime.fromtimestamp(m.time, UTC),
-            metrics=dict(m.metrics),
-            reasons=m.reasons,
-            logical_bytes=m.logical_bytes,
-            new_bytes=m.written_bytes,
-            objects=frozenset(e.object for e in m.tensors.values()),
-            variant=_variant_label(m.extra.get("variant")),
-        )
+        with self._lock:
+            m = self.manifest(step)
+            return CheckpointInfo(
+                step=m.step,
+                time=datetime.fromtimestamp(m.time, UTC),
+                metrics=dict(m.metrics),
+                reasons=m.reasons,
+                logical_bytes=m.logical_bytes,
+                new_bytes=m.written_bytes,
+                objects=frozenset(e.object for e in m.tensors.values()),
+                variant=_variant_label(m.extra.get("variant")),
+            )
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first."""
-        return [self.info(s) for s in self.steps()]
+        with self._lock:
+            return [self.info(s) for s in self.steps()]
 
     def read_tensor(self, entry: TensorEntry, *, step: int, name: str) -> torch.Tensor:
         """Load one tensor and check its bytes (and every base's) against its address."""
@@ -310,7 +318,8 @@ class CheckpointStore:
         then hold what they decode to, and the error in ``note``.
         """
         lossy = set(lossy)
-        previous = self._manifests[max(self._manifests)] if self._manifests else None
+        with self._lock:
+            previous = self._manifests[max(self._manifests)] if self._manifests else None
         named: dict[str, tuple[str, str, tuple[int, ...], int]] = {}
         pending: dict[str, _Pending] = {}
         for name, tensor in tensors.items():
@@ -365,6 +374,11 @@ class CheckpointStore:
         )
         self.backend.write_atomic(manifest_path(step), [encode_manifest(manifest)])
         self.backend.sync_dirs([CHECKPOINTS])
+        with self._lock:
+            self._publish(step, manifest)
+        return self.info(step)
+
+    def _publish(self, step: int, manifest: Manifest) -> None:
         old = self._manifests.pop(step, None)
         if old is not None:
             self._unindex(old)
@@ -372,7 +386,6 @@ class CheckpointStore:
         self._index(manifest)
         if old is not None:
             self.collect_garbage()
-        return self.info(step)
 
     def _delta_base(self, prior: TensorEntry | None, tensor: torch.Tensor) -> TensorEntry | None:
         """The entry a new object may be stored as a delta against, if deltas are on."""
@@ -456,15 +469,16 @@ class CheckpointStore:
 
     def delete(self, steps: Iterable[int]) -> None:
         """Delete committed checkpoints: manifests first, then objects no one references."""
-        doomed = [s for s in steps if s in self._manifests]
-        if not doomed:
-            return
-        for step in doomed:
-            self.backend.delete(manifest_path(step))
-        self.backend.sync_dirs([CHECKPOINTS])
-        for step in doomed:
-            self._unindex(self._manifests.pop(step))
-        self.collect_garbage()
+        with self._lock:
+            doomed = [s for s in steps if s in self._manifests]
+            if not doomed:
+                return
+            for step in doomed:
+                self.backend.delete(manifest_path(step))
+            self.backend.sync_dirs([CHECKPOINTS])
+            for step in doomed:
+                self._unindex(self._manifests.pop(step))
+            self.collect_garbage()
 
     def collect_garbage(self) -> int:
         """Delete objects no committed manifest references; returns how many.
@@ -472,20 +486,21 @@ class CheckpointStore:
         Skipped (with a warning) while some manifest cannot be read, since its objects are
         unknown and a person may still want to rescue them.
         """
-        if self.broken:
-            log.warning(
-                "not collecting unreferenced objects: %d manifest(s) cannot be read (%s)",
-                len(self.broken),
-                ", ".join(self.broken),
-            )
-            return 0
-        removed = 0
-        for path in self.backend.list_files(OBJECTS):
-            oid = path.rsplit("/", 1)[-1]
-            if TMP_MARK not in oid and oid not in self._refs:
-                self.backend.delete(path)
-                removed += 1
-        return removed
+        with self._lock:
+            if self.broken:
+                log.warning(
+                    "not collecting unreferenced objects: %d manifest(s) cannot be read (%s)",
+                    len(self.broken),
+                    ", ".join(self.broken),
+                )
+                return 0
+            removed = 0
+            for path in self.backend.list_files(OBJECTS):
+                oid = path.rsplit("/", 1)[-1]
+                if TMP_MARK not in oid and oid not in self._refs:
+                    self.backend.delete(path)
+                    removed += 1
+            return removed
 
     def clean(self) -> int:
         """Remove debris a crash can leave: temporary files and unreferenced objects."""
@@ -498,13 +513,15 @@ class CheckpointStore:
 
     def object_bytes(self) -> dict[str, int]:
         """Stored size of every object a committed checkpoint references."""
-        return {oid: self._entries[oid].stored_bytes for oid in self._refs}
+        with self._lock:
+            return {oid: self._entries[oid].stored_bytes for oid in self._refs}
 
     def physical_bytes(self) -> int:
         """Bytes of all objects referenced by committed checkpoints (each counted once)."""
-        return sum(self._entries[oid].stored_bytes for oid in self._refs)
+        with self._lock:
+            return sum(self._entries[oid].stored_bytes for oid in self._refs)
 
-    # -- run state -------------------------------------------------------------------------
+        # -- run state -------------------------------------------------------------------------
 
     def read_run_state(self) -> dict[str, Any]:
         """The mutable run record (pins, last retention reasons); empty when absent."""
