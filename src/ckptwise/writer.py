@@ -9,6 +9,9 @@ with the original cause chained.
 
 from __future__ import annotations
 
+import atexit
+import logging
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -18,6 +21,8 @@ from ckptwise.errors import CheckpointError
 from ckptwise.records import CheckpointInfo
 
 __all__ = ["AsyncWriter", "SyncWriter", "WriteJob", "Writer"]
+
+log = logging.getLogger("ckptwise")
 
 WriteJob = Callable[[], CheckpointInfo]
 
@@ -90,6 +95,8 @@ class AsyncWriter:
         self._future: Future[CheckpointInfo] | None = None
         self._step: int | None = None
         self.last: CheckpointInfo | None = None
+        # by the time atexit handlers run, the worker has been joined; report its failure
+        atexit.register(_report_at_exit, weakref.ref(self))
 
     @property
     def busy(self) -> bool:
@@ -126,3 +133,13 @@ class AsyncWriter:
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def _report_at_exit(ref: weakref.ReferenceType[AsyncWriter]) -> None:
+    writer = ref()
+    if writer is None:
+        return
+    try:
+        writer.poll()
+    except CheckpointError as exc:
+        log.error("%s (the process exited without close())", exc)

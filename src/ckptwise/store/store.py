@@ -431,8 +431,15 @@ class CheckpointStore:
             for item in pending.items():
                 write(item)
         else:
-            with ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="ckptwise-io") as pool:
-                list(pool.map(write, pending.items()))
+            try:
+                with ThreadPoolExecutor(_WRITERS, thread_name_prefix="ckptwise-io") as pool:
+                    list(pool.map(write, pending.items()))
+            except RuntimeError:
+                # the interpreter is shutting down and refuses new threads: finish the
+                # save in flight on this thread (only objects not yet written are redone)
+                for item in pending.items():
+                    if not item[1].stored_bytes:
+                        write(item)
         self.backend.sync_dirs({object_path(oid).rsplit("/", 1)[0] for oid in pending} | {OBJECTS})
         elapsed = _time.perf_counter() - started - encode_seconds / _WRITERS
         self.planner.observed_write(sum(p.stored_bytes for p in pending.values()), elapsed)

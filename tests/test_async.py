@@ -1,0 +1,157 @@
+"""Asynchronous saves: immune to later mutation, one in flight, errors never lost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptwise as cw
+from ckptwise.store.store import CheckpointStore
+from conftest import make_state, train_step
+
+
+def test_saved_values_are_those_at_the_step_even_if_training_mutates_them(run_dir: Path) -> None:
+    w = torch.zeros(1 << 16)
+    with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
+        manager.step(1, {"w": w})
+        w.add_(1)  # right after step() returned, while the write may be in flight
+        manager.step(2, {"w": w})
+        w.mul_(5)
+    loaded1 = cw.CheckpointManager(run_dir).load(1)["w"]
+    loaded2 = cw.CheckpointManager(run_dir).load(2)["w"]
+    assert torch.equal(loaded1, torch.zeros(1 << 16))
+    assert torch.equal(loaded2, torch.ones(1 << 16))
+
+
+def test_async_training_resumes_exactly_like_sync(tmp_path: Path) -> None:
+    def run(root: Path, async_save: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        state = make_state(32, freeze=True)
+        with cw.CheckpointManager(root, save=cw.every(2), async_save=async_save) as manager:
+            for step in range(1, 7):
+                train_step(state, 32)
+                manager.step(step, state)
+        return cw.CheckpointManager(root).load(6)["model"]
+
+    sync, asynchronous = run(tmp_path / "sync", False), run(tmp_path / "async", True)
+    assert sync.keys() == asynchronous.keys()
+    for name in sync:
+        assert torch.equal(sync[name], asynchronous[name])
+
+
+def test_only_changed_tensors_are_copied_again(run_dir: Path) -> None:
+    state = make_state(128, freeze=True)
+    frozen = sum(p.nbytes for p in state["model"].backbone.parameters())
+    with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
+        train_step(state, 128)
+        manager.step(1, state)
+        assert manager._copier is not None
+        first = manager._copier.copied_bytes
+        train_step(state, 128)
+        manager.step(2, state)
+        second, reused = manager._copier.copied_bytes, manager._copier.reused_bytes
+    assert reused >= frozen
+    assert second <= first - frozen  # the frozen backbone was not copied a second time
+    # the memory a save holds beyond the live state is what changed, within 1.25x of it
+    changed = sum(p.nbytes for p in state["model"].head.parameters()) * 3  # weights + 2 moments
+    assert second <= 1.25 * changed + 4096
+
+
+class SlowStore:
+    """Makes every commit take a while, to have a save in flight."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+        real = CheckpointStore.commit
+        self.started = threading.Event()
+
+        def slow(store: CheckpointStore, *args: Any, **kwargs: Any) -> Any:
+            self.started.set()
+            time.sleep(seconds)
+            return real(store, *args, **kwargs)
+
+        monkeypatch.setattr(CheckpointStore, "commit", slow)
+
+
+def test_skip_while_busy_records_the_skipped_steps(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SlowStore(monkeypatch, 0.5)
+    with cw.CheckpointManager(
+        run_dir, save=cw.every(1), async_save=True, on_busy="skip", rng=False
+    ) as manager:
+        t0 = time.perf_counter()
+        for step in (1, 2, 3):
+            manager.step(step, {"x": torch.full((4,), float(step))})
+        assert time.perf_counter() - t0 < 0.4  # nothing waited
+        assert manager.skipped == [2, 3]
+        manager.wait()
+        assert [c.step for c in manager.checkpoints()] == [1]
+
+
+def test_wait_while_busy_saves_every_step(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    SlowStore(monkeypatch, 0.2)
+    with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
+        for step in (1, 2, 3):
+            manager.step(step, {"x": torch.full((4,), float(step))})
+        assert manager.skipped == []
+    assert [c.step for c in cw.CheckpointManager(run_dir).checkpoints()] == [1, 2, 3]
+
+
+def test_close_waits_for_the_write_in_flight(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowStore(monkeypatch, 0.4)
+    manager = cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False)
+    manager.step(1, {"x": torch.ones(3)})
+    assert slow.started.wait(5)
+    assert cw.CheckpointManager(run_dir).checkpoints() == []
+    manager.close()
+    assert [c.step for c in cw.CheckpointManager(run_dir).checkpoints()] == [1]
+
+
+def test_a_background_failure_surfaces_on_the_next_call(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("disk on fire (injected)")
+
+    manager = cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False)
+    monkeypatch.setattr(CheckpointStore, "commit", broken)
+    manager.step(1, {"x": torch.ones(3)})  # returns at once; the failure happens behind it
+    with pytest.raises(cw.CheckpointError, match="background save of step 1 failed") as err:
+        manager.wait()
+    assert isinstance(err.value.__cause__, OSError)
+    manager.step(2, {"x": torch.ones(3)})
+    time.sleep(0.2)
+    with pytest.raises(cw.CheckpointError, match="step 2"):
+        manager.step(3, {"x": torch.ones(3)})
+    monkeypatch.undo()
+    manager.close()
+
+
+def test_exit_without_close_still_finishes_the_write(run_dir: Path) -> None:
+    script = (
+        "import sys, time, torch, ckptwise as cw\n"
+        "from ckptwise.store.store import CheckpointStore\n"
+        "real = CheckpointStore.commit\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(0.5)\n"
+        "    return real(*a, **k)\n"
+        "CheckpointStore.commit = slow\n"
+        "m = cw.CheckpointManager(sys.argv[1], save=cw.every(1), async_save=True)\n"
+        "m.step(1, {'w': torch.ones(1000)})\n"
+        "print('returned', flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(run_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [c.step for c in cw.CheckpointManager(run_dir).checkpoints()] == [1]
+    assert cw.CheckpointManager(run_dir).store.verify() == []
