@@ -38,7 +38,8 @@ def test_async_training_resumes_exactly_like_sync(tmp_path: Path) -> None:
             for step in range(1, 7):
                 train_step(state, 32)
                 manager.step(step, state)
-        return cw.CheckpointManager(root).load(6)["model"]
+        saved: dict[str, torch.Tensor] = cw.CheckpointManager(root).load(6)["model"]
+        return saved
 
     sync, asynchronous = run(tmp_path / "sync", False), run(tmp_path / "async", True)
     assert sync.keys() == asynchronous.keys()
