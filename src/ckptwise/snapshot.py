@@ -329,7 +329,9 @@ class SnapshotCopier:
     source tensor is kept referenced meanwhile, so its memory cannot be reused by another
     tensor and mistaken for it. Writes through ``.data`` bypass the version counter; a
     state mutated that way must be saved with ``async_save=False``. CUDA tensors are copied
-    into pinned memory with non-blocking copies, then synchronised once.
+    into pinned memory with non-blocking copies, then synchronised once. Buffers are reused
+    from one save to the next, so the caller must not start a new copy while the previous
+    one is still being written (the manager keeps at most one save in flight).
     """
 
     def __init__(self) -> None:
@@ -353,12 +355,21 @@ class SnapshotCopier:
                 cache[name] = hit
                 reused += hit[2].nbytes
                 continue
-            if source.device.type == "cuda":
+            if (
+                hit is not None
+                and hit[2].shape == source.shape
+                and hit[2].dtype == source.dtype
+                and hit[2].is_pinned() == (source.device.type == "cuda")
+            ):
+                # the previous save is written by now (one in flight): reuse its buffer, which
+                # spares the page faults of fresh memory -- most of a copy's cost on the CPU
+                target = hit[2]
+            elif source.device.type == "cuda":
                 target = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
-                target.copy_(source, non_blocking=True)
-                cuda = True
             else:
-                target = source.clone(memory_format=torch.contiguous_format)
+                target = torch.empty(source.shape, dtype=source.dtype)
+            cuda = cuda or source.device.type == "cuda"
+            target.copy_(source, non_blocking=source.device.type == "cuda")
             out[name] = target
             cache[name] = (key, source, target)
             copied += target.nbytes

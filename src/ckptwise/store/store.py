@@ -278,12 +278,17 @@ class CheckpointStore:
         return out
 
     def load_tensors(self, step: int) -> dict[str, torch.Tensor]:
-        """Every tensor of a committed step, verified."""
+        """Every tensor of a committed step, verified (reads and checksums run in parallel)."""
         manifest = self.manifest(step)
-        return {
-            name: self.read_tensor(entry, step=step, name=name)
-            for name, entry in manifest.tensors.items()
-        }
+        items = list(manifest.tensors.items())
+
+        def read(item: tuple[str, TensorEntry]) -> torch.Tensor:
+            return self.read_tensor(item[1], step=step, name=item[0])
+
+        if len(items) < 2:
+            return {name: read((name, entry)) for name, entry in items}
+        with ThreadPoolExecutor(_WRITERS, thread_name_prefix="ckptwise-read") as pool:
+            return dict(zip((name for name, _ in items), pool.map(read, items), strict=True))
 
     def verify(self, steps: Iterable[int] | None = None) -> list[Problem]:
         """Check every object of the given steps (all by default); empty when all is well."""
