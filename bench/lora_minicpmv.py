@@ -22,30 +22,17 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+from finetune_minicpmv import BytesRecorder
 from minicpmv_tiny import CPMTrainer, SyntheticImageText, build_model
 
 import ckptwise as cw
 from ckptwise.integrations.transformers import attach
 
 __all__ = ["main"]
-
-
-class FolderBytes(TrainerCallback):
-    """Adds up the bytes of every ``checkpoint-N`` folder the ``Trainer`` saves."""
-
-    def __init__(self) -> None:
-        self.written = 0
-        self.saves: list[int] = []
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.written += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        self.saves.append(state.global_step)
-        return control
 
 
 def _tree_bytes(root: Path) -> int:
@@ -108,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary["on_disk"] = _tree_bytes(root)
         callback.manager.close()
     else:
-        recorder = FolderBytes()
+        recorder = BytesRecorder()
         trainer.add_callback(recorder)
         trainer.train()
         summary["saves"] = recorder.saves

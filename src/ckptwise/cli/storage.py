@@ -12,8 +12,9 @@ import json
 import math
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import torch
@@ -25,6 +26,28 @@ from ckptwise.errors import CheckpointError
 from ckptwise.manager import CheckpointManager
 
 __all__ = ["archive_command", "diff_command", "du_command", "export_command", "show_command"]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _which_checkpoint(command: F) -> F:
+    """RUN, OUT and the options that pick one checkpoint: --step, --metric, --mode."""
+    for decorator in reversed(
+        (
+            click.argument("run"),
+            click.argument("out", type=click.Path(file_okay=False)),
+            click.option(
+                "--step", default="latest", show_default=True, help="A step, 'best' or 'latest'."
+            ),
+            click.option("--metric", help="The metric 'best' is judged by (e.g. eval_loss)."),
+            click.option(
+                "--mode", type=click.Choice(["min", "max"]), default="min", show_default=True
+            ),
+        )
+    ):
+        command = decorator(command)
+    return command
 
 
 def _resolve(manager: CheckpointManager, step: str, metric: str | None, mode: str) -> int:
@@ -214,11 +237,7 @@ def diff_command(run: str, a: int, b: int, show_all: bool, as_json: bool) -> Non
 
 
 @click.command("export")
-@click.argument("run")
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--step", default="latest", show_default=True, help="A step, 'best' or 'latest'.")
-@click.option("--metric", help="The metric 'best' is judged by (e.g. eval_loss).")
-@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
+@_which_checkpoint
 @click.option(
     "--format",
     "fmt",
@@ -263,11 +282,7 @@ def export_command(
 
 
 @click.command("archive")
-@click.argument("run")
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--step", default="latest", show_default=True, help="A step, 'best' or 'latest'.")
-@click.option("--metric", help="The metric 'best' is judged by (e.g. eval_loss).")
-@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
+@_which_checkpoint
 @click.option(
     "--lossy",
     "prefixes",
