@@ -167,11 +167,21 @@ def main(argv: list[str] | None = None) -> None:
         help="millions of parameters for the training-run comparison",
     )
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--only-run", action="store_true", help="only the training-run figure")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ckptwise-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.only_run:
+        base = wall(work, args.wall_params, args.steps, args.every, "none")
+        w_async = wall(work, args.wall_params, args.steps, args.every, "ckptwise-async")
+        w_torch = wall(work, args.wall_params, args.steps, args.every, "torch.save")
+        print(
+            f"run overhead: async ckptwise +{w_async - base:.1f} s, sync torch.save "
+            f"+{w_torch - base:.1f} s on {base:.1f} s: ratio {(w_async - base) / (w_torch - base):.2f}"
+        )
+        return
     model, opt = build(args.params)
     state = {"model": model, "optimizer": opt}
     size = state_bytes(model, opt)

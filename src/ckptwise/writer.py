@@ -10,7 +10,10 @@ with the original cause chained.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
+import os
+import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +26,9 @@ from ckptwise.records import CheckpointInfo
 __all__ = ["AsyncWriter", "SyncWriter", "WriteJob", "Writer"]
 
 log = logging.getLogger("ckptwise")
+
+#: niceness of the background writer thread (Linux schedules threads by their own nice value)
+BACKGROUND_NICE = 10
 
 WriteJob = Callable[[], CheckpointInfo]
 
@@ -91,7 +97,9 @@ class AsyncWriter:
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptwise-writer")
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ckptwise-writer", initializer=_lower_priority
+        )
         self._future: Future[CheckpointInfo] | None = None
         self._step: int | None = None
         self.last: CheckpointInfo | None = None
@@ -133,6 +141,13 @@ class AsyncWriter:
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def _lower_priority() -> None:
+    """Let training threads win the CPU over the writer (and the I/O threads it starts,
+    which inherit this), so a background save slows training as little as it can."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 def _report_at_exit(ref: weakref.ReferenceType[AsyncWriter]) -> None:

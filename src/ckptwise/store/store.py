@@ -99,9 +99,10 @@ def _byte_view(flat_u8: torch.Tensor) -> memoryview:
 
 def object_id(raw: memoryview) -> str:
     """The content address (BLAKE3 hex digest) of raw tensor bytes."""
-    hasher = (
-        blake3.blake3(max_threads=blake3.blake3.AUTO) if len(raw) > 1 << 24 else blake3.blake3()
-    )
+    # fan out over all cores only on the caller's (training) thread: a background save
+    # hashing with every core would take them from training
+    wide = len(raw) > 1 << 24 and threading.current_thread() is threading.main_thread()
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if wide else blake3.blake3()
     hasher.update(raw)
     return str(hasher.hexdigest())
 
