@@ -248,3 +248,36 @@ def test_in_memory_run_through_the_manager() -> None:
     fresh = make_state(seed=9)
     assert cw.CheckpointManager(url).restore(fresh) == 4
     assert torch.equal(fresh["model"].head.weight, state["model"].head.weight)
+
+
+class _Terminal:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_long_saves_and_restores_report_bytes_and_speed_on_a_terminal_only(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, tty: bool
+) -> None:
+    import ckptwise.manager as manager_module
+
+    terminal = _Terminal(tty)
+    monkeypatch.setattr(manager_module, "REPORT_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr("sys.stderr", terminal)
+    with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:
+        manager.step(1, {"w": torch.ones(1000)})
+    cw.CheckpointManager(run_dir).restore({"w": torch.zeros(1000)})
+    if tty:
+        assert "ckptwise: saved step 1: 0 MB in" in terminal.text
+        assert "ckptwise: restored step 1:" in terminal.text
+        assert "MB/s" in terminal.text
+    else:
+        assert terminal.text == ""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import sys
+import time
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime
@@ -53,6 +55,20 @@ class RestoreWarning(UserWarning):
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+#: saves and restores shorter than this are not reported on the terminal
+REPORT_AFTER_SECONDS = 2.0
+
+
+def _report(what: str, step: int, nbytes: int, seconds: float) -> None:
+    """One line with bytes and MB/s for a long save or restore, on a terminal only."""
+    if seconds < REPORT_AFTER_SECONDS or not sys.stderr.isatty():
+        return
+    sys.stderr.write(
+        f"ckptwise: {what} {step}: {nbytes / 1e6:.0f} MB in {seconds:.1f} s "
+        f"({nbytes / 1e6 / seconds:.0f} MB/s)\n"
+    )
 
 
 def _as_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -274,6 +290,7 @@ class CheckpointManager:
         extra["variant"] = {"kind": variant.kind, "key": variant.key, "cast": variant.cast}
 
         def job() -> CheckpointInfo:
+            started = time.perf_counter()
             info = self.store.commit(
                 step,
                 tensors,
@@ -284,6 +301,7 @@ class CheckpointManager:
                 time=now.timestamp(),
             )
             self.prune(now=now)
+            _report("saved step", step, info.new_bytes, time.perf_counter() - started)
             return info
 
         info = self._writer.write(job, step=step)
@@ -369,6 +387,7 @@ class CheckpointManager:
         :class:`RestoreWarning` and the next older one is tried; with an explicit ``step``
         a failure raises :class:`~ckptwise.errors.CorruptCheckpointError` instead.
         """
+        started = time.perf_counter()
         found = self._newest_verified(step)
         if found is None:
             return 0
@@ -378,6 +397,7 @@ class CheckpointManager:
         if self.rng and RNG_KEY in manifest.tree:
             apply({RNG_KEY: RngState()}, manifest.tree, tensors, where=where)
         self._adopt(candidate, manifest)
+        _report("restored step", candidate, manifest.logical_bytes, time.perf_counter() - started)
         return candidate
 
     def resume_values(self, step: int | None = None) -> tuple[int, dict[str, Any]] | None:
