@@ -386,9 +386,15 @@ class CheckpointManager:
         fresh run). A checkpoint that fails verification is skipped with a
         :class:`RestoreWarning` and the next older one is tried; with an explicit ``step``
         a failure raises :class:`~ckptwise.errors.CorruptCheckpointError` instead.
+
+        Tensors are read straight into the state's own memory where they fit, so a restore
+        that raises may leave the state partly overwritten.
         """
         started = time.perf_counter()
-        found = self._newest_verified(step)
+        # read straight into the live tensors (model parameters, optimizer state): they
+        # are captured under the names they were saved with, and alias the live memory
+        live = capture({**state, RNG_KEY: RngState()} if self.rng else dict(state)).tensors
+        found = self._newest_verified(step, into=live)
         if found is None:
             return 0
         candidate, manifest, tensors = found
@@ -416,7 +422,7 @@ class CheckpointManager:
         return candidate, values
 
     def _newest_verified(
-        self, step: int | None
+        self, step: int | None, *, into: Mapping[str, torch.Tensor] | None = None
     ) -> tuple[int, Manifest, dict[str, torch.Tensor]] | None:
         for path, why in self.store.broken.items():
             warnings.warn(
@@ -434,7 +440,7 @@ class CheckpointManager:
                     )
                 continue
             try:
-                return candidate, manifest, self.store.load_tensors(candidate)
+                return candidate, manifest, self.store.load_tensors(candidate, into=into)
             except CorruptCheckpointError as exc:
                 if step is not None:
                     raise

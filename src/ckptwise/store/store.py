@@ -234,19 +234,46 @@ class CheckpointStore:
         with self._lock:
             return [self.info(s) for s in self.steps()]
 
-    def read_tensor(self, entry: TensorEntry, *, step: int, name: str) -> torch.Tensor:
-        """Load one tensor and check its bytes (and every base's) against its address."""
+    def read_tensor(
+        self,
+        entry: TensorEntry,
+        *,
+        step: int,
+        name: str,
+        into: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Load one tensor and check its bytes (and every base's) against its address.
+
+        With ``into`` (a contiguous CPU tensor of the entry's dtype and shape) the bytes are
+        read straight into its memory, which is then returned; a checksum failure leaves it
+        overwritten.
+        """
+        dtype = DTYPES[entry.dtype]
+        target = None
+        if (
+            into is not None
+            and into.device.type == "cpu"
+            and into.dtype == dtype
+            and tuple(into.shape) == entry.shape
+            and into.is_contiguous()
+            and not into.requires_grad
+        ):
+            target = into.reshape(-1).view(torch.uint8)
         try:
-            out = self._read_raw(entry)
+            out = self._read_raw(entry, target)
         except CheckpointNotFoundError as exc:
             raise CorruptCheckpointError(f"step {step}, tensor {name!r}: {exc}") from exc
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(f"step {step}, tensor {name!r}: {exc}") from exc
-        return out.view(DTYPES[entry.dtype]).reshape(entry.shape)
+        if target is not None and into is not None:
+            return into
+        return out.view(dtype).reshape(entry.shape)
 
-    def _read_raw(self, entry: TensorEntry) -> torch.Tensor:
-        """The verified raw bytes of an object, decoding its delta chain if it has one."""
-        out = torch.empty(entry.nbytes, dtype=torch.uint8)
+    def _read_raw(self, entry: TensorEntry, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The verified raw bytes of an object (into ``out`` when given, a flat uint8
+        tensor of the right size), decoding its delta chain if it has one."""
+        if out is None:
+            out = torch.empty(entry.nbytes, dtype=torch.uint8)
         view = _byte_view(out)
         path = object_path(entry.object)
         itemsize = DTYPES[entry.dtype].itemsize
@@ -278,13 +305,21 @@ class CheckpointStore:
             )
         return out
 
-    def load_tensors(self, step: int) -> dict[str, torch.Tensor]:
-        """Every tensor of a committed step, verified (reads and checksums run in parallel)."""
+    def load_tensors(
+        self, step: int, *, into: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every tensor of a committed step, verified (reads and checksums run in parallel).
+
+        ``into`` maps tensor names to tensors to read straight into where they fit (see
+        :meth:`read_tensor`): a restore into live, already-allocated memory skips a copy
+        and the page faults of fresh memory.
+        """
         manifest = self.manifest(step)
         items = list(manifest.tensors.items())
+        targets = into or {}
 
         def read(item: tuple[str, TensorEntry]) -> torch.Tensor:
-            return self.read_tensor(item[1], step=step, name=item[0])
+            return self.read_tensor(item[1], step=step, name=item[0], into=targets.get(item[0]))
 
         if len(items) < 2:
             return {name: read((name, entry)) for name, entry in items}
