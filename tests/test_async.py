@@ -156,3 +156,9 @@ def test_exit_without_close_still_finishes_the_write(run_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert [c.step for c in cw.CheckpointManager(run_dir).checkpoints()] == [1]
     assert cw.CheckpointManager(run_dir).store.verify() == []
+
+
+def test_bad_on_busy_fails_before_taking_the_lock(run_dir: Path) -> None:
+    with pytest.raises(cw.ConfigError, match="on_busy must be 'wait' or 'skip', got 'drop'"):
+        cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, on_busy="drop")  # type: ignore[arg-type]
+    cw.CheckpointManager(run_dir, save=cw.every(1)).close()  # the run is not left locked

@@ -148,6 +148,8 @@ class CheckpointManager:
                 f"content= expects a content policy such as cw.full_every(5000), got {content!r}"
             )
         self.content: ContentPolicy = content if content is not None else full()
+        if on_busy not in ("wait", "skip"):
+            raise ConfigError(f"on_busy must be 'wait' or 'skip', got {on_busy!r}")
         self.rng = rng
         self.clock = clock
         backend = open_backend(root, **dict(storage_options or {}))
@@ -163,8 +165,6 @@ class CheckpointManager:
         except BaseException:
             self._lock.release()
             raise
-        if on_busy not in ("wait", "skip"):
-            raise ConfigError(f"on_busy must be 'wait' or 'skip', got {on_busy!r}")
         self.on_busy = on_busy
         self._writer: Writer = AsyncWriter() if async_save else SyncWriter()
         self._copier = SnapshotCopier() if async_save else None

@@ -116,3 +116,19 @@ def test_any_dtype_round_trips_through_a_chain(
         back = fresh.load_tensors(step)["t"]
         assert back.dtype == torch_dtype
         assert bytes(back.reshape(-1).view(torch.uint8).numpy()) == expected
+
+
+def test_same_bytes_under_another_dtype_reuse_a_delta_object(tmp_path: Path) -> None:
+    """Dedup is by content: a delta grouped as fp32 may be listed later as int16 bytes."""
+    store = CheckpointStore(LocalBackend(tmp_path), codec="bytegroup", deltas=4)
+    values = drift(2)
+    store.commit(1, {"w": values[0]})
+    store.commit(2, {"w": values[1]})
+    assert store.manifest(2).tensors["w"].codec == DELTA_CODEC
+    as_int16 = values[1].view(torch.int16)
+    store.commit(3, {"same_bytes": as_int16})
+    entry = store.manifest(3).tensors["same_bytes"]
+    assert entry.object == store.manifest(2).tensors["w"].object
+    fresh = CheckpointStore(LocalBackend(tmp_path))
+    assert torch.equal(fresh.load_tensors(3)["same_bytes"], as_int16)
+    assert fresh.verify() == []

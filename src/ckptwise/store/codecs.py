@@ -127,6 +127,15 @@ class ByteGroupedCodec:
         table = b"".join(_PLANE.pack(mode, len(data)) for mode, data in parts)
         return b"".join([header, table, *(bytes(data) for _, data in parts)])
 
+    @staticmethod
+    def stored_itemsize(stored: bytes) -> int:
+        """The element width an object was grouped with (its header says), or 0."""
+        try:
+            magic, _, width, _, _ = _HEADER.unpack_from(stored)
+        except struct.error:
+            return 0
+        return int(width) if magic == _MAGIC else 0
+
     def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
         view = memoryview(stored)
         try:

@@ -41,7 +41,7 @@ from ckptwise.errors import (
 )
 from ckptwise.records import CheckpointInfo
 from ckptwise.store.backend import TMP_MARK, Backend, LocalBackend
-from ckptwise.store.codecs import CODECS, get_codec
+from ckptwise.store.codecs import CODECS, ByteGroupedCodec, get_codec
 from ckptwise.store.manifest import (
     DELTA_CODEC,
     DTYPES,
@@ -286,11 +286,15 @@ class CheckpointStore:
                         f"object {entry.object} holds {self.backend.size(path)} bytes, "
                         f"expected {entry.nbytes}"
                     )
-            elif entry.codec == DELTA_CODEC:
+            elif entry.codec in (DELTA_CODEC, "bytegroup"):
+                # the same bytes may be listed under another dtype than they were grouped
+                # by (dedup is by content): the object's own header says how it was grouped
                 stored = self.backend.read_bytes(path)
-                base = self._read_raw(entry.ancestor(0))
-                get_codec("bytegroup").decode(stored, view, itemsize=itemsize)
-                torch.bitwise_xor(out, base, out=out)
+                width = ByteGroupedCodec.stored_itemsize(stored) or itemsize
+                get_codec("bytegroup").decode(stored, view, itemsize=width)
+                if entry.codec == DELTA_CODEC:
+                    base = self._read_raw(entry.ancestor(0))
+                    torch.bitwise_xor(out, base, out=out)
             else:
                 get_codec(entry.codec).decode(
                     self.backend.read_bytes(path), view, itemsize=itemsize
