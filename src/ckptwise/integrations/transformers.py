@@ -446,6 +446,12 @@ def attach(
     ``args.ckptwise_dir`` or ``OUTPUT_DIR/ckptwise``. ``weights="trainable"`` leaves frozen
     parameters out of checkpoints (they come from the base model on resume and export).
     """
+    if getattr(trainer.args, "world_size", 1) > 1:
+        raise ConfigError(
+            f"this Trainer runs {trainer.args.world_size} processes; ckptwise's Trainer adapter "
+            "is single-process for now (per-rank shards are not written yet): run one "
+            "process, or keep the Trainer's own checkpoints for multi-process runs"
+        )
     options = args if args is not None else CkptwiseArguments.from_env()
     policy = _resolve_policy(trainer.args, save, keep, config, options)
     chosen = weights or options.ckptwise_weights
