@@ -45,16 +45,19 @@ log = logging.getLogger("ckptwise")
 
 
 class _LightningState:
-    """What ``Trainer.save_checkpoint`` would have written at the end of the step, as a
-    stateful entry. It is taken at ``on_train_batch_end`` -- where Lightning's own
-    ``ModelCheckpoint`` saves, so its loop counters restore right -- and saved a moment later
-    if the policy says so; weights and optimizer states do not change in between."""
+    """What ``Trainer.save_checkpoint`` would write, as a stateful entry, built only when a
+    save happens. The loop counters are those recorded at ``on_train_batch_end`` -- where
+    Lightning's own ``ModelCheckpoint`` saves, so they restore right; by the decision, at the
+    start of the next batch, Lightning has already counted that batch as fetched."""
 
-    def __init__(self, dump: dict[str, Any]) -> None:
-        self.dump = dump
+    def __init__(self, trainer: Any, loops: dict[str, Any]) -> None:
+        self.trainer = trainer
+        self.loops = loops
 
     def state_dict(self) -> dict[str, Any]:
-        return self.dump
+        checkpoint: dict[str, Any] = self.trainer._checkpoint_connector.dump_checkpoint(False)
+        checkpoint["loops"] = self.loops
+        return checkpoint
 
     def load_state_dict(self, state: Any) -> None:
         raise ConfigError("Lightning restores its own state: pass ckpt_path to trainer.fit")
@@ -102,7 +105,7 @@ class CheckpointCallback(Callback):
         self.manager = CheckpointManager(root, save=save, keep=keep, **manager_options)
         self.saved: list[tuple[int, tuple[str, ...]]] = []
         self._pending: int | None = None
-        self._dump: dict[str, Any] = {}
+        self._loops: dict[str, Any] = {}
         self._metrics: dict[str, float] = {}
         self._resume: dict[str, Any] | None = None
         self._resume_file: Path | None = None
@@ -145,7 +148,8 @@ class CheckpointCallback(Callback):
         if sampler is not None:
             sampler.advance(extract_batch_size(batch))
         self._pending = trainer.global_step
-        self._dump = trainer._checkpoint_connector.dump_checkpoint(False)
+        # only the (small) loop counters on every step; the rest when a save happens
+        self._loops = trainer._checkpoint_connector._get_loops_state_dict()
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self._metrics = _scalars({"loss": loss}) if loss is not None else {}
 
@@ -163,12 +167,11 @@ class CheckpointCallback(Callback):
     def _decide(self, trainer: Any, *, final: bool) -> None:
         step, self._pending = self._pending, None
         assert step is not None
-        state: dict[str, Any] = {"lightning": _LightningState(self._dump)}
+        state: dict[str, Any] = {"lightning": _LightningState(trainer, self._loops)}
         sampler = _sampler(trainer)
         if sampler is not None:
             state["data"] = sampler
         decision = self.manager.step(step, state, metrics=self._metrics, final=final)
-        self._dump = {}
         if decision.save:
             self.saved.append((step, decision.reasons))
 
