@@ -30,7 +30,14 @@ import torch
 from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from ckptwise.monitor import Monitor
 from ckptwise.policy.content import ContentPolicy, Variant, full
-from ckptwise.policy.retention import RetentionPlan, RetentionPolicy, keep_all, plan_retention
+from ckptwise.policy.retention import (
+    KeepBest,
+    RetentionContext,
+    RetentionPlan,
+    RetentionPolicy,
+    keep_all,
+    plan_retention,
+)
 from ckptwise.policy.state import Decision
 from ckptwise.policy.triggers import Trigger, _check_trigger, never, walk
 from ckptwise.progress import Progress
@@ -371,6 +378,16 @@ class CheckpointManager:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first, with step, time, metrics and bytes."""
         return self.store.checkpoints()
+
+    def best_step(self, metric: str, mode: Literal["min", "max"] = "min") -> int:
+        """The committed step with the best recorded ``metric`` (as ``keep_best`` ranks it:
+        NaN and missing values ignored, ties to the earlier step)."""
+        chosen = KeepBest(1, metric, mode).select(
+            RetentionContext(checkpoints=self.checkpoints(), now=self.clock())
+        )
+        if not chosen:
+            raise CheckpointError(f"no committed checkpoint in this run recorded {metric!r}")
+        return next(iter(chosen))
 
     def latest_step(self) -> int | None:
         """The newest committed step, or ``None``."""

@@ -59,15 +59,10 @@ def _resolve(manager: CheckpointManager, step: str, metric: str | None, mode: st
     if step == "best":
         if not metric:
             raise click.BadParameter("--step best needs --metric (e.g. --metric eval_loss)")
-        scored = [
-            (c.metrics[metric], c.step)
-            for c in manager.checkpoints()
-            if metric in c.metrics and not math.isnan(c.metrics[metric])
-        ]
-        if not scored:
-            raise click.ClickException(f"no committed checkpoint recorded {metric!r}")
-        sign = 1.0 if mode == "min" else -1.0
-        return min(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]
+        try:
+            return manager.best_step(metric, "max" if mode == "max" else "min")
+        except CheckpointError as exc:
+            raise click.ClickException(str(exc)) from exc
     try:
         return int(step)
     except ValueError:

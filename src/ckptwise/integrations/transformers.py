@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -362,16 +361,7 @@ class CheckpointCallback(TrainerCallback):
                 "no metric to pick the best checkpoint by: set metric_for_best_model, or use "
                 "on_improvement/keep_best in the policy"
             )
-        metric, mode = self.best
-        scored = [
-            (c.metrics[metric], c.step)
-            for c in self.manager.checkpoints()
-            if metric in c.metrics and not np.isnan(c.metrics[metric])
-        ]
-        if not scored:
-            raise CheckpointError(f"no committed checkpoint recorded {metric!r}")
-        sign = 1.0 if mode == "min" else -1.0
-        return min(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]
+        return self.manager.best_step(*self.best)
 
     def export(self, out_dir: str | os.PathLike[str], step: int | str = "best") -> Path:
         """Write a checkpoint's weights as a folder ``from_pretrained`` loads.
