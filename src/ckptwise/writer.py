@@ -119,8 +119,6 @@ class AsyncWriter:
         self._future = self._step = None
         try:
             self.last = future.result()
-        except CheckpointError as exc:
-            raise CheckpointError(f"the background save of step {step} failed: {exc}") from exc
         except Exception as exc:
             raise CheckpointError(f"the background save of step {step} failed: {exc}") from exc
         return self.last

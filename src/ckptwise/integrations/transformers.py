@@ -173,6 +173,8 @@ class _TrainerStateEntry:
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self.trainer
+        if hasattr(trainer, "store_flos"):
+            trainer.store_flos()  # as Trainer does before it writes trainer_state.json
         state = trainer.state
         for cb in [*trainer.callback_handler.callbacks, trainer.control]:
             if isinstance(cb, ExportableState):
@@ -289,8 +291,6 @@ class CheckpointCallback(TrainerCallback):
     def _decide(self, state: Any) -> None:
         step = state.global_step
         self._pending = None
-        if hasattr(self.trainer, "store_flos"):
-            self.trainer.store_flos()
         final = bool(state.max_steps) and step >= state.max_steps
         decision = self.manager.step(step, self.state(), metrics=self._metrics, final=final)
         if decision.save:
@@ -320,7 +320,8 @@ class CheckpointCallback(TrainerCallback):
             if key in values:
                 torch.save(values[key], folder / name)
         if RNG_KEY in values:
-            torch.save(_hf_rng(values[RNG_KEY]), folder / _rng_file(self.trainer))
+            # attach() refuses multi-process runs, so there is one RNG file, not one per rank
+            torch.save(_hf_rng(values[RNG_KEY]), folder / "rng_state.pth")
         (folder / "trainer_state.json").write_text(json.dumps(values["trainer_state"], indent=2))
         self._resume_dir = folder
         log.info("resuming from ckptwise checkpoint %d through %s", step, folder)
@@ -389,12 +390,6 @@ def _save_plain(weights: Mapping[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt"})
-
-
-def _rng_file(trainer: Any) -> str:
-    if trainer.args.world_size > 1:
-        return f"rng_state_{trainer.args.process_index}.pth"
-    return "rng_state.pth"
 
 
 def _hf_rng(saved: Mapping[str, Any]) -> dict[str, Any]:
