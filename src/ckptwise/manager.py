@@ -13,6 +13,7 @@ retention plan. Framework adapters live in :mod:`ckptwise.integrations`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import os
@@ -76,6 +77,14 @@ def _report(what: str, step: int, nbytes: int, seconds: float) -> None:
         f"ckptwise: {what} {step}: {nbytes / 1e6:.0f} MB in {seconds:.1f} s "
         f"({nbytes / 1e6 / seconds:.0f} MB/s)\n"
     )
+
+
+def _variant_label(manifest: Manifest) -> str:
+    variant = manifest.extra.get("variant")
+    if not isinstance(variant, dict):
+        return "full"
+    kind, cast = str(variant.get("kind", "full")), variant.get("cast")
+    return kind if not cast else f"{kind}/{cast}"
 
 
 def _as_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -376,8 +385,12 @@ class CheckpointManager:
     # -- reading ---------------------------------------------------------------------------
 
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first, with step, time, metrics and bytes."""
-        return self.store.checkpoints()
+        """Committed checkpoints, oldest first, with step, time, metrics, bytes and what each
+        holds (``variant``: full or a slim kind, which this manager records in ``extra``)."""
+        return [
+            dataclasses.replace(info, variant=_variant_label(self.store.manifest(info.step)))
+            for info in self.store.checkpoints()
+        ]
 
     def best_step(self, metric: str, mode: Literal["min", "max"] = "min") -> int:
         """The committed step with the best recorded ``metric`` (as ``keep_best`` ranks it:
@@ -448,7 +461,7 @@ class CheckpointManager:
         candidates = [step] if step is not None else sorted(self.store.steps(), reverse=True)
         for candidate in candidates:
             manifest = self.store.manifest(candidate)
-            kind = manifest.extra.get("variant", {}).get("kind", "full")
+            kind = _variant_label(manifest).split("/")[0]
             if kind != "full":
                 if step is not None:
                     raise CheckpointError(

@@ -226,7 +226,6 @@ class CheckpointStore:
                 logical_bytes=m.logical_bytes,
                 new_bytes=m.written_bytes,
                 objects=frozenset(e.object for e in m.tensors.values()),
-                variant=_variant_label(m.extra.get("variant")),
             )
 
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -590,13 +589,6 @@ class CheckpointStore:
         """Atomically replace the run record."""
         doc = {"format": "ckptwise.run", "version": 1, **state}
         self.backend.write_atomic(RUN_FILE, [json.dumps(doc, indent=1).encode()])
-
-
-def _variant_label(variant: Any) -> str:
-    if not isinstance(variant, dict):
-        return "full"
-    kind, cast = str(variant.get("kind", "full")), variant.get("cast")
-    return kind if not cast else f"{kind}/{cast}"
 
 
 @dataclass
