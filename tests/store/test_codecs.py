@@ -10,12 +10,26 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptwise.errors import CorruptCheckpointError
-from ckptwise.store.codecs import CODECS, ByteGroupedCodec
+from ckptwise.errors import ConfigError, CorruptCheckpointError, SnapshotError
+from ckptwise.store.codecs import (
+    BYTEGROUP,
+    CODECS,
+    DELTA,
+    LOSSLESS,
+    LOSSY,
+    Q8,
+    Q8_CODEC,
+    RAW,
+    XOR_CODEC,
+    ZSTD,
+    ByteGroupedCodec,
+    decode,
+    get_codec,
+    readable,
+)
+from ckptwise.store.layout import byte_view, tensor_bytes
 from ckptwise.store.manifest import DTYPES
-from ckptwise.store.store import tensor_bytes
-
-LOSSLESS = sorted(name for name, codec in CODECS.items() if not getattr(codec, "lossy", False))
+from ckptwise.store.planner import CodecPlanner
 
 
 def round_trip(codec: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -23,7 +37,7 @@ def round_trip(codec: str, tensor: torch.Tensor) -> torch.Tensor:
     itemsize = tensor.dtype.itemsize
     stored = bytes(CODECS[codec].encode(raw, itemsize=itemsize))
     out = torch.empty(len(raw), dtype=torch.uint8)
-    CODECS[codec].decode(stored, memoryview(out.numpy()), itemsize=itemsize)  # type: ignore[arg-type]
+    CODECS[codec].decode(stored, byte_view(out), itemsize=itemsize)
     return out.view(tensor.dtype).reshape(tensor.shape)
 
 
@@ -33,7 +47,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    codec=st.sampled_from(LOSSLESS),
+    codec=st.sampled_from(sorted(LOSSLESS)),
     dtype=st.sampled_from(sorted(DTYPES)),
     shape=st.lists(st.integers(0, 7), max_size=4),
     data=st.data(),
@@ -52,7 +66,7 @@ def test_every_codec_round_trips_any_bits(
     assert same_bits(round_trip(codec, tensor), tensor)
 
 
-@pytest.mark.parametrize("codec", LOSSLESS)
+@pytest.mark.parametrize("codec", sorted(LOSSLESS))
 def test_special_values_and_views(codec: str) -> None:
     special = torch.tensor(
         [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-45, 5e-324, -1e-310, 3.4e38],
@@ -98,3 +112,99 @@ def test_damaged_byte_grouped_objects_are_corruption(mutate: object, message: st
     out = memoryview(bytearray(2000))
     with pytest.raises(CorruptCheckpointError, match=message):
         ByteGroupedCodec().decode(mutate(stored), out, itemsize=2)  # type: ignore[operator]
+
+
+# -- the registry ------------------------------------------------------------------------
+
+
+def encoded_by(codec: str, tensor: torch.Tensor, base: torch.Tensor) -> bytes:
+    """``tensor`` stored with ``codec`` (a delta is against ``base``)."""
+    raw, itemsize = tensor_bytes(tensor), tensor.dtype.itemsize
+    if codec == DELTA:
+        return XOR_CODEC.encode(raw, base=tensor_bytes(base), itemsize=itemsize)
+    if codec == Q8:
+        return Q8_CODEC.quantize(tensor).stored
+    return bytes(get_codec(codec).encode(raw, itemsize=itemsize))
+
+
+@pytest.mark.parametrize("codec", sorted(readable()))
+def test_every_readable_codec_decodes_what_it_stored(codec: str) -> None:
+    base = torch.randn(3000).to(torch.bfloat16)
+    tensor = base.clone()
+    tensor[::7] += 1
+    stored = encoded_by(codec, tensor, base)
+    out = torch.empty(tensor.nbytes, dtype=torch.uint8)
+    decode(
+        codec,
+        stored,
+        byte_view(out),
+        itemsize=2,
+        base=tensor_bytes(base) if codec == DELTA else None,
+    )
+    if codec in LOSSY:
+        assert torch.allclose(out.view(torch.bfloat16).float(), tensor.float(), atol=0.05)
+    else:
+        assert torch.equal(out.view(torch.bfloat16), tensor)
+
+
+@pytest.mark.parametrize("codec", sorted(readable()))
+def test_every_readable_codec_calls_garbage_corruption(codec: str) -> None:
+    out = memoryview(bytearray(64))
+    base = memoryview(bytearray(64)) if codec == DELTA else None
+    with pytest.raises(CorruptCheckpointError):
+        decode(codec, b"\x07" * 9, out, itemsize=4, base=base)
+
+
+def test_the_registry_knows_its_names() -> None:
+    assert readable() == {RAW, ZSTD, BYTEGROUP, DELTA, Q8}
+    assert LOSSLESS == set(CODECS) == {RAW, ZSTD, BYTEGROUP}
+    assert all(CODECS[name].name == name for name in CODECS)
+    assert XOR_CODEC.name == DELTA
+    assert Q8_CODEC.name == Q8
+    assert not LOSSLESS & LOSSY
+    with pytest.raises(ConfigError, match="not a whole-object lossless codec"):
+        get_codec(Q8)
+    with pytest.raises(CorruptCheckpointError, match="needs a base"):
+        decode(DELTA, b"", memoryview(bytearray()), itemsize=1)
+    with pytest.raises(CorruptCheckpointError, match="cannot have a base"):
+        decode(RAW, b"", memoryview(bytearray()), itemsize=1, base=memoryview(b""))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    mode=st.sampled_from(["auto", *sorted(LOSSLESS)]),
+    dtype=st.sampled_from(sorted(DTYPES)),
+    nbytes=st.integers(0, 1 << 30),
+    remote=st.booleans(),
+    write_rate=st.none() | st.floats(1e3, 1e11),
+    encode_rate=st.none() | st.floats(1e3, 1e11),
+)
+def test_the_planner_never_chooses_a_lossy_codec(
+    mode: str,
+    dtype: str,
+    nbytes: int,
+    remote: bool,
+    write_rate: float | None,
+    encode_rate: float | None,
+) -> None:
+    planner = CodecPlanner(mode=mode, remote=remote, write_rate=write_rate, encode_rate=encode_rate)
+    codec, _ = planner.choose(DTYPES[dtype], nbytes)
+    assert codec in LOSSLESS
+
+
+def test_codec_misuse_is_the_callers_error() -> None:
+    with pytest.raises(ConfigError, match="do not divide into 4-byte elements"):
+        ByteGroupedCodec().encode(memoryview(b"abcdef"), itemsize=4)
+    with pytest.raises(ConfigError, match="same size"):
+        XOR_CODEC.encode(memoryview(b"ab"), base=memoryview(b"abc"), itemsize=1)
+    with pytest.raises(SnapshotError, match=r"not torch\.int64"):
+        Q8_CODEC.quantize(torch.arange(10))
+
+
+def test_byte_grouped_objects_decode_by_their_own_width() -> None:
+    """Dedup is by content: an object grouped as fp32 may be listed later as int16 bytes."""
+    tensor = torch.randn(100)
+    stored = ByteGroupedCodec().encode(tensor_bytes(tensor), itemsize=4)
+    out = torch.empty(tensor.nbytes, dtype=torch.uint8)
+    ByteGroupedCodec().decode(stored, byte_view(out), itemsize=2)
+    assert torch.equal(out.view(torch.float32), tensor)

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 import ckptwise as cw
 from ckptwise.store import CheckpointStore, LocalBackend
-from ckptwise.store.manifest import DELTA_CODEC, DTYPES
-from ckptwise.store.store import object_path
+from ckptwise.store.codecs import DELTA
+from ckptwise.store.layout import object_path
+from ckptwise.store.manifest import DTYPES
 
 
 def drift(steps: int, seed: int = 0) -> list[torch.Tensor]:
@@ -33,7 +34,7 @@ def test_chains_stay_within_the_keyframe_interval_and_restore_exactly(tmp_path: 
         store.commit(step, {"w": w})
     entries = [store.manifest(s).tensors["w"] for s in range(1, 11)]
     assert [len(e.bases) for e in entries] == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
-    assert entries[1].codec == DELTA_CODEC
+    assert entries[1].codec == DELTA
     assert entries[1].stored_bytes < 0.7 * entries[0].stored_bytes
     fresh = CheckpointStore(LocalBackend(tmp_path))
     for step, w in enumerate(values, start=1):
@@ -124,7 +125,7 @@ def test_same_bytes_under_another_dtype_reuse_a_delta_object(tmp_path: Path) -> 
     values = drift(2)
     store.commit(1, {"w": values[0]})
     store.commit(2, {"w": values[1]})
-    assert store.manifest(2).tensors["w"].codec == DELTA_CODEC
+    assert store.manifest(2).tensors["w"].codec == DELTA
     as_int16 = values[1].view(torch.int16)
     store.commit(3, {"same_bytes": as_int16})
     entry = store.manifest(3).tensors["same_bytes"]
@@ -132,3 +133,39 @@ def test_same_bytes_under_another_dtype_reuse_a_delta_object(tmp_path: Path) -> 
     fresh = CheckpointStore(LocalBackend(tmp_path))
     assert torch.equal(fresh.load_tensors(3)["same_bytes"], as_int16)
     assert fresh.verify() == []
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_deltas_with_a_codec_that_cannot_store_them_are_refused(tmp_path: Path, codec: str) -> None:
+    with pytest.raises(cw.ConfigError, match=r"deltas=4 needs codec='bytegroup' or 'auto'"):
+        CheckpointStore(LocalBackend(tmp_path), codec=codec, deltas=4)
+
+
+def test_auto_tries_deltas_for_float_weights_whatever_their_keyframe_codec(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(LocalBackend(tmp_path), codec="auto", deltas=4)
+    values = drift(3)
+    for step, w in enumerate(values, start=1):
+        # small and integer tensors are never compressed by auto, so never tried as deltas
+        store.commit(step, {"w": w, "small": w[0].clone(), "ids": torch.arange(1 << 14) + step})
+    first, second = (store.manifest(s).tensors for s in (1, 2))
+    assert first["w"].codec == "raw"  # a fast local disk: auto stores keyframes raw
+    assert second["w"].codec == DELTA
+    assert second["w"].bases == ((first["w"].object, "raw", first["w"].stored_bytes),)
+    assert second["w"].stored_bytes < 0.5 * first["w"].nbytes
+    assert second["w"].note.startswith("delta against the previous checkpoint")
+    assert (second["small"].codec, second["ids"].codec) == ("raw", "raw")
+    fresh = CheckpointStore(LocalBackend(tmp_path))
+    for step, w in enumerate(values, start=1):
+        assert torch.equal(fresh.load_tensors(step)["w"], w)
+    assert fresh.verify() == []
+
+
+def test_delta_sizes_do_not_count_as_the_codecs_ratio(tmp_path: Path) -> None:
+    """The planner weighs storing an object whole; a delta's ratio says nothing of that."""
+    store = CheckpointStore(LocalBackend(tmp_path), codec="bytegroup", deltas=4)
+    for step, w in enumerate(drift(3), start=1):
+        store.commit(step, {"w": w})
+    assert store.manifest(3).tensors["w"].codec == DELTA
+    assert 1.0 < store.planner.ratios[4] < 1.5  # fp32 weights stored whole: about 1.2x

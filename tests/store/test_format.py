@@ -20,6 +20,7 @@ import ckptwise as cw
 from ckptwise.errors import FormatError
 from ckptwise.snapshot import capture
 from ckptwise.store import CheckpointStore, LocalBackend
+from ckptwise.store.index import read_manifest
 from ckptwise.store.manifest import FORMAT_VERSION
 
 GOLDEN = Path(__file__).with_name("golden") / "run_v1"
@@ -126,7 +127,7 @@ def test_malformed_manifests_are_rejected_with_a_clear_error(
     (reason,) = store.broken.values()
     assert message in reason
     with pytest.raises(FormatError, match=r"malformed|newer|upgrade"):
-        store._read_manifest(MANIFEST)
+        read_manifest(store.backend, MANIFEST)
 
 
 def test_manifest_whose_name_and_step_disagree_is_not_trusted(tmp_path: Path) -> None:

@@ -8,22 +8,20 @@ import pytest
 import torch
 
 import ckptwise as cw
-from ckptwise.store.codecs import CODECS
+from ckptwise.store.codecs import Q8_CODEC
 from conftest import make_state, train_step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_q8_decodes_close_to_the_input_and_exactly_the_same_twice(dtype: torch.dtype) -> None:
     values = (torch.randn(1000) * 3).to(dtype)
-    codec = CODECS["q8"]
-    stored = codec.quantize(values)  # type: ignore[attr-defined]
+    quantized = Q8_CODEC.quantize(values)
     out = bytearray(values.numel() * values.element_size())
-    codec.decode(stored, memoryview(out), itemsize=values.element_size())
+    Q8_CODEC.decode(quantized.stored, memoryview(out), itemsize=values.element_size())
     back = torch.frombuffer(out, dtype=dtype)
     assert (back.double() - values.double()).abs().max() <= values.double().abs().max() / 127 + 0.05
-    again = bytearray(len(out))
-    codec.decode(stored, memoryview(again), itemsize=values.element_size())
-    assert again == out
+    assert bytes(quantized.decoded) == out
+    assert quantized.note.startswith("lossy q8: max abs error")
 
 
 def test_archive_quantizes_optimizer_state_only_and_reports_the_error(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptwise.errors import CorruptCheckpointError, StorageError
+from ckptwise.errors import CorruptCheckpointError, SnapshotError, StorageError
 from ckptwise.store import CheckpointStore, LocalBackend, open_backend
+from ckptwise.store.layout import object_path
 from ckptwise.store.manifest import DTYPES
-from ckptwise.store.store import object_path
 
 
 def store_at(path: Path, codec: str = "raw") -> CheckpointStore:
@@ -205,3 +205,11 @@ def test_zstd_codec_is_recorded_and_objects_keep_their_codec(tmp_path: Path) -> 
     raw_store.commit(2, {"z": zeros})
     assert raw_store.manifest(2).tensors["z"].codec == "zstd"  # reused, not rewritten
     assert torch.equal(raw_store.load_tensors(2)["z"], zeros)
+
+
+def test_a_dtype_the_format_lacks_is_the_callers_error(tmp_path: Path) -> None:
+    store = CheckpointStore(LocalBackend(tmp_path))
+    with pytest.raises(SnapshotError, match="cannot be stored; convert them"):
+        store.commit(1, {"w": torch.zeros(2, dtype=torch.float8_e4m3fnuz)})
+    assert store.steps() == []
+    assert not (tmp_path / "objects").exists()

@@ -3,7 +3,8 @@
 from ckptwise.store.backend import Backend, FsspecBackend, LocalBackend, open_backend
 from ckptwise.store.lock import RunLock
 from ckptwise.store.manifest import FORMAT_VERSION, Manifest, TensorEntry
-from ckptwise.store.store import CheckpointStore, Problem
+from ckptwise.store.reader import Problem
+from ckptwise.store.store import CheckpointStore
 
 __all__ = [
     "FORMAT_VERSION",

@@ -158,6 +158,8 @@ class LocalBackend:
             return os.path.getsize(self._abs(path))
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(f"{self._abs(path)} does not exist") from exc
+        except OSError as exc:
+            raise StorageError(f"could not stat {self._abs(path)}: {exc}") from exc
 
     def exists(self, path: str) -> bool:
         return os.path.isfile(self._abs(path))
@@ -221,7 +223,7 @@ class FsspecBackend:
             raise StorageError(f"could not {action} {self.url}/{path}: {exc}") from exc
 
     def write_atomic(self, path: str, chunks: Iterable[Buffer], *, sync: bool = True) -> int:
-        data = b"".join(bytes(memoryview(c).cast("B")) for c in chunks)
+        data = b"".join(memoryview(c).cast("B") for c in chunks)
         with self._wrap("write", path):
             self.fs.pipe_file(self._abs(path), data)
         return len(data)

@@ -1,35 +1,70 @@
 """Codecs turn a tensor's raw bytes into the bytes of its stored object, and back.
 
-Each codec is named in the manifest entry of every tensor that uses it, so a run can mix
-codecs and old runs stay readable as new codecs are added. Decoding always checks the
-output length; the store then checks the content hash. ``docs/FORMAT.md`` gives each
+This module is the one registry of codec names: the manifest names each object's codec, so a
+run can mix codecs and old runs stay readable as new codecs are added. Decoding always checks
+the output length; the store then checks the content hash. ``docs/FORMAT.md`` gives each
 codec's byte layout.
+
+Three kinds of codec, by what encoding needs besides the raw bytes:
+
+- whole-object lossless codecs (:data:`LOSSLESS`: ``raw``, ``zstd``, ``bytegroup``), the
+  ones a run stores with (``codec=``), behind the :class:`Codec` protocol;
+- the delta codec ``xor-bytegroup`` (:data:`DELTA`), which also needs the raw bytes of the
+  object it is a delta against (:class:`XorBytegroupCodec`);
+- the lossy ``q8`` (:data:`Q8`), which needs the float tensor itself and is only ever asked
+  for by name (:class:`Q8Codec`).
+
+:func:`decode` reads any of them.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
 import torch
 import zstandard
 
-from ckptwise.errors import CorruptCheckpointError
+from ckptwise.errors import ConfigError, CorruptCheckpointError, SnapshotError
+from ckptwise.store.layout import byte_view
 
 __all__ = [
+    "BYTEGROUP",
     "CODECS",
+    "DELTA",
+    "LOSSLESS",
+    "LOSSY",
+    "Q8",
+    "Q8_CODEC",
+    "RAW",
+    "XOR_CODEC",
+    "ZSTD",
     "ByteGroupedCodec",
     "Codec",
     "Q8Codec",
+    "Quantized",
     "RawCodec",
+    "XorBytegroupCodec",
     "ZstdCodec",
+    "decode",
     "get_codec",
+    "readable",
 ]
+
+RAW = "raw"
+ZSTD = "zstd"
+BYTEGROUP = "bytegroup"
+#: An object stored as the byte-grouped XOR against another object (its base).
+DELTA = "xor-bytegroup"
+Q8 = "q8"
 
 
 class Codec(Protocol):
-    """A lossless transform of an object's bytes.
+    """A lossless transform of a whole object's bytes.
 
     ``itemsize`` is the byte width of the tensor's elements (2 for bf16, 4 for fp32); codecs
     that do not care about element boundaries ignore it.
@@ -49,7 +84,7 @@ class Codec(Protocol):
 class RawCodec:
     """Stores the bytes as they are, so a restore is one read straight into the tensor."""
 
-    name = "raw"
+    name = RAW
 
     def encode(self, raw: memoryview, *, itemsize: int) -> memoryview:
         return raw
@@ -63,7 +98,7 @@ class RawCodec:
 class ZstdCodec:
     """Plain zstd of the raw bytes (level 3 by default)."""
 
-    name = "zstd"
+    name = ZSTD
 
     def __init__(self, level: int = 3) -> None:
         self.level = level
@@ -100,10 +135,12 @@ class ByteGroupedCodec:
     cost a copy, not a compression. One-byte elements are a single plane (plain zstd).
 
     Layout: ``"CKBG"``, version 1, itemsize, plane count, 0; per plane a mode byte and a
-    little-endian u64 payload length; then the payloads in plane order.
+    little-endian u64 payload length; then the payloads in plane order. Decoding goes by the
+    width in the header, not by ``itemsize``: dedup is by content, so the same object may be
+    listed under a dtype of another width than it was grouped by.
     """
 
-    name = "bytegroup"
+    name = BYTEGROUP
 
     def __init__(self, level: int = 1) -> None:
         # level 1 compresses exponent planes better than 3 here (2.7x vs 2.4x) and faster
@@ -119,22 +156,16 @@ class ByteGroupedCodec:
         return (1, packed) if len(packed) < 0.97 * len(plane) else (0, plane)
 
     def encode(self, raw: memoryview, *, itemsize: int) -> bytes:
-        if itemsize < 1 or len(raw) % itemsize:
-            raise ValueError(f"{len(raw)} bytes do not divide into {itemsize}-byte elements")
+        if not 1 <= itemsize <= 255 or len(raw) % itemsize:
+            raise ConfigError(
+                f"itemsize={itemsize}: {len(raw)} bytes do not divide into {itemsize}-byte "
+                "elements; pass the tensor's dtype.itemsize"
+            )
         grouped = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.copy()
         parts = [self._compress(memoryview(grouped[i])) for i in range(itemsize)]
         header = _HEADER.pack(_MAGIC, 1, itemsize, itemsize, 0)
         table = b"".join(_PLANE.pack(mode, len(data)) for mode, data in parts)
         return b"".join([header, table, *(bytes(data) for _, data in parts)])
-
-    @staticmethod
-    def stored_itemsize(stored: bytes) -> int:
-        """The element width an object was grouped with (its header says), or 0."""
-        try:
-            magic, _, width, _, _ = _HEADER.unpack_from(stored)
-        except struct.error:
-            return 0
-        return int(width) if magic == _MAGIC else 0
 
     def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
         view = memoryview(stored)
@@ -142,19 +173,22 @@ class ByteGroupedCodec:
             magic, version, width, planes, _ = _HEADER.unpack_from(view)
         except struct.error as exc:
             raise CorruptCheckpointError(f"byte-grouped object is truncated: {exc}") from exc
-        if magic != _MAGIC or version != 1 or width != itemsize or planes != itemsize:
+        if magic != _MAGIC or version != 1 or width < 1 or planes != width:
             raise CorruptCheckpointError(
-                f"not a byte-grouped object for {itemsize}-byte elements "
-                f"(magic {magic!r}, version {version}, itemsize {width}, planes {planes})"
+                f"not a byte-grouped object (magic {magic!r}, version {version}, "
+                f"itemsize {width}, planes {planes})"
             )
-        count = len(out) // itemsize if itemsize else 0
-        if count * itemsize != len(out):
-            raise CorruptCheckpointError(f"{len(out)} bytes are not whole {itemsize}-byte elements")
-        grouped = np.empty((itemsize, count), dtype=np.uint8)
+        count = len(out) // width
+        if count * width != len(out):
+            raise CorruptCheckpointError(f"{len(out)} bytes are not whole {width}-byte elements")
+        grouped = np.empty((width, count), dtype=np.uint8)
         offset = _HEADER.size + planes * _PLANE.size
         decompressor = zstandard.ZstdDecompressor()
         for i in range(planes):
-            mode, length = _PLANE.unpack_from(view, _HEADER.size + i * _PLANE.size)
+            try:
+                mode, length = _PLANE.unpack_from(view, _HEADER.size + i * _PLANE.size)
+            except struct.error as exc:
+                raise CorruptCheckpointError(f"plane table is truncated: {exc}") from exc
             payload = view[offset : offset + length]
             offset += length
             if len(payload) != length:
@@ -172,14 +206,58 @@ class ByteGroupedCodec:
             grouped[i] = np.frombuffer(data, dtype=np.uint8)
         if offset != len(view):
             raise CorruptCheckpointError(f"{len(view) - offset} stray bytes after the last plane")
-        target = np.frombuffer(out, dtype=np.uint8).reshape(count, itemsize)
+        target = np.frombuffer(out, dtype=np.uint8).reshape(count, width)
         target[...] = grouped.T
+
+
+class XorBytegroupCodec:
+    """A delta: the byte-grouped XOR of an object's raw bytes with those of its base.
+
+    Between two checkpoints most bits of a slowly trained weight stay the same, so the XOR
+    is mostly zero bytes and compresses far better than the object itself. ``base`` is the
+    raw content of the object the delta is against (``bases[0]`` of its manifest entry).
+    """
+
+    name = DELTA
+
+    def __init__(self, grouped: ByteGroupedCodec | None = None) -> None:
+        self._grouped = grouped or ByteGroupedCodec()
+
+    def encode(self, raw: memoryview, *, base: memoryview, itemsize: int) -> bytes:
+        if len(base) != len(raw):
+            raise ConfigError(
+                f"a delta needs a base of the same size: {len(raw)} bytes against {len(base)}"
+            )
+        xor = np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(base, np.uint8))
+        return self._grouped.encode(xor.data, itemsize=itemsize)
+
+    def decode(self, stored: bytes, out: memoryview, *, base: memoryview, itemsize: int) -> None:
+        if len(base) != len(out):
+            raise CorruptCheckpointError(
+                f"the delta's base holds {len(base)} bytes, expected {len(out)}"
+            )
+        self._grouped.decode(stored, out, itemsize=itemsize)
+        if len(out):  # torch.frombuffer refuses empty buffers
+            target = torch.frombuffer(out, dtype=torch.uint8)
+            torch.bitwise_xor(target, torch.frombuffer(base, dtype=torch.uint8), out=target)
 
 
 _Q8_HEADER = struct.Struct("<4sBBHQ")  # magic, version, dtype code, block, element count
 _Q8_MAGIC = b"CKQ8"
 _Q8_DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16, 3: torch.float64}
 _Q8_CODES = {v: k for k, v in _Q8_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A tensor quantized by :class:`Q8Codec`."""
+
+    #: the object's bytes on disk
+    stored: bytes
+    #: the raw bytes ``stored`` decodes to: the object's content, so its address
+    decoded: memoryview
+    #: what was lost, for the manifest entry's note
+    note: str
 
 
 class Q8Codec:
@@ -192,31 +270,44 @@ class Q8Codec:
     manifest entry's note. Never chosen automatically.
     """
 
-    name = "q8"
-    lossy = True
+    name = Q8
 
     def __init__(self, block: int = 256) -> None:
         self.block = block
 
-    def quantize(self, values: torch.Tensor) -> bytes:
-        """The stored form of a float tensor's values (any shape)."""
-        flat = values.detach().reshape(-1).to(torch.float32)
+    def quantize(self, tensor: torch.Tensor) -> Quantized:
+        """Quantize a float tensor (any shape, any device)."""
+        if tensor.dtype not in _Q8_CODES:
+            raise SnapshotError(
+                f"q8 quantizes float32, bfloat16, float16 or float64 tensors, not {tensor.dtype}"
+                "; leave this tensor out of lossy="
+            )
+        original = tensor.detach().cpu().contiguous()
+        stored = self._pack(original)
+        decoded = torch.empty(original.numel() * original.element_size(), dtype=torch.uint8)
+        self.decode(stored, byte_view(decoded), itemsize=original.element_size())
+        values = decoded.view(original.dtype).reshape(original.shape)
+        error = (values.double() - original.double()).reshape(-1)
+        scale = original.double().norm().item()
+        rms = error.norm().item() / scale if scale else 0.0
+        worst = error.abs().max().item() if error.numel() else 0.0
+        note = f"lossy q8: max abs error {worst:.3g}, relative error {rms:.3g}"
+        return Quantized(stored, byte_view(decoded), note)
+
+    def _pack(self, values: torch.Tensor) -> bytes:
+        flat = values.reshape(-1).to(torch.float32)
         count = flat.numel()
         pad = (-count) % self.block
         blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, self.block)
         scales = blocks.abs().amax(dim=1) / 127.0
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
         q = torch.round(blocks / safe[:, None]).clamp(-127, 127).to(torch.int8)
-        if values.dtype not in _Q8_CODES:
-            raise TypeError(f"q8 quantizes floating-point tensors, not {values.dtype}")
         header = _Q8_HEADER.pack(_Q8_MAGIC, 1, _Q8_CODES[values.dtype], self.block, count)
         body = scales.numpy().tobytes() + q.reshape(-1)[:count].numpy().tobytes()
         return header + zstandard.ZstdCompressor(level=3).compress(body)
 
-    def encode(self, raw: memoryview, *, itemsize: int) -> bytes:
-        raise TypeError("q8 is lossy: quantize() the tensor, it does not encode raw bytes")
-
     def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
+        """Fill ``out`` with the values, cast to the dtype the header names."""
         try:
             magic, version, code, block, count = _Q8_HEADER.unpack_from(stored)
             body = zstandard.ZstdDecompressor().decompress(
@@ -228,10 +319,8 @@ class Q8Codec:
         dtype = _Q8_DTYPES.get(code)
         if magic != _Q8_MAGIC or version != 1 or dtype is None or block < 1:
             raise CorruptCheckpointError("not a q8 object")
-        if dtype.itemsize != itemsize:
-            raise CorruptCheckpointError(f"q8 object holds {dtype}, not {itemsize}-byte elements")
         blocks = -(-count // block)
-        if len(body) != 4 * blocks + count or count * itemsize != len(out):
+        if len(body) != 4 * blocks + count or count * dtype.itemsize != len(out):
             raise CorruptCheckpointError("q8 object has the wrong size for its tensor")
         scales = torch.frombuffer(bytearray(body[: 4 * blocks]), dtype=torch.float32)
         q = torch.frombuffer(bytearray(body[4 * blocks :]), dtype=torch.int8).to(torch.float32)
@@ -241,14 +330,49 @@ class Q8Codec:
         target.copy_(values.to(dtype).view(torch.uint8))
 
 
-CODECS: dict[str, Codec] = {
-    "raw": RawCodec(),
-    "zstd": ZstdCodec(),
-    "bytegroup": ByteGroupedCodec(),
-    "q8": Q8Codec(),
-}
+#: The whole-object lossless codecs, by name: what a run may store with (``codec=``).
+CODECS: Mapping[str, Codec] = MappingProxyType(
+    {codec.name: codec for codec in (RawCodec(), ZstdCodec(), ByteGroupedCodec())}
+)
+LOSSLESS: frozenset[str] = frozenset(CODECS)
+#: Codecs that lose precision: only ever asked for by name, never chosen.
+LOSSY: frozenset[str] = frozenset({Q8})
+XOR_CODEC = XorBytegroupCodec()
+Q8_CODEC = Q8Codec()
+
+
+def readable() -> frozenset[str]:
+    """Every codec name this build decodes: a manifest naming another is from a newer one."""
+    return LOSSLESS | LOSSY | {DELTA}
 
 
 def get_codec(name: str) -> Codec:
-    """The codec registered under ``name``."""
-    return CODECS[name]
+    """The whole-object lossless codec registered under ``name``."""
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ConfigError(
+            f"codec={name!r} is not a whole-object lossless codec; choose one of "
+            f"{', '.join(sorted(CODECS))}"
+        ) from None
+
+
+def decode(
+    codec: str, stored: bytes, out: memoryview, *, itemsize: int, base: memoryview | None = None
+) -> None:
+    """Fill ``out`` from an object stored with any readable codec.
+
+    ``base`` is the raw content of a delta's first base; only a delta has one.
+    """
+    if (codec == DELTA) != (base is not None):
+        raise CorruptCheckpointError(
+            f"a {codec} object {'needs' if codec == DELTA else 'cannot have'} a base"
+        )
+    if base is not None:
+        XOR_CODEC.decode(stored, out, base=base, itemsize=itemsize)
+    elif codec == Q8:
+        Q8_CODEC.decode(stored, out, itemsize=itemsize)
+    elif codec in CODECS:
+        CODECS[codec].decode(stored, out, itemsize=itemsize)
+    else:
+        raise CorruptCheckpointError(f"codec {codec!r} is unknown to this version of ckptwise")

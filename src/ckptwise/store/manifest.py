@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ckptwise.errors import FormatError
+from ckptwise.errors import FormatError, SnapshotError
+from ckptwise.store.codecs import DELTA, LOSSY, RAW
 
 __all__ = [
     "DTYPES",
@@ -33,8 +34,6 @@ __all__ = [
 
 FORMAT_NAME = "ckptwise.checkpoint"
 FORMAT_VERSION = 1
-#: The codec of an object stored as the XOR against another object (its base), byte-grouped.
-DELTA_CODEC = "xor-bytegroup"
 #: The longest delta chain a manifest may describe (readers refuse longer ones).
 MAX_CHAIN = 64
 
@@ -62,11 +61,11 @@ _OBJECT_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """The on-disk name of ``dtype``; :class:`FormatError` for dtypes the format lacks."""
+    """The on-disk name of ``dtype``; :class:`SnapshotError` for dtypes the format lacks."""
     try:
         return _NAMES[dtype]
     except KeyError:
-        raise FormatError(
+        raise SnapshotError(
             f"tensors of dtype {dtype} cannot be stored; convert them to one of "
             f"{', '.join(sorted(DTYPES))} first"
         ) from None
@@ -84,13 +83,18 @@ class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    codec: str = "raw"
+    codec: str = RAW
     stored_bytes: int = 0
     #: why the codec was chosen (optional; written only when there is something to say)
     note: str = ""
     #: for a delta (codec ``xor-bytegroup``): the objects it builds on, nearest first, each as
     #: (object id, codec, stored bytes); the last is a keyframe stored whole
     bases: tuple[tuple[str, str, int], ...] = ()
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the object holds an approximation of the tensor (an archive's q8 copy)."""
+        return self.codec in LOSSY
 
     def ancestor(self, index: int) -> TensorEntry:
         """The entry of ``bases[index]``, as a tensor entry of the same dtype and shape."""
@@ -192,7 +196,7 @@ def _entry(name: Any, raw: Any, where: str, codecs: frozenset[str]) -> TensorEnt
     expected = math.prod(dims) * DTYPES[dtype].itemsize
     if nbytes != expected:
         raise _fail(where, f"tensor {name!r} says {nbytes} bytes but its shape needs {expected}")
-    codec = raw.get("codec", "raw")
+    codec = raw.get("codec", RAW)
     if codec not in codecs:
         raise FormatError(
             f"manifest {where}: tensor {name!r} uses codec {codec!r}, which this version of "
@@ -203,7 +207,7 @@ def _entry(name: Any, raw: Any, where: str, codecs: frozenset[str]) -> TensorEnt
     if not isinstance(note, str):
         raise _fail(where, f"tensor {name!r} has a note that is not a string")
     bases = _bases(raw.get("bases", []), name, where, codecs)
-    if (codec == DELTA_CODEC) != bool(bases):
+    if (codec == DELTA) != bool(bases):
         raise _fail(where, f"tensor {name!r}: codec {codec!r} does not match its bases")
     return TensorEntry(
         object=obj,
@@ -230,7 +234,7 @@ def _bases(
         if not isinstance(oid, str) or not _OBJECT_ID.match(oid):
             raise _fail(where, f"tensor {name!r}: base {i} has object id {oid!r}")
         last = i == len(raw) - 1
-        if codec not in codecs or (codec == DELTA_CODEC) == last:
+        if codec not in codecs or (codec == DELTA) == last:
             raise _fail(where, f"tensor {name!r}: base {i} has codec {codec!r}")
         out.append((oid, codec, _int(stored, f"stored bytes of base {i} of {name!r}", where)))
     return tuple(out)

@@ -8,6 +8,11 @@ ratio for that element width). With ``codec="auto"`` the planner picks the byte-
 codec for float tensors exactly when that is smaller, and says why in the manifest
 (``ckptwise show`` prints it). On a local disk that writes faster than the cores encode,
 that means raw; on a slow or remote store, compression.
+
+Deltas (``deltas=K``) are a request for fewer bytes, which the planner does not second-guess:
+with ``"bytegroup"`` every new object is tried as a delta, with ``"auto"`` every float tensor
+it would consider compressing (2-, 4- or 8-byte floats of 64 KiB or more), whichever codec it
+picks for the object whole. Raw and zstd runs cannot store deltas (a delta is byte-grouped).
 """
 
 from __future__ import annotations
@@ -17,9 +22,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ckptwise.store.codecs import CODECS
+from ckptwise.store.codecs import BYTEGROUP, LOSSLESS, RAW
 
-__all__ = ["CodecPlanner"]
+__all__ = ["AUTO", "DELTA_MODES", "MODES", "CodecPlanner"]
+
+#: The planner's own mode: choose per object (see the module docstring).
+AUTO = "auto"
+#: What a run's ``codec=`` may be.
+MODES = frozenset({AUTO}) | LOSSLESS
+#: The modes that can store deltas.
+DELTA_MODES = frozenset({AUTO, BYTEGROUP})
 
 #: Objects smaller than this are never compressed: the saving is noise.
 MIN_COMPRESS = 1 << 16
@@ -37,7 +49,7 @@ def _ewma(old: float | None, new: float, weight: float = 0.5) -> float:
 class CodecPlanner:
     """Per-store state of the codec decision; ``mode`` is ``"auto"`` or a codec name."""
 
-    mode: str = "raw"
+    mode: str = RAW
     remote: bool = False
     write_rate: float | None = None
     encode_rate: float | None = None
@@ -46,16 +58,15 @@ class CodecPlanner:
 
     def choose(self, dtype: torch.dtype, nbytes: int) -> tuple[str, str]:
         """The codec for a new object, and the reason."""
-        if self.mode != "auto":
+        if self.mode != AUTO:
             return self.mode, ""  # the run asked for it: nothing to explain
-        if not dtype.is_floating_point or dtype.itemsize < 2:
-            return "raw", "not a 2-, 4- or 8-byte float tensor"
-        if nbytes < MIN_COMPRESS:
-            return "raw", f"smaller than {MIN_COMPRESS // 1024} KiB"
+        unfit = _unfit(dtype, nbytes)
+        if unfit:
+            return RAW, unfit
         write = self.write_rate
         if write is None:
             if not self.remote:
-                return "raw", "first save to this store: measuring how fast it writes"
+                return RAW, "first save to this store: measuring how fast it writes"
             write = GUESS_REMOTE_WRITE_RATE
         encode = self.encode_rate or GUESS_ENCODE_RATE
         ratio = self.ratios.get(dtype.itemsize, GUESS_RATIO.get(dtype.itemsize, 1.05))
@@ -66,8 +77,14 @@ class CodecPlanner:
             f"store writes {write / 1e6:.0f} MB/s"
         )
         if packed_time < raw_time:
-            return "bytegroup", f"pays: {rates}"
-        return "raw", f"would slow the save: {rates}"
+            return BYTEGROUP, f"pays: {rates}"
+        return RAW, f"would slow the save: {rates}"
+
+    def tries_delta(self, dtype: torch.dtype, nbytes: int) -> bool:
+        """Whether a new object is worth trying as a delta, when the run has deltas on."""
+        if self.mode == AUTO:
+            return not _unfit(dtype, nbytes)
+        return self.mode == BYTEGROUP
 
     def observed_write(self, nbytes: int, seconds: float) -> None:
         """Fold in one commit's object writes (bytes on disk, wall seconds)."""
@@ -80,7 +97,11 @@ class CodecPlanner:
             self.encode_rate = _ewma(self.encode_rate, raw / seconds)
             self.ratios[itemsize] = _ewma(self.ratios.get(itemsize), raw / stored)
 
-    @staticmethod
-    def known(mode: str) -> bool:
-        """Whether ``mode`` names something the planner can do."""
-        return mode == "auto" or (mode in CODECS and not getattr(CODECS[mode], "lossy", False))
+
+def _unfit(dtype: torch.dtype, nbytes: int) -> str:
+    """Why ``auto`` never compresses such an object; empty when it may."""
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        return "not a 2-, 4- or 8-byte float tensor"
+    if nbytes < MIN_COMPRESS:
+        return f"smaller than {MIN_COMPRESS // 1024} KiB"
+    return ""

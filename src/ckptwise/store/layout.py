@@ -1,0 +1,85 @@
+"""Where a run's files live, and how a tensor's bytes are viewed and addressed.
+
+Layout of a run folder (see ``docs/FORMAT.md``)::
+
+    RUN/ckptwise.lock                   the writer's lock
+    RUN/run.json                        pins and the last retention decision
+    RUN/checkpoints/000000001000.json   a committed checkpoint's manifest
+    RUN/objects/ab/ab12...ef            a tensor's bytes, named by their BLAKE3 digest
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+from typing import Any
+
+import blake3
+import torch
+
+__all__ = [
+    "CHECKPOINTS",
+    "OBJECTS",
+    "byte_view",
+    "manifest_path",
+    "manifest_step",
+    "object_dir",
+    "object_id",
+    "object_path",
+    "tensor_bytes",
+]
+
+CHECKPOINTS = "checkpoints"
+OBJECTS = "objects"
+_MANIFEST_NAME = re.compile(rf"^{CHECKPOINTS}/(\d+)\.json$")
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+    raise ImportError("ckptwise's on-disk format is little-endian; this machine is big-endian")
+
+
+def manifest_path(step: int) -> str:
+    return f"{CHECKPOINTS}/{step:012d}.json"
+
+
+def manifest_step(path: str) -> int | None:
+    """The step a path names if it is a manifest's, else ``None``."""
+    match = _MANIFEST_NAME.match(path)
+    return int(match.group(1)) if match else None
+
+
+def object_path(oid: str) -> str:
+    return f"{OBJECTS}/{oid[:2]}/{oid}"
+
+
+def object_dir(oid: str) -> str:
+    return f"{OBJECTS}/{oid[:2]}"
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A flat byte view of ``tensor``'s values in C order, copying only when needed."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    t = t.contiguous().reshape(-1)
+    return byte_view(t.view(torch.uint8))
+
+
+def byte_view(flat_u8: torch.Tensor) -> memoryview:
+    """A writable byte view sharing memory with a flat uint8 CPU tensor."""
+    array: Any = flat_u8.numpy()
+    return memoryview(array).cast("B")
+
+
+def object_id(raw: memoryview) -> str:
+    """The content address (BLAKE3 hex digest) of raw tensor bytes."""
+    # fan out over all cores only on the caller's (training) thread: a background save
+    # hashing with every core would take them from training
+    wide = len(raw) > 1 << 24 and threading.current_thread() is threading.main_thread()
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if wide else blake3.blake3()
+    hasher.update(raw)
+    return str(hasher.hexdigest())
