@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -9,28 +11,102 @@ import pytest
 import torch
 
 import ckptwise as cw
-from ckptwise.policy.state import Decision, TrainingState
-from conftest import make_state, train_step
+from ckptwise.policy import Decision, Request, TrainingState
+from tiny_state import make_state, train_step
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
-    ("step", "final", "reasons", "expected"),
+    ("step", "final", "decision", "expected"),
     [
-        (5000, False, ("every(1000)",), "full"),
-        (1000, False, ("every(1000)",), "weights"),
-        (1234, True, ("final",), "full"),
-        (1234, False, ("on_signal(SIGTERM)",), "full"),
-        (1234, False, ("on_file(SAVE_NOW)",), "full"),
+        (5000, False, Decision.yes("every(1000)"), "full"),
+        (1000, False, Decision.yes("every(1000)"), "weights"),
+        (1234, True, Decision.yes("final"), "full"),
+        (
+            1234,
+            False,
+            Decision.yes("on_signal(SIGTERM)", requests=[Request("signal", "SIGTERM")]),
+            "full",
+        ),
+        (
+            1234,
+            False,
+            Decision.yes("on_file(SAVE_NOW)", requests=[Request("file", "SAVE_NOW")]),
+            "full",
+        ),
+        # what counts is the request the save answers, not how its reason reads
+        (1234, False, Decision.yes("on_signal(SIGTERM)"), "weights"),
     ],
 )
 def test_full_every_chooses_full_at_multiples_and_before_an_end(
-    step: int, final: bool, reasons: tuple[str, ...], expected: str
+    step: int, final: bool, decision: Decision, expected: str
 ) -> None:
     policy = cw.full_every(5000)
     state = TrainingState(step=step, now=NOW, final=final)
-    assert policy.choose(state, Decision(True, reasons)).kind == expected
+    assert policy.choose(state, decision).kind == expected
+
+
+def test_full_every_answers_a_request_with_a_full_save() -> None:
+    """The variant follows from what the triggers answered, end to end."""
+    trigger = cw.every(1000) | cw.on_signal() | cw.on_file()
+    content = cw.full_every(5000)
+    for request in (Request("signal", "SIGUSR1"), Request("file", "SAVE_NOW")):
+        state = TrainingState(step=1234, now=NOW, requests=frozenset({request}))
+        assert content.choose(state, trigger.decide(state)).kind == "full"
+    state = TrainingState(step=2000, now=NOW)
+    assert content.choose(state, trigger.decide(state)).kind == "weights"
+
+
+VARIANTS = [
+    cw.full(),
+    cw.Variant("full", "net"),
+    cw.weights_only(),
+    cw.weights_only("net", cast="float16"),
+    cw.trainable_only(cast="bfloat16"),
+    cw.trainable_only("backbone"),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[f"{v.label}-{v.key}" for v in VARIANTS])
+def test_variant_json_round_trips(variant: cw.Variant) -> None:
+    data = variant.to_json()
+    assert data == {"kind": variant.kind, "key": variant.key, "cast": variant.cast}
+    assert cw.Variant.from_json(data) == variant
+    assert cw.Variant.from_json(json.loads(json.dumps(data))) == variant
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (None, cw.full()),  # manifests from before slim saves
+        ("weights", cw.full()),
+        ([], cw.full()),
+        ({}, cw.full()),
+        ({"kind": "lora"}, cw.full()),
+        ({"kind": 3}, cw.full()),
+        ({"kind": "full", "cast": "bfloat16"}, cw.full()),
+        # a slim kind stays slim: a slim checkpoint must never be taken for a full one
+        ({"kind": "weights"}, cw.weights_only()),
+        ({"kind": "weights", "key": "", "cast": "int4"}, cw.weights_only()),
+        ({"kind": "trainable", "key": 7, "cast": "float16"}, cw.trainable_only(cast="float16")),
+    ],
+)
+def test_variant_from_json_is_lenient(data: object, expected: cw.Variant) -> None:
+    assert cw.Variant.from_json(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("variant", "label"),
+    [
+        (cw.full(), "full"),
+        (cw.weights_only(), "weights"),
+        (cw.trainable_only(cast="bfloat16"), "trainable/bfloat16"),
+    ],
+)
+def test_variant_label(variant: cw.Variant, label: str) -> None:
+    assert variant.label == label
+    assert cw.Variant.from_json(variant.to_json()).label == label
 
 
 @pytest.mark.parametrize(
@@ -43,9 +119,9 @@ def test_full_every_chooses_full_at_multiples_and_before_an_end(
         (lambda: cw.full_every(10, otherwise="weights"), "takes a variant"),  # type: ignore[arg-type]
     ],
 )
-def test_bad_content_policies(make: object, message: str) -> None:
+def test_bad_content_policies(make: Callable[[], object], message: str) -> None:
     with pytest.raises(cw.ConfigError, match=message):
-        make()  # type: ignore[operator]
+        make()
 
 
 def test_slim_saves_between_full_ones_and_restore_skips_them(tmp_path: Path) -> None:
@@ -65,7 +141,7 @@ def test_slim_saves_between_full_ones_and_restore_skips_them(tmp_path: Path) -> 
         6: "trainable/bfloat16",
     }
     assert infos[5].logical_bytes < infos[4].logical_bytes / 10
-    slim = cw.CheckpointManager(tmp_path).load(6)["model"]
+    slim = cw.CheckpointManager(tmp_path).run.load(6)["model"]
     assert set(slim) == {"head.weight", "head.bias"}
     assert slim["head.weight"].dtype == torch.bfloat16
     assert torch.equal(slim["head.weight"], state["model"].head.weight.to(torch.bfloat16))
@@ -82,8 +158,8 @@ def test_weights_only_exports_like_a_full_checkpoint(tmp_path: Path) -> None:
         tmp_path / "run", save=cw.every(1), content=cw.weights_only()
     ) as manager:
         manager.step(1, state)
-        path = manager.export(1, tmp_path / "out")
-        assert set(manager.load(1)) == {"model"}
+        path = manager.run.export(1, tmp_path / "out")
+        assert set(manager.run.load(1)) == {"model"}
     from safetensors.torch import load_file
 
     weights = load_file(str(path))

@@ -2,7 +2,8 @@
 
 The signal handler only records the signal's name (and chains to a Python handler that was
 installed before); everything else happens at the next step boundary, on the training
-thread. Requests are strings that :mod:`ckptwise.policy.requests` triggers look for.
+thread, as :class:`~ckptwise.policy.Request` values that the ``on_signal``/``on_file``
+triggers look for.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from types import FrameType
 from typing import Any
 
 from ckptwise.errors import StorageError
+from ckptwise.policy.base import Trigger
 from ckptwise.policy.requests import OnFile, OnSignal
-from ckptwise.policy.triggers import Trigger
+from ckptwise.policy.state import Decision, Request
 from ckptwise.store.backend import Backend, LocalBackend
 
 __all__ = ["Monitor"]
@@ -42,7 +44,7 @@ class Monitor:
             {n for t in leaves if isinstance(t, OnSignal) and t.then == "exit" for n in t.signals}
         )
         self.files = sorted({t.name for t in leaves if isinstance(t, OnFile)})
-        self._received: set[str] = set()
+        self._received: set[Request] = set()
         self._previous: dict[int, Handler] = {}
         self._last_poll = -float("inf")
         self._remote = not isinstance(backend, LocalBackend)
@@ -62,12 +64,12 @@ class Monitor:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self._received.add(f"signal:{signal.Signals(signum).name}")
+        self._received.add(Request("signal", signal.Signals(signum).name))
         previous = self._previous.get(signum)
         if callable(previous):
             previous(signum, frame)
 
-    def poll(self) -> frozenset[str]:
+    def poll(self) -> frozenset[Request]:
         """The requests that are pending now."""
         requests = set(self._received)
         if self.files:
@@ -77,23 +79,23 @@ class Monitor:
                 for name in self.files:
                     try:
                         if self.backend.exists(name):
-                            requests.add(f"file:{name}")
+                            requests.add(Request("file", name))
                     except StorageError as exc:
                         log.warning("could not look for the request file %s: %s", name, exc)
         return frozenset(requests)
 
-    def consume(self, requests: Iterable[str]) -> None:
+    def consume(self, requests: Iterable[Request]) -> None:
         """Forget requests a committed save answered; remove their request files."""
         for request in requests:
             self._received.discard(request)
-            kind, _, name = request.partition(":")
-            if kind == "file" and name in self.files:
+            if request.kind == "file" and request.name in self.files:
                 with contextlib.suppress(StorageError):
-                    self.backend.delete(name)
+                    self.backend.delete(request.name)
 
-    def wants_exit(self, reasons: Iterable[str]) -> bool:
-        """Whether a save made for ``reasons`` should end the process (``then="exit"``)."""
-        return any(f"on_signal({name})" in reasons for name in self.exit_on)
+    def wants_exit(self, decision: Decision) -> bool:
+        """Whether the save made for ``decision`` should end the process: it answers a signal
+        that an ``on_signal(then="exit")`` trigger watches."""
+        return any(r.kind == "signal" and r.name in self.exit_on for r in decision.requests)
 
     def close(self) -> None:
         """Put back the signal handlers that were installed before."""

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ckptwise.policy.state import MetricStats, SaveMark, TrainingState
+from ckptwise.policy.state import MetricStats, Request, SaveMark, TrainingState
 
 __all__ = ["Progress"]
 
@@ -36,7 +36,7 @@ class Progress:
         now: datetime,
         *,
         metrics: Mapping[str, float],
-        requests: frozenset[str],
+        requests: frozenset[Request],
         final: bool,
     ) -> TrainingState:
         """The state a trigger sees at ``step`` (history as it was *before* this step)."""

@@ -13,8 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ckptwise.errors import ConfigError
-from ckptwise.policy.retention import RetentionPolicy, keep_all, plan_retention
-from ckptwise.policy.triggers import Trigger
+from ckptwise.policy import RetentionPolicy, Trigger, keep_all, plan_retention
 from ckptwise.progress import Progress
 from ckptwise.records import CheckpointInfo
 
@@ -72,7 +71,7 @@ class SimulationResult:
         }
 
 
-def _varying(value: Any, name: str) -> Varying:
+def _varying(value: Any) -> Varying:
     return value if callable(value) else (lambda step: value)
 
 
@@ -98,9 +97,9 @@ def simulate(
         raise ConfigError(f"steps must be a positive integer, got {steps!r}")
     keep = keep if keep is not None else keep_all()
     step_time_of, cost_of, bytes_of = (
-        _varying(step_time, "step_time"),
-        _varying(save_cost, "save_cost"),
-        _varying(checkpoint_bytes, "checkpoint_bytes"),
+        _varying(step_time),
+        _varying(save_cost),
+        _varying(checkpoint_bytes),
     )
     metrics = metrics or {}
     progress = Progress(start)

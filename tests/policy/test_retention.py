@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
+import itertools
 import math
-import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Literal
 
 import pytest
@@ -18,10 +17,9 @@ import ckptwise as cw
 from ckptwise.errors import ConfigError
 from ckptwise.policy import RetentionContext, RetentionPlan, RetentionPolicy, plan_retention
 from ckptwise.records import CheckpointInfo
+from policy_support import NOW, keep_any
 
 Mode = Literal["min", "max"]
-
-NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def ckpt(step: int, **metrics: float) -> CheckpointInfo:
@@ -133,12 +131,15 @@ def test_keep_every(interval: int, steps: list[int], kept: list[int]) -> None:
 def test_keep_every_kept_checkpoint_stays_kept_as_saves_arrive() -> None:
     policy = cw.keep_every(10_000)
     steps: list[int] = []
-    ever_kept: set[int] = set()
+    kept_after: list[set[int]] = []  # what is kept after each save, every 3000 steps
     for step in range(3000, 60_001, 3000):
         steps.append(step)
-        kept = set(select(policy, ckpts(*steps)))
-        assert ever_kept <= kept
-        ever_kept |= kept
+        kept_after.append(set(select(policy, ckpts(*steps))))
+    assert kept_after[2] == set()  # 3000, 6000, 9000: no window of 10 000 reached yet
+    assert kept_after[3] == {12_000}
+    assert kept_after[-1] == {12_000, 21_000, 30_000, 42_000, 51_000, 60_000}
+    for before, after in itertools.pairwise(kept_after):
+        assert before <= after
 
 
 # --------------------------------------------------------------------------- keep_all
@@ -397,8 +398,7 @@ def test_union_flattens() -> None:
         (lambda: cw.keep_last(2) | cw.every(10), r"keep=.*got Every"),  # type: ignore[operator]
     ],
 )
-def test_bad_arguments_raise_config_error(make: object, pattern: str) -> None:
-    assert callable(make)
+def test_bad_arguments_raise_config_error(make: Callable[[], object], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern) as info:
         make()
     assert isinstance(info.value, ValueError)
@@ -560,7 +560,7 @@ def simple_policies(draw: st.DrawFn) -> tuple[RetentionPolicy, BestSpec | None]:
 @st.composite
 def policies(draw: st.DrawFn) -> tuple[RetentionPolicy, list[BestSpec]]:
     parts = draw(st.lists(simple_policies(), min_size=1, max_size=4))
-    policy: RetentionPolicy = functools.reduce(operator.or_, (p for p, _ in parts))
+    policy = keep_any(*(p for p, _ in parts))
     return policy, [spec for _, spec in parts if spec is not None]
 
 

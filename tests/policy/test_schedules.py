@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from hypothesis import given
@@ -14,40 +14,13 @@ from hypothesis import strategies as st
 
 import ckptwise as cw
 from ckptwise.errors import ConfigError
-from ckptwise.policy import Decision, MetricStats, SaveMark, TrainingState, Trigger
-
-NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-
-def state(
-    step: int,
-    metrics: Mapping[str, float] | None = None,
-    history: Mapping[str, MetricStats] | None = None,
-    *,
-    marks: Mapping[str, SaveMark] | None = None,
-    requests: Iterable[str] = (),
-) -> TrainingState:
-    return TrainingState(
-        step=step,
-        now=NOW,
-        metrics=dict(metrics or {}),
-        history=dict(history or {}),
-        marks=dict(marks or {}),
-        requests=frozenset(requests),
-    )
+from ckptwise.policy import Decision, MetricStats, Request, SaveMark, TrainingState, Trigger
+from policy_support import NOW, reported, state
 
 
 def fires(trigger: Trigger, steps: Iterable[int]) -> list[int]:
     """Every step of ``steps`` at which ``trigger`` saves (it only looks at the step)."""
     return [step for step in steps if trigger.decide(state(step)).save]
-
-
-def stats(*values: float) -> MetricStats:
-    """History of one metric reported at steps 1, 2, ... (``count == len(values)``)."""
-    result = MetricStats.first(1, values[0])
-    for step, value in enumerate(values[1:], start=2):
-        result = result.updated(step, value)
-    return result
 
 
 # --------------------------------------------------------------------------- schedule
@@ -267,7 +240,7 @@ def test_on_improvement_patience_table(
     patience: int, reports_before: int, mark_count: int | None, save: bool
 ) -> None:
     # a strictly decreasing history, and the current value beats all of it
-    history = {"loss": stats(*(100.0 - i for i in range(reports_before)))}
+    history = {"loss": reported(*(100.0 - i for i in range(reports_before)))}
     marks = None if mark_count is None else mark(mark_count)
     trigger = cw.on_improvement("loss", patience=patience)
     decision = trigger.decide(state(100, {"loss": -1.0}, history, marks=marks))
@@ -275,14 +248,14 @@ def test_on_improvement_patience_table(
 
 
 def test_on_improvement_patience_ignores_other_reasons_marks() -> None:
-    history = {"loss": stats(3.0, 2.0)}
+    history = {"loss": reported(3.0, 2.0)}
     marks = {"every(10)": SaveMark(step=2, time=NOW, counts={"loss": 2})}
     trigger = cw.on_improvement("loss", patience=3)
     assert trigger.decide(state(3, {"loss": 1.0}, history, marks=marks)).save
 
 
 def test_on_improvement_patience_never_saves_without_improvement() -> None:
-    history = {"loss": stats(1.0, 2.0, 3.0, 4.0, 5.0)}
+    history = {"loss": reported(1.0, 2.0, 3.0, 4.0, 5.0)}
     trigger = cw.on_improvement("loss", patience=3)
     assert not trigger.decide(state(10, {"loss": 1.5}, history, marks=mark(1))).save
     assert not trigger.decide(state(10, {"loss": 1.5}, history)).save
@@ -335,32 +308,53 @@ def test_on_improvement_patience_over_a_run(
 # --------------------------------------------------------------------------- on_signal / on_file
 
 
+def sig(name: str) -> Request:
+    return Request("signal", name)
+
+
+def file(name: str) -> Request:
+    return Request("file", name)
+
+
+def answers(reason: str, *requests: Request) -> Decision:
+    """A decision to save for ``reason`` that answers ``requests``."""
+    return Decision.yes(reason, requests=requests)
+
+
 @pytest.mark.parametrize(
     ("signals", "requests", "expected"),
     [
         (("SIGTERM",), [], Decision.no()),
-        (("SIGTERM",), ["signal:SIGTERM"], Decision.yes("on_signal(SIGTERM)")),
-        (("SIGTERM",), ["signal:SIGUSR1"], Decision.no()),
-        (("SIGTERM",), ["SIGTERM"], Decision.no()),  # the prefix is part of the request
-        (("SIGTERM",), ["file:SIGTERM"], Decision.no()),
-        (("SIGTERM",), ["signal:sigterm"], Decision.no()),
-        (("SIGTERM", "SIGUSR1"), ["signal:SIGUSR1"], Decision.yes("on_signal(SIGUSR1)")),
-        (("SIGTERM", "SIGUSR1"), ["signal:SIGINT"], Decision.no()),
-        # several at once: one reason, the first of the trigger's own list
+        (("SIGTERM",), [sig("SIGTERM")], answers("on_signal(SIGTERM)", sig("SIGTERM"))),
+        (("SIGTERM",), [sig("SIGUSR1")], Decision.no()),
+        (("SIGTERM",), [file("SIGTERM")], Decision.no()),  # the kind is part of the request
+        (("SIGTERM",), [sig("sigterm")], Decision.no()),
         (
             ("SIGTERM", "SIGUSR1"),
-            ["signal:SIGUSR1", "signal:SIGTERM"],
-            Decision.yes("on_signal(SIGTERM)"),
+            [sig("SIGUSR1")],
+            answers("on_signal(SIGUSR1)", sig("SIGUSR1")),
+        ),
+        (("SIGTERM", "SIGUSR1"), [sig("SIGINT")], Decision.no()),
+        # several at once: one reason, the first of the trigger's own list; it answers both
+        (
+            ("SIGTERM", "SIGUSR1"),
+            [sig("SIGUSR1"), sig("SIGTERM")],
+            answers("on_signal(SIGTERM)", sig("SIGTERM"), sig("SIGUSR1")),
         ),
         (
             ("SIGUSR1", "SIGTERM"),
-            ["signal:SIGUSR1", "signal:SIGTERM"],
-            Decision.yes("on_signal(SIGUSR1)"),
+            [sig("SIGUSR1"), sig("SIGTERM")],
+            answers("on_signal(SIGUSR1)", sig("SIGTERM"), sig("SIGUSR1")),
         ),
-        (("SIGUSR2",), ["signal:SIGUSR2", "file:SAVE_NOW"], Decision.yes("on_signal(SIGUSR2)")),
+        # a request of another trigger is not answered
+        (
+            ("SIGUSR2",),
+            [sig("SIGUSR2"), file("SAVE_NOW")],
+            answers("on_signal(SIGUSR2)", sig("SIGUSR2")),
+        ),
     ],
 )
-def test_on_signal(signals: tuple[str, ...], requests: list[str], expected: Decision) -> None:
+def test_on_signal(signals: tuple[str, ...], requests: list[Request], expected: Decision) -> None:
     trigger = cw.on_signal(signals)
     assert trigger.decide(state(7, requests=requests)) == expected
 
@@ -369,49 +363,115 @@ def test_on_signal_defaults_and_single_name() -> None:
     default = cw.on_signal()
     assert default.signals == ("SIGTERM", "SIGUSR1")
     assert default.then == "exit"
-    assert default.decide(state(1, requests=["signal:SIGUSR1"])) == Decision.yes(
-        "on_signal(SIGUSR1)"
+    assert default.decide(state(1, requests=[sig("SIGUSR1")])) == answers(
+        "on_signal(SIGUSR1)", sig("SIGUSR1")
     )
     single = cw.on_signal("SIGUSR2", then="continue")
     assert single.signals == ("SIGUSR2",)
     assert single.then == "continue"
-    assert single.decide(state(1, requests=["signal:SIGUSR2"])).save
+    assert single.decide(state(1, requests=[sig("SIGUSR2")])).save
 
 
 @pytest.mark.parametrize(
     ("name", "requests", "expected"),
     [
         ("SAVE_NOW", [], Decision.no()),
-        ("SAVE_NOW", ["file:SAVE_NOW"], Decision.yes("on_file(SAVE_NOW)")),
-        ("SAVE_NOW", ["file:save_now"], Decision.no()),
-        ("SAVE_NOW", ["SAVE_NOW"], Decision.no()),
-        ("SAVE_NOW", ["signal:SAVE_NOW"], Decision.no()),
-        ("SAVE_NOW", ["file:OTHER"], Decision.no()),
+        ("SAVE_NOW", [file("SAVE_NOW")], answers("on_file(SAVE_NOW)", file("SAVE_NOW"))),
+        ("SAVE_NOW", [file("save_now")], Decision.no()),
+        ("SAVE_NOW", [sig("SAVE_NOW")], Decision.no()),
+        ("SAVE_NOW", [file("OTHER")], Decision.no()),
         (
             "checkpoint-please",
-            ["file:checkpoint-please"],
-            Decision.yes("on_file(checkpoint-please)"),
+            [file("checkpoint-please")],
+            answers("on_file(checkpoint-please)", file("checkpoint-please")),
         ),
-        ("checkpoint-please", ["file:SAVE_NOW"], Decision.no()),
-        ("SAVE_NOW", ["signal:SIGTERM", "file:SAVE_NOW"], Decision.yes("on_file(SAVE_NOW)")),
+        ("checkpoint-please", [file("SAVE_NOW")], Decision.no()),
+        (
+            "SAVE_NOW",
+            [sig("SIGTERM"), file("SAVE_NOW")],
+            answers("on_file(SAVE_NOW)", file("SAVE_NOW")),
+        ),
     ],
 )
-def test_on_file(name: str, requests: list[str], expected: Decision) -> None:
+def test_on_file(name: str, requests: list[Request], expected: Decision) -> None:
     assert cw.on_file(name).decide(state(3, requests=requests)) == expected
 
 
 def test_on_file_default_name() -> None:
-    assert cw.on_file().decide(state(3, requests=["file:SAVE_NOW"])) == Decision.yes(
-        "on_file(SAVE_NOW)"
+    assert cw.on_file().decide(state(3, requests=[file("SAVE_NOW")])) == answers(
+        "on_file(SAVE_NOW)", file("SAVE_NOW")
     )
 
 
 def test_requests_compose_with_step_triggers() -> None:
     trigger = cw.every(10) | cw.on_signal(["SIGTERM"]) | cw.on_file()
+    both = [sig("SIGTERM"), file("SAVE_NOW")]
     assert trigger.decide(state(7)) == Decision.no()
-    assert trigger.decide(state(10, requests=["signal:SIGTERM", "file:SAVE_NOW"])) == Decision(
-        True, ("every(10)", "on_signal(SIGTERM)", "on_file(SAVE_NOW)")
+    assert trigger.decide(state(10)) == Decision.yes("every(10)")
+    assert trigger.decide(state(10, requests=both)) == Decision(
+        True,
+        ("every(10)", "on_signal(SIGTERM)", "on_file(SAVE_NOW)"),
+        frozenset(both),
     )
+
+
+@pytest.mark.parametrize(
+    ("step", "requests", "expected"),
+    [
+        (10, [], Decision.no()),  # every(10) alone does not answer anything
+        (7, [sig("SIGTERM")], Decision.no()),  # nor does a signal off the grid
+        (
+            10,
+            [sig("SIGTERM"), file("SAVE_NOW")],
+            Decision(True, ("every(10)", "on_signal(SIGTERM)"), frozenset({sig("SIGTERM")})),
+        ),
+    ],
+)
+def test_all_of_answers_requests_only_when_it_saves(
+    step: int, requests: list[Request], expected: Decision
+) -> None:
+    trigger = cw.every(10) & cw.on_signal(["SIGTERM"])
+    assert trigger.decide(state(step, requests=requests)) == expected
+
+
+def test_requests_of_a_trigger_that_did_not_fire_inside_all_of_are_not_answered() -> None:
+    trigger = (cw.on_file() & cw.every(10)) | cw.on_signal(["SIGTERM"])
+    decision = trigger.decide(state(7, requests=[sig("SIGTERM"), file("SAVE_NOW")]))
+    assert decision == answers("on_signal(SIGTERM)", sig("SIGTERM"))
+
+
+def test_request_strings_are_deprecated_but_still_understood() -> None:
+    with pytest.warns(DeprecationWarning, match=r"Request\('signal', 'SIGTERM'\)"):
+        legacy = TrainingState(
+            step=1,
+            now=NOW,
+            requests=frozenset({"signal:SIGTERM", "file:SAVE_NOW", "nonsense"}),  # type: ignore[arg-type]
+        )
+    assert legacy.requests == {sig("SIGTERM"), file("SAVE_NOW")}
+    assert cw.on_signal().decide(legacy) == answers("on_signal(SIGTERM)", sig("SIGTERM"))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("signal:SIGTERM", sig("SIGTERM")), ("file:SAVE_NOW", file("SAVE_NOW"))],
+)
+def test_request_text_round_trips(text: str, value: Request) -> None:
+    assert str(value) == text
+    assert Request.parse(text) == value
+
+
+@pytest.mark.parametrize(
+    ("make", "pattern"),
+    [
+        (lambda: Request("socket", "x"), r"kind is 'signal' or 'file', got 'socket'"),  # type: ignore[arg-type]
+        (lambda: Request("file", ""), r"names a signal .* or a file .*got ''"),
+        (lambda: Request.parse("SIGTERM"), r"'SIGTERM' is not a request"),
+        (lambda: Request.parse("signal:"), r"got ''"),
+    ],
+)
+def test_bad_requests(make: Callable[[], object], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        make()
 
 
 # --------------------------------------------------------------------------- validation
@@ -467,7 +527,7 @@ def test_on_signal_aliases_become_the_names_the_monitor_reports() -> None:
 
 def test_save_mark_time_is_not_consulted_by_patience() -> None:
     """Patience counts reports, not time: an old mark with a recent count still blocks."""
-    history = {"loss": stats(3.0, 2.0)}
+    history = {"loss": reported(3.0, 2.0)}
     marks = {REASON: SaveMark(step=1, time=NOW - timedelta(days=365), counts={"loss": 2})}
     trigger = cw.on_improvement("loss", patience=2)
     assert not trigger.decide(state(3, {"loss": 1.0}, history, marks=marks)).save

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import pytest
@@ -13,36 +12,10 @@ from hypothesis import strategies as st
 
 import ckptwise as cw
 from ckptwise.errors import ConfigError
-from ckptwise.policy import Decision, MetricStats, TrainingState, Trigger
+from ckptwise.policy import Decision, MetricStats, Request, TrainingState, Trigger
+from policy_support import NOW, state, stats
 
 Mode = Literal["min", "max"]
-
-NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-
-def state(
-    step: int,
-    metrics: Mapping[str, float] | None = None,
-    history: Mapping[str, MetricStats] | None = None,
-    *,
-    final: bool = False,
-) -> TrainingState:
-    return TrainingState(
-        step=step,
-        now=NOW,
-        metrics=dict(metrics or {}),
-        history=dict(history or {}),
-        final=final,
-    )
-
-
-def stats(*observations: tuple[int, float]) -> MetricStats:
-    """History of one metric built the way the manager builds it."""
-    first_step, first_value = observations[0]
-    result = MetricStats.first(first_step, first_value)
-    for step, value in observations[1:]:
-        result = result.updated(step, value)
-    return result
 
 
 # --------------------------------------------------------------------------- every
@@ -233,7 +206,7 @@ def test_on_final(step: int, final: bool, save: bool) -> None:
         state(1000),
         state(1000, {"loss": 0.0}),
         state(5, final=True),
-        TrainingState(step=3, now=NOW, requests=frozenset({"signal", "file"})),
+        state(3, requests=[Request("signal", "SIGTERM"), Request("file", "SAVE_NOW")]),
     ],
 )
 def test_never(training_state: TrainingState) -> None:
@@ -359,8 +332,7 @@ def test_with_never_is_identity_for_or_and_absorbing_for_and() -> None:
         (lambda: (cw.every(10) | cw.never()) | None, r"save=.*got None"),  # type: ignore[operator]
     ],
 )
-def test_bad_arguments_raise_config_error(make: object, pattern: str) -> None:
-    assert callable(make)
+def test_bad_arguments_raise_config_error(make: Callable[[], object], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern) as info:
         make()
     assert isinstance(info.value, ValueError)

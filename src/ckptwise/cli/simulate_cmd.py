@@ -19,6 +19,7 @@ from ckptwise.config import (
     to_config,
 )
 from ckptwise.errors import CheckpointError
+from ckptwise.policy import RetentionPolicy, Trigger
 from ckptwise.simulate import simulate
 
 __all__ = ["simulate_command"]
@@ -55,7 +56,8 @@ def _policy(
     keep: str | None,
     save_steps: int | None,
     save_total_limit: int | None,
-) -> Policy:
+) -> tuple[Trigger, RetentionPolicy | None]:
+    """The policy the options describe; flags override what the file says."""
     policy = policy_from_config(config) if config else Policy()
     if save:
         policy = Policy(parse_save(save), policy.keep)
@@ -69,7 +71,7 @@ def _policy(
         raise click.UsageError(
             "give a save policy: --config FILE, --save 'every(1000)' or --save-steps 1000"
         )
-    return policy
+    return policy.save, policy.keep
 
 
 def _human_seconds(seconds: float) -> str:
@@ -132,10 +134,9 @@ def simulate_command(
 ) -> None:
     """Replay a run without training: saves, kept checkpoints, bytes, time, lost work."""
     try:
-        policy = _policy(config, save, keep, save_steps, save_total_limit)
+        save_policy, keep_policy = _policy(config, save, keep, save_steps, save_total_limit)
     except CheckpointError as exc:
         raise click.BadParameter(str(exc)) from exc
-    assert policy.save is not None
     step_td = _parse_option("--step-time", step_time, parse_duration)
     cost_td = _parse_option("--save-cost", save_cost, parse_duration)
     size = _parse_option("--checkpoint-bytes", checkpoint_bytes, parse_bytes)
@@ -143,8 +144,8 @@ def simulate_command(
     metrics = _read_metrics(metrics_csv) if metrics_csv else None
     try:
         result = simulate(
-            policy.save,
-            policy.keep,
+            save_policy,
+            keep_policy,
             steps=steps,
             step_time=step_td,
             save_cost=cost_td,
@@ -154,7 +155,7 @@ def simulate_command(
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
     doc = result.to_json()
-    doc["policy"] = to_config(policy.save, policy.keep)
+    doc["policy"] = to_config(save_policy, keep_policy)
     if mtbf_td is not None:
         failures = result.wall_seconds / mtbf_td.total_seconds()
         doc["expected_failures"] = failures

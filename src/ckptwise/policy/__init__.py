@@ -1,5 +1,19 @@
-"""Pure policies: triggers decide when to save, retention decides what to keep."""
+"""Pure policies: triggers decide when to save, retention decides what to keep.
 
+:mod:`~ckptwise.policy.base` holds the protocols, the ``|``/``&`` combinators and the checks
+every policy module shares; :mod:`~ckptwise.policy.state` the values policies read and return.
+"""
+
+from ckptwise.policy.base import (
+    AllOf,
+    AnyOf,
+    KeepAny,
+    RetentionPolicy,
+    Trigger,
+    check_retention,
+    check_trigger,
+    walk,
+)
 from ckptwise.policy.content import (
     ContentPolicy,
     Variant,
@@ -10,9 +24,8 @@ from ckptwise.policy.content import (
 )
 from ckptwise.policy.requests import on_file, on_signal
 from ckptwise.policy.retention import (
-    RetentionContext,
+    KeepBest,
     RetentionPlan,
-    RetentionPolicy,
     keep_all,
     keep_best,
     keep_budget,
@@ -21,10 +34,17 @@ from ckptwise.policy.retention import (
     keep_within,
     plan_retention,
 )
-from ckptwise.policy.state import Decision, MetricStats, SaveMark, TrainingState
+from ckptwise.policy.state import (
+    Decision,
+    MetricStats,
+    Request,
+    RetentionContext,
+    SaveMark,
+    TrainingState,
+)
 from ckptwise.policy.timing import daly_interval, every_duration, optimal_interval, overhead_budget
 from ckptwise.policy.triggers import (
-    Trigger,
+    OnImprovement,
     at_steps,
     every,
     geometric,
@@ -32,13 +52,18 @@ from ckptwise.policy.triggers import (
     on_final,
     on_improvement,
     schedule,
-    walk,
 )
 
 __all__ = [
+    "AllOf",
+    "AnyOf",
     "ContentPolicy",
     "Decision",
+    "KeepAny",
+    "KeepBest",
     "MetricStats",
+    "OnImprovement",
+    "Request",
     "RetentionContext",
     "RetentionPlan",
     "RetentionPolicy",
@@ -47,6 +72,8 @@ __all__ = [
     "Trigger",
     "Variant",
     "at_steps",
+    "check_retention",
+    "check_trigger",
     "daly_interval",
     "every",
     "every_duration",

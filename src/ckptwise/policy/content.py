@@ -11,12 +11,13 @@ training: :meth:`CheckpointManager.restore` skips them and resumes from the newe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from ckptwise.errors import ConfigError
+from ckptwise.policy.base import positive_int
 from ckptwise.policy.state import Decision, TrainingState
-from ckptwise.policy.triggers import _positive_int
 
 __all__ = [
     "ContentPolicy",
@@ -60,6 +61,28 @@ class Variant:
         """Short text for listings: ``full``, ``weights``, ``trainable/bfloat16``."""
         return self.kind if self.cast is None else f"{self.kind}/{self.cast}"
 
+    def to_json(self) -> dict[str, str | None]:
+        """The JSON form a checkpoint's manifest stores (``extra["variant"]``)."""
+        return {"kind": self.kind, "key": self.key, "cast": self.cast}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Variant:
+        """Inverse of :meth:`to_json`, lenient with what older or foreign manifests hold.
+
+        No variant, or one of an unknown kind, reads as :func:`full` (checkpoints written
+        before slim saves existed are full). A known slim kind stays slim whatever else is
+        wrong with it -- a key or cast this version does not accept is dropped -- so a slim
+        checkpoint is never taken for one that can resume training.
+        """
+        if not isinstance(obj, Mapping) or obj.get("kind") not in ("full", "weights", "trainable"):
+            return full()
+        kind, key, cast = obj["kind"], obj.get("key"), obj.get("cast")
+        return cls(
+            kind,
+            key if isinstance(key, str) and key else "model",
+            cast if kind != "full" and cast in _CASTS else None,
+        )
+
     def choose(self, state: TrainingState, decision: Decision) -> Variant:
         """A variant used as a policy always chooses itself."""
         return self
@@ -98,7 +121,7 @@ class FullEvery:
     otherwise: Variant
 
     def __post_init__(self) -> None:
-        _positive_int("full_every(interval)", self.interval, "e.g. cw.full_every(5000)")
+        positive_int("full_every(interval)", self.interval, "e.g. cw.full_every(5000)")
         if not isinstance(self.otherwise, Variant):
             raise ConfigError(
                 f"full_every(otherwise=) takes a variant such as cw.weights_only(), "
@@ -106,8 +129,7 @@ class FullEvery:
             )
 
     def choose(self, state: TrainingState, decision: Decision) -> Variant:
-        requested = any(r.startswith(("on_signal(", "on_file(")) for r in decision.reasons)
-        if state.step % self.interval == 0 or state.final or requested:
+        if state.step % self.interval == 0 or state.final or decision.requests:
             return full()
         return self.otherwise
 

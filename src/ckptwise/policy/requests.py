@@ -1,8 +1,10 @@
 """Triggers for saves requested from outside: a POSIX signal or a file in the run folder.
 
-The triggers only look for a request string in ``TrainingState.requests``; the manager's
-monitor (:mod:`ckptwise.monitor`) installs the signal handlers and looks for the file, and
-turns what it sees into those strings (``"signal:SIGTERM"``, ``"file:SAVE_NOW"``).
+The triggers only look for a :class:`~ckptwise.policy.state.Request` in
+``TrainingState.requests``; the manager's monitor (:mod:`ckptwise.monitor`) installs the signal
+handlers and looks for the file, and turns what it sees into those requests. A decision lists
+the requests it answers in ``Decision.requests``, so the manager knows what to forget (and
+which request files to remove) once the save has committed.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ckptwise.errors import ConfigError
-from ckptwise.policy.state import Decision, TrainingState
-from ckptwise.policy.triggers import _Composable
+from ckptwise.policy.base import TriggerOps
+from ckptwise.policy.state import Decision, Request, TrainingState
 
 __all__ = ["OnFile", "OnSignal", "on_file", "on_signal"]
 
@@ -22,7 +24,7 @@ Then = Literal["exit", "continue"]
 
 
 @dataclass(frozen=True)
-class OnSignal(_Composable):
+class OnSignal(TriggerOps):
     """Fires at the first step boundary after one of ``signals`` arrived.
 
     With ``then="exit"`` the manager, once that save has committed, raises
@@ -52,10 +54,12 @@ class OnSignal(_Composable):
             raise ConfigError(f"on_signal(then=) must be 'exit' or 'continue', got {self.then!r}")
 
     def decide(self, state: TrainingState) -> Decision:
-        for name in self.signals:
-            if f"signal:{name}" in state.requests:
-                return Decision.yes(f"on_signal({name})")
-        return Decision.no()
+        mine = (Request("signal", name) for name in self.signals)
+        received = [r for r in mine if r in state.requests]
+        if not received:
+            return Decision.no()
+        # one reason (the first of this trigger's own signals), but the save answers them all
+        return Decision.yes(f"on_signal({received[0].name})", requests=received)
 
 
 def on_signal(
@@ -67,7 +71,7 @@ def on_signal(
 
 
 @dataclass(frozen=True)
-class OnFile(_Composable):
+class OnFile(TriggerOps):
     """Fires when the file ``RUN/name`` exists; the manager removes it once the save
     committed, so ``touch RUN/SAVE_NOW`` asks for exactly one save."""
 
@@ -87,8 +91,9 @@ class OnFile(_Composable):
             )
 
     def decide(self, state: TrainingState) -> Decision:
-        if f"file:{self.name}" in state.requests:
-            return Decision.yes(f"on_file({self.name})")
+        request = Request("file", self.name)
+        if request in state.requests:
+            return Decision.yes(f"on_file({self.name})", requests=(request,))
         return Decision.no()
 
 

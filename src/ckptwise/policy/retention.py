@@ -15,10 +15,19 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol, runtime_checkable
 
 from ckptwise.errors import ConfigError
-from ckptwise.policy.triggers import Mode, _check_mode, _positive_int
+from ckptwise.policy.base import (
+    KeepAny,
+    Kept,
+    Mode,
+    RetentionOps,
+    RetentionPolicy,
+    check_mode,
+    merge_kept,
+    positive_int,
+)
+from ckptwise.policy.state import RetentionContext
 from ckptwise.records import CheckpointInfo
 
 __all__ = [
@@ -41,73 +50,15 @@ __all__ = [
     "plan_retention",
 ]
 
-Kept = dict[int, tuple[str, ...]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class RetentionContext:
-    """What a retention policy sees: the committed checkpoints (any order), the time, and
-    the stored size of every object they reference (for byte budgets)."""
-
-    checkpoints: Sequence[CheckpointInfo]
-    now: datetime
-    object_bytes: Mapping[str, int] = field(default_factory=dict)
-
-
-@runtime_checkable
-class RetentionPolicy(Protocol):
-    """Anything that picks checkpoints to keep."""
-
-    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
-        """Steps this policy wants kept, each with the reasons; others it does not protect."""
-        ...
-
-
-class _Composable:
-    def __or__(self, other: RetentionPolicy) -> KeepAny:
-        return _union((self, other))  # type: ignore[arg-type]
-
-    def __ror__(self, other: RetentionPolicy) -> KeepAny:
-        return _union((other, self))  # type: ignore[arg-type]
-
-
-def _union(policies: tuple[RetentionPolicy, ...]) -> KeepAny:
-    parts: list[RetentionPolicy] = []
-    for policy in policies:
-        if not isinstance(policy, RetentionPolicy):
-            raise ConfigError(
-                f"keep= expects retention policies such as cw.keep_last(3); got {policy!r}"
-            )
-        parts.extend(policy.policies if isinstance(policy, KeepAny) else (policy,))
-    return KeepAny(tuple(parts))
-
-
-def _merge(into: Kept, more: Mapping[int, tuple[str, ...]]) -> None:
-    for step, reasons in more.items():
-        into[step] = into.get(step, ()) + tuple(r for r in reasons if r not in into.get(step, ()))
-
 
 @dataclass(frozen=True)
-class KeepAny(_Composable):
-    """Keeps what any of its policies keeps."""
-
-    policies: tuple[RetentionPolicy, ...]
-
-    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
-        kept: Kept = {}
-        for policy in self.policies:
-            _merge(kept, policy.select(context))
-        return kept
-
-
-@dataclass(frozen=True)
-class KeepLast(_Composable):
+class KeepLast(RetentionOps):
     """Keeps the ``n`` checkpoints with the highest steps."""
 
     n: int
 
     def __post_init__(self) -> None:
-        _positive_int("keep_last(n)", self.n, "use cw.keep_all() to keep every checkpoint")
+        positive_int("keep_last(n)", self.n, "use cw.keep_all() to keep every checkpoint")
 
     def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
         steps = sorted((c.step for c in context.checkpoints), reverse=True)[: self.n]
@@ -120,7 +71,7 @@ def keep_last(n: int) -> KeepLast:
 
 
 @dataclass(frozen=True)
-class KeepBest(_Composable):
+class KeepBest(RetentionOps):
     """Keeps the ``n`` checkpoints with the best recorded value of ``metric``.
 
     Checkpoints that did not record the metric (or recorded NaN) are ignored; among equal
@@ -132,12 +83,12 @@ class KeepBest(_Composable):
     mode: Mode = "min"
 
     def __post_init__(self) -> None:
-        _positive_int("keep_best(n)", self.n, "e.g. cw.keep_best(1, 'eval_loss')")
+        positive_int("keep_best(n)", self.n, "e.g. cw.keep_best(1, 'eval_loss')")
         if not isinstance(self.metric, str) or not self.metric:
             raise ConfigError(
                 f"keep_best needs a metric name such as 'eval_loss', got {self.metric!r}"
             )
-        _check_mode(self.mode)
+        check_mode(self.mode)
 
     def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
         scored = [
@@ -156,7 +107,7 @@ def keep_best(n: int, metric: str, mode: Mode = "min") -> KeepBest:
 
 
 @dataclass(frozen=True)
-class KeepEvery(_Composable):
+class KeepEvery(RetentionOps):
     """Keeps one checkpoint per ``interval`` steps: the first at or after each multiple.
 
     With saves every 3000 steps, ``keep_every(10_000)`` keeps 12000, 21000, 30000, ...; a
@@ -166,7 +117,7 @@ class KeepEvery(_Composable):
     interval: int
 
     def __post_init__(self) -> None:
-        _positive_int("keep_every(interval)", self.interval, "e.g. cw.keep_every(10_000)")
+        positive_int("keep_every(interval)", self.interval, "e.g. cw.keep_every(10_000)")
 
     def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
         first_in_window: dict[int, int] = {}
@@ -183,7 +134,7 @@ def keep_every(interval: int) -> KeepEvery:
 
 
 @dataclass(frozen=True)
-class KeepWithin(_Composable):
+class KeepWithin(RetentionOps):
     """Keeps every checkpoint saved less than ``age`` before the context's ``now``."""
 
     age: timedelta
@@ -208,7 +159,7 @@ def keep_within(age: timedelta) -> KeepWithin:
 
 
 @dataclass(frozen=True)
-class KeepBudget(_Composable):
+class KeepBudget(RetentionOps):
     """Keeps the newest checkpoints whose objects together fit in ``max_bytes``.
 
     Bytes are physical: an object shared by several kept checkpoints counts once, so a
@@ -220,7 +171,7 @@ class KeepBudget(_Composable):
     max_bytes: int
 
     def __post_init__(self) -> None:
-        _positive_int("keep_budget(max_bytes)", self.max_bytes, "e.g. keep_budget(200 * 2**30)")
+        positive_int("keep_budget(max_bytes)", self.max_bytes, "e.g. keep_budget(200 * 2**30)")
 
     def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
         counted: set[str] = set()
@@ -243,7 +194,7 @@ def keep_budget(max_bytes: int) -> KeepBudget:
 
 
 @dataclass(frozen=True)
-class KeepAll(_Composable):
+class KeepAll(RetentionOps):
     """Keeps every checkpoint."""
 
     def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
@@ -279,7 +230,7 @@ def plan_retention(
     """
     committed = {c.step for c in checkpoints}
     kept: Kept = {}
-    _merge(
+    merge_kept(
         kept,
         {
             s: r
@@ -290,9 +241,9 @@ def plan_retention(
         },
     )
     if committed:
-        _merge(kept, {max(committed): ("newest",)})
-    _merge(kept, {s: ("pinned",) for s in pinned if s in committed})
+        merge_kept(kept, {max(committed): ("newest",)})
+    merge_kept(kept, {s: ("pinned",) for s in pinned if s in committed})
     if resumed_from is not None and resumed_from in committed:
-        _merge(kept, {resumed_from: ("resumed from",)})
+        merge_kept(kept, {resumed_from: ("resumed from",)})
     delete = tuple(sorted(committed - kept.keys()))
     return RetentionPlan(keep=dict(sorted(kept.items())), delete=delete)

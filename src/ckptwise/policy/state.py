@@ -1,17 +1,75 @@
-"""What a save trigger sees: the training state at one step, as plain immutable values.
+"""What policies see and answer, as plain immutable values.
 
 The manager builds a :class:`TrainingState` at every step (injecting the clock, the metrics
-reported so far and any external save requests); triggers only read it.
+reported so far and any external save :class:`Request`); triggers only read it and answer
+with a :class:`Decision`. Retention policies read a :class:`RetentionContext`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Literal
 
-__all__ = ["Decision", "MetricStats", "SaveMark", "TrainingState"]
+from ckptwise.errors import ConfigError
+from ckptwise.records import CheckpointInfo
+
+__all__ = [
+    "Decision",
+    "MetricStats",
+    "Request",
+    "RequestKind",
+    "RetentionContext",
+    "SaveMark",
+    "TrainingState",
+]
+
+RequestKind = Literal["signal", "file"]
+
+
+@dataclass(frozen=True, order=True)
+class Request:
+    """A save asked for from outside the training loop.
+
+    ``Request("signal", "SIGTERM")``: the process received that signal;
+    ``Request("file", "SAVE_NOW")``: someone created that file in the run folder. The manager's
+    monitor produces them; ``on_signal`` and ``on_file`` answer them.
+    """
+
+    kind: RequestKind
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("signal", "file"):
+            raise ConfigError(f"a request's kind is 'signal' or 'file', got {self.kind!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(
+                f"a request names a signal (e.g. 'SIGTERM') or a file (e.g. 'SAVE_NOW'), "
+                f"got {self.name!r}"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> Request:
+        """Read the ``"signal:SIGTERM"`` / ``"file:SAVE_NOW"`` text that ``str()`` writes.
+
+        Only for the deprecated string form of requests; new code builds a ``Request``.
+        """
+        kind, _, name = text.partition(":")
+        if kind == "signal":
+            return cls("signal", name)
+        if kind == "file":
+            return cls("file", name)
+        raise ConfigError(
+            f"{text!r} is not a request; write Request('signal', 'SIGTERM') or "
+            "Request('file', 'SAVE_NOW')"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,8 +172,8 @@ class TrainingState:
         save_costs: the durations of recent saves, oldest first (as measured by the manager
             with the same clock as ``now``).
         marks: for each save reason, when it last caused a save.
-        requests: external save requests since the last step (``"signal:SIGTERM"``,
-            ``"file:SAVE_NOW"``, ...).
+        requests: external save requests pending at this step (signals received, request
+            files present).
         final: the caller marked this step as the last one of the run.
     """
 
@@ -128,8 +186,20 @@ class TrainingState:
     run_start: datetime | None = None
     save_costs: tuple[timedelta, ...] = ()
     marks: Mapping[str, SaveMark] = field(default_factory=dict)
-    requests: frozenset[str] = frozenset()
+    requests: frozenset[Request] = frozenset()
     final: bool = False
+
+    def __post_init__(self) -> None:
+        legacy = [r for r in self.requests if isinstance(r, str)]
+        if legacy:
+            warnings.warn(
+                "TrainingState(requests=) takes Request values such as "
+                f"Request('signal', 'SIGTERM'); strings such as {legacy[0]!r} are deprecated "
+                "and will stop working in the next release",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "requests", frozenset(_legacy_requests(self.requests)))
 
     def since_last_save(self) -> timedelta | None:
         """Time since the last save started, else since the run started, else ``None``."""
@@ -137,12 +207,26 @@ class TrainingState:
         return None if ref is None else self.now - ref
 
 
+def _legacy_requests(requests: Iterable[Request | str]) -> Iterator[Request]:
+    """Requests given in the deprecated ``"kind:name"`` text; text that names no request
+    never matched a built-in trigger, so it is dropped rather than refused."""
+    for request in requests:
+        if not isinstance(request, str):
+            yield request
+            continue
+        with contextlib.suppress(ConfigError):
+            yield Request.parse(request)
+
+
 @dataclass(frozen=True)
 class Decision:
-    """A trigger's answer: whether to save, and the reasons of every trigger that fired."""
+    """A trigger's answer: whether to save, the reasons of every trigger that fired, and the
+    external requests that this save answers (so the manager can forget them once it has
+    committed)."""
 
     save: bool
     reasons: tuple[str, ...] = ()
+    requests: frozenset[Request] = frozenset()
 
     @classmethod
     def no(cls) -> Decision:
@@ -150,6 +234,16 @@ class Decision:
         return cls(False)
 
     @classmethod
-    def yes(cls, reason: str) -> Decision:
-        """The decision to save, for one reason."""
-        return cls(True, (reason,))
+    def yes(cls, reason: str, *, requests: Iterable[Request] = ()) -> Decision:
+        """The decision to save, for one reason (answering ``requests``, if any)."""
+        return cls(True, (reason,), frozenset(requests))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetentionContext:
+    """What a retention policy sees: the committed checkpoints (any order), the time, and
+    the stored size of every object they reference (for byte budgets)."""
+
+    checkpoints: Sequence[CheckpointInfo]
+    now: datetime
+    object_bytes: Mapping[str, int] = field(default_factory=dict)

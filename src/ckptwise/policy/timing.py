@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from ckptwise.errors import ConfigError
+from ckptwise.policy.base import TriggerOps
 from ckptwise.policy.state import Decision, TrainingState
-from ckptwise.policy.triggers import _Composable
 
 __all__ = [
     "EveryDuration",
@@ -42,7 +42,7 @@ def _duration_or_zero(name: str, value: object) -> timedelta:
 
 
 @dataclass(frozen=True)
-class EveryDuration(_Composable):
+class EveryDuration(TriggerOps):
     """Fires once ``interval`` has passed since the last save started (or the run started)."""
 
     interval: timedelta
@@ -71,7 +71,7 @@ def _typical_cost(state: TrainingState, window: int = 3) -> timedelta | None:
     return timedelta(seconds=statistics.median(recent))
 
 
-class _CostInterval(_Composable):
+class _CostInterval(TriggerOps):
     """Fires when the time since the last save reaches an interval derived from its cost.
 
     Before any save was measured it fires once ``first_after`` has passed since the run

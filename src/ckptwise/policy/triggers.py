@@ -16,17 +16,34 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
 
 from ckptwise.errors import ConfigError
+from ckptwise.policy.base import (
+    AllOf,
+    AnyOf,
+    Mode,
+    Trigger,
+    TriggerOps,
+    check_mode,
+    non_negative_int,
+    positive_int,
+    walk,
+)
 from ckptwise.policy.state import Decision, TrainingState
 
 __all__ = [
     "AllOf",
     "AnyOf",
+    "AtSteps",
+    "Every",
+    "Geometric",
     "Mode",
+    "Never",
+    "OnFinal",
+    "OnImprovement",
+    "Schedule",
     "Trigger",
     "at_steps",
     "every",
@@ -38,117 +55,19 @@ __all__ = [
     "walk",
 ]
 
-Mode = Literal["min", "max"]
-
-
-@runtime_checkable
-class Trigger(Protocol):
-    """Anything that decides whether the step in a :class:`TrainingState` should be saved."""
-
-    def decide(self, state: TrainingState) -> Decision:
-        """Return the decision for ``state``; must not depend on anything but ``state``."""
-        ...
-
-
-class _Composable:
-    """Adds ``|`` and ``&`` to trigger dataclasses."""
-
-    def __or__(self, other: Trigger) -> AnyOf:
-        return AnyOf(_flatten(AnyOf, (self, other)))  # type: ignore[arg-type]
-
-    def __and__(self, other: Trigger) -> AllOf:
-        return AllOf(_flatten(AllOf, (self, other)))  # type: ignore[arg-type]
-
-    def __ror__(self, other: Trigger) -> AnyOf:
-        return AnyOf(_flatten(AnyOf, (other, self)))  # type: ignore[arg-type]
-
-    def __rand__(self, other: Trigger) -> AllOf:
-        return AllOf(_flatten(AllOf, (other, self)))  # type: ignore[arg-type]
-
-
-def _flatten(kind: type[AnyOf | AllOf], triggers: Iterable[Trigger]) -> tuple[Trigger, ...]:
-    out: list[Trigger] = []
-    for trigger in triggers:
-        _check_trigger(trigger)
-        if isinstance(trigger, kind):
-            out.extend(trigger.triggers)
-        else:
-            out.append(trigger)
-    return tuple(out)
-
-
-def _check_trigger(trigger: object) -> None:
-    if not isinstance(trigger, Trigger):
-        raise ConfigError(
-            f"save= expects triggers such as cw.every(1000); got {trigger!r} "
-            f"({type(trigger).__name__}), which has no decide(state) method"
-        )
-
 
 @dataclass(frozen=True)
-class AnyOf(_Composable):
-    """Saves when any of its triggers fires; the decision lists every trigger that fired."""
-
-    triggers: tuple[Trigger, ...]
-
-    def decide(self, state: TrainingState) -> Decision:
-        reasons: list[str] = []
-        for trigger in self.triggers:
-            decision = trigger.decide(state)
-            if decision.save:
-                reasons.extend(decision.reasons)
-        return Decision(bool(reasons), tuple(reasons))
-
-
-@dataclass(frozen=True)
-class AllOf(_Composable):
-    """Saves only when every one of its triggers fires; the reasons of all are recorded."""
-
-    triggers: tuple[Trigger, ...]
-
-    def decide(self, state: TrainingState) -> Decision:
-        reasons: list[str] = []
-        for trigger in self.triggers:
-            decision = trigger.decide(state)
-            if not decision.save:
-                return Decision.no()
-            reasons.extend(decision.reasons)
-        return Decision(True, tuple(reasons))
-
-
-def _positive_int(name: str, value: object, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}; {fix}")
-    return value
-
-
-def _non_negative_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
-
-
-def _check_mode(mode: object) -> Mode:
-    if mode not in ("min", "max"):
-        raise ConfigError(
-            f"mode must be 'min' (lower is better, e.g. a loss) or 'max' (e.g. accuracy), "
-            f"got {mode!r}"
-        )
-    return mode
-
-
-@dataclass(frozen=True)
-class Every(_Composable):
+class Every(TriggerOps):
     """Fires at every multiple of ``interval``, from ``start`` on; never at step 0."""
 
     interval: int
     start: int = 0
 
     def __post_init__(self) -> None:
-        _positive_int(
+        positive_int(
             "every(interval)", self.interval, "use cw.every(1000) to save every 1000 steps"
         )
-        _non_negative_int("every(start=)", self.start)
+        non_negative_int("every(start=)", self.start)
 
     def decide(self, state: TrainingState) -> Decision:
         step = state.step
@@ -166,7 +85,7 @@ def every(interval: int, *, start: int = 0) -> Every:
 
 
 @dataclass(frozen=True)
-class AtSteps(_Composable):
+class AtSteps(TriggerOps):
     """Fires exactly at the listed steps."""
 
     steps: frozenset[int]
@@ -181,14 +100,14 @@ def at_steps(steps: Iterable[int]) -> AtSteps:
     """Save at exactly these steps (``at_steps([0])`` saves the untrained model)."""
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
         raise ConfigError(f"at_steps expects a list of step numbers, got {steps!r}")
-    checked = frozenset(_non_negative_int("at_steps(steps)", s) for s in steps)
+    checked = frozenset(non_negative_int("at_steps(steps)", s) for s in steps)
     if not checked:
         raise ConfigError("at_steps got an empty list; give at least one step, e.g. [500, 1000]")
     return AtSteps(checked)
 
 
 @dataclass(frozen=True)
-class Schedule(_Composable):
+class Schedule(TriggerOps):
     """Fires every ``interval`` steps counted from the threshold where that interval starts.
 
     ``intervals`` pairs each threshold with the interval in force from it on, sorted by
@@ -226,8 +145,8 @@ def schedule(intervals: Mapping[int, int]) -> Schedule:
         )
     pairs = sorted(
         (
-            _non_negative_int("schedule threshold", k),
-            _positive_int(f"schedule interval at step {k}", v, "e.g. {0: 2000, 10000: 1000}"),
+            non_negative_int("schedule threshold", k),
+            positive_int(f"schedule interval at step {k}", v, "e.g. {0: 2000, 10000: 1000}"),
         )
         for k, v in intervals.items()
     )
@@ -235,7 +154,7 @@ def schedule(intervals: Mapping[int, int]) -> Schedule:
 
 
 @dataclass(frozen=True)
-class Geometric(_Composable):
+class Geometric(TriggerOps):
     """Fires at log-spaced steps: ``first``, then each next step ``factor`` times the last,
     until the gap reaches ``max_interval``, then every ``max_interval`` steps."""
 
@@ -245,14 +164,14 @@ class Geometric(_Composable):
     _ramp: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _positive_int("geometric(first)", self.first, "e.g. geometric(first=100, factor=2.0)")
+        positive_int("geometric(first)", self.first, "e.g. geometric(first=100, factor=2.0)")
         if (
             isinstance(self.factor, bool)
             or not isinstance(self.factor, (int, float))
             or not (math.isfinite(self.factor) and self.factor > 1)
         ):
             raise ConfigError(f"geometric(factor) must be a number > 1, got {self.factor!r}")
-        _positive_int("geometric(max_interval)", self.max_interval, "e.g. max_interval=5000")
+        positive_int("geometric(max_interval)", self.max_interval, "e.g. max_interval=5000")
         ramp = [self.first]
         while True:
             last = ramp[-1]
@@ -281,7 +200,7 @@ def geometric(first: int = 100, factor: float = 2.0, max_interval: int = 5000) -
 
 
 @dataclass(frozen=True)
-class OnImprovement(_Composable):
+class OnImprovement(TriggerOps):
     """Fires when ``metric`` is reported at this step and beats every earlier value.
 
     Ignores steps where the metric is not reported. The first value ever seen counts as an
@@ -309,7 +228,7 @@ class OnImprovement(_Composable):
             raise ConfigError(
                 f"on_improvement needs a metric name such as 'eval_loss', got {self.metric!r}"
             )
-        _check_mode(self.mode)
+        check_mode(self.mode)
         if (
             isinstance(self.min_delta, bool)
             or not isinstance(self.min_delta, (int, float))
@@ -319,7 +238,7 @@ class OnImprovement(_Composable):
             raise ConfigError(
                 f"on_improvement(min_delta=) must be a finite number >= 0, got {self.min_delta!r}"
             )
-        _non_negative_int("on_improvement(patience=)", self.patience)
+        non_negative_int("on_improvement(patience=)", self.patience)
 
     @property
     def reason(self) -> str:
@@ -362,7 +281,7 @@ def on_improvement(
 
 
 @dataclass(frozen=True)
-class OnFinal(_Composable):
+class OnFinal(TriggerOps):
     """Fires on the step the caller marks as final (``manager.step(..., final=True)``)."""
 
     def decide(self, state: TrainingState) -> Decision:
@@ -375,7 +294,7 @@ def on_final() -> OnFinal:
 
 
 @dataclass(frozen=True)
-class Never(_Composable):
+class Never(TriggerOps):
     """Never fires: the save policy of a manager that only reads."""
 
     def decide(self, state: TrainingState) -> Decision:
@@ -385,12 +304,3 @@ class Never(_Composable):
 def never() -> Never:
     """A trigger that never saves."""
     return Never()
-
-
-def walk(trigger: Trigger) -> Iterator[Trigger]:
-    """Every leaf trigger inside ``trigger`` (through ``|`` and ``&``), depth first."""
-    if isinstance(trigger, (AnyOf, AllOf)):
-        for inner in trigger.triggers:
-            yield from walk(inner)
-    else:
-        yield trigger
