@@ -79,8 +79,8 @@ def main() -> None:
                     for p in model.parameters():
                         p.add_(1.0)  # training goes on while the write is in flight
             m.wait()
-        copied, reused = m._copier.copied_bytes, m._copier.reused_bytes  # type: ignore[union-attr]
-    saved = cw.CheckpointManager(work / "run").load(4)["model"]
+        copied, reused = m.last_copy
+    saved = cw.open_run(work / "run").load(4)["model"]
     immune = all(torch.equal(saved[k], expected[k]) for k in expected)
 
     fresh, fresh_opt = build(1)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import ckptwise as cw
-from ckptwise.store.store import tensor_bytes
+from ckptwise.store.layout import tensor_bytes
 
 
 def build(params_m: int) -> tuple[nn.Module, torch.optim.Optimizer]:

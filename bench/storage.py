@@ -45,8 +45,8 @@ import zstandard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ckptwise.store.codecs import CODECS
+from ckptwise.store.layout import tensor_bytes
 from ckptwise.store.planner import CodecPlanner
-from ckptwise.store.store import tensor_bytes
 
 __all__ = ["main"]
 

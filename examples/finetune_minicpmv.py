@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         manager = callback.manager
         summary["saves"] = [{"step": s, "reasons": list(r)} for s, r in callback.saved]
         summary["bytes_written"] = callback.bytes_written
-        plan = manager.store.read_run_state().get("kept", {})
-        summary["kept"] = {str(c.step): plan.get(str(c.step), []) for c in manager.checkpoints()}
-        summary["on_disk"] = manager.store.physical_bytes()
+        plan = manager.run.kept()
+        summary["kept"] = {str(c.step): plan.get(c.step, []) for c in manager.checkpoints()}
+        summary["on_disk"] = manager.run.physical_bytes()
         if script.export_best:
             summary["exported"] = str(callback.export(script.export_best, "best"))
     else:

@@ -98,7 +98,7 @@ def train(run: Path, until: int, *, log: bool) -> dict[int, float]:
                     metrics["eval_loss"] = nn.functional.cross_entropy(model(vx), vy).item()
             decision = manager.step(step, state, metrics=metrics, final=step == STEPS)
             if log and decision.save:
-                info = manager.store.info(step)
+                info = manager.run.info(step)
                 TOTALS["saves"] += 1
                 TOTALS["written"] += info.new_bytes
                 TOTALS["whole"] += info.logical_bytes
@@ -127,12 +127,12 @@ def main() -> None:
 
     manager = cw.CheckpointManager(run)
     print("\nkept checkpoints:")
-    kept = manager.store.read_run_state().get("kept", {})
+    kept = manager.run.kept()
     for info in manager.checkpoints():
         ev = info.metrics.get("eval_loss")
         print(
             f"  step {info.step:4d}  saved for {', '.join(info.reasons):30s} kept as "
-            f"{', '.join(kept.get(str(info.step), [])):25s}"
+            f"{', '.join(kept.get(info.step, [])):25s}"
             + (f" eval_loss={ev:.4f}" if ev is not None else "")
         )
     print(
@@ -140,8 +140,8 @@ def main() -> None:
         f"whole, as torch.save does, would write {TOTALS['whole'] / 1024:.1f} KiB "
         "(the frozen backbone is stored once)"
     )
-    print(f"bytes on disk now: {manager.store.physical_bytes() / 1024:.1f} KiB")
-    problems = manager.store.verify()
+    print(f"bytes on disk now: {manager.run.physical_bytes() / 1024:.1f} KiB")
+    problems = manager.run.verify()
     print(f"verify: {problems if problems else 'all objects match their checksums'}")
     resumed = {**first, **second}
     same = all(resumed[s] == straight[s] for s in straight)

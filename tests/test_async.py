@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ckptwise as cw
-from ckptwise.store.store import CheckpointStore
-from conftest import make_state, train_step
+from ckptwise.store import CheckpointStore
+from tiny_state import make_state, train_step
 
 
 def test_saved_values_are_those_at_the_step_even_if_training_mutates_them(run_dir: Path) -> None:
@@ -24,8 +24,8 @@ def test_saved_values_are_those_at_the_step_even_if_training_mutates_them(run_di
         w.add_(1)  # right after step() returned, while the write may be in flight
         manager.step(2, {"w": w})
         w.mul_(5)
-    loaded1 = cw.CheckpointManager(run_dir).load(1)["w"]
-    loaded2 = cw.CheckpointManager(run_dir).load(2)["w"]
+    loaded1 = cw.open_run(run_dir).load(1)["w"]
+    loaded2 = cw.open_run(run_dir).load(2)["w"]
     assert torch.equal(loaded1, torch.zeros(1 << 16))
     assert torch.equal(loaded2, torch.ones(1 << 16))
 
@@ -38,7 +38,7 @@ def test_async_training_resumes_exactly_like_sync(tmp_path: Path) -> None:
             for step in range(1, 7):
                 train_step(state, 32)
                 manager.step(step, state)
-        saved: dict[str, torch.Tensor] = cw.CheckpointManager(root).load(6)["model"]
+        saved: dict[str, torch.Tensor] = cw.open_run(root).load(6)["model"]
         return saved
 
     sync, asynchronous = run(tmp_path / "sync", False), run(tmp_path / "async", True)
@@ -53,11 +53,10 @@ def test_only_changed_tensors_are_copied_again(run_dir: Path) -> None:
     with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
         train_step(state, 128)
         manager.step(1, state)
-        assert manager._copier is not None
-        first = manager._copier.copied_bytes
+        first, _ = manager.last_copy
         train_step(state, 128)
         manager.step(2, state)
-        second, reused = manager._copier.copied_bytes, manager._copier.reused_bytes
+        second, reused = manager.last_copy
     assert reused >= frozen
     assert second <= first - frozen  # the frozen backbone was not copied a second time
     # the memory a save holds beyond the live state is what changed, within 1.25x of it
@@ -102,7 +101,7 @@ def test_wait_while_busy_saves_every_step(run_dir: Path, monkeypatch: pytest.Mon
         for step in (1, 2, 3):
             manager.step(step, {"x": torch.full((4,), float(step))})
         assert manager.skipped == []
-    assert [c.step for c in cw.CheckpointManager(run_dir).checkpoints()] == [1, 2, 3]
+    assert [c.step for c in cw.open_run(run_dir).checkpoints()] == [1, 2, 3]
 
 
 def test_close_waits_for_the_write_in_flight(
@@ -112,9 +111,9 @@ def test_close_waits_for_the_write_in_flight(
     manager = cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False)
     manager.step(1, {"x": torch.ones(3)})
     assert slow.started.wait(5)
-    assert cw.CheckpointManager(run_dir).checkpoints() == []
+    assert cw.open_run(run_dir).checkpoints() == []
     manager.close()
-    assert [c.step for c in cw.CheckpointManager(run_dir).checkpoints()] == [1]
+    assert [c.step for c in cw.open_run(run_dir).checkpoints()] == [1]
 
 
 def test_a_background_failure_surfaces_on_the_next_call(
@@ -140,7 +139,7 @@ def test_a_background_failure_surfaces_on_the_next_call(
 def test_exit_without_close_still_finishes_the_write(run_dir: Path) -> None:
     script = (
         "import sys, time, torch, ckptwise as cw\n"
-        "from ckptwise.store.store import CheckpointStore\n"
+        "from ckptwise.store import CheckpointStore\n"
         "real = CheckpointStore.commit\n"
         "def slow(*a, **k):\n"
         "    time.sleep(0.5)\n"
@@ -154,11 +153,32 @@ def test_exit_without_close_still_finishes_the_write(run_dir: Path) -> None:
         [sys.executable, "-c", script, str(run_dir)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    assert [c.step for c in cw.CheckpointManager(run_dir).checkpoints()] == [1]
-    assert cw.CheckpointManager(run_dir).store.verify() == []
+    assert [c.step for c in cw.open_run(run_dir).checkpoints()] == [1]
+    assert cw.open_run(run_dir).verify() == []
 
 
 def test_bad_on_busy_fails_before_taking_the_lock(run_dir: Path) -> None:
     with pytest.raises(cw.ConfigError, match="on_busy must be 'wait' or 'skip', got 'drop'"):
         cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, on_busy="drop")  # type: ignore[arg-type]
     cw.CheckpointManager(run_dir, save=cw.every(1)).close()  # the run is not left locked
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_full_disk_raises_a_storage_error_on_both_paths(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, async_save: bool
+) -> None:
+    from ckptwise.store.backend import LocalBackend
+
+    with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=async_save) as manager:
+        monkeypatch.setattr(LocalBackend, "free_bytes", lambda self: 1024)
+
+        def save() -> None:
+            manager.step(1, {"w": torch.ones(1000)})
+            manager.wait()
+
+        with pytest.raises(cw.StorageError, match="not enough free space") as err:
+            save()
+        monkeypatch.undo()
+        if async_save:
+            assert "background save of step 1" in str(err.value)
+            assert isinstance(err.value.__cause__, cw.StorageError)

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import ckptwise as cw
-from ckptwise.store.store import object_path
-from conftest import Tiny, make_state, train_step
+from ckptwise.store.layout import object_path
+from tiny_state import Tiny, make_state, train_step
 
 
 def steps_of(manager: cw.CheckpointManager) -> list[int]:
@@ -79,8 +79,8 @@ def test_restore_falls_back_past_a_corrupt_checkpoint(run_dir: Path) -> None:
         for step in (1, 2):
             train_step(state)
             manager.step(step, state)
-        expected_step1 = manager.load(1)["model"]
-        head = manager.store.manifest(2).tensors["model/head.weight"].object
+        expected_step1 = manager.run.load(1)["model"]
+        head = manager.run.manifest(2).tensors["model/head.weight"].object
     path = run_dir / object_path(head)
     data = bytearray(path.read_bytes())
     data[0] ^= 0xFF
@@ -99,7 +99,7 @@ def test_restore_falls_back_past_a_corrupt_checkpoint(run_dir: Path) -> None:
 def test_restore_raises_when_nothing_verifies(run_dir: Path) -> None:
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         manager.step(1, {"w": torch.ones(3)})
-        oid = manager.store.manifest(1).tensors["w"].object
+        oid = manager.run.manifest(1).tensors["w"].object
     (run_dir / object_path(oid)).write_bytes(b"\0" * 12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cw.RestoreWarning)
@@ -190,9 +190,9 @@ def test_export_writes_plain_safetensors(run_dir: Path, tmp_path: Path) -> None:
     train_step(state)
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         manager.step(1, state)
-        path = manager.export(1, tmp_path / "export")
+        path = manager.run.export(1, tmp_path / "export")
         with pytest.raises(cw.CheckpointError, match="no tensors under 'vision'"):
-            manager.export(1, tmp_path / "x", key="vision")
+            manager.run.export(1, tmp_path / "x", key="vision")
     weights = load_file(str(path))
     fresh = Tiny()
     fresh.load_state_dict(weights)
@@ -267,10 +267,10 @@ class _Terminal:
 def test_long_saves_and_restores_report_bytes_and_speed_on_a_terminal_only(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, tty: bool
 ) -> None:
-    import ckptwise.manager as manager_module
+    import ckptwise.report as report_module
 
     terminal = _Terminal(tty)
-    monkeypatch.setattr(manager_module, "REPORT_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(report_module, "REPORT_AFTER_SECONDS", 0.0)
     monkeypatch.setattr("sys.stderr", terminal)
     with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:
         manager.step(1, {"w": torch.ones(1000)})

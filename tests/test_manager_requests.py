@@ -139,7 +139,7 @@ def test_not_enough_disk_space_fails_the_save_and_keeps_the_rest(
             manager.step(2, {"w": torch.ones(1000)})
         monkeypatch.undo()
         assert steps_of(manager) == [1]
-        assert manager.store.verify() == []
+        assert manager.run.verify() == []
         manager.step(2, {"w": torch.zeros(1000)})  # nothing new to write: no space needed
         assert steps_of(manager) == [1, 2]
 

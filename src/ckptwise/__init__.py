@@ -3,6 +3,10 @@
 >>> import ckptwise as cw
 >>> save = cw.every(1000, start=200) | cw.on_improvement("eval_loss", mode="min")
 >>> keep = cw.keep_last(3) | cw.keep_best(1, "eval_loss")
+
+Two objects stand on top: :class:`CheckpointManager` writes (decide, snapshot, write,
+prune) and :class:`Run` (from :func:`open_run`) reads (list, resolve best/latest, load,
+restore with fallback, verify, export).
 """
 
 from ckptwise.config import Policy, parse_keep, parse_save, policy_from_config, to_config
@@ -17,11 +21,12 @@ from ckptwise.errors import (
     SnapshotError,
     StorageError,
 )
-from ckptwise.manager import CheckpointManager, RestoreWarning
+from ckptwise.manager import CheckpointManager
 from ckptwise.policy import (
     ContentPolicy,
     Decision,
     MetricStats,
+    Request,
     RetentionContext,
     RetentionPlan,
     RetentionPolicy,
@@ -55,6 +60,7 @@ from ckptwise.policy import (
     weights_only,
 )
 from ckptwise.records import CheckpointInfo
+from ckptwise.run import RestoreWarning, Run, open_run
 
 __version__ = "0.1.0"
 
@@ -70,11 +76,13 @@ __all__ = [
     "FormatError",
     "MetricStats",
     "Policy",
+    "Request",
     "RestoreWarning",
     "ResumableSampler",
     "RetentionContext",
     "RetentionPlan",
     "RetentionPolicy",
+    "Run",
     "RunLockedError",
     "SaveMark",
     "SnapshotError",
@@ -101,6 +109,7 @@ __all__ = [
     "on_final",
     "on_improvement",
     "on_signal",
+    "open_run",
     "optimal_interval",
     "overhead_budget",
     "parse_keep",

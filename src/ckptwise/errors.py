@@ -1,9 +1,23 @@
-"""The one exception hierarchy of ckptwise.
+"""The one exception hierarchy of ckptwise, and the rules every module keeps.
 
 Every error ckptwise raises derives from :class:`CheckpointError`; each subclass also derives
 from the built-in exception a caller would naturally catch, so ``except ValueError`` keeps
-working around a bad argument. Backend errors are wrapped at the storage boundary with
-``raise ... from exc`` so the original cause stays visible.
+working around a bad argument. The class says who is at fault:
+
+- the caller: :class:`ConfigError` (a bad argument, policy or config value) and
+  :class:`SnapshotError` (a state holding something that cannot be saved without pickle,
+  or a tensor dtype the format lacks);
+- the stored bytes: :class:`CorruptCheckpointError` (an object or manifest that fails
+  verification) and its :class:`FormatError` (a malformed or too new manifest);
+- the storage: :class:`StorageError` (reading or writing failed), and
+  :class:`CheckpointNotFoundError` (what was asked for is not there);
+- another process: :class:`RunLockedError`.
+
+Rules: messages name the parameter or file, the value and the fix; backend and library
+errors are wrapped where they enter (``raise ... from exc``) so the cause stays visible; a
+background save raises the same class a synchronous one would (the writer re-raises it with
+the step named, see :func:`ckptwise.writer.save_failed`); nothing outside this hierarchy
+(``KeyError``, ``json.JSONDecodeError``, ...) escapes a public call.
 """
 
 from __future__ import annotations

@@ -26,11 +26,22 @@ import torch
 
 from ckptwise.errors import CheckpointError, CorruptCheckpointError, SnapshotError
 
-__all__ = ["ModelWeights", "RngState", "Snapshot", "apply", "capture"]
+__all__ = [
+    "RNG_KEY",
+    "ModelWeights",
+    "RngState",
+    "Snapshot",
+    "SnapshotCopier",
+    "apply",
+    "capture",
+    "rebuild",
+]
 
 log = logging.getLogger("ckptwise")
 
 TAG = "__ckptwise__"
+#: the state entry that holds the RNG states of the process (reserved in users' states)
+RNG_KEY = "__rng__"
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 The manager hands the writer a job (a callable that commits one checkpoint and returns its
 :class:`~ckptwise.records.CheckpointInfo`). :class:`SyncWriter` runs it on the caller's
 thread; :class:`AsyncWriter` on a background thread (hashing, compression and file writes
-release the GIL). A job's failure is raised as a :class:`~ckptwise.errors.CheckpointError`
-with the original cause chained.
+release the GIL). A ckptwise error keeps its class on both paths (a full disk stays a
+:class:`~ckptwise.errors.StorageError`); anything else becomes a
+:class:`~ckptwise.errors.CheckpointError`, the cause always chained (:func:`save_failed`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Protocol
 from ckptwise.errors import CheckpointError
 from ckptwise.records import CheckpointInfo
 
-__all__ = ["AsyncWriter", "SyncWriter", "WriteJob", "Writer"]
+__all__ = ["AsyncWriter", "SyncWriter", "WriteJob", "Writer", "save_failed"]
 
 log = logging.getLogger("ckptwise")
 
@@ -31,6 +32,19 @@ log = logging.getLogger("ckptwise")
 BACKGROUND_NICE = 10
 
 WriteJob = Callable[[], CheckpointInfo]
+
+
+def save_failed(what: str, exc: Exception) -> CheckpointError:
+    """The error to raise (``from exc``) for a save, named by ``what``, that failed.
+
+    A ckptwise error keeps its class, so ``except StorageError`` works whether saves are
+    async or not; anything else becomes a :class:`CheckpointError`.
+    """
+    kind = type(exc) if isinstance(exc, CheckpointError) else CheckpointError
+    try:
+        return kind(f"{what} failed: {exc}")
+    except TypeError:  # a subclass with a constructor of its own: keep the root class
+        return CheckpointError(f"{what} failed: {exc}")
 
 
 class Writer(Protocol):
@@ -73,9 +87,9 @@ class SyncWriter:
         try:
             self.last = job()
         except CheckpointError:
-            raise
+            raise  # raised on the caller's thread: its own message and traceback say it all
         except Exception as exc:
-            raise CheckpointError(f"saving step {step} failed: {exc}") from exc
+            raise save_failed(f"saving step {step}", exc) from exc
         return self.last
 
     def wait(self) -> CheckpointInfo | None:
@@ -90,10 +104,9 @@ class AsyncWriter:
 
     The job's tensors must already be private copies (the manager's snapshot copier makes
     them), so training may change its own tensors as soon as :meth:`write` returns. A
-    failure is kept and raised, as :class:`~ckptwise.errors.CheckpointError` with the cause
-    chained, by the next :meth:`poll`, :meth:`write`, :meth:`wait` or :meth:`close`. The
-    worker thread is not a daemon: an interpreter that exits without ``close()`` still
-    finishes the write in flight.
+    failure is kept and raised (see :func:`save_failed`) by the next :meth:`poll`,
+    :meth:`write`, :meth:`wait` or :meth:`close`. The worker thread is not a daemon: an
+    interpreter that exits without ``close()`` still finishes the write in flight.
     """
 
     def __init__(self) -> None:
@@ -120,7 +133,7 @@ class AsyncWriter:
         try:
             self.last = future.result()
         except Exception as exc:
-            raise CheckpointError(f"the background save of step {step} failed: {exc}") from exc
+            raise save_failed(f"the background save of step {step}", exc) from exc
         return self.last
 
     def write(self, job: WriteJob, *, step: int) -> None:

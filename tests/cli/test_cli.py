@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import ckptwise as cw
 from ckptwise.cli.main import cli
-from ckptwise.store.store import object_path
+from ckptwise.store.layout import object_path
 
 
 def make_run(run_dir: Path) -> None:
@@ -49,7 +49,7 @@ def test_verify_exit_codes_and_names_the_broken_tensor(run_dir: Path) -> None:
     ok = CliRunner().invoke(cli, ["verify", str(run_dir)])
     assert ok.exit_code == 0
     assert "verified 2 checkpoint(s)" in ok.output
-    oid = cw.CheckpointManager(run_dir).store.manifest(6).tensors["w"].object
+    oid = cw.open_run(run_dir).manifest(6).tensors["w"].object
     path = run_dir / object_path(oid)
     path.write_bytes(path.read_bytes()[:-4] + b"\x00\x00\x00\x00")
     bad = CliRunner().invoke(cli, ["verify", str(run_dir), "--json"])

@@ -17,14 +17,14 @@ pytestmark = pytest.mark.integration
 
 EXIT_BEFORE_MANIFEST = """
 import os, sys, torch, ckptwise as cw
-from ckptwise.store.store import CheckpointStore
+from ckptwise.store.commit import Committer
 m = cw.CheckpointManager(sys.argv[1], save=cw.every(1))
 m.step(1, {"w": torch.zeros(1000)})
-real = CheckpointStore._write_objects
-def crash(self, pending):
-    real(self, pending)
+real = Committer.write_objects
+def crash(self, new):
+    real(self, new)
     os._exit(3)  # objects are durable, the manifest is not written
-CheckpointStore._write_objects = crash
+Committer.write_objects = crash
 m.step(2, {"w": torch.ones(1000)})
 """
 
@@ -44,14 +44,12 @@ def test_process_dying_between_objects_and_manifest(run_dir: Path) -> None:
     assert len(list((run_dir / "objects").rglob("*"))) > 2  # the orphaned object is there
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         assert [c.step for c in manager.checkpoints()] == [1]
-        assert manager.store.verify() == []
+        assert manager.run.verify() == []
         state = {"w": torch.empty(1000)}
         assert manager.restore(state) == 1
         assert torch.equal(state["w"], torch.zeros(1000))
     objects = [p for p in (run_dir / "objects").rglob("*") if p.is_file()]
-    referenced = {
-        e.object for e in cw.CheckpointManager(run_dir).store.manifest(1).tensors.values()
-    }
+    referenced = {e.object for e in cw.open_run(run_dir).manifest(1).tensors.values()}
     assert {p.name for p in objects} == referenced
 
 
@@ -71,7 +69,7 @@ def test_kill_9_at_any_moment_leaves_whole_checkpoints(run_dir: Path, delay: flo
     with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_last(2)) as manager:
         steps = [c.step for c in manager.checkpoints()]
         assert steps, "every committed checkpoint was lost"
-        assert manager.store.verify() == []
+        assert manager.run.verify() == []
         assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]
         state = {"w": torch.empty(1 << 20), "frozen": torch.empty(1 << 18, dtype=torch.int64)}
         newest = manager.restore(state)

@@ -29,7 +29,7 @@ def test_saves_follow_the_policy_and_retention(tmp_path: Path) -> None:
     assert [s for s, _ in callback.saved] == [7, 14, 20]
     assert callback.saved[-1][1] == ("final",)
     assert [c.step for c in callback.manager.checkpoints()] == [14, 20]
-    data = callback.manager.load(20)["data"]
+    data = callback.manager.run.load(20)["data"]
     assert (data["epoch"], data["offset"]) == (1, 7 * 8)  # 13 batches fill epoch 0 (100 = 12*8+4)
 
 

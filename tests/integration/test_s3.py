@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ckptwise as cw
-from conftest import make_state, train_step
+from tiny_state import make_state, train_step
 
 pytestmark = pytest.mark.integration
 
@@ -79,9 +79,7 @@ def test_save_restore_verify_and_prune_on_s3(s3: dict[str, Any]) -> None:
             train_step(state, 32)
             manager.step(step, state)
         assert [c.step for c in manager.checkpoints()] == [3, 4]
-        assert manager.store.verify() == []
-        # compressing pays on a remote store: codec="auto" chose byte grouping where it fits
-        assert manager.store.planner.remote
+        assert manager.run.verify() == []
     fresh = make_state(32, freeze=True, seed=9)
     assert cw.CheckpointManager(url, storage_options=s3).restore(fresh) == 4
     for name, tensor in state["model"].state_dict().items():
@@ -97,7 +95,7 @@ def test_lock_and_corruption_on_s3(s3: dict[str, Any]) -> None:
         cw.CheckpointManager(url, save=cw.every(1), storage_options=s3)
     first.step(1, {"w": torch.arange(100.0)})
     first.step(2, {"w": torch.arange(100.0) * 2})
-    oid = first.store.manifest(2).tensors["w"].object
+    oid = first.run.manifest(2).tensors["w"].object
     first.close()
     fs = s3fs.S3FileSystem(**s3)
     path = f"ckpt/run-b/objects/{oid[:2]}/{oid}"
@@ -105,7 +103,7 @@ def test_lock_and_corruption_on_s3(s3: dict[str, Any]) -> None:
     data[0] ^= 0xFF
     fs.pipe_file(path, bytes(data))
     reader = cw.CheckpointManager(url, storage_options=s3)
-    assert [(p.step, p.tensor) for p in reader.store.verify()] == [(2, "w")]
+    assert [(p.step, p.tensor) for p in reader.run.verify()] == [(2, "w")]
     state = {"w": torch.zeros(100)}
     with pytest.warns(cw.RestoreWarning, match="step 2 fails verification"):
         assert reader.restore(state) == 1

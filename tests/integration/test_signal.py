@@ -44,7 +44,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path: Path) -> None
     proc.stdout.read()
     assert proc.wait(timeout=120) == 0
 
-    infos = cw.CheckpointManager(run).checkpoints()
+    infos = cw.open_run(run).checkpoints()
     assert len(infos) == 1
     saved = infos[0].step
     assert 12 <= saved < 40

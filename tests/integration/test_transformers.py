@@ -120,7 +120,7 @@ def test_policy_from_the_command_line_and_the_environment(
     callback = attach(trainer, args=ckpt)
     trainer.train()
     assert [s for s, _ in callback.saved] == [9, 12]
-    assert callback.manager.store.backend.url == str(tmp_path / "cli-run")
+    assert callback.manager.run.url == str(tmp_path / "cli-run")
 
     monkeypatch.setenv("CKPTWISE_SAVE", "at_steps([2, 4])")
     trainer = make_trainer(tmp_path / "out2", max_steps=6)
@@ -256,14 +256,14 @@ def test_trainable_only_checkpoints_resume_and_export_the_best(tmp_path: Path) -
     )
     trainer.train()
     model: Any = trainer.model
-    latest = callback.manager.load()["model"]
+    latest = callback.manager.run.load()["model"]
     assert set(latest) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(name.startswith("llm.") for name in latest)
 
     out = callback.export(tmp_path / "best", "best")
     loaded = MiniCPMVLike.from_pretrained(out)
     best = callback.best_step()
-    saved_best = callback.manager.load(best)["model"]
+    saved_best = callback.manager.run.load(best)["model"]
     for name, tensor in saved_best.items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     for name, tensor in model.llm.state_dict().items():
@@ -303,7 +303,7 @@ def test_lora_adapter_with_modules_to_save_exports_for_peft(tmp_path: Path) -> N
         trainer, tmp_path / "run", save=cw.every(4), keep=cw.keep_all(), weights="trainable"
     )
     trainer.train()
-    saved = callback.manager.load(8)["model"]
+    saved = callback.manager.run.load(8)["model"]
     assert any("lora_A" in name for name in saved)
     assert any("resampler.modules_to_save" in name for name in saved)
     assert not any(".llm." in name and "lora" not in name for name in saved)

@@ -51,9 +51,9 @@ def test_bases_outlive_the_checkpoints_that_stored_them(tmp_path: Path) -> None:
         for step, w in enumerate(values, start=1):
             manager.step(step, {"w": w})
         assert [c.step for c in manager.checkpoints()] == [6]
-        entry = manager.store.manifest(6).tensors["w"]
+        entry = manager.run.manifest(6).tensors["w"]
         assert len(entry.bases) == 5
-        assert manager.store.verify() == []
+        assert manager.run.verify() == []
     state = {"w": torch.empty(256, 256)}
     assert cw.CheckpointManager(tmp_path).restore(state) == 6
     assert torch.equal(state["w"], values[-1])

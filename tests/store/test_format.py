@@ -69,8 +69,8 @@ def test_writing_the_golden_state_gives_the_golden_bytes(tmp_path: Path) -> None
 def test_the_golden_run_reads_back() -> None:
     manager = cw.CheckpointManager(GOLDEN)
     assert [c.step for c in manager.checkpoints()] == [7]
-    assert manager.store.verify() == []
-    loaded = manager.load(7)
+    assert manager.run.verify() == []
+    loaded = manager.run.load(7)
     expected = golden_state()
     assert torch.equal(loaded["model"]["w"], expected["model"]["w"])
     assert loaded["model"]["b"].dtype == torch.bfloat16

@@ -9,7 +9,7 @@ import torch
 
 import ckptwise as cw
 from ckptwise.store.codecs import Q8_CODEC
-from conftest import make_state, train_step
+from tiny_state import make_state, train_step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -30,18 +30,18 @@ def test_archive_quantizes_optimizer_state_only_and_reports_the_error(tmp_path: 
         train_step(state, 128)
     with cw.CheckpointManager(tmp_path / "run", save=cw.every(1), rng=False) as manager:
         manager.step(3, state)
-        info = manager.archive(3, tmp_path / "archive")
-        original = manager.store.manifest(3)
-    copy = cw.CheckpointManager(tmp_path / "archive")
-    assert copy.store.verify() == []
-    entries = copy.store.manifest(3).tensors
+        info = manager.run.archive(3, tmp_path / "archive")
+        original = manager.run.manifest(3)
+    copy = cw.open_run(tmp_path / "archive")
+    assert copy.verify() == []
+    entries = copy.manifest(3).tensors
     moments = [n for n in entries if n.startswith("optimizer/") and "exp_avg" in n]
     assert moments
     for name in moments:
         assert entries[name].codec == "q8"
         assert entries[name].note.startswith("lossy q8: max abs error")
     assert all(e.codec != "q8" for n, e in entries.items() if n.startswith("model/"))
-    loaded, exact = copy.load(3), cw.CheckpointManager(tmp_path / "run").load(3)
+    loaded, exact = copy.load(3), cw.open_run(tmp_path / "run").load(3)
     for name, tensor in exact["model"].items():
         assert torch.equal(loaded["model"][name], tensor)
     moment = exact["optimizer"]["state"][0]["exp_avg"]

@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'ckptwise[cli]'"
     ) from exc
 
-from ckptwise.cli.common import human_size, open_run
+from ckptwise.cli.common import human_size, open_cli_run
 from ckptwise.cli.simulate_cmd import simulate_command
 from ckptwise.cli.storage import (
     archive_command,
@@ -49,12 +49,12 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def ls_command(run: str, as_json: bool) -> None:
     """List the committed checkpoints of RUN (a folder or fsspec URL)."""
-    manager = open_run(run)
-    kept = manager.store.read_run_state().get("kept", {})
-    pins = manager.pinned()
+    opened = open_cli_run(run)
+    kept = opened.kept()
+    pins = opened.pins()
     rows: list[dict[str, Any]] = []
-    for info in manager.checkpoints():
-        why = list(kept.get(str(info.step), []))
+    for info in opened.checkpoints():
+        why = list(kept.get(info.step, []))
         if info.step in pins and "pinned" not in why:
             why.append("pinned")
         rows.append(
@@ -73,8 +73,8 @@ def ls_command(run: str, as_json: bool) -> None:
         doc = {
             "run": run,
             "checkpoints": rows,
-            "physical_bytes": manager.store.physical_bytes(),
-            "unreadable": manager.store.broken,
+            "physical_bytes": opened.physical_bytes(),
+            "unreadable": opened.unreadable,
         }
         click.echo(json.dumps(doc, indent=2, default=str))
         return
@@ -106,10 +106,8 @@ def ls_command(run: str, as_json: bool) -> None:
         )
     console = Console()
     console.print(table)
-    console.print(
-        f"on disk: {human_size(manager.store.physical_bytes())} (each object counted once)"
-    )
-    for path, problem in manager.store.broken.items():
+    console.print(f"on disk: {human_size(opened.physical_bytes())} (each object counted once)")
+    for path, problem in opened.unreadable.items():
         console.print(f"[red]unreadable manifest[/red] {path}: {problem}")
 
 
@@ -119,12 +117,12 @@ def ls_command(run: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def verify_command(run: str, steps: tuple[int, ...], as_json: bool) -> None:
     """Check every object of RUN against its checksum; exit 1 if any fails."""
-    manager = open_run(run)
+    opened = open_cli_run(run)
     try:
-        problems = manager.store.verify(steps or None)
+        problems = opened.verify(list(steps) or None)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    checked = list(steps) if steps else manager.store.steps()
+    checked = list(steps) if steps else opened.steps()
     if as_json:
         click.echo(
             json.dumps(
@@ -152,9 +150,9 @@ def verify_command(run: str, steps: tuple[int, ...], as_json: bool) -> None:
 @click.argument("step", type=int)
 def pin_command(run: str, step: int) -> None:
     """Keep STEP of RUN whatever the retention policy says (until `ckptwise unpin`)."""
-    manager = open_run(run)
+    opened = open_cli_run(run)
     try:
-        manager.pin(step)
+        opened.pin(step)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"pinned step {step} of {run}")
@@ -165,10 +163,10 @@ def pin_command(run: str, step: int) -> None:
 @click.argument("step", type=int)
 def unpin_command(run: str, step: int) -> None:
     """Let the retention policy decide about STEP of RUN again (at the next save)."""
-    manager = open_run(run)
-    if step not in manager.pinned():
+    opened = open_cli_run(run)
+    if step not in opened.pins():
         raise click.ClickException(f"step {step} of {run} is not pinned")
-    manager.unpin(step)
+    opened.unpin(step)
     click.echo(f"unpinned step {step} of {run}")
 
 

@@ -8,22 +8,19 @@ much; ``export`` writes plain safetensors or a Hugging Face style folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
-import shutil
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from ckptwise.cli.common import human_size, open_run
+from ckptwise.cli.common import human_size, open_cli_run
 from ckptwise.errors import CheckpointError
-from ckptwise.manager import CheckpointManager
+from ckptwise.run import Run, open_run
 
 __all__ = ["archive_command", "diff_command", "du_command", "export_command", "show_command"]
 
@@ -50,23 +47,13 @@ def _which_checkpoint(command: F) -> F:
     return command
 
 
-def _resolve(manager: CheckpointManager, step: str, metric: str | None, mode: str) -> int:
-    steps = manager.store.steps()
-    if not steps:
-        raise click.ClickException("the run has no committed checkpoint")
-    if step == "latest":
-        return steps[-1]
-    if step == "best":
-        if not metric:
-            raise click.BadParameter("--step best needs --metric (e.g. --metric eval_loss)")
-        try:
-            return manager.best_step(metric, "max" if mode == "max" else "min")
-        except CheckpointError as exc:
-            raise click.ClickException(str(exc)) from exc
+def _resolve(opened: Run, step: str, metric: str | None, mode: str) -> int:
+    if step == "best" and not metric:
+        raise click.BadParameter("--step best needs --metric (e.g. --metric eval_loss)")
     try:
-        return int(step)
-    except ValueError:
-        raise click.BadParameter(f"{step!r} is not a step, 'best' or 'latest'") from None
+        return opened.resolve(step, metric=metric, mode="max" if mode == "max" else "min")
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.command("show")
@@ -75,17 +62,13 @@ def _resolve(manager: CheckpointManager, step: str, metric: str | None, mode: st
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def show_command(run: str, step: str, as_json: bool) -> None:
     """List the tensors of one checkpoint: dtype, shape, bytes, codec and why."""
-    manager = open_run(run)
-    chosen = _resolve(manager, step, None, "min")
+    opened = open_cli_run(run)
+    chosen = _resolve(opened, step, None, "min")
     try:
-        manifest = manager.store.manifest(chosen)
+        manifest = opened.manifest(chosen)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    earlier: dict[str, int] = {}  # object -> the oldest committed step holding it
-    for s in manager.store.steps():
-        if s < chosen:
-            for e in manager.store.manifest(s).tensors.values():
-                earlier.setdefault(e.object, s)
+    stored_by = opened.first_stored(chosen)
     rows: list[dict[str, Any]] = [
         {
             "name": name,
@@ -95,7 +78,7 @@ def show_command(run: str, step: str, as_json: bool) -> None:
             "stored_bytes": e.stored_bytes,
             "codec": e.codec,
             "why": e.note,
-            "stored_by_step": earlier.get(e.object, chosen),
+            "stored_by_step": stored_by[name],
         }
         for name, e in manifest.tensors.items()
     ]
@@ -126,35 +109,16 @@ def show_command(run: str, step: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def du_command(run: str, as_json: bool) -> None:
     """Logical vs physical bytes per checkpoint, and what dedup and compression saved."""
-    manager = open_run(run)
-    store = manager.store
-    refs = Counter(
-        oid for s in store.steps() for oid in {e.object for e in store.manifest(s).tensors.values()}
-    )
-    objects = {e.object: e for s in store.steps() for e in store.manifest(s).tensors.values()}
-    rows = []
-    for step in store.steps():
-        manifest = store.manifest(step)
-        own = {e.object: e for e in manifest.tensors.values()}
-        rows.append(
-            {
-                "step": step,
-                "logical_bytes": manifest.logical_bytes,
-                "written_bytes": manifest.written_bytes,
-                "exclusive_bytes": sum(e.stored_bytes for o, e in own.items() if refs[o] == 1),
-                "shared_bytes": sum(e.stored_bytes for o, e in own.items() if refs[o] > 1),
-            }
-        )
-    logical = sum(r["logical_bytes"] for r in rows)
-    unique_raw = sum(e.nbytes for e in objects.values())
-    physical = sum(e.stored_bytes for e in objects.values())
+    usage = open_cli_run(run).usage()
+    rows = [dataclasses.asdict(row) for row in usage.checkpoints]
+    logical, unique_raw, physical = usage.logical_bytes, usage.unique_bytes, usage.physical_bytes
     totals = {
         "checkpoints": len(rows),
         "logical_bytes": logical,
         "unique_bytes": unique_raw,
         "physical_bytes": physical,
-        "saved_by_dedup": logical - unique_raw,
-        "saved_by_compression": unique_raw - physical,
+        "saved_by_dedup": usage.saved_by_dedup,
+        "saved_by_compression": usage.saved_by_compression,
     }
     if as_json:
         click.echo(json.dumps({"run": run, "checkpoints": rows, "total": totals}, indent=2))
@@ -187,34 +151,11 @@ def du_command(run: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def diff_command(run: str, a: int, b: int, show_all: bool, as_json: bool) -> None:
     """Which tensors changed between steps A and B, and by how much."""
-    manager = open_run(run)
     try:
-        ma, mb = manager.store.manifest(a), manager.store.manifest(b)
+        changes = open_cli_run(run).diff(a, b)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    rows: list[dict[str, Any]] = []
-    for name in sorted(set(ma.tensors) | set(mb.tensors)):
-        ea, eb = ma.tensors.get(name), mb.tensors.get(name)
-        if ea is None or eb is None:
-            rows.append({"name": name, "status": "added" if ea is None else "removed"})
-            continue
-        if ea.object == eb.object:
-            rows.append({"name": name, "status": "same"})
-            continue
-        row: dict[str, Any] = {"name": name, "status": "changed"}
-        if ea.shape == eb.shape and ea.dtype == eb.dtype:
-            ta = manager.store.read_tensor(ea, step=a, name=name)
-            tb = manager.store.read_tensor(eb, step=b, name=name)
-            if ta.is_floating_point():
-                delta = tb.double() - ta.double()
-                norm = ta.double().norm().item()
-                row["max_abs_change"] = delta.abs().max().item() if delta.numel() else 0.0
-                row["relative_change"] = delta.norm().item() / norm if norm else math.inf
-            row["changed_elements"] = int(torch.ne(ta, tb).sum().item())
-            row["elements"] = ta.numel()
-        else:
-            row["status"] = "reshaped"
-        rows.append(row)
+    rows = [{k: v for k, v in dataclasses.asdict(c).items() if v is not None} for c in changes]
     if as_json:
         click.echo(json.dumps({"run": run, "a": a, "b": b, "tensors": rows}, indent=2))
         return
@@ -263,16 +204,12 @@ def export_command(
     config_from: str | None,
 ) -> None:
     """Write a checkpoint's weights as model.safetensors any tool loads."""
-    manager = open_run(run)
-    chosen = _resolve(manager, step, metric, mode)
+    opened = open_cli_run(run)
+    chosen = _resolve(opened, step, metric, mode)
     try:
-        path = manager.export(chosen, out, key=key)
+        path = opened.export(chosen, out, key=key, config_from=config_from if fmt == "hf" else None)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    if fmt == "hf" and config_from:
-        for source in Path(config_from).glob("*.json"):
-            if source.name not in ("model.safetensors.index.json", "trainer_state.json"):
-                shutil.copy2(source, Path(out) / source.name)
     click.echo(f"exported step {chosen} to {path}")
 
 
@@ -290,14 +227,14 @@ def archive_command(
     run: str, out: str, step: str, metric: str | None, mode: str, prefixes: tuple[str, ...]
 ) -> None:
     """Copy one checkpoint to a new run OUT, optimizer state quantized to int8 (lossy)."""
-    manager = open_run(run)
-    chosen = _resolve(manager, step, metric, mode)
+    opened = open_cli_run(run)
+    chosen = _resolve(opened, step, metric, mode)
     try:
-        info = manager.archive(chosen, out, lossy=prefixes)
+        info = opened.archive(chosen, out, lossy=prefixes)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    manifest = CheckpointManager(out).store.manifest(chosen)
-    lossy = {n: e.note for n, e in manifest.tensors.items() if e.codec == "q8"}
+    manifest = open_run(out).manifest(chosen)
+    lossy = {n: e.note for n, e in manifest.tensors.items() if e.lossy}
     for name, note in lossy.items():
         click.echo(f"{name}: {note}")
     original = sum(e.nbytes for e in manifest.tensors.values())

@@ -21,8 +21,8 @@ that verifies as a ``.ckpt`` for ``trainer.fit(ckpt_path=...)``, which restores 
 from __future__ import annotations
 
 import logging
-import numbers
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,11 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from ckptwise.config import policy_from_config
 from ckptwise.data import ResumableSampler
 from ckptwise.errors import ConfigError
-from ckptwise.manager import RNG_KEY, CheckpointManager
-from ckptwise.policy.retention import RetentionPolicy
-from ckptwise.policy.triggers import Trigger
-from ckptwise.snapshot import RngState
+from ckptwise.formats import resume_scratch
+from ckptwise.manager import CheckpointManager
+from ckptwise.metrics import coerce_metrics
+from ckptwise.policy import RetentionPolicy, Trigger
+from ckptwise.snapshot import RNG_KEY, RngState
 
 __all__ = ["CheckpointCallback"]
 
@@ -73,16 +74,6 @@ def _sampler(trainer: Any) -> ResumableSampler | None:
     return None
 
 
-def _scalars(values: Any) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in (values or {}).items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            out[str(key)] = float(value)
-    return out
-
-
 class CheckpointCallback(Callback):
     """Lightning ``Callback`` with ckptwise's policies, storage and exact resume."""
 
@@ -108,7 +99,7 @@ class CheckpointCallback(Callback):
         self._loops: dict[str, Any] = {}
         self._metrics: dict[str, float] = {}
         self._resume: dict[str, Any] | None = None
-        self._resume_file: Path | None = None
+        self._resume_dir: Path | None = None
 
     # -- Lightning hooks -------------------------------------------------------------------
 
@@ -139,7 +130,7 @@ class CheckpointCallback(Callback):
             if RNG_KEY in self._resume:  # where the saved run took its decision
                 RngState().load_state_dict(self._resume[RNG_KEY])
             self._resume = None
-            self._remove_resume_file()
+            self._remove_resume_dir()
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -151,11 +142,11 @@ class CheckpointCallback(Callback):
         # only the (small) loop counters on every step; the rest when a save happens
         self._loops = trainer._checkpoint_connector._get_loops_state_dict()
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        self._metrics = _scalars({"loss": loss}) if loss is not None else {}
+        self._metrics = coerce_metrics({"loss": loss}, strict=False) if loss is not None else {}
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking and self._pending is not None:
-            self._metrics.update(_scalars(trainer.callback_metrics))
+            self._metrics.update(coerce_metrics(trainer.callback_metrics, strict=False))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._pending is not None:
@@ -185,19 +176,17 @@ class CheckpointCallback(Callback):
         if found is None:
             return None
         step, values = found
-        url = self.manager.store.backend.url
-        base = Path(url) / "lightning-resume" if "://" not in url else Path(os.getcwd())
-        base.mkdir(parents=True, exist_ok=True)
-        path = base / f"step-{step}.ckpt"
+        scratch = resume_scratch(self.manager.run.url, "lightning-resume")
+        path = scratch / f"step-{step}.ckpt"
         torch.save(values["lightning"], path)
         self._resume = values
-        self._resume_file = path
+        self._resume_dir = scratch
         return str(path)
 
-    def _remove_resume_file(self) -> None:
-        if self._resume_file is not None:
-            self._resume_file.unlink(missing_ok=True)
-            self._resume_file = None
+    def _remove_resume_dir(self) -> None:
+        if self._resume_dir is not None:
+            shutil.rmtree(self._resume_dir, ignore_errors=True)
+            self._resume_dir = None
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":

@@ -196,3 +196,19 @@ class CheckpointStore:
     def write_run_state(self, state: Mapping[str, Any]) -> None:
         """Atomically replace the run record."""
         runfile.write_run_state(self.backend, state)
+
+    def pins(self) -> set[int]:
+        """Steps pinned in the run record."""
+        return runfile.read_pins(self.backend)
+
+    def set_pins(self, pins: Iterable[int]) -> None:
+        """Replace the pinned steps."""
+        runfile.update_run_state(self.backend, pins=sorted(set(pins)))
+
+    def kept(self) -> dict[int, list[str]]:
+        """Why each step was kept by the writer's last retention decision."""
+        return runfile.read_kept(self.backend)
+
+    def set_kept(self, kept: Mapping[int, Iterable[str]]) -> None:
+        """Record a retention decision: each kept step with its reasons."""
+        runfile.update_run_state(self.backend, kept=runfile.kept_field(kept))

@@ -1,0 +1,73 @@
+"""Files other tools read: plain safetensors, Hugging Face style folders, resume scratch space.
+
+``export`` (the :class:`~ckptwise.run.Run` method and ``ckptwise export``), the ``Trainer``
+adapter's resume folder and the Lightning adapter's resume file all write through here, so
+each format is produced in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+__all__ = ["copy_hf_metadata", "resume_scratch", "write_safetensors"]
+
+#: JSON files of a model folder that describe one saved state, not the model: never copied
+_STATE_FILES = frozenset({"model.safetensors.index.json", "trainer_state.json"})
+
+
+def write_safetensors(
+    weights: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, step: int | None = None
+) -> Path:
+    """Write ``weights`` as one plain safetensors file that ``load_state_dict`` accepts.
+
+    Tensors that share memory (tied embeddings) are written as separate copies, as
+    safetensors requires; non-contiguous ones are made contiguous.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seen: set[tuple[int, int]] = set()
+    plain: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        t = tensor.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
+        plain[name] = t.clone() if key in seen and t.numel() else t
+        seen.add(key)
+    metadata = {"format": "pt"}
+    if step is not None:
+        metadata["ckptwise_step"] = str(step)
+    save_file(plain, str(out), metadata=metadata)
+    return out
+
+
+def copy_hf_metadata(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> list[str]:
+    """Copy a model folder's config and tokenizer JSON files into ``out``; returns their names.
+
+    Together with a ``model.safetensors`` this makes ``out`` a folder ``from_pretrained`` loads.
+    """
+    copied = []
+    for path in sorted(Path(source).glob("*.json")):
+        if path.name not in _STATE_FILES:
+            shutil.copy2(path, Path(out) / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def resume_scratch(run_url: str, kind: str) -> Path:
+    """A new, empty folder for files a framework resumes from (remove it when done).
+
+    For a local run it sits inside the run folder, on the same disk as the checkpoints
+    (a model's weights may not fit the system's temporary folder); for a remote run, in the
+    temporary folder.
+    """
+    if "://" in run_url:
+        return Path(tempfile.mkdtemp(prefix=f"ckptwise-{kind}-"))
+    os.makedirs(run_url, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=run_url))

@@ -1,0 +1,86 @@
+"""Hugging Face ``Trainer`` adapter: ckptwise decides, stores and keeps; ``Trainer`` resumes.
+
+One line after the ``Trainer`` is built hands saving to ckptwise, and one more resumes::
+
+    from ckptwise.integrations.transformers import attach
+
+    callback = attach(trainer, "runs/exp1", save=cw.every(1000, start=2000)
+                      | cw.on_improvement("eval_loss"), keep=cw.keep_last(2) | cw.keep_best(1, "eval_loss"))
+    trainer.train(resume_from_checkpoint=callback.resume_checkpoint())
+
+Three modules: :mod:`.arguments` (where the policy comes from), :mod:`.callback` (the
+``TrainerCallback``) and :mod:`.folder` (the ``Trainer``'s ``checkpoint-N`` folder, written
+for resuming). We resume through that folder rather than restore objects from a callback
+because ``Trainer`` decides how far to fast-forward the data, when to put the RNG back and
+how to load weights (plain, sharded, peft adapters, DeepSpeed) *before* any callback runs;
+its folder layout has been stable from 4.x to 5.x, so its own resume code is the most robust
+way to continue exactly. The folder is deleted once training runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from transformers import Trainer
+
+from ckptwise.errors import ConfigError
+from ckptwise.integrations.transformers.arguments import (
+    CkptwiseArguments,
+    Weights,
+    best_metric,
+    policy_from_training_args,
+    resolve_policy,
+)
+from ckptwise.integrations.transformers.callback import CheckpointCallback
+from ckptwise.manager import CheckpointManager
+from ckptwise.policy import RetentionPolicy, Trigger
+
+__all__ = ["CheckpointCallback", "CkptwiseArguments", "attach", "policy_from_training_args"]
+
+log = logging.getLogger("ckptwise")
+
+
+def attach(
+    trainer: Trainer,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    save: Trigger | None = None,
+    keep: RetentionPolicy | None = None,
+    config: Any = None,
+    args: CkptwiseArguments | None = None,
+    weights: Weights | None = None,
+    **manager_options: Any,
+) -> CheckpointCallback:
+    """Hand ``trainer``'s checkpointing to ckptwise; returns the callback it added.
+
+    The policy comes from ``save``/``keep``, else ``config`` (a mapping or file), else
+    ``args`` or the ``CKPTWISE_*`` environment variables, else the trainer's own
+    ``save_strategy``/``save_steps``/``save_total_limit``. ``root`` defaults to
+    ``args.ckptwise_dir`` or ``OUTPUT_DIR/ckptwise``. ``weights="trainable"`` leaves frozen
+    parameters out of checkpoints (they come from the base model on resume and export).
+    """
+    if getattr(trainer.args, "world_size", 1) > 1:
+        raise ConfigError(
+            f"this Trainer runs {trainer.args.world_size} processes; ckptwise's Trainer adapter "
+            "is single-process for now (per-rank shards are not written yet): run one "
+            "process, or keep the Trainer's own checkpoints for multi-process runs"
+        )
+    options = args if args is not None else CkptwiseArguments.from_env()
+    policy = resolve_policy(trainer.args, save, keep, config, options)
+    chosen = options.weights(weights)
+    run = root or options.ckptwise_dir or os.path.join(str(trainer.args.output_dir), "ckptwise")
+    manager = CheckpointManager(run, save=policy.save, keep=policy.keep, **manager_options)
+    trainer.args.save_strategy = "no"
+    if getattr(trainer.args, "load_best_model_at_end", False):
+        log.warning(
+            "load_best_model_at_end is ignored with ckptwise: use callback.export(out, 'best') "
+            "or keep_best to get the best model"
+        )
+        trainer.args.load_best_model_at_end = False
+    callback = CheckpointCallback(
+        trainer, manager, weights=chosen, best=best_metric(policy, trainer.args)
+    )
+    trainer.add_callback(callback)
+    return callback

@@ -1,0 +1,237 @@
+"""The ``TrainerCallback`` that takes over a ``Trainer``'s checkpointing.
+
+It answers ``control.should_save`` with "no" at every step (including the forced save at
+``max_steps``) and instead, once a step's logs and evaluation are in, asks the manager,
+which saves the model, optimizer, LR scheduler, grad scaler, RNG states and
+``TrainerState`` through the policies. Resuming goes through the ``Trainer``'s own folder
+layout (see :mod:`.folder`); create the callback with :func:`ckptwise.integrations.transformers.attach`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from ckptwise.errors import ConfigError
+from ckptwise.formats import resume_scratch
+from ckptwise.integrations.transformers.arguments import Weights
+from ckptwise.integrations.transformers.folder import (
+    full_weights,
+    write_trainer_folder,
+    write_weights,
+)
+from ckptwise.manager import CheckpointManager
+from ckptwise.metrics import coerce_metrics
+from ckptwise.snapshot import ModelWeights
+
+__all__ = ["CheckpointCallback"]
+
+log = logging.getLogger("ckptwise")
+
+
+class _TrainerStateEntry:
+    """``TrainerState`` as JSON, with the ``ExportableState`` callbacks folded in as
+    ``Trainer._save_checkpoint`` does."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer: Any = trainer  # framework objects are used duck-typed
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if hasattr(trainer, "store_flos"):
+            trainer.store_flos()  # as Trainer does before it writes trainer_state.json
+        state = trainer.state
+        for cb in [*trainer.callback_handler.callbacks, trainer.control]:
+            if isinstance(cb, ExportableState):
+                name = cb.__class__.__name__
+                if isinstance(state.stateful_callbacks.get(name), list):
+                    state.stateful_callbacks[name].append(cb.state())
+                else:
+                    state.stateful_callbacks[name] = cb.state()
+        doc: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(state)))
+        return doc
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        raise ConfigError(
+            "Trainer restores its own state from a checkpoint folder: pass "
+            "callback.resume_checkpoint() to trainer.train(resume_from_checkpoint=...)"
+        )
+
+
+class CheckpointCallback(TrainerCallback):
+    """Takes over a ``Trainer``'s checkpointing; create it with :func:`attach`.
+
+    Metrics are collected for each step from ``on_log`` (``loss``, ``learning_rate``, ...)
+    and ``on_evaluate`` (``eval_*``); the save decision is taken once the last of them has
+    arrived, so ``on_improvement("eval_loss")`` sees the evaluation of the very step.
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        manager: CheckpointManager,
+        *,
+        weights: Weights = "all",
+        best: tuple[str, Literal["min", "max"]] | None = None,
+    ) -> None:
+        if weights not in ("all", "trainable"):
+            raise ConfigError(f"weights must be 'all' or 'trainable', got {weights!r}")
+        self.trainer: Any = trainer  # framework objects are used duck-typed
+        self.manager = manager
+        self.weights = weights
+        self.best = best
+        #: every save this callback made: (step, reasons)
+        self.saved: list[tuple[int, tuple[str, ...]]] = []
+        self._pending: int | None = None
+        self._metrics: dict[str, float] = {}
+        self._evaluations_left = 0
+        self._resume_dir: Path | None = None
+
+    # -- Trainer events --------------------------------------------------------------------
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        control.should_save = False
+        self._cleanup_resume_dir()
+        self._pending = state.global_step
+        self._metrics = {}
+        self._evaluations_left = self._eval_sets() if control.should_evaluate else 0
+        if not control.should_log and not control.should_evaluate:
+            self._decide(state)
+        return control
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> Any:
+        if self._pending == state.global_step:
+            self._collect(logs)
+            if self._evaluations_left == 0:
+                self._decide(state)
+        return control
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any
+    ) -> Any:
+        if self._pending == state.global_step:
+            self._collect(metrics)
+            self._evaluations_left -= 1
+            if self._evaluations_left <= 0:
+                self._decide(state)
+        return control
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        control.should_save = False
+        return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._pending == state.global_step:
+            self._decide(state)
+        self.manager.wait()
+        self._cleanup_resume_dir()
+        return control
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def _eval_sets(self) -> int:
+        eval_dataset = getattr(self.trainer, "eval_dataset", None)
+        return len(eval_dataset) if isinstance(eval_dataset, dict) else 1
+
+    def _collect(self, values: Any) -> None:
+        self._metrics.update(coerce_metrics(values, strict=False))
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes the saves of this run added to the store (after dedup)."""
+        return self.manager.bytes_written
+
+    def state(self) -> dict[str, Any]:
+        """What one checkpoint holds (the RNG states are added by the manager)."""
+        trainer = self.trainer
+        out: dict[str, Any] = {
+            "model": ModelWeights(trainer.model, trainable_only=self.weights == "trainable")
+        }
+        if trainer.optimizer is not None:
+            out["optimizer"] = trainer.optimizer
+        if trainer.lr_scheduler is not None:
+            out["scheduler"] = trainer.lr_scheduler
+        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+        if scaler is not None:
+            out["scaler"] = scaler
+        out["trainer_state"] = _TrainerStateEntry(trainer)
+        return out
+
+    def _decide(self, state: Any) -> None:
+        step = state.global_step
+        self._pending = None
+        final = bool(state.max_steps) and step >= state.max_steps
+        decision = self.manager.step(step, self.state(), metrics=self._metrics, final=final)
+        if decision.save:
+            self.saved.append((step, decision.reasons))
+
+    # -- resuming --------------------------------------------------------------------------
+
+    def resume_checkpoint(self, step: int | None = None) -> str | None:
+        """Write the newest verified checkpoint as a ``Trainer`` folder; ``None`` if none.
+
+        Pass the result to ``trainer.train(resume_from_checkpoint=...)``.
+        """
+        found = self.manager.resume_values(step)
+        if found is None:
+            return None
+        step, values = found
+        scratch = resume_scratch(self.manager.run.url, "hf-resume")
+        folder = write_trainer_folder(
+            self.trainer.model,
+            values,
+            self._weights_of(values["model"]),
+            scratch / f"checkpoint-{step}",
+        )
+        self._resume_dir = scratch
+        log.info("resuming from ckptwise checkpoint %d through %s", step, folder)
+        return str(folder)
+
+    def _weights_of(self, saved: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The model's weights to write from a checkpoint's ``model`` entry."""
+        return saved if self.weights == "all" else full_weights(self.trainer.model, saved)
+
+    def _cleanup_resume_dir(self) -> None:
+        if self._resume_dir is not None:
+            shutil.rmtree(self._resume_dir, ignore_errors=True)
+            self._resume_dir = None
+
+    # -- exporting -------------------------------------------------------------------------
+
+    def best_step(self) -> int:
+        """The committed step with the best value of the tracked metric."""
+        if self.best is None:
+            raise ConfigError(
+                "no metric to pick the best checkpoint by: set metric_for_best_model, or use "
+                "on_improvement/keep_best in the policy"
+            )
+        return self.manager.run.best_step(*self.best)
+
+    def export(self, out_dir: str | os.PathLike[str], step: int | str = "best") -> Path:
+        """Write a checkpoint's weights as a folder ``from_pretrained`` loads.
+
+        ``step`` is a step number, ``"best"`` or ``"latest"``. For a peft model the folder is
+        an adapter folder (``PeftModel.from_pretrained`` loads it over the base model).
+        """
+        run = self.manager.run
+        chosen = (
+            self.best_step()
+            if step == "best"
+            else run.resolve("latest" if step == "final" else step)
+        )
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_weights(self.trainer.model, self._weights_of(run.load(chosen)["model"]), out)
+        processing = getattr(self.trainer, "processing_class", None)
+        if processing is not None and hasattr(processing, "save_pretrained"):
+            processing.save_pretrained(str(out))
+        return out

@@ -1,0 +1,77 @@
+"""The ``Trainer``'s own checkpoint folder, written from a ckptwise checkpoint.
+
+``checkpoint-N/`` holds what ``Trainer._load_from_checkpoint`` and ``_load_rng_state`` read
+(all with ``weights_only=True``): the weights (``save_pretrained``'s layout, or one
+safetensors file), ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state.pth`` and
+``trainer_state.json``. The same weights writer makes the folders ``export`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptwise.formats import write_safetensors
+from ckptwise.snapshot import RNG_KEY
+
+__all__ = ["full_weights", "write_trainer_folder", "write_weights"]
+
+#: entries of a checkpoint that become the Trainer's ``torch.save`` files
+_TORCH_FILES = {"optimizer": "optimizer.pt", "scheduler": "scheduler.pt", "scaler": "scaler.pt"}
+
+
+def full_weights(model: Any, saved: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's whole state dict: the saved tensors over the live model's own (frozen
+    weights a ``weights="trainable"`` checkpoint left out come from the live model)."""
+    live = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    live.update(saved)
+    return live
+
+
+def write_weights(model: Any, weights: Mapping[str, torch.Tensor], folder: Path) -> None:
+    """Write ``weights`` the way ``model.save_pretrained`` lays them out (for a peft model:
+    an adapter folder), or as one ``model.safetensors`` for a plain module."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(folder), state_dict=dict(weights))
+    else:
+        write_safetensors(weights, folder / "model.safetensors")
+
+
+def _hf_rng(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """ckptwise's RNG entry in the layout ``Trainer._load_rng_state`` reads."""
+    numpy_state = saved["numpy"]
+    out: dict[str, Any] = {
+        "python": saved["python"],
+        "numpy": (
+            numpy_state["bit_generator"],
+            numpy_state["state"]["key"],
+            numpy_state["state"]["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        ),
+        "cpu": saved["torch"],
+    }
+    if "cuda" in saved:
+        states = saved["cuda"]
+        out["cuda"] = states if len(states) > 1 else states[0]
+    return out
+
+
+def write_trainer_folder(
+    model: Any, values: Mapping[str, Any], weights: Mapping[str, torch.Tensor], folder: Path
+) -> Path:
+    """Write ``folder`` (named ``checkpoint-N``) from a checkpoint's saved ``values``."""
+    folder.mkdir(parents=True)
+    write_weights(model, weights, folder)
+    for key, name in _TORCH_FILES.items():
+        if key in values:
+            torch.save(values[key], folder / name)
+    if RNG_KEY in values:
+        # single-process runs have one RNG file, not one per rank
+        torch.save(_hf_rng(values[RNG_KEY]), folder / "rng_state.pth")
+    (folder / "trainer_state.json").write_text(json.dumps(values["trainer_state"], indent=2))
+    return folder

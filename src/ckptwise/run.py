@@ -1,0 +1,408 @@
+"""The read-only view of a run: list, resolve, load, restore with fallback, verify, export.
+
+A :class:`Run` never takes the write lock and never deletes anything, so it can be opened
+while a training process writes to the same folder: the command line, evaluation scripts
+and the framework adapters read through it, and :class:`~ckptwise.CheckpointManager`
+uses one for its own reads.
+
+>>> import ckptwise as cw
+>>> run = cw.open_run("runs/exp1")  # doctest: +SKIP
+>>> run.latest_step(), run.best_step("eval_loss")  # doctest: +SKIP
+(4000, 3000)
+>>> run.restore({"model": model})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from ckptwise.formats import copy_hf_metadata, write_safetensors
+from ckptwise.policy import KeepBest, RetentionContext, Variant
+from ckptwise.records import CheckpointInfo
+from ckptwise.report import report
+from ckptwise.snapshot import RNG_KEY, RngState, apply, capture, rebuild
+from ckptwise.store import CheckpointStore, Manifest, Problem, RunLock, TensorEntry, open_backend
+from ckptwise.usage import TensorChange, Usage, diff_manifests, usage_of
+
+__all__ = [
+    "Loaded",
+    "Manifest",
+    "Problem",
+    "RestoreWarning",
+    "Run",
+    "TensorChange",
+    "TensorEntry",
+    "Usage",
+    "open_run",
+]
+
+Mode = Literal["min", "max"]
+#: what names one checkpoint: a step, ``"latest"`` or ``"best"`` (or their text)
+StepSpec = int | str | None
+
+
+class RestoreWarning(UserWarning):
+    """A checkpoint was skipped during restore because it failed verification."""
+
+
+def _variant_label(manifest: Manifest) -> str:
+    """What a checkpoint holds, as listings show it: ``full``, ``weights/bfloat16``, ..."""
+    return Variant.from_json(manifest.extra.get("variant")).label
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checkpoint read and verified: its step, manifest and tensors by name."""
+
+    step: int
+    manifest: Manifest
+    tensors: Mapping[str, torch.Tensor]
+
+    def values(self, *, rng: bool = False) -> dict[str, Any]:
+        """Every saved entry rebuilt (state dicts, tensors, JSON values); RNG states under
+        ``"__rng__"`` only with ``rng=True``."""
+        tree = self.manifest.tree
+        return {k: rebuild(tree, self.tensors, k) for k in tree if rng or k != RNG_KEY}
+
+
+def open_run(
+    root: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> Run:
+    """Open the run at ``root`` (a folder or an fsspec URL) for reading.
+
+    A folder with no checkpoint yet opens as an empty run.
+    """
+    backend = open_backend(root, **dict(storage_options or {}))
+    return Run(CheckpointStore(backend))
+
+
+class Run:
+    """The committed checkpoints of one run, for reading. Create it with :func:`open_run`."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self._store = store
+
+    @property
+    def url(self) -> str:
+        """Where the run lives: a local path or the URL it was opened with."""
+        return self._store.backend.url
+
+    def exists(self) -> bool:
+        """Whether anything of a run is there (an empty or missing folder is no run)."""
+        return bool(self._store.backend.list_files(""))
+
+    def refresh(self) -> None:
+        """Re-read the list of committed checkpoints (another process may have written)."""
+        self._store.refresh()
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first."""
+        return self._store.steps()
+
+    def manifest(self, step: int) -> Manifest:
+        """The manifest of a committed step: its tensors (object, dtype, shape, codec, ...),
+        metrics, reasons and the manager's bookkeeping."""
+        return self._store.manifest(step)
+
+    def info(self, step: int) -> CheckpointInfo:
+        """The summary of one committed step (as :meth:`checkpoints` lists it)."""
+        return replace(self._store.info(step), variant=_variant_label(self.manifest(step)))
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first, with step, time, metrics, bytes and what each
+        holds (``variant``: ``full`` or a slim kind)."""
+        return [self.info(step) for step in self.steps()]
+
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """Manifest files that exist but cannot be read, with the reason."""
+        return dict(self._store.broken)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or ``None``."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def best_step(self, metric: str, mode: Mode = "min") -> int:
+        """The committed step with the best recorded ``metric``, ranked as ``keep_best``
+        ranks (NaN and missing values ignored, ties to the earlier step)."""
+        chosen = KeepBest(1, metric, mode).select(
+            RetentionContext(checkpoints=self.checkpoints(), now=datetime.now(UTC))
+        )
+        if not chosen:
+            recorded = sorted({m for c in self.checkpoints() for m in c.metrics})
+            raise CheckpointError(
+                f"no committed checkpoint in {self.url} recorded {metric!r} (recorded: "
+                f"{', '.join(recorded) or 'no metrics'})"
+            )
+        return next(iter(chosen))
+
+    def resolve(
+        self, step: StepSpec = None, *, metric: str | None = None, mode: Mode = "min"
+    ) -> int:
+        """The step that ``step`` names: a number (or its text), ``"latest"`` (also ``None``)
+        or ``"best"`` by ``metric``."""
+        if step is None or step == "latest":
+            latest = self.latest_step()
+            if latest is None:
+                raise CheckpointError(f"run {self.url} has no committed checkpoint")
+            return latest
+        if step == "best":
+            if not metric:
+                raise ConfigError(
+                    "step='best' needs the metric to rank by, e.g. metric='eval_loss'"
+                )
+            return self.best_step(metric, mode)
+        if isinstance(step, str):
+            try:
+                return int(step)
+            except ValueError:
+                raise ConfigError(f"{step!r} is not a step, 'best' or 'latest'") from None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ConfigError(f"step must be an int, 'best' or 'latest', got {step!r}")
+        return step
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read_tensor(self, step: int, name: str) -> torch.Tensor:
+        """One tensor of a committed step, verified against its checksum."""
+        entry = self.manifest(step).tensors.get(name)
+        if entry is None:
+            raise CheckpointError(f"checkpoint at step {step} has no tensor {name!r}")
+        return self._store.read_tensor(entry, step=step, name=name)
+
+    def read(
+        self,
+        step: int | None = None,
+        *,
+        into: Mapping[str, torch.Tensor] | None = None,
+        full_only: bool = False,
+    ) -> Loaded | None:
+        """The newest checkpoint that verifies (or exactly ``step``), read and verified.
+
+        Without ``step`` a checkpoint that fails verification is skipped with a
+        :class:`RestoreWarning` and the next older one is tried; ``None`` when the run is
+        empty. With ``step`` a failure raises. ``full_only`` skips slim (weights-only)
+        checkpoints, which cannot resume training. ``into`` maps tensor names to live
+        tensors to read straight into where they fit.
+        """
+        for path, why in self.unreadable.items():
+            warnings.warn(
+                f"skipping unreadable manifest {path}: {why}", RestoreWarning, stacklevel=3
+            )
+        candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+        for candidate in candidates:
+            manifest = self.manifest(candidate)
+            kind = Variant.from_json(manifest.extra.get("variant")).kind
+            if full_only and kind != "full":
+                if step is not None:
+                    raise CheckpointError(
+                        f"step {candidate} holds {kind} only and cannot resume training; "
+                        "load() or export() it, or restore a full checkpoint"
+                    )
+                continue
+            try:
+                tensors = self._store.load_tensors(candidate, into=into)
+            except CorruptCheckpointError as exc:
+                if step is not None:
+                    raise
+                warnings.warn(
+                    f"checkpoint at step {candidate} fails verification ({exc}); "
+                    "falling back to an older one",
+                    RestoreWarning,
+                    stacklevel=3,
+                )
+                continue
+            return Loaded(candidate, manifest, tensors)
+        if candidates:
+            raise CorruptCheckpointError(
+                f"no checkpoint in {self.url} verifies (tried steps "
+                f"{', '.join(map(str, candidates))}); run `ckptwise verify` for details"
+            )
+        return None
+
+    def load(self, step: StepSpec = None) -> dict[str, Any]:
+        """A checkpoint's saved values without a live state: state dicts, tensors, values
+        (``step`` defaults to the newest). Tensors are verified as they are read."""
+        loaded = self.read(self.resolve(step))
+        assert loaded is not None  # an explicit step either reads or raises
+        return loaded.values()
+
+    def restore(
+        self,
+        state: MutableMapping[str, Any],
+        *,
+        step: int | None = None,
+        strict: bool = True,
+        rng: bool = True,
+    ) -> int:
+        """Load the newest full checkpoint that verifies into ``state``; returns its step.
+
+        Returns 0 when the run has no checkpoint (so ``range(start + 1, ...)`` starts a
+        fresh run). A checkpoint that fails verification is skipped with a
+        :class:`RestoreWarning`; with an explicit ``step`` the failure raises
+        :class:`~ckptwise.CorruptCheckpointError`. ``rng`` also puts back the saved Python,
+        numpy, torch and CUDA RNG states.
+
+        Tensors are read straight into the state's own memory where they fit, so a restore
+        that raises may leave the state partly overwritten.
+        """
+        started = time.perf_counter()
+        # the live tensors are captured under the names they were saved with and alias the
+        # live memory, so the read fills them in place
+        live = capture({**state, RNG_KEY: RngState()} if rng else dict(state)).tensors
+        loaded = self.read(step, into=live, full_only=True)
+        if loaded is None:
+            return 0
+        where = f"checkpoint at step {loaded.step}"
+        tree = loaded.manifest.tree
+        apply(state, tree, loaded.tensors, strict=strict, where=where)
+        if rng and RNG_KEY in tree:
+            apply({RNG_KEY: RngState()}, tree, loaded.tensors, where=where)
+        seconds = time.perf_counter() - started
+        report("restored step", loaded.step, loaded.manifest.logical_bytes, seconds)
+        return loaded.step
+
+    def verify(self, steps: list[int] | None = None) -> list[Problem]:
+        """Check every object of ``steps`` (all by default) against its checksum; empty when
+        all is well. Unreadable manifests are problems too."""
+        return self._store.verify(steps)
+
+    # -- what it stores --------------------------------------------------------------------
+
+    def physical_bytes(self) -> int:
+        """Bytes of every object the committed checkpoints reference, each counted once."""
+        return self._store.physical_bytes()
+
+    def object_bytes(self) -> dict[str, int]:
+        """Stored size of every object a committed checkpoint references."""
+        return self._store.object_bytes()
+
+    def usage(self) -> Usage:
+        """Per checkpoint: logical, written, exclusive and shared bytes; what dedup and
+        compression saved over the run."""
+        return usage_of({s: self.manifest(s) for s in self.steps()})
+
+    def first_stored(self, step: int) -> dict[str, int]:
+        """For each tensor of ``step``, the oldest committed step that holds its object
+        (``step`` itself when it wrote the object)."""
+        earliest: dict[str, int] = {}
+        for s in self.steps():
+            if s > step:
+                break
+            for entry in self.manifest(s).tensors.values():
+                earliest.setdefault(entry.object, s)
+        return {name: earliest[e.object] for name, e in self.manifest(step).tensors.items()}
+
+    def diff(self, a: int, b: int) -> list[TensorChange]:
+        """Which tensors changed from step ``a`` to step ``b``, and by how much."""
+        return diff_manifests(self.manifest(a), self.manifest(b), self.read_tensor, a, b)
+
+    # -- pins and the last retention decision ----------------------------------------------
+
+    def pins(self) -> set[int]:
+        """Steps pinned in this run (kept whatever the retention policy says)."""
+        return self._store.pins()
+
+    def pin(self, step: int) -> None:
+        """Keep ``step`` whatever the retention policy says, until :meth:`unpin`."""
+        self.manifest(step)
+        self._store.set_pins(self.pins() | {step})
+
+    def unpin(self, step: int) -> None:
+        """Let the retention policy decide about ``step`` again (at the next prune)."""
+        self._store.set_pins(self.pins() - {step})
+
+    def kept(self) -> dict[int, list[str]]:
+        """Why each checkpoint was kept, as the writer's last retention decision recorded."""
+        return self._store.kept()
+
+    # -- getting it out --------------------------------------------------------------------
+
+    def export(
+        self,
+        step: StepSpec,
+        out_dir: str | os.PathLike[str],
+        *,
+        key: str = "model",
+        config_from: str | os.PathLike[str] | None = None,
+    ) -> Path:
+        """Write the weights under ``key`` as ``out_dir/model.safetensors``; returns the path.
+
+        The file is plain safetensors: ``safetensors.torch.load_file`` reads it and
+        ``model.load_state_dict`` accepts what it returns. With ``config_from`` (a model
+        folder) its config and tokenizer JSON files are copied too, so the folder loads with
+        ``from_pretrained``.
+        """
+        chosen = self.resolve(step)
+        manifest = self.manifest(chosen)
+        prefix = f"{key}/"
+        names = [n for n in manifest.tensors if n.startswith(prefix)]
+        if not names:
+            raise CheckpointError(
+                f"checkpoint at step {chosen} has no tensors under {key!r}; its entries are "
+                f"{', '.join(k for k in manifest.tree if k != RNG_KEY)}; pass key=..."
+            )
+        weights = {n[len(prefix) :]: self.read_tensor(chosen, n) for n in names}
+        path = write_safetensors(weights, Path(out_dir) / "model.safetensors", step=chosen)
+        if config_from is not None:
+            copy_hf_metadata(config_from, out_dir)
+        return path
+
+    def archive(
+        self,
+        step: StepSpec,
+        out: str | os.PathLike[str],
+        *,
+        lossy: tuple[str, ...] = ("optimizer/",),
+        codec: str = "bytegroup",
+    ) -> CheckpointInfo:
+        """Copy one checkpoint into a new run at ``out``, quantizing some tensors (lossy).
+
+        Float tensors whose names start with a prefix in ``lossy`` (by default the optimizer
+        state: Adam moments) are stored as blockwise int8, in the spirit of Check-N-Run and
+        ExCP; every other tensor is copied exactly with ``codec``. Each lossy entry's note
+        records its maximum and relative error. The copy restores like any checkpoint (with
+        the quantized optimizer state); this run is untouched. Opt-in only: nothing lossy
+        ever happens in a training run's own saves.
+        """
+        chosen = self.resolve(step)
+        loaded = self.read(chosen)
+        assert loaded is not None  # an explicit step either reads or raises
+        manifest = loaded.manifest
+        backend = open_backend(out)
+        lock = RunLock(backend)
+        lock.acquire()
+        try:
+            target = CheckpointStore(backend, codec=codec)
+            if target.steps():
+                raise CheckpointError(
+                    f"{backend.url} already holds checkpoints; archive into a new folder"
+                )
+            return target.commit(
+                chosen,
+                loaded.tensors,
+                tree=manifest.tree,
+                metrics=manifest.metrics,
+                reasons=manifest.reasons,
+                extra={**manifest.extra, "archive": {"from": self.url, "lossy": list(lossy)}},
+                time=manifest.time,
+                lossy=[n for n in loaded.tensors if n.startswith(lossy)],
+            )
+        finally:
+            lock.release()
+
+    def __repr__(self) -> str:
+        return f"Run({self.url!r}, steps={self.steps()})"
