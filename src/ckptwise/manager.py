@@ -19,13 +19,15 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal
 
 import torch
 
 from ckptwise.compat import ManagerReads
+from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Ranks
+from ckptwise.distributed.save import commit_across_ranks
 from ckptwise.errors import CheckpointError, ConfigError
 from ckptwise.metrics import coerce_metrics
 from ckptwise.monitor import Monitor
@@ -43,6 +45,7 @@ from ckptwise.policy import (
     keep_all,
     never,
     plan_retention,
+    step_only,
     walk,
 )
 from ckptwise.progress import Progress
@@ -50,7 +53,7 @@ from ckptwise.records import CheckpointInfo
 from ckptwise.report import report
 from ckptwise.run import RestoreWarning, Run
 from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState, SnapshotCopier, capture
-from ckptwise.store import CheckpointStore, RunLock, open_backend
+from ckptwise.store import CheckpointStore, Manifest, RunLock, open_backend
 from ckptwise.writer import AsyncWriter, SyncWriter, Writer
 
 __all__ = ["RNG_KEY", "CheckpointManager", "RestoreWarning"]
@@ -93,6 +96,13 @@ class CheckpointManager(ManagerReads):
         on_busy: with ``async_save``, what a new save does while one is still writing:
             ``"wait"`` for it, or ``"skip"`` (recorded in :attr:`skipped`).
         storage_options: passed to fsspec for URLs (credentials, endpoint).
+        process_group: in a multi-process job (``torchrun``), the group whose ranks save
+            together; by default the default group when ``torch.distributed`` is
+            initialized. Every rank creates its manager with the same arguments: rank 0
+            takes the lock, decides, writes the manifest and prunes; each rank writes its
+            share of the objects (see :mod:`ckptwise.distributed`).
+        dist_timeout: how long a rank waits for the others in one checkpoint collective
+            before the save fails on every rank (a dead rank usually fails it at once).
     """
 
     def __init__(
@@ -109,6 +119,8 @@ class CheckpointManager(ManagerReads):
         on_busy: Literal["wait", "skip"] = "wait",
         clock: Callable[[], datetime] = _utcnow,
         storage_options: Mapping[str, Any] | None = None,
+        process_group: Any = None,
+        dist_timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         if save is not None:
             check_trigger(save)
@@ -127,13 +139,23 @@ class CheckpointManager(ManagerReads):
         self.rng = rng
         self.clock = clock
         self.on_busy = on_busy
+        #: the ranks of a multi-process job (``None`` for one process)
+        self.ranks = Ranks.detect(process_group, timeout=dist_timeout)
+        if self.ranks is not None and async_save:
+            raise ConfigError(
+                "async_save=True is not supported in multi-process runs yet; pass "
+                "async_save=False (each rank writes its share of the save)"
+            )
+        coordinator = self.ranks is None or self.ranks.coordinator
+        # the lock and the run folder's upkeep belong to rank 0 alone
+        self._owns_run = self.writable and coordinator
         backend = open_backend(root, **dict(storage_options or {}))
         self._lock = RunLock(backend)
-        if self.writable:
+        if self._owns_run:
             self._lock.acquire()
         try:
             self._store = CheckpointStore(backend, codec=codec, deltas=deltas)
-            if self.writable:
+            if self._owns_run:
                 removed = self._store.clean()
                 if removed:
                     log.info("removed %d leftover file(s) from an interrupted save", removed)
@@ -150,7 +172,14 @@ class CheckpointManager(ManagerReads):
         #: bytes this manager's commits added to the store (new objects, after dedup)
         self.bytes_written = 0
         self._progress = Progress(self.clock())
-        self._monitor = Monitor(backend, walk(self.save_policy)) if self.writable else None
+        self._monitor = (
+            Monitor(backend, walk(self.save_policy), files=coordinator) if self.writable else None
+        )
+        # whether the ranks must talk at each step: only when a decision reads more than the
+        # step number (a clock, metrics, signals, request files), which can differ by rank
+        self._coordinate = self.ranks is not None and not step_only(self.save_policy)
+        #: requests other ranks received, for rank 0's next decision
+        self._remote: frozenset[Request] = frozenset()
         self.resumed_from: int | None = None
         self.last_plan: RetentionPlan | None = None
         self._closed = False
@@ -196,8 +225,13 @@ class CheckpointManager(ManagerReads):
         requests: frozenset[Request] = frozenset()
         if self._monitor is not None:
             requests = self._monitor.poll()
-        training = self._progress.state(step, now, metrics=values, requests=requests, final=final)
+        training = self._progress.state(
+            step, now, metrics=values, requests=requests | self._remote, final=final
+        )
         decision = self.save_policy.decide(training)
+        variant = self.content.choose(training, decision) if decision.save else full()
+        if self._coordinate:
+            decision, variant = self._agree(requests, decision, variant)
         self._progress.observe(step, values)
         if not decision.save:
             return decision
@@ -208,13 +242,30 @@ class CheckpointManager(ManagerReads):
         if self._monitor is not None and decision.requests:
             monitor, answered = self._monitor, decision.requests
             self._after_commit.append(lambda: monitor.consume(answered))
-        variant = self.content.choose(training, decision)
         self.save(step, state, metrics=values, reasons=decision.reasons, now=now, variant=variant)
         if self._monitor is not None and self._monitor.wants_exit(decision):
             self.wait()
             log.info("saved step %d on a signal; exiting as on_signal(then='exit') asks", step)
             raise SystemExit(0)
         return decision
+
+    def _agree(
+        self, requests: frozenset[Request], decision: Decision, variant: Variant
+    ) -> tuple[Decision, Variant]:
+        """Rank 0's decision, on every rank, in one collective per step.
+
+        Rank 0 decided from its own clock, metrics, signals and request files, and from the
+        requests other ranks received up to the previous step (a signal to another rank
+        saves one step later); each rank sends what it received since.
+        """
+        assert self.ranks is not None
+        mine = (decision, variant) if self.ranks.coordinator else None
+        sent = self.ranks.all_gather((requests, mine))
+        chosen = sent[0][1]
+        assert chosen is not None
+        if self.ranks.coordinator:
+            self._remote = frozenset().union(*(r for r, _ in sent[1:])) - chosen[0].requests
+        return chosen
 
     def _finish(self, info: CheckpointInfo | None) -> None:
         """Run what waits for a commit (request files are removed only once it is durable)."""
@@ -259,18 +310,33 @@ class CheckpointManager(ManagerReads):
 
         def job() -> CheckpointInfo:
             started = time.perf_counter()
-            info = self._store.commit(
-                step,
-                tensors,
-                tree=snap.tree,
-                metrics=values,
-                reasons=reasons,
-                extra=extra,
-                time=now.timestamp(),
-            )
+            if self.ranks is None:
+                info = self._store.commit(
+                    step,
+                    tensors,
+                    tree=snap.tree,
+                    metrics=values,
+                    reasons=reasons,
+                    extra=extra,
+                    time=now.timestamp(),
+                )
+                self.prune(now=now)
+            else:
+                ours = Manifest(
+                    step=step,
+                    time=now.timestamp(),
+                    tensors={},
+                    tree=snap.tree,
+                    metrics=values,
+                    reasons=tuple(reasons),
+                    extra=extra,
+                )
+                info = commit_across_ranks(
+                    self.ranks, self._store, ours, tensors, after_commit=lambda: self.prune(now=now)
+                )
             self.bytes_written += info.new_bytes
-            self.prune(now=now)
-            report("saved step", step, info.new_bytes, time.perf_counter() - started)
+            if self._owns_run:
+                report("saved step", step, info.new_bytes, time.perf_counter() - started)
             return info
 
         info = self._writer.write(job, step=step)
@@ -295,10 +361,15 @@ class CheckpointManager(ManagerReads):
         return {variant.key: weights}
 
     def prune(self, *, now: datetime | None = None) -> RetentionPlan:
-        """Apply the retention policy to the committed checkpoints and delete the rest."""
+        """Apply the retention policy to the committed checkpoints and delete the rest.
+
+        In a multi-process job only rank 0 prunes; on the other ranks this does nothing.
+        """
         self._check_open()
         if not self.writable:
             raise ConfigError("this manager was opened read-only; pass keep=... to prune")
+        if not self._owns_run:
+            return RetentionPlan()
         plan = plan_retention(
             self.keep_policy,
             self._store.checkpoints(),
@@ -357,7 +428,7 @@ class CheckpointManager(ManagerReads):
         checkpoint, wall-clock triggers count from now, and the checkpoint is kept for as
         long as this manager lives.
         """
-        restored = self.run.restore(state, step=step, strict=strict, rng=self.rng)
+        restored = self.run.restore(state, step=step, strict=strict, rng=self.rng, ranks=self.ranks)
         if restored in self._store.steps():  # 0 also means "nothing to restore"
             self._adopt(restored)
         return restored
@@ -369,7 +440,8 @@ class CheckpointManager(ManagerReads):
         newest full checkpoint that verifies, and continues this run from it; ``None``
         when there is none.
         """
-        loaded = self.run.read(step, full_only=True)
+        rank = 0 if self.ranks is None else self.ranks.rank
+        loaded = self.run.read(step, full_only=True, rank=rank, ranks=self.ranks)
         if loaded is None:
             return None
         self._adopt(loaded.step)

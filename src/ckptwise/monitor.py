@@ -34,16 +34,22 @@ Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class Monitor:
-    """Watches for the signals and files named by the ``on_signal``/``on_file`` triggers."""
+    """Watches for the signals and files named by the ``on_signal``/``on_file`` triggers.
 
-    def __init__(self, backend: Backend, triggers: Iterable[Trigger]) -> None:
+    With ``files=False`` (the ranks but rank 0 of a multi-process job, which share rank 0's
+    run folder) only signals are watched.
+    """
+
+    def __init__(
+        self, backend: Backend, triggers: Iterable[Trigger], *, files: bool = True
+    ) -> None:
         self.backend = backend
         leaves = list(triggers)
         self.signals = sorted({n for t in leaves if isinstance(t, OnSignal) for n in t.signals})
         self.exit_on = sorted(
             {n for t in leaves if isinstance(t, OnSignal) and t.then == "exit" for n in t.signals}
         )
-        self.files = sorted({t.name for t in leaves if isinstance(t, OnFile)})
+        self.files = sorted({t.name for t in leaves if isinstance(t, OnFile)}) if files else []
         self._received: set[Request] = set()
         self._previous: dict[int, Handler] = {}
         self._last_poll = -float("inf")

@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import torch
 
+from ckptwise.distributed.ranks import Failure, Ranks
+from ckptwise.distributed.restore import prime_optimizers, read_rank, sharded_names
 from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from ckptwise.formats import copy_hf_metadata, write_safetensors
 from ckptwise.policy import KeepBest, RetentionContext, Variant
@@ -67,11 +69,18 @@ class Loaded:
     step: int
     manifest: Manifest
     tensors: Mapping[str, torch.Tensor]
+    #: whose part of a multi-process checkpoint was read
+    rank: int = 0
+
+    @property
+    def tree(self) -> dict[str, Any]:
+        """The state tree of the rank read (rank 0's for a rank the checkpoint lacked)."""
+        return self.manifest.tree_of(self.rank if self.rank < self.manifest.world_size else 0)
 
     def values(self, *, rng: bool = False) -> dict[str, Any]:
         """Every saved entry rebuilt (state dicts, tensors, JSON values); RNG states under
         ``"__rng__"`` only with ``rng=True``."""
-        tree = self.manifest.tree
+        tree = self.tree
         return {k: rebuild(tree, self.tensors, k) for k in tree if rng or k != RNG_KEY}
 
 
@@ -177,10 +186,13 @@ class Run:
     # -- reading ---------------------------------------------------------------------------
 
     def read_tensor(self, step: int, name: str) -> torch.Tensor:
-        """One tensor of a committed step, verified against its checksum."""
-        entry = self.manifest(step).tensors.get(name)
+        """One tensor of a committed step (rank 0's; a sharded one whole), verified."""
+        manifest = self.manifest(step)
+        entry = manifest.tensors.get(name)
         if entry is None:
             raise CheckpointError(f"checkpoint at step {step} has no tensor {name!r}")
+        if entry.shard is not None:
+            return read_rank(self._store, manifest, rank=0, names=[name])[name]
         return self._store.read_tensor(entry, step=step, name=name)
 
     def read(
@@ -189,6 +201,8 @@ class Run:
         *,
         into: Mapping[str, torch.Tensor] | None = None,
         full_only: bool = False,
+        rank: int = 0,
+        ranks: Ranks | None = None,
     ) -> Loaded | None:
         """The newest checkpoint that verifies (or exactly ``step``), read and verified.
 
@@ -196,42 +210,71 @@ class Run:
         :class:`RestoreWarning` and the next older one is tried; ``None`` when the run is
         empty. With ``step`` a failure raises. ``full_only`` skips slim (weights-only)
         checkpoints, which cannot resume training. ``into`` maps tensor names to live
-        tensors to read straight into where they fit.
+        tensors to read straight into where they fit. ``rank`` picks which rank's part of a
+        multi-process checkpoint to read (sharded tensors come back whole unless ``into``
+        holds a ``DTensor`` for them). With ``ranks`` (a multi-process job, every rank
+        calling), the ranks agree: a checkpoint counts as verified only if it verified on
+        every rank.
         """
         for path, why in self.unreadable.items():
             warnings.warn(
                 f"skipping unreadable manifest {path}: {why}", RestoreWarning, stacklevel=3
             )
-        candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+        candidates = self._candidates(step, full_only)
+        if ranks is not None:
+            candidates = ranks.broadcast(candidates)
         for candidate in candidates:
             manifest = self.manifest(candidate)
-            kind = Variant.from_json(manifest.extra.get("variant")).kind
-            if full_only and kind != "full":
-                if step is not None:
-                    raise CheckpointError(
-                        f"step {candidate} holds {kind} only and cannot resume training; "
-                        "load() or export() it, or restore a full checkpoint"
-                    )
-                continue
+            failure: CorruptCheckpointError | None = None
+            tensors: dict[str, torch.Tensor] = {}
             try:
-                tensors = self._store.load_tensors(candidate, into=into)
+                if manifest.world_size > 1:
+                    tensors = read_rank(self._store, manifest, rank=rank, into=into)
+                else:
+                    tensors = self._store.load_tensors(candidate, into=into)
             except CorruptCheckpointError as exc:
-                if step is not None:
-                    raise
-                warnings.warn(
-                    f"checkpoint at step {candidate} fails verification ({exc}); "
-                    "falling back to an older one",
-                    RestoreWarning,
-                    stacklevel=3,
-                )
-                continue
-            return Loaded(candidate, manifest, tensors)
+                failure = exc
+            if ranks is not None:
+                mine = None if failure is None else Failure.of(rank, failure)
+                others = [f for f in ranks.all_gather(mine) if f is not None]
+                if others and failure is None:
+                    failure = CorruptCheckpointError(f"rank {others[0].rank}: {others[0].message}")
+            if failure is None:
+                return Loaded(candidate, manifest, tensors, rank)
+            if step is not None:
+                raise failure
+            warnings.warn(
+                f"checkpoint at step {candidate} fails verification ({failure}); "
+                "falling back to an older one",
+                RestoreWarning,
+                stacklevel=3,
+            )
         if candidates:
             raise CorruptCheckpointError(
                 f"no checkpoint in {self.url} verifies (tried steps "
                 f"{', '.join(map(str, candidates))}); run `ckptwise verify` for details"
             )
         return None
+
+    def _candidates(self, step: int | None, full_only: bool) -> list[int]:
+        """The steps :meth:`read` tries, newest first (only ``step`` when given)."""
+        if step is not None:
+            if full_only:
+                kind = Variant.from_json(self.manifest(step).extra.get("variant")).kind
+                if kind != "full":
+                    raise CheckpointError(
+                        f"step {step} holds {kind} only and cannot resume training; "
+                        "load() or export() it, or restore a full checkpoint"
+                    )
+            return [step]
+        steps = sorted(self.steps(), reverse=True)
+        if not full_only:
+            return steps
+        return [
+            s
+            for s in steps
+            if Variant.from_json(self.manifest(s).extra.get("variant")).kind == "full"
+        ]
 
     def load(self, step: StepSpec = None) -> dict[str, Any]:
         """A checkpoint's saved values without a live state: state dicts, tensors, values
@@ -247,6 +290,7 @@ class Run:
         step: int | None = None,
         strict: bool = True,
         rng: bool = True,
+        ranks: Ranks | None = None,
     ) -> int:
         """Load the newest full checkpoint that verifies into ``state``; returns its step.
 
@@ -256,18 +300,38 @@ class Run:
         :class:`~ckptwise.CorruptCheckpointError`. ``rng`` also puts back the saved Python,
         numpy, torch and CUDA RNG states.
 
+        In a multi-process job every rank calls this with ``ranks`` (the manager passes its
+        own): each restores its own part, on the same or another number of ranks, and all
+        restore the same step.
+
         Tensors are read straight into the state's own memory where they fit, so a restore
         that raises may leave the state partly overwritten.
         """
         started = time.perf_counter()
+        entries = {**state, RNG_KEY: RngState()} if rng else dict(state)
         # the live tensors are captured under the names they were saved with and alias the
         # live memory, so the read fills them in place
-        live = capture({**state, RNG_KEY: RngState()} if rng else dict(state)).tensors
-        loaded = self.read(step, into=live, full_only=True)
+        live = capture(entries).tensors
+        if ranks is not None:
+            newest = self._candidates(step, full_only=True)[:1]
+            missing = newest and sharded_names(self.manifest(newest[0])) - live.keys()
+            if missing and prime_optimizers(state):
+                live = capture(entries).tensors  # sharded optimizer state to read into
+        rank = 0 if ranks is None else ranks.rank
+        loaded = self.read(step, into=live, full_only=True, rank=rank, ranks=ranks)
         if loaded is None:
             return 0
         where = f"checkpoint at step {loaded.step}"
-        tree = loaded.manifest.tree
+        saved_by, now_on = loaded.manifest.world_size, 1 if ranks is None else ranks.size
+        if saved_by != now_on:
+            warnings.warn(
+                f"{where} was saved by {saved_by} process(es) and is restored on {now_on}: "
+                "sharded tensors are resharded; per-rank entries (RNG states, data positions) "
+                f"are those of rank {rank if rank < saved_by else 0}",
+                RestoreWarning,
+                stacklevel=2,
+            )
+        tree = loaded.tree
         apply(state, tree, loaded.tensors, strict=strict, where=where)
         if rng and RNG_KEY in tree:
             apply({RNG_KEY: RngState()}, tree, loaded.tensors, where=where)
@@ -355,7 +419,8 @@ class Run:
                 f"checkpoint at step {chosen} has no tensors under {key!r}; its entries are "
                 f"{', '.join(k for k in manifest.tree if k != RNG_KEY)}; pass key=..."
             )
-        weights = {n[len(prefix) :]: self.read_tensor(chosen, n) for n in names}
+        read = read_rank(self._store, manifest, rank=0, names=names)
+        weights = {n[len(prefix) :]: read[n] for n in names}
         path = write_safetensors(weights, Path(out_dir) / "model.safetensors", step=chosen)
         if config_from is not None:
             copy_hf_metadata(config_from, out_dir)
@@ -382,6 +447,11 @@ class Run:
         loaded = self.read(chosen)
         assert loaded is not None  # an explicit step either reads or raises
         manifest = loaded.manifest
+        if manifest.world_size > 1:
+            raise CheckpointError(
+                f"step {chosen} was saved by {manifest.world_size} processes; archiving "
+                "multi-process checkpoints is not supported yet (export() the weights instead)"
+            )
         backend = open_backend(out)
         lock = RunLock(backend)
         lock.acquire()

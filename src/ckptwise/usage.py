@@ -52,15 +52,11 @@ class Usage:
 
 def usage_of(manifests: Mapping[int, Manifest]) -> Usage:
     """The usage of the checkpoints described by ``manifests`` (step -> manifest)."""
-    refs = Counter(
-        oid for m in manifests.values() for oid in {e.object for e in m.tensors.values()}
-    )
-    objects: dict[str, TensorEntry] = {
-        e.object: e for m in manifests.values() for e in m.tensors.values()
-    }
+    refs = Counter(oid for m in manifests.values() for oid in {e.object for e in m.entries()})
+    objects: dict[str, TensorEntry] = {e.object: e for m in manifests.values() for e in m.entries()}
     rows = []
     for step, manifest in sorted(manifests.items()):
-        own = {e.object: e for e in manifest.tensors.values()}
+        own = {e.object: e for e in manifest.entries()}  # every rank's, for several processes
         rows.append(
             CheckpointUsage(
                 step=step,
@@ -100,7 +96,8 @@ class TensorChange:
 def diff_manifests(
     a: Manifest, b: Manifest, read: Callable[[int, str], torch.Tensor], step_a: int, step_b: int
 ) -> list[TensorChange]:
-    """Compare two checkpoints tensor by tensor, reading only tensors whose objects differ."""
+    """Compare two checkpoints tensor by tensor (rank 0's, sharded ones whole), reading only
+    tensors whose objects differ."""
     out: list[TensorChange] = []
     for name in sorted(set(a.tensors) | set(b.tensors)):
         ea, eb = a.tensors.get(name), b.tensors.get(name)

@@ -52,7 +52,7 @@ def test_archive_quantizes_optimizer_state_only_and_reports_the_error(tmp_path: 
     fresh = make_state(128, seed=4)
     assert copy.restore(fresh) == 3  # an archive still restores, with approximate moments
     with pytest.raises(cw.CheckpointError, match="already holds checkpoints"):
-        cw.CheckpointManager(tmp_path / "run").archive(3, tmp_path / "archive")
+        cw.open_run(tmp_path / "run").archive(3, tmp_path / "archive")
 
 
 def test_lossy_codecs_are_never_a_run_codec(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ from ckptwise.policy.triggers import (
     on_final,
     on_improvement,
     schedule,
+    step_only,
 )
 
 __all__ = [
@@ -95,6 +96,7 @@ __all__ = [
     "overhead_budget",
     "plan_retention",
     "schedule",
+    "step_only",
     "trainable_only",
     "walk",
     "weights_only",

@@ -52,6 +52,7 @@ __all__ = [
     "on_final",
     "on_improvement",
     "schedule",
+    "step_only",
     "walk",
 ]
 
@@ -304,3 +305,13 @@ class Never(TriggerOps):
 def never() -> Never:
     """A trigger that never saves."""
     return Never()
+
+
+#: the triggers whose decision is a function of ``step`` and ``final`` alone
+_STEP_ONLY = (Every, AtSteps, Schedule, Geometric, OnFinal, Never)
+
+
+def step_only(trigger: Trigger) -> bool:
+    """Whether ``trigger`` decides from ``step`` and ``final`` alone (no clock, metrics or
+    outside requests), so every process of a job reaches the same decision by itself."""
+    return all(isinstance(t, _STEP_ONLY) for t in walk(trigger))

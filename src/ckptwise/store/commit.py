@@ -35,7 +35,7 @@ from ckptwise.store.manifest import Manifest, TensorEntry, dtype_name, encode_ma
 from ckptwise.store.planner import CodecPlanner
 from ckptwise.store.reader import Reader
 
-__all__ = ["SPACE_MARGIN", "WRITERS", "Committer", "Encoded", "NewObject"]
+__all__ = ["SPACE_MARGIN", "WRITERS", "CommitPlan", "Committer", "Encoded", "NewObject"]
 
 #: Threads encoding and writing the new objects of one commit.
 WRITERS = 4
@@ -82,6 +82,30 @@ class NewObject:
     encoded: Encoded | None = None
 
 
+@dataclass(frozen=True)
+class CommitPlan:
+    """What one process's tensors need: how each name uses an object (id, dtype, shape),
+    the entries of objects a committed checkpoint already holds, and the objects to write."""
+
+    names: dict[str, _Use]
+    reused: dict[str, TensorEntry]
+    new: dict[str, NewObject]
+
+    @property
+    def new_bytes(self) -> int:
+        """Raw bytes of the objects to write (an upper bound of what they take on disk)."""
+        return sum(len(job.raw) for job in self.new.values())
+
+    def entries(self, written: Mapping[str, TensorEntry]) -> dict[str, TensorEntry]:
+        """Each name's manifest entry, given the entries of the objects written for it."""
+        return {
+            name: dataclasses.replace(
+                written.get(oid) or self.reused[oid], dtype=dtype, shape=shape
+            )
+            for name, (oid, dtype, shape) in self.names.items()
+        }
+
+
 class Committer:
     """Writes the checkpoints of one run (see the module docstring for the protocol)."""
 
@@ -117,33 +141,36 @@ class Committer:
         Float tensors named in ``lossy`` are stored quantized (codec ``q8``); their entries
         then hold what they decode to, and the error in ``note``.
         """
-        names, reused, new = self._plan(tensors, set(lossy))
-        self._check_space(sum(len(job.raw) for job in new.values()))
-        written = self.write_objects(new)
-        entries = {
-            name: dataclasses.replace(written.get(oid) or reused[oid], dtype=dtype, shape=shape)
-            for name, (oid, dtype, shape) in names.items()
-        }
-        manifest = Manifest(
-            step=step,
-            time=_time.time() if time is None else time,
-            tensors=entries,
-            tree=tree,
-            metrics=dict(metrics or {}),
-            reasons=tuple(reasons),
-            extra=dict(extra or {}),
-            written_bytes=sum(e.stored_bytes for e in written.values()),
+        plan = self.plan(tensors, lossy=lossy)
+        self.check_space(plan.new_bytes)
+        written = self.write_objects(plan.new)
+        return self.publish(
+            Manifest(
+                step=step,
+                time=_time.time() if time is None else time,
+                tensors=plan.entries(written),
+                tree=tree,
+                metrics=dict(metrics or {}),
+                reasons=tuple(reasons),
+                extra=dict(extra or {}),
+                written_bytes=sum(e.stored_bytes for e in written.values()),
+            )
         )
-        self.backend.write_atomic(manifest_path(step), [encode_manifest(manifest)])
+
+    def publish(self, manifest: Manifest) -> Manifest:
+        """Commit ``manifest`` (whose objects are durable): write it under a temporary name,
+        sync, rename it into place, and add it to the index."""
+        self.backend.write_atomic(manifest_path(manifest.step), [encode_manifest(manifest)])
         self.backend.sync_dirs([CHECKPOINTS])
         self.index.publish(manifest)
         return manifest
 
-    def _plan(
-        self, tensors: Mapping[str, torch.Tensor], lossy: set[str]
-    ) -> tuple[dict[str, _Use], dict[str, TensorEntry], dict[str, NewObject]]:
-        """Hash every tensor: how each name uses an object, the entries of objects a
-        committed checkpoint already holds, and the objects to write, by id."""
+    def plan(self, tensors: Mapping[str, torch.Tensor], *, lossy: Iterable[str] = ()) -> CommitPlan:
+        """Hash every tensor and find which objects are new (see :class:`CommitPlan`).
+
+        Float tensors named in ``lossy`` are planned quantized (codec ``q8``).
+        """
+        quantize = set(lossy)
         previous = self.index.latest()
         names: dict[str, _Use] = {}
         reused: dict[str, TensorEntry] = {}
@@ -151,7 +178,7 @@ class Committer:
         for name, tensor in tensors.items():
             dtype, shape = dtype_name(tensor.dtype), tuple(tensor.shape)
             itemsize = tensor.dtype.itemsize
-            if name in lossy and tensor.is_floating_point() and tensor.numel():
+            if name in quantize and tensor.is_floating_point() and tensor.numel():
                 quantized = Q8_CODEC.quantize(tensor)
                 raw = quantized.decoded
                 encoded: Encoded | None = Encoded(quantized.stored, Q8, quantized.note)
@@ -172,7 +199,7 @@ class Committer:
                 if previous is not None and self.planner.tries_delta(tensor.dtype, len(raw)):
                     base = self._delta_base(previous.tensors.get(name), dtype, shape)
                 new[oid] = NewObject(raw, dtype, shape, itemsize, codec, note, base)
-        return names, reused, new
+        return CommitPlan(names, reused, new)
 
     def _delta_base(
         self, prior: TensorEntry | None, dtype: str, shape: tuple[int, ...]
@@ -188,7 +215,8 @@ class Committer:
             return None
         return prior
 
-    def _check_space(self, needed: int) -> None:
+    def check_space(self, needed: int) -> None:
+        """Raise :class:`StorageError` unless ``needed`` bytes (and a margin) fit."""
         free = self.backend.free_bytes()
         if free is not None and needed + SPACE_MARGIN > free:
             raise StorageError(

@@ -116,7 +116,7 @@ class Index:
             reasons=m.reasons,
             logical_bytes=m.logical_bytes,
             new_bytes=m.written_bytes,
-            objects=frozenset(e.object for e in m.tensors.values()),
+            objects=frozenset(e.object for e in m.entries()),
         )
 
     def object_bytes(self) -> dict[str, int]:
@@ -128,7 +128,7 @@ class Index:
 
     def _add(self, manifest: Manifest) -> None:
         self._manifests[manifest.step] = manifest
-        for entry in manifest.tensors.values():
+        for entry in manifest.entries():
             for oid, described in _objects_of(entry):
                 self._refs.setdefault(oid, set()).add(manifest.step)
                 self._entries.setdefault(oid, described)
@@ -137,7 +137,7 @@ class Index:
         manifest = self._manifests.pop(step, None)
         if manifest is None:
             return None
-        for entry in manifest.tensors.values():
+        for entry in manifest.entries():
             for oid, _ in _objects_of(entry):
                 refs = self._refs.get(oid)
                 if refs is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,8 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "Manifest",
+    "RankView",
+    "Shard",
     "TensorEntry",
     "decode_manifest",
     "dtype_name",
@@ -33,7 +35,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "ckptwise.checkpoint"
-FORMAT_VERSION = 1
+#: The newest format this build reads and writes. Version 2 adds what multi-process
+#: checkpoints need (``ranks``, ``shard``); a one-process checkpoint is still written as 1.
+FORMAT_VERSION = 2
 #: The longest delta chain a manifest may describe (readers refuse longer ones).
 MAX_CHAIN = 64
 
@@ -71,6 +75,18 @@ def dtype_name(dtype: torch.dtype) -> str:
         ) from None
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Where a tensor entry's values sit in a larger tensor sharded across ranks (the local
+    chunk of a ``DTensor``): the whole tensor's shape and this chunk's offsets in it."""
+
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "offsets": list(self.offsets)}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TensorEntry:
     """One tensor of a checkpoint and the object that holds its bytes.
@@ -90,6 +106,8 @@ class TensorEntry:
     #: for a delta (codec ``xor-bytegroup``): the objects it builds on, nearest first, each as
     #: (object id, codec, stored bytes); the last is a keyframe stored whole
     bases: tuple[tuple[str, str, int], ...] = ()
+    #: for a chunk of a tensor sharded across ranks: where it sits in the whole tensor
+    shard: Shard | None = None
 
     @property
     def lossy(self) -> bool:
@@ -107,6 +125,7 @@ class TensorEntry:
             codec=codec,
             stored_bytes=stored,
             bases=self.bases[index + 1 :],
+            shard=self.shard,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -122,7 +141,29 @@ class TensorEntry:
             doc["note"] = self.note
         if self.bases:
             doc["bases"] = [list(b) for b in self.bases]
+        if self.shard is not None:
+            doc["shard"] = self.shard.to_json()
         return doc
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankView:
+    """What one rank > 0 of a multi-process checkpoint holds, as differences from rank 0:
+    tensors that differ or that rank 0 lacks, rank 0's tensor names it lacks, and the same
+    for the top-level entries of the state tree."""
+
+    tensors: Mapping[str, TensorEntry] = field(default_factory=dict)
+    absent: tuple[str, ...] = ()
+    tree: Mapping[str, Any] = field(default_factory=dict)
+    tree_absent: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tensors": {name: e.to_json() for name, e in self.tensors.items()},
+            "absent": list(self.absent),
+            "tree": dict(self.tree),
+            "tree_absent": list(self.tree_absent),
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,19 +183,51 @@ class Manifest:
     reasons: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
     written_bytes: int = 0
-    version: int = FORMAT_VERSION
+    #: ranks 1.. of a multi-process checkpoint (``tensors`` and ``tree`` are rank 0's)
+    ranks: tuple[RankView, ...] = ()
+    version: int = 1
+
+    @property
+    def world_size(self) -> int:
+        """How many processes saved this checkpoint."""
+        return 1 + len(self.ranks)
+
+    def view(self, rank: int) -> dict[str, TensorEntry]:
+        """The tensors rank ``rank`` saved, by name."""
+        if rank == 0:
+            return dict(self.tensors)
+        other = self.ranks[rank - 1]
+        out = {n: e for n, e in self.tensors.items() if n not in other.absent}
+        out.update(other.tensors)
+        return out
+
+    def tree_of(self, rank: int) -> dict[str, Any]:
+        """The state tree rank ``rank`` saved."""
+        tree = dict(self.tree or {})
+        if rank == 0:
+            return tree
+        other = self.ranks[rank - 1]
+        out = {k: v for k, v in tree.items() if k not in other.tree_absent}
+        out.update(other.tree)
+        return out
+
+    def entries(self) -> Iterator[TensorEntry]:
+        """Every tensor entry of every rank."""
+        yield from self.tensors.values()
+        for other in self.ranks:
+            yield from other.tensors.values()
 
     @property
     def logical_bytes(self) -> int:
-        """Sum of the raw sizes of every tensor."""
-        return sum(e.nbytes for e in self.tensors.values())
+        """Sum of the raw sizes of every tensor of every rank."""
+        return sum(e.nbytes for e in self.entries())
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
     """Serialise ``manifest`` as UTF-8 JSON (non-finite metrics become ``null``)."""
     doc = {
         "format": FORMAT_NAME,
-        "version": manifest.version,
+        "version": max(manifest.version, 2 if manifest.ranks else 1),
         "step": manifest.step,
         "time": manifest.time,
         "reasons": list(manifest.reasons),
@@ -164,6 +237,8 @@ def encode_manifest(manifest: Manifest) -> bytes:
         "tree": manifest.tree,
         "extra": dict(manifest.extra),
     }
+    if manifest.ranks:
+        doc["ranks"] = [view.to_json() for view in manifest.ranks]
     return json.dumps(doc, indent=1, allow_nan=False).encode()
 
 
@@ -209,6 +284,7 @@ def _entry(name: Any, raw: Any, where: str, codecs: frozenset[str]) -> TensorEnt
     bases = _bases(raw.get("bases", []), name, where, codecs)
     if (codec == DELTA) != bool(bases):
         raise _fail(where, f"tensor {name!r}: codec {codec!r} does not match its bases")
+    shard = _shard(raw.get("shard"), name, dims, where)
     return TensorEntry(
         object=obj,
         dtype=dtype,
@@ -218,6 +294,43 @@ def _entry(name: Any, raw: Any, where: str, codecs: frozenset[str]) -> TensorEnt
         stored_bytes=stored,
         note=note,
         bases=bases,
+        shard=shard,
+    )
+
+
+def _shard(raw: Any, name: str, dims: tuple[int, ...], where: str) -> Shard | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _fail(where, f"tensor {name!r} has a shard that is not an object")
+    shape, offsets = raw.get("shape"), raw.get("offsets")
+    if not isinstance(shape, list) or not isinstance(offsets, list):
+        raise _fail(where, f"tensor {name!r}: shard shape and offsets must be lists")
+    whole = tuple(_int(d, f"a shard dimension of {name!r}", where) for d in shape)
+    at = tuple(_int(d, f"a shard offset of {name!r}", where) for d in offsets)
+    if not (len(whole) == len(at) == len(dims)) or any(
+        o + d > w for o, d, w in zip(at, dims, whole, strict=True)
+    ):
+        raise _fail(where, f"tensor {name!r}: its shard does not fit the whole tensor")
+    return Shard(whole, at)
+
+
+def _rank_view(raw: Any, index: int, where: str, codecs: frozenset[str]) -> RankView:
+    what = f"ranks[{index}]"
+    if not isinstance(raw, dict):
+        raise _fail(where, f"{what} is not an object")
+    tensors, tree = raw.get("tensors", {}), raw.get("tree", {})
+    absent, tree_absent = raw.get("absent", []), raw.get("tree_absent", [])
+    if not isinstance(tensors, dict) or not isinstance(tree, dict):
+        raise _fail(where, f"{what}: 'tensors' and 'tree' must be objects")
+    for names in (absent, tree_absent):
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _fail(where, f"{what}: 'absent' and 'tree_absent' must be lists of names")
+    return RankView(
+        tensors={n: _entry(n, e, where, codecs) for n, e in tensors.items()},
+        absent=tuple(absent),
+        tree=tree,
+        tree_absent=tuple(tree_absent),
     )
 
 
@@ -284,6 +397,9 @@ def decode_manifest(data: bytes, *, where: str, codecs: frozenset[str]) -> Manif
     extra = doc.get("extra", {})
     if not isinstance(extra, dict):
         raise _fail(where, "'extra' is not an object")
+    ranks = doc.get("ranks", [])
+    if not isinstance(ranks, list):
+        raise _fail(where, "'ranks' is not a list")
     return Manifest(
         step=step,
         time=float(time),
@@ -293,5 +409,6 @@ def decode_manifest(data: bytes, *, where: str, codecs: frozenset[str]) -> Manif
         reasons=tuple(reasons),
         extra=extra,
         written_bytes=_int(doc.get("written_bytes", 0), "written_bytes", where),
+        ranks=tuple(_rank_view(v, i, where, codecs) for i, v in enumerate(ranks)),
         version=version,
     )

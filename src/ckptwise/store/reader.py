@@ -113,15 +113,21 @@ class Reader:
         return out
 
     def load_tensors(
-        self, step: int, *, into: Mapping[str, torch.Tensor] | None = None
+        self,
+        step: int,
+        *,
+        into: Mapping[str, torch.Tensor] | None = None,
+        entries: Mapping[str, TensorEntry] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every tensor of a committed step, verified (reads and checksums run in parallel).
 
         ``into`` maps tensor names to tensors to read straight into where they fit (see
         :meth:`read_tensor`): a restore into live, already-allocated memory skips a copy
-        and the page faults of fresh memory.
+        and the page faults of fresh memory. ``entries`` reads those entries of the step
+        instead of rank 0's tensors (e.g. another rank's view).
         """
-        items = list(self.index.manifest(step).tensors.items())
+        chosen = self.index.manifest(step).tensors if entries is None else entries
+        items = list(chosen.items())
         targets = into or {}
 
         def read(item: tuple[str, TensorEntry]) -> torch.Tensor:
@@ -136,9 +142,18 @@ class Reader:
         """Check every object of the given steps (all by default); empty when all is well."""
         problems = [Problem(None, None, f"{p}: {why}") for p, why in self.index.broken.items()]
         for step in self.index.steps() if steps is None else steps:
-            for name, entry in self.index.manifest(step).tensors.items():
-                try:
-                    self.read_tensor(entry, step=step, name=name)
-                except CorruptCheckpointError as exc:
-                    problems.append(Problem(step, name, str(exc).split(": ", 2)[-1]))
+            manifest = self.index.manifest(step)
+            views = [("", manifest.tensors)]
+            views += [(f" (rank {r})", v.tensors) for r, v in enumerate(manifest.ranks, 1)]
+            checked: set[str] = set()  # ranks share most objects: check each once per step
+            for suffix, tensors in views:
+                for name, entry in tensors.items():
+                    if entry.object in checked:
+                        continue
+                    checked.add(entry.object)
+                    try:
+                        self.read_tensor(entry, step=step, name=name)
+                    except CorruptCheckpointError as exc:
+                        message = str(exc).split(": ", 2)[-1]
+                        problems.append(Problem(step, name + suffix, message))
         return problems

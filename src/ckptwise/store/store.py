@@ -22,7 +22,7 @@ from ckptwise.records import CheckpointInfo
 from ckptwise.store import runfile
 from ckptwise.store.backend import Backend, LocalBackend
 from ckptwise.store.codecs import BYTEGROUP
-from ckptwise.store.commit import Committer
+from ckptwise.store.commit import CommitPlan, Committer, NewObject
 from ckptwise.store.index import Index
 from ckptwise.store.manifest import MAX_CHAIN, Manifest, TensorEntry
 from ckptwise.store.planner import AUTO, DELTA_MODES, MODES, CodecPlanner
@@ -121,10 +121,15 @@ class CheckpointStore:
         return self._reader.read_tensor(entry, step=step, name=name, into=into)
 
     def load_tensors(
-        self, step: int, *, into: Mapping[str, torch.Tensor] | None = None
+        self,
+        step: int,
+        *,
+        into: Mapping[str, torch.Tensor] | None = None,
+        entries: Mapping[str, TensorEntry] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Every tensor of a committed step, verified; see :meth:`Reader.load_tensors`."""
-        return self._reader.load_tensors(step, into=into)
+        """Every tensor of a committed step (or ``entries`` of it), verified; see
+        :meth:`Reader.load_tensors`."""
+        return self._reader.load_tensors(step, into=into, entries=entries)
 
     def verify(self, steps: Iterable[int] | None = None) -> list[Problem]:
         """Check every object of the given steps (all by default); empty when all is well."""
@@ -170,6 +175,29 @@ class CheckpointStore:
             lossy=lossy,
         )
         return self._index.info(manifest.step)
+
+    # the same commit in phases, for several processes writing one checkpoint together
+
+    def plan(self, tensors: Mapping[str, torch.Tensor]) -> CommitPlan:
+        """Hash ``tensors`` and find the objects no committed checkpoint holds yet."""
+        return self._committer.plan(tensors)
+
+    def check_space(self, needed: int) -> None:
+        """Raise :class:`~ckptwise.errors.StorageError` unless ``needed`` bytes fit."""
+        self._committer.check_space(needed)
+
+    def write_objects(self, new: Mapping[str, NewObject]) -> dict[str, TensorEntry]:
+        """Encode, write and sync new objects; returns each one's entry, by object id."""
+        return self._committer.write_objects(new)
+
+    def publish(self, manifest: Manifest) -> CheckpointInfo:
+        """Commit ``manifest``, whose objects must all be durable already."""
+        self._committer.publish(manifest)
+        return self._index.info(manifest.step)
+
+    def known(self, oid: str) -> TensorEntry | None:
+        """An entry of object ``oid`` if a committed checkpoint references it."""
+        return self._index.known(oid)
 
     def delete(self, steps: Iterable[int]) -> None:
         """Delete committed checkpoints: manifests first, then objects no one references."""

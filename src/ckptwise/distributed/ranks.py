@@ -1,0 +1,113 @@
+"""The processes of a multi-process run, as the checkpoint sees them.
+
+:class:`Ranks` is created by every process of a ``torchrun`` job (one manager per rank,
+same arguments). It opens the checkpoint's own ``gloo`` process group, so checkpoint
+collectives never queue behind (or deadlock with) the training's own collectives on the
+default group, and offers the few collectives the save and restore protocols need. A
+collective fails, on every rank, when any rank raised or died: :meth:`Ranks.agree` turns a
+local failure into the same :class:`~ckptwise.errors.CheckpointError` everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from ckptwise.errors import CheckpointError, ConfigError, StorageError
+
+__all__ = ["DEFAULT_TIMEOUT", "Failure", "Ranks"]
+
+#: How long a rank waits for the others in one checkpoint collective. A save's longest wait
+#: is a rank that writes more than the others, so it must cover a whole save.
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong on one rank, in a form every rank can raise."""
+
+    rank: int
+    kind: str  # the ckptwise error class name, or "" for anything else
+    message: str
+
+    @classmethod
+    def of(cls, rank: int, exc: BaseException) -> Failure:
+        kind = type(exc).__name__ if isinstance(exc, CheckpointError) else ""
+        return cls(rank, kind, f"{type(exc).__name__}: {exc}")
+
+    def error(self, what: str) -> CheckpointError:
+        """The error to raise on every rank: a storage failure stays a StorageError."""
+        text = f"{what} failed on rank {self.rank}: {self.message}"
+        return StorageError(text) if self.kind == "StorageError" else CheckpointError(text)
+
+
+class Ranks:
+    """This process's place among the ranks, and the checkpoint's process group."""
+
+    def __init__(self, group: Any, *, rank: int, size: int) -> None:
+        self.group = group
+        self.rank = rank
+        self.size = size
+
+    @classmethod
+    def detect(
+        cls, process_group: Any = None, *, timeout: timedelta = DEFAULT_TIMEOUT
+    ) -> Ranks | None:
+        """The ranks of the running process group, or ``None`` for a one-process run.
+
+        Every rank must call this at the same point (it creates a process group).
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            if process_group is not None:
+                raise ConfigError(
+                    "process_group= was given but torch.distributed is not initialized; call "
+                    "torch.distributed.init_process_group() first (torchrun sets it up)"
+                )
+            return None
+        size = dist.get_world_size(process_group)
+        if size == 1:
+            return None
+        members = None if process_group is None else dist.get_process_group_ranks(process_group)
+        group = dist.new_group(ranks=members, backend="gloo", timeout=timeout)
+        return cls(group, rank=dist.get_rank(group), size=size)
+
+    @property
+    def coordinator(self) -> bool:
+        """Whether this is rank 0, which holds the lock, writes manifests and prunes."""
+        return self.rank == 0
+
+    def gather(self, value: T) -> list[T] | None:
+        """Every rank's ``value`` on rank 0 (``None`` elsewhere)."""
+        out: list[Any] | None = [None] * self.size if self.coordinator else None
+        dist.gather_object(value, out, dst=self._global(0), group=self.group)
+        return out
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank."""
+        box: list[Any] = [value]
+        dist.broadcast_object_list(box, src=self._global(0), group=self.group)
+        result: T = box[0]
+        return result
+
+    def all_gather(self, value: T) -> list[T]:
+        """Every rank's ``value`` on every rank."""
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value, group=self.group)
+        return out
+
+    def agree(self, failure: Failure | None, what: str) -> None:
+        """Raise on every rank when any rank failed (the first failure is named)."""
+        failures = [f for f in self.all_gather(failure) if f is not None]
+        if failures:
+            raise failures[0].error(what)
+
+    def _global(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank)
+
+    def __repr__(self) -> str:
+        return f"Ranks(rank={self.rank}, size={self.size})"

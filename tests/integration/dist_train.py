@@ -1,0 +1,181 @@
+"""A small job for ``torchrun`` (gloo, CPU) that saves with ckptwise on every rank.
+
+``torchrun --nproc_per_node 2 dist_train.py RUN OUT --mode ddp --steps 20`` trains an MLP
+(its first layer frozen) wrapped in DDP or sharded with FSDP2's ``fully_shard``, each rank
+on its own random batches (its RNG, saved per rank, draws them), and writes ``OUT/rankR.json``:
+each step's loss as an exact hex float, which steps saved and why, what it restored from,
+what went wrong, and (``--dump``) the whole model and optimizer state, gathered from the
+shards, after the restore and at the end.
+
+Faults for the tests: ``--skew`` makes rank R's clock run ``1 + R * skew`` times as fast;
+``--stop-at S`` ends every rank after step S as a preemption would; ``--kill-rank R
+--kill-step S`` SIGKILLs rank R in the middle of step S's save; ``--fail-rank R
+--fail-step S`` makes rank R's object writes raise at step S; ``--signal-rank R
+--signal-step S`` sends SIGUSR1 to rank R after step S.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import ckptwise as cw
+from ckptwise.store import CheckpointStore
+
+WIDTH = 24
+
+
+def build(mode: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = nn.Sequential(
+        nn.Linear(WIDTH, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 3)
+    )
+    model[0].requires_grad_(False)  # a frozen "vision tower": stored once
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+        fully_shard(model)
+        trained: nn.Module = model
+    else:
+        trained = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=2e-2)
+    return trained, opt
+
+
+class SkewedClock:
+    """A fake clock that moves ``rate`` seconds per step: ranks disagree about the time."""
+
+    def __init__(self, rate: float) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+        self.rate = rate
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def tick(self) -> None:
+        self.now += timedelta(seconds=self.rate)
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model weights and optimizer state as whole tensors (gathered from shards)."""
+
+    def whole(value: Any) -> Any:
+        if hasattr(value, "full_tensor"):
+            return value.full_tensor()
+        return value
+
+    weights = {k: whole(v).tolist() for k, v in model.state_dict().items()}
+    moments = {
+        f"{i}/{k}": whole(v).tolist()
+        for i, s in opt.state_dict()["state"].items()
+        for k, v in s.items()
+        if isinstance(v, torch.Tensor)
+    }
+    return {"weights": weights, "moments": moments}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run")
+    parser.add_argument("out")
+    parser.add_argument("--mode", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--save", default="every(5)")
+    parser.add_argument("--keep", default="last(3)")
+    parser.add_argument("--skew", type=float, default=0.0)
+    parser.add_argument("--stop-at", type=int, default=0)
+    parser.add_argument("--kill-rank", type=int, default=-1)
+    parser.add_argument("--kill-step", type=int, default=0)
+    parser.add_argument("--fail-rank", type=int, default=-1)
+    parser.add_argument("--fail-step", type=int, default=0)
+    parser.add_argument("--signal-rank", type=int, default=-1)
+    parser.add_argument("--signal-step", type=int, default=0)
+    parser.add_argument("--restore-step", type=int, default=None)
+    parser.add_argument("--dump", action="store_true")
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"rank": rank, "world": dist.get_world_size(), "losses": {}}
+    record["saves"], record["errors"] = [], []
+
+    def flush() -> None:
+        (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
+
+    model, opt = build(args.mode)
+    clock = SkewedClock(1.0 + rank * args.skew)
+    torch.manual_seed(100 + rank)  # each rank draws its own batches; saved per rank
+    manager = cw.CheckpointManager(
+        args.run,
+        save=cw.parse_save(args.save),
+        keep=cw.parse_keep(args.keep),
+        clock=clock,
+        dist_timeout=timedelta(seconds=60),
+    )
+    state = {"model": model, "optimizer": opt}
+    start = manager.restore(state, step=args.restore_step)
+    record["restored"] = start
+    if args.dump:
+        record["state"] = full_state(model, opt)
+        flush()
+    real_write = CheckpointStore.write_objects
+
+    def faulty_write(store: CheckpointStore, new: Any) -> Any:
+        if rank == args.kill_rank and current == args.kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if rank == args.fail_rank and current == args.fail_step:
+            raise OSError(28, "No space left on device (injected)")
+        return real_write(store, new)
+
+    CheckpointStore.write_objects = faulty_write  # type: ignore[method-assign,assignment]
+    target = torch.randn(WIDTH, 3, generator=torch.Generator().manual_seed(7))
+    current = start
+    try:
+        for current in range(start + 1, args.steps + 1):
+            x = torch.randn(16, WIDTH)
+            loss = (model(x) - x @ target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            record["losses"][current] = loss.item().hex()
+            clock.tick()
+            if rank == args.signal_rank and current == args.signal_step:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            try:
+                decision = manager.step(
+                    current, state, metrics={"loss": loss.item()}, final=current == args.steps
+                )
+            except cw.CheckpointError as exc:
+                record["errors"].append([current, type(exc).__name__, str(exc)])
+                continue
+            if decision.save:
+                record["saves"].append([current, list(decision.reasons)])
+            if current == args.stop_at:
+                flush()
+                os._exit(0)  # preempted: no close(), no clean exit
+    except SystemExit:
+        record["exited_at"] = current
+    manager.close()
+    if args.dump:
+        record["final"] = full_state(model, opt)
+    flush()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Multi-process runs with real ``torchrun`` processes on gloo: DDP and FSDP2.
+
+Each test launches ``dist_train.py`` (2 or 4 ranks on the CPU) and checks what every rank
+recorded and what the run folder holds: one decision for all ranks even when their clocks
+disagree, bit-exact resume, sharded save and restore on another number of ranks, and a
+rank that dies or raises in the middle of a save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ckptwise as cw
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).with_name("dist_train.py")
+
+
+def torchrun(ranks: int, run: Path, out: Path, *args: str, ok: bool = True) -> float:
+    """Run the job on ``ranks`` processes; returns its wall time in seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # a free port of its own, so tests never collide
+            "--nproc_per_node",
+            str(ranks),
+            str(SCRIPT),
+            str(run),
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    else:
+        assert proc.returncode != 0
+    return time.monotonic() - started
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def test_ddp_ranks_agree_though_their_clocks_differ_and_resume_exactly(tmp_path: Path) -> None:
+    policy = ("--save", "every(5) | every_duration(4s)", "--skew", "1.0", "--steps", "16")
+    torchrun(2, tmp_path / "run", tmp_path / "a", *policy, "--stop-at", "12")
+    first = records(tmp_path / "a")
+    # rank 1's clock runs twice as fast: deciding alone it would save at other steps and
+    # hang in the save's collectives; rank 0 decides for both
+    assert first[0]["saves"] == first[1]["saves"]
+    assert [s for s, _ in first[0]["saves"]] == [4, 5, 9, 10]
+    run = cw.open_run(tmp_path / "run")
+    assert run.steps() == [5, 9, 10]  # keep last 3
+    assert run.manifest(10).world_size == 2
+    assert run.verify() == []
+
+    torchrun(2, tmp_path / "run", tmp_path / "b", *policy)
+    resumed = records(tmp_path / "b")
+    assert [r["restored"] for r in resumed] == [10, 10]
+    torchrun(2, tmp_path / "straight", tmp_path / "c", *policy)
+    straight = records(tmp_path / "c")
+    for rank in (0, 1):
+        assert resumed[rank]["saves"] == [s for s in straight[rank]["saves"] if s[0] > 10]
+        for step, loss in resumed[rank]["losses"].items():
+            assert loss == straight[rank]["losses"][step], (rank, step)
+        for step, loss in first[rank]["losses"].items():
+            assert loss == straight[rank]["losses"][step], (rank, step)
+    usage = cw.open_run(tmp_path / "straight").usage()
+    # replicated weights and optimizer state are written once, not once per rank, and the
+    # frozen first layer only by the first save
+    frozen = (24 * 40 + 40) * 4
+    assert all(c.written_bytes < c.logical_bytes - frozen for c in usage.checkpoints[1:])
+
+
+def test_fsdp_shards_resume_exactly_on_the_same_ranks(tmp_path: Path) -> None:
+    policy = ("--mode", "fsdp", "--save", "every(3)", "--steps", "9")
+    torchrun(2, tmp_path / "run", tmp_path / "a", *policy, "--stop-at", "7")
+    run = cw.open_run(tmp_path / "run")
+    manifest = run.manifest(6)
+    shards = [e.shard for e in manifest.tensors.values() if e.shard is not None]
+    assert shards, "FSDP2 parameters are saved as each rank's chunk"
+    assert manifest.ranks[0].tensors, "rank 1 saved its own chunks"
+    torchrun(2, tmp_path / "run", tmp_path / "b", *policy)
+    torchrun(2, tmp_path / "straight", tmp_path / "c", *policy)
+    resumed, straight = records(tmp_path / "b"), records(tmp_path / "c")
+    assert [r["restored"] for r in resumed] == [6, 6]
+    for rank in (0, 1):
+        for step, loss in resumed[rank]["losses"].items():
+            assert loss == straight[rank]["losses"][step], (rank, step)
+
+
+def test_fsdp_restores_on_fewer_ranks_and_on_one_process(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    common = ("--mode", "fsdp", "--save", "every(3)", "--dump")
+    torchrun(4, run_dir, tmp_path / "four", *common, "--steps", "6")
+    saved = records(tmp_path / "four")[0]["final"]
+    torchrun(2, run_dir, tmp_path / "two", *common, "--restore-step", "6", "--steps", "8")
+    two = records(tmp_path / "two")
+    assert [r["restored"] for r in two] == [6, 6]
+    assert two[0]["state"] == saved  # weights and Adam moments, every value
+    assert not two[0]["errors"]
+    assert len(two[0]["losses"]) == 2  # and it trains on from there
+
+    # on one process, without a process group: the shards are put back together whole
+    run = cw.open_run(run_dir)
+    values = run.load(6)
+    for name, value in saved["weights"].items():
+        assert values["model"][name].tolist() == value, name
+    last = torch.nn.Linear(40, 3)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 40), torch.nn.Tanh(), last
+    )
+    opt = torch.optim.AdamW(list(model.parameters())[2:], lr=2e-2)
+    with pytest.warns(cw.RestoreWarning, match="saved by 4 process"):
+        assert run.restore({"model": model, "optimizer": opt}, rng=False) == 6
+    assert last.weight.tolist() == saved["weights"]["4.weight"]
+
+    # the command line reads sharded checkpoints on one process too
+    def cli(*args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ckptwise", *args], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "verified 2 checkpoint(s)" in cli("verify", str(run_dir))
+    usage = json.loads(cli("du", str(run_dir), "--json"))
+    assert usage["total"]["logical_bytes"] > usage["total"]["unique_bytes"]
+    cli("export", str(run_dir), str(tmp_path / "export"), "--step", "6")
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert exported["2.weight"].tolist() == saved["weights"]["2.weight"]
+
+
+def test_a_rank_killed_mid_save_fails_the_job_and_the_next_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ("--save", "every(5)", "--steps", "12")
+    seconds = torchrun(
+        2, run_dir, tmp_path / "a", *args, "--kill-rank", "1", "--kill-step", "10", ok=False
+    )
+    assert seconds < 120
+    run = cw.open_run(run_dir)
+    assert run.steps() == [5]  # step 10 never committed
+    assert run.verify() == []
+    torchrun(2, run_dir, tmp_path / "b", *args)
+    assert [r["restored"] for r in records(tmp_path / "b")] == [5, 5]
+    assert cw.open_run(run_dir).steps() == [5, 10]
+
+
+def test_a_rank_that_raises_fails_the_save_on_every_rank(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    torchrun(
+        2, run_dir, tmp_path / "a", "--save", "every(5)", "--steps", "15",
+        "--fail-rank", "1", "--fail-step", "10",
+    )  # fmt: skip
+    for record in records(tmp_path / "a"):
+        ((step, kind, message),) = record["errors"]
+        assert step == 10
+        assert kind == "CheckpointError"
+        assert "failed on rank 1" in message
+        assert "No space left on device" in message
+        assert [s for s, _ in record["saves"]] == [5, 15]  # the run went on saving
+    run = cw.open_run(run_dir)
+    assert run.steps() == [5, 15]
+    assert run.verify() == []
+
+
+@pytest.mark.parametrize("signalled", [0, 1])
+def test_a_signal_to_one_rank_saves_on_all_then_all_exit(tmp_path: Path, signalled: int) -> None:
+    torchrun(
+        2, tmp_path / "run", tmp_path / "a", "--save", "every(50) | on_signal", "--steps", "30",
+        "--signal-rank", str(signalled), "--signal-step", "6",
+    )  # fmt: skip
+    # rank 0 decides at once; another rank's signal reaches it with the next step's decision
+    expected = 6 if signalled == 0 else 7
+    for record in records(tmp_path / "a"):
+        assert record["exited_at"] == expected  # step() raised SystemExit after the save
+        assert not record["errors"]
+    run = cw.open_run(tmp_path / "run")
+    assert run.steps() == [expected]
+    assert run.info(expected).reasons == ("on_signal(SIGUSR1)",)
