@@ -1,11 +1,13 @@
 """The checkpoint manager: decide, snapshot, write, prune.
 
-At each step the manager builds a :class:`~ckptwise.policy.TrainingState` (injecting its
-clock, the metric history and outside requests), asks the save trigger, captures the state
-with :mod:`ckptwise.snapshot`, hands the commit to the writer, then applies the retention
-plan. Its reads (restore with fallback, listing, best/latest) go through a
-:class:`~ckptwise.run.Run`, available as :attr:`CheckpointManager.run`. Framework adapters
-live in :mod:`ckptwise.integrations`.
+At each step the manager asks its :class:`~ckptwise.decider.Decider` (the policies, fed with
+the clock, metrics, history and outside requests), captures the state with
+:mod:`ckptwise.snapshot`, hands the commit to the writer (with several processes, to
+:mod:`ckptwise.distributed`), then applies the retention plan. Its reads (restore with
+fallback, listing, best/latest) go through a :class:`~ckptwise.run.Run`, available as
+:attr:`CheckpointManager.run`. Framework adapters live in :mod:`ckptwise.integrations`.
+The module is long only because the constructor documents every option a training script
+sets; each job it orchestrates lives in a module of its own.
 
 >>> import ckptwise as cw
 >>> manager = cw.CheckpointManager(  # doctest: +SKIP
@@ -26,15 +28,14 @@ from typing import Any, Literal
 import torch
 
 from ckptwise.compat import ManagerReads
+from ckptwise.decider import Decider
 from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Ranks
 from ckptwise.distributed.save import commit_across_ranks
 from ckptwise.errors import CheckpointError, ConfigError
 from ckptwise.metrics import coerce_metrics
-from ckptwise.monitor import Monitor
 from ckptwise.policy import (
     ContentPolicy,
     Decision,
-    Request,
     RetentionPlan,
     RetentionPolicy,
     Trigger,
@@ -45,10 +46,7 @@ from ckptwise.policy import (
     keep_all,
     never,
     plan_retention,
-    step_only,
-    walk,
 )
-from ckptwise.progress import Progress
 from ckptwise.records import CheckpointInfo
 from ckptwise.report import report
 from ckptwise.run import RestoreWarning, Run
@@ -171,15 +169,14 @@ class CheckpointManager(ManagerReads):
         self.skipped: list[int] = []
         #: bytes this manager's commits added to the store (new objects, after dedup)
         self.bytes_written = 0
-        self._progress = Progress(self.clock())
-        self._monitor = (
-            Monitor(backend, walk(self.save_policy), files=coordinator) if self.writable else None
+        self._decider = Decider(
+            self.save_policy,
+            self.content,
+            self.clock,
+            watch=backend if self.writable else None,
+            watch_files=coordinator,
+            ranks=self.ranks,
         )
-        # whether the ranks must talk at each step: only when a decision reads more than the
-        # step number (a clock, metrics, signals, request files), which can differ by rank
-        self._coordinate = self.ranks is not None and not step_only(self.save_policy)
-        #: requests other ranks received, for rank 0's next decision
-        self._remote: frozenset[Request] = frozenset()
         self.resumed_from: int | None = None
         self.last_plan: RetentionPlan | None = None
         self._closed = False
@@ -221,51 +218,30 @@ class CheckpointManager(ManagerReads):
             raise ConfigError(f"step must be an integer >= 0, got {step!r}")
         self._finish(self._writer.poll())
         values = coerce_metrics(metrics)
-        now = self.clock()
-        requests: frozenset[Request] = frozenset()
-        if self._monitor is not None:
-            requests = self._monitor.poll()
-        training = self._progress.state(
-            step, now, metrics=values, requests=requests | self._remote, final=final
-        )
-        decision = self.save_policy.decide(training)
-        variant = self.content.choose(training, decision) if decision.save else full()
-        if self._coordinate:
-            decision, variant = self._agree(requests, decision, variant)
-        self._progress.observe(step, values)
+        verdict = self._decider.decide(step, values, final=final)
+        decision = verdict.decision
         if not decision.save:
             return decision
         if self._writer.busy and self.on_busy == "skip":
             self.skipped.append(step)
             log.info("step %d not saved: the save of a previous step is still writing", step)
             return decision
-        if self._monitor is not None and decision.requests:
-            monitor, answered = self._monitor, decision.requests
-            self._after_commit.append(lambda: monitor.consume(answered))
-        self.save(step, state, metrics=values, reasons=decision.reasons, now=now, variant=variant)
-        if self._monitor is not None and self._monitor.wants_exit(decision):
+        consume = self._decider.on_commit(decision)
+        if consume is not None:
+            self._after_commit.append(consume)
+        self.save(
+            step,
+            state,
+            metrics=values,
+            reasons=decision.reasons,
+            now=verdict.now,
+            variant=verdict.variant,
+        )
+        if self._decider.wants_exit(decision):
             self.wait()
             log.info("saved step %d on a signal; exiting as on_signal(then='exit') asks", step)
             raise SystemExit(0)
         return decision
-
-    def _agree(
-        self, requests: frozenset[Request], decision: Decision, variant: Variant
-    ) -> tuple[Decision, Variant]:
-        """Rank 0's decision, on every rank, in one collective per step.
-
-        Rank 0 decided from its own clock, metrics, signals and request files, and from the
-        requests other ranks received up to the previous step (a signal to another rank
-        saves one step later); each rank sends what it received since.
-        """
-        assert self.ranks is not None
-        mine = (decision, variant) if self.ranks.coordinator else None
-        sent = self.ranks.all_gather((requests, mine))
-        chosen = sent[0][1]
-        assert chosen is not None
-        if self.ranks.coordinator:
-            self._remote = frozenset().union(*(r for r, _ in sent[1:])) - chosen[0].requests
-        return chosen
 
     def _finish(self, info: CheckpointInfo | None) -> None:
         """Run what waits for a commit (request files are removed only once it is durable)."""
@@ -305,8 +281,8 @@ class CheckpointManager(ManagerReads):
             self._finish(self._writer.wait())  # at most one save in flight
         snap = capture(self._contents(state, variant))
         tensors = snap.tensors if self._copier is None else self._copier.copy(snap.tensors)
-        self._progress.started_save(step, now, reasons)
-        extra = {**self._progress.to_json(), "variant": variant.to_json()}
+        self._decider.started_save(step, now, reasons)
+        extra = {**self._decider.to_json(), "variant": variant.to_json()}
 
         def job() -> CheckpointInfo:
             started = time.perf_counter()
@@ -341,7 +317,7 @@ class CheckpointManager(ManagerReads):
 
         info = self._writer.write(job, step=step)
         # what training felt: the whole save when synchronous, the copy when asynchronous
-        self._progress.finished_save(self.clock() - now)
+        self._decider.finished_save(self.clock() - now)
         self._finish(info)
         return info
 
@@ -448,8 +424,7 @@ class CheckpointManager(ManagerReads):
         return loaded.step, loaded.values(rng=True)
 
     def _adopt(self, step: int) -> None:
-        extra = self._store.manifest(step).extra
-        self._progress.restore_json(extra, step=step, now=self.clock())
+        self._decider.adopt(self._store.manifest(step).extra, step)
         self.resumed_from = step
 
     # -- lifetime --------------------------------------------------------------------------
@@ -469,8 +444,7 @@ class CheckpointManager(ManagerReads):
             self._writer.close()
         finally:
             self._closed = True
-            if self._monitor is not None:
-                self._monitor.close()
+            self._decider.close()
             self._lock.release()
 
     def _check_open(self) -> None:

@@ -3,7 +3,9 @@
 A :class:`Run` never takes the write lock and never deletes anything, so it can be opened
 while a training process writes to the same folder: the command line, evaluation scripts
 and the framework adapters read through it, and :class:`~ckptwise.CheckpointManager`
-uses one for its own reads.
+uses one for its own reads. The module is long because :class:`Run` is the whole public
+read API; what it computes lives elsewhere (:mod:`ckptwise.usage`,
+:mod:`ckptwise.distributed.restore`, :mod:`ckptwise.archive`, :mod:`ckptwise.formats`).
 
 >>> import ckptwise as cw
 >>> run = cw.open_run("runs/exp1")  # doctest: +SKIP
@@ -25,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from ckptwise.archive import archive_copy
 from ckptwise.distributed.ranks import Failure, Ranks
 from ckptwise.distributed.restore import prime_optimizers, read_rank, sharded_names
 from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError
@@ -33,7 +36,7 @@ from ckptwise.policy import KeepBest, RetentionContext, Variant
 from ckptwise.records import CheckpointInfo
 from ckptwise.report import report
 from ckptwise.snapshot import RNG_KEY, RngState, apply, capture, rebuild
-from ckptwise.store import CheckpointStore, Manifest, Problem, RunLock, TensorEntry, open_backend
+from ckptwise.store import CheckpointStore, Manifest, Problem, TensorEntry, open_backend
 from ckptwise.usage import TensorChange, Usage, diff_manifests, usage_of
 
 __all__ = [
@@ -443,36 +446,9 @@ class Run:
         the quantized optimizer state); this run is untouched. Opt-in only: nothing lossy
         ever happens in a training run's own saves.
         """
-        chosen = self.resolve(step)
-        loaded = self.read(chosen)
+        loaded = self.read(self.resolve(step))
         assert loaded is not None  # an explicit step either reads or raises
-        manifest = loaded.manifest
-        if manifest.world_size > 1:
-            raise CheckpointError(
-                f"step {chosen} was saved by {manifest.world_size} processes; archiving "
-                "multi-process checkpoints is not supported yet (export() the weights instead)"
-            )
-        backend = open_backend(out)
-        lock = RunLock(backend)
-        lock.acquire()
-        try:
-            target = CheckpointStore(backend, codec=codec)
-            if target.steps():
-                raise CheckpointError(
-                    f"{backend.url} already holds checkpoints; archive into a new folder"
-                )
-            return target.commit(
-                chosen,
-                loaded.tensors,
-                tree=manifest.tree,
-                metrics=manifest.metrics,
-                reasons=manifest.reasons,
-                extra={**manifest.extra, "archive": {"from": self.url, "lossy": list(lossy)}},
-                time=manifest.time,
-                lossy=[n for n in loaded.tensors if n.startswith(lossy)],
-            )
-        finally:
-            lock.release()
+        return archive_copy(loaded, self.url, out, lossy=lossy, codec=codec)
 
     def __repr__(self) -> str:
         return f"Run({self.url!r}, steps={self.steps()})"

@@ -1,0 +1,131 @@
+"""From a finished step to a save decision: the inputs the policies read, and who decides.
+
+The :class:`Decider` builds each step's :class:`~ckptwise.policy.TrainingState` from the
+clock, the reported metrics, the run's history (:mod:`ckptwise.progress`) and outside
+requests (signals and request files, :mod:`ckptwise.monitor`), asks the save trigger and
+the content policy, and in a multi-process job makes rank 0's decision every rank's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from ckptwise.distributed.ranks import Ranks
+from ckptwise.monitor import Monitor
+from ckptwise.policy import (
+    ContentPolicy,
+    Decision,
+    Request,
+    Trigger,
+    Variant,
+    full,
+    step_only,
+    walk,
+)
+from ckptwise.progress import Progress
+from ckptwise.store import Backend
+
+__all__ = ["Decider", "Verdict"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the policies said about one step: save or not, why, and what the save holds."""
+
+    decision: Decision
+    variant: Variant
+    now: datetime
+
+
+class Decider:
+    """The policies' view of the run, and the one decision all ranks act on.
+
+    In a multi-process job, rank 0 decides from its own clock, metrics, signals and request
+    files. When the trigger reads only the step (``every``, ``at_steps``, ...) each rank
+    reaches the same decision alone; otherwise one small collective per step carries rank
+    0's decision to all, and each rank's newly received signals to rank 0, which acts on
+    them at the next step.
+    """
+
+    def __init__(
+        self,
+        save: Trigger,
+        content: ContentPolicy,
+        clock: Callable[[], datetime],
+        *,
+        watch: Backend | None,
+        watch_files: bool = True,
+        ranks: Ranks | None = None,
+    ) -> None:
+        """``watch`` is the run's backend, where signals and request files are watched for
+        (``None``: a manager that only reads watches nothing); ``watch_files=False`` leaves
+        the request files to rank 0."""
+        self.save = save
+        self.content = content
+        self.clock = clock
+        self.monitor = None if watch is None else Monitor(watch, walk(save), files=watch_files)
+        self.ranks = ranks if ranks is not None and not step_only(save) else None
+        self.progress = Progress(clock())
+        self._remote: frozenset[Request] = frozenset()  # other ranks' requests, on rank 0
+
+    def decide(self, step: int, metrics: Mapping[str, float], *, final: bool) -> Verdict:
+        """The verdict for ``step``; ``metrics`` join the history after it is taken."""
+        now = self.clock()
+        requests = self.monitor.poll() if self.monitor is not None else frozenset()
+        training = self.progress.state(
+            step, now, metrics=metrics, requests=requests | self._remote, final=final
+        )
+        decision = self.save.decide(training)
+        variant = self.content.choose(training, decision) if decision.save else full()
+        if self.ranks is not None:
+            decision, variant = self._agree(requests, decision, variant)
+        self.progress.observe(step, metrics)
+        return Verdict(decision, variant, now)
+
+    def _agree(
+        self, requests: frozenset[Request], decision: Decision, variant: Variant
+    ) -> tuple[Decision, Variant]:
+        assert self.ranks is not None
+        mine = (decision, variant) if self.ranks.coordinator else None
+        sent = self.ranks.all_gather((requests, mine))
+        chosen = sent[0][1]
+        assert chosen is not None
+        if self.ranks.coordinator:
+            self._remote = frozenset().union(*(r for r, _ in sent[1:])) - chosen[0].requests
+        return chosen
+
+    def on_commit(self, decision: Decision) -> Callable[[], None] | None:
+        """What to do once the save for ``decision`` is durable: forget the requests it
+        answered and remove their request files."""
+        monitor = self.monitor
+        if monitor is None or not decision.requests:
+            return None
+        return lambda: monitor.consume(decision.requests)
+
+    def wants_exit(self, decision: Decision) -> bool:
+        """Whether the save for ``decision`` should end the process (``on_signal(then="exit")``)."""
+        return self.monitor is not None and self.monitor.wants_exit(decision)
+
+    def started_save(self, step: int, now: datetime, reasons: tuple[str, ...]) -> None:
+        """Record a save begun at ``now``."""
+        self.progress.started_save(step, now, reasons)
+
+    def finished_save(self, cost: timedelta) -> None:
+        """Record what the save cost the training loop."""
+        self.progress.finished_save(cost)
+
+    def to_json(self) -> dict[str, Any]:
+        """The history a checkpoint stores, so a resumed run decides as this one would."""
+        return self.progress.to_json()
+
+    def adopt(self, saved: Mapping[str, Any], step: int) -> None:
+        """Continue from a checkpoint of ``step`` whose bookkeeping is ``saved``."""
+        self.progress.restore_json(saved, step=step, now=self.clock())
+
+    def close(self) -> None:
+        """Put back the signal handlers the monitor replaced."""
+        if self.monitor is not None:
+            self.monitor.close()
