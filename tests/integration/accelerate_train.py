@@ -1,16 +1,18 @@
 """A tiny loop on an ``Accelerator`` (CPU), saving through ckptwise; used as a subprocess.
 
-``python accelerate_train.py RUN --out OUT.json --steps 24 [--stop-after 11]``
+``python accelerate_train.py RUN --out OUT.json --steps 24 [--stop-after 11]``; under
+``torchrun`` each rank writes ``OUT.json`` with its rank before the suffix.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -25,17 +27,20 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--stop-after", type=int)
+    parser.add_argument("--samples", type=int, default=70)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        PartialState(backend="gloo")  # without a GPU accelerate would not set one up
     accelerator = Accelerator(cpu=True)
     set_seed(0)
     model = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Dropout(0.3), nn.Linear(24, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 4, 0.7)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(70, 6, generator=g)
-    sampler = cw.ResumableSampler(70, seed=2, auto_advance=False)
+    x = torch.randn(args.samples, 6, generator=g)
+    sampler = cw.ResumableSampler(args.samples, seed=2, auto_advance=False)
     loader = DataLoader(
         TensorDataset(x, x.sum(dim=1, keepdim=True)),
         batch_size=8,
@@ -47,6 +52,8 @@ def main() -> None:
         accelerator, model=model, optimizer=optimizer, scheduler=scheduler, data=sampler
     )
     out = Path(args.out)
+    if accelerator.num_processes > 1:
+        out = out.with_name(f"{out.stem}{accelerator.process_index}{out.suffix}")
     record = json.loads(out.read_text()) if out.exists() else {"losses": {}}
     with cw.CheckpointManager(
         args.run, save=cw.every(3) | cw.on_final(), keep=cw.keep_last(2)
@@ -61,7 +68,9 @@ def main() -> None:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-                sampler.advance(len(xb))
+                # the sampler feeds every process: it moves by the batches of all of them (with
+                # a dataset that splits evenly; accelerate pads an uneven last round)
+                sampler.advance(len(xb) * accelerator.num_processes)
                 record["losses"][str(step)] = float(loss.item()).hex()
                 stop = step in (args.stop_after, args.steps)
                 manager.step(step, state, metrics={"loss": loss.item()}, final=stop)
