@@ -39,6 +39,9 @@ class MiniCPMVLikeConfig(PretrainedConfig):
         self.vision_layers = vision_layers
         self.query_num = query_num
         self.llm_hidden = llm_hidden
+        self.hidden_size = (
+            llm_hidden  # as MiniCPM-V's config has it (DeepSpeed sizes buckets by it)
+        )
         self.llm_layers = llm_layers
         super().__init__(**kwargs)
 

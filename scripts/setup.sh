@@ -16,5 +16,5 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # torch first and pinned: any other request for torch would pull several GB of CUDA wheels.
 pip install "torch==2.13.0"
-pip install -e ".[cli,config,plot,dev,s3,transformers,lightning,accelerate]"
+pip install -e ".[cli,config,plot,dev,s3,transformers,lightning,accelerate,deepspeed]"
 echo "$want" > "$stamp"

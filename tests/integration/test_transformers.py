@@ -319,9 +319,9 @@ def test_lora_adapter_with_modules_to_save_exports_for_peft(tmp_path: Path) -> N
         assert torch.equal(reloaded(**inputs).logits, model.eval()(**inputs).logits)
 
 
-def test_multi_process_trainers_are_refused_clearly() -> None:
+def test_the_trainers_fsdp_is_refused_clearly() -> None:
     from types import SimpleNamespace
 
-    trainer: Any = SimpleNamespace(args=SimpleNamespace(world_size=2))
-    with pytest.raises(cw.ConfigError, match=r"runs 2 processes; .* single-process for now"):
+    trainer: Any = SimpleNamespace(args=SimpleNamespace(world_size=2), is_fsdp_enabled=True)
+    with pytest.raises(cw.ConfigError, match=r"does not support the Trainer's FSDP yet"):
         attach(trainer, "unused", save=cw.every(1))

@@ -100,6 +100,10 @@ class Ranks:
         dist.all_gather_object(out, value, group=self.group)
         return out
 
+    def barrier(self) -> None:
+        """Wait until every rank got here."""
+        dist.barrier(group=self.group)
+
     def agree(self, failure: Failure | None, what: str) -> None:
         """Raise on every rank when any rank failed (the first failure is named)."""
         failures = [f for f in self.all_gather(failure) if f is not None]

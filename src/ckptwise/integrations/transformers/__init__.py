@@ -61,15 +61,19 @@ def attach(
     ``args.ckptwise_dir`` or ``OUTPUT_DIR/ckptwise``. ``weights="trainable"`` leaves frozen
     parameters out of checkpoints (they come from the base model on resume and export).
     """
-    if getattr(trainer.args, "world_size", 1) > 1:
+    if getattr(trainer, "is_fsdp_enabled", False):
         raise ConfigError(
-            f"this Trainer runs {trainer.args.world_size} processes; ckptwise's Trainer adapter "
-            "is single-process for now (per-rank shards are not written yet): run one "
-            "process, or keep the Trainer's own checkpoints for multi-process runs"
+            "ckptwise's Trainer adapter does not support the Trainer's FSDP yet (DDP and "
+            "DeepSpeed ZeRO-2/3 are supported); keep the Trainer's own checkpoints for FSDP"
         )
     options = args if args is not None else CkptwiseArguments.from_env()
     policy = resolve_policy(trainer.args, save, keep, config, options)
     chosen = options.weights(weights)
+    if chosen == "trainable" and getattr(trainer, "is_deepspeed_enabled", False):
+        raise ConfigError(
+            "weights='trainable' is not supported with DeepSpeed yet; frozen weights are "
+            "stored once anyway (dedup), so weights='all' costs them only at the first save"
+        )
     run = root or options.ckptwise_dir or os.path.join(str(trainer.args.output_dir), "ckptwise")
     manager = CheckpointManager(run, save=policy.save, keep=policy.keep, **manager_options)
     trainer.args.save_strategy = "no"

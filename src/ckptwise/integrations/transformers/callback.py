@@ -24,6 +24,7 @@ from transformers.trainer_callback import ExportableState
 from ckptwise.errors import ConfigError
 from ckptwise.formats import resume_scratch
 from ckptwise.integrations.transformers.arguments import Weights
+from ckptwise.integrations.transformers.deepspeed import EngineFiles
 from ckptwise.integrations.transformers.folder import (
     full_weights,
     write_trainer_folder,
@@ -151,8 +152,15 @@ class CheckpointCallback(TrainerCallback):
         return self.manager.bytes_written
 
     def state(self) -> dict[str, Any]:
-        """What one checkpoint holds (the RNG states are added by the manager)."""
+        """What one checkpoint holds (the RNG states are added by the manager).
+
+        Under DeepSpeed the engine's own checkpoint stands for the model, optimizer and
+        scheduler: each rank's partitions, as ``engine.save_checkpoint`` gives them.
+        """
         trainer = self.trainer
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            engine = EngineFiles(trainer.model_wrapped, trainer.state.global_step)
+            return {"deepspeed": engine, "trainer_state": _TrainerStateEntry(trainer)}
         out: dict[str, Any] = {
             "model": ModelWeights(trainer.model, trainable_only=self.weights == "trainable")
         }
@@ -185,14 +193,24 @@ class CheckpointCallback(TrainerCallback):
         if found is None:
             return None
         step, values = found
-        scratch = resume_scratch(self.manager.run.url, "hf-resume")
+        ranks = self.manager.ranks
+        rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.size)
+        scratch = str(resume_scratch(self.manager.run.url, "hf-resume")) if rank == 0 else ""
+        if ranks is not None:
+            scratch = ranks.broadcast(
+                scratch
+            )  # one folder: Trainer's DeepSpeed load reads it whole
         folder = write_trainer_folder(
-            self.trainer.model,
+            Path(scratch) / f"checkpoint-{step}",
             values,
-            self._weights_of(values["model"]),
-            scratch / f"checkpoint-{step}",
+            model=self.trainer.model,
+            weights=None if "deepspeed" in values else self._weights_of(values["model"]),
+            rank=rank,
+            world_size=world,
         )
-        self._resume_dir = scratch
+        if ranks is not None:
+            ranks.barrier()
+        self._resume_dir = Path(scratch) if rank == 0 else None
         log.info("resuming from ckptwise checkpoint %d through %s", step, folder)
         return str(folder)
 

@@ -3,7 +3,9 @@
 ``checkpoint-N/`` holds what ``Trainer._load_from_checkpoint`` and ``_load_rng_state`` read
 (all with ``weights_only=True``): the weights (``save_pretrained``'s layout, or one
 safetensors file), ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state.pth`` and
-``trainer_state.json``. The same weights writer makes the folders ``export`` writes.
+``trainer_state.json``; with several processes one ``rng_state_{rank}.pth`` per rank, and
+under DeepSpeed its ``global_stepN/`` files instead of weights, optimizer and scheduler. The
+same weights writer makes the folders ``export`` writes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from ckptwise.formats import write_safetensors
+from ckptwise.integrations.transformers.deepspeed import write_engine_files
 from ckptwise.snapshot import RNG_KEY
 
 __all__ = ["full_weights", "write_trainer_folder", "write_weights"]
@@ -62,16 +65,48 @@ def _hf_rng(saved: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_trainer_folder(
-    model: Any, values: Mapping[str, Any], weights: Mapping[str, torch.Tensor], folder: Path
+    folder: Path,
+    values: Mapping[str, Any],
+    *,
+    model: Any,
+    weights: Mapping[str, torch.Tensor] | None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Path:
-    """Write ``folder`` (named ``checkpoint-N``) from a checkpoint's saved ``values``."""
-    folder.mkdir(parents=True)
-    write_weights(model, weights, folder)
-    for key, name in _TORCH_FILES.items():
-        if key in values:
-            torch.save(values[key], folder / name)
+    """Write this rank's part of ``folder`` (named ``checkpoint-N``) from a checkpoint's
+    saved ``values``; every rank of a multi-process job calls it with the same folder.
+
+    Rank 0 writes what is shared: the weights, ``optimizer.pt``, ``scheduler.pt`` (or, for
+    DeepSpeed, ``latest``) and ``trainer_state.json``; each rank writes its RNG states
+    (``rng_state_{rank}.pth`` when there are several) and its DeepSpeed files.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    engine = values.get("deepspeed")
+    if engine is not None:
+        files = write_engine_files(engine, folder)
+        if rank == 0:
+            (folder / "latest").write_text(Path(next(iter(files))).parts[0])
+            _scheduler_from_engine(files, folder)
+    elif rank == 0:
+        assert weights is not None
+        write_weights(model, weights, folder)
+        for key, name in _TORCH_FILES.items():
+            if key in values:
+                torch.save(values[key], folder / name)
     if RNG_KEY in values:
-        # single-process runs have one RNG file, not one per rank
-        torch.save(_hf_rng(values[RNG_KEY]), folder / "rng_state.pth")
-    (folder / "trainer_state.json").write_text(json.dumps(values["trainer_state"], indent=2))
+        name = "rng_state.pth" if world_size == 1 else f"rng_state_{rank}.pth"
+        torch.save(_hf_rng(values[RNG_KEY]), folder / name)
+    if rank == 0:
+        (folder / "trainer_state.json").write_text(json.dumps(values["trainer_state"], indent=2))
     return folder
+
+
+def _scheduler_from_engine(files: Mapping[str, Any], folder: Path) -> None:
+    """``scheduler.pt`` for a scheduler ``Trainer`` made itself (it loads that file when the
+    scheduler is not DeepSpeed's); DeepSpeed keeps the same state in its model states."""
+    for name, state in files.items():
+        if name.endswith("model_states.pt") and isinstance(state, Mapping):
+            scheduler = state.get("lr_scheduler")
+            if isinstance(scheduler, Mapping):
+                torch.save(dict(scheduler), folder / "scheduler.pt")
+                return

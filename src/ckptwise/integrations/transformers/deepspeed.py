@@ -1,0 +1,230 @@
+"""A DeepSpeed ZeRO-2/3 engine's checkpoint, captured as tensors and JSON, and written back.
+
+Capture: for the duration of ``engine.save_checkpoint``, the engine's ``CheckpointEngine``
+is swapped for one that keeps what it is handed instead of ``torch.save``-ing it, so each
+rank gets exactly the dicts DeepSpeed would write (its partitions of the fp32 master
+weights and Adam moments, its frozen weight fragments, the LR scheduler, the counters), as
+it does for ``Trainer``'s own saves, and whatever DeepSpeed version writes them. The few
+DeepSpeed types in them (``torch.Size``, ``ZeroStageEnum``, loss scalers,
+``fragment_address``, dtypes, ordered dicts) become tagged JSON from an allow-list, so a
+checkpoint holds only tensors and JSON. ``save_checkpoint`` is a collective (it has
+barriers): every rank captures at the same step.
+
+Restore: the dicts are rebuilt and ``torch.save``-d under their own names in a
+``checkpoint-N/global_stepN/`` folder, which ``Trainer`` loads with its own DeepSpeed resume
+code (``deepspeed_load_checkpoint``). DeepSpeed reads those files with
+``weights_only=False``; ckptwise writes them from its own verified data and never reads them.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptwise.errors import ConfigError, CorruptCheckpointError, SnapshotError
+
+__all__ = ["EngineFiles", "write_engine_files"]
+
+TAG = "__deepspeed__"
+
+
+class _Capture:
+    """A DeepSpeed ``CheckpointEngine`` that keeps each state dict instead of writing it."""
+
+    name = "ckptwise-capture"
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.files: dict[str, Any] = {}
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.files[os.path.relpath(os.path.abspath(path), self.root)] = state_dict
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        raise ConfigError("ckptwise's capturing checkpoint engine cannot load")
+
+    def create(self, info: Any) -> None:
+        return None
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        return None
+
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def is_data_parallel_writer(self, dp_rank: int) -> bool:
+        return dp_rank == 0
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def set_commit_info(self, info: Any) -> None:
+        return None
+
+    def get_commit_info(self) -> None:
+        return None
+
+    def cleanup(self) -> None:
+        return None
+
+    def preserves_storage_sharing(self) -> bool:
+        return True
+
+
+def _scaler_classes() -> dict[str, Any]:
+    from deepspeed.runtime.fp16 import loss_scaler
+
+    return {c.__name__: c for c in (loss_scaler.LossScaler, loss_scaler.DynamicLossScaler)}
+
+
+def _to_plain(value: Any, where: str) -> Any:
+    """``value`` with DeepSpeed's own types as tagged JSON (tensors left as they are)."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {TAG: "float", "v": repr(value)}
+    if isinstance(value, torch.Size):
+        return {TAG: "Size", "v": list(value)}
+    if isinstance(value, ZeroStageEnum):
+        return {TAG: "ZeroStageEnum", "v": int(value)}
+    if isinstance(value, torch.dtype):
+        return {TAG: "dtype", "v": str(value).removeprefix("torch.")}
+    if isinstance(value, fragment_address):
+        return {TAG: "fragment_address", "v": [value.numel, value.start]}
+    if type(value).__name__ in _scaler_classes() and isinstance(
+        value, tuple(_scaler_classes().values())
+    ):
+        attrs = {k: _to_plain(v, f"{where}.{k}") for k, v in vars(value).items()}
+        return {TAG: "LossScaler", "cls": type(value).__name__, "vars": attrs}
+    if isinstance(value, Mapping):
+        ordered = isinstance(value, collections.OrderedDict)
+        if all(isinstance(k, str) for k in value) and TAG not in value:
+            plain = {k: _to_plain(v, f"{where}/{k}") for k, v in value.items()}
+            # JSON keeps the keys' order; the tag only says to rebuild an OrderedDict
+            return {TAG: "OrderedDict", "dict": plain} if ordered else plain
+        items = [[_to_plain(k, where), _to_plain(v, f"{where}/{k}")] for k, v in value.items()]
+        return {TAG: "OrderedDict" if ordered else "dict", "items": items}
+    if isinstance(value, list):
+        return [_to_plain(v, f"{where}/{i}") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return {TAG: "tuple", "items": [_to_plain(v, f"{where}/{i}") for i, v in enumerate(value)]}
+    raise SnapshotError(
+        f"{where}: DeepSpeed's checkpoint holds a {type(value).__module__}."
+        f"{type(value).__qualname__}, which ckptwise does not know how to store without "
+        "pickling it; this DeepSpeed version is not supported yet"
+    )
+
+
+def _from_plain(node: Any, where: str) -> Any:
+    """Inverse of :func:`_to_plain`; only the tags it writes are accepted."""
+    if node is None or isinstance(node, (bool, int, float, str, torch.Tensor)):
+        return node
+    if isinstance(node, list):
+        return [_from_plain(v, where) for v in node]
+    if not isinstance(node, Mapping):
+        raise CorruptCheckpointError(
+            f"{where}: unexpected {type(node).__name__} in DeepSpeed state"
+        )
+    tag = node.get(TAG)
+    if tag is None:
+        return {k: _from_plain(v, f"{where}/{k}") for k, v in node.items()}
+    try:
+        return _decode_tag(tag, node, where)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{where}: malformed DeepSpeed value {tag!r}: {exc}") from exc
+
+
+def _decode_tag(tag: str, node: Mapping[str, Any], where: str) -> Any:
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    if tag == "Size":
+        return torch.Size(int(v) for v in node["v"])
+    if tag == "ZeroStageEnum":
+        return ZeroStageEnum(int(node["v"]))
+    if tag == "dtype":
+        dtype = getattr(torch, str(node["v"]))
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{node['v']!r} is not a dtype")
+        return dtype
+    if tag == "fragment_address":
+        numel, start = node["v"]
+        return fragment_address(numel=int(numel), start=int(start))
+    if tag == "float":
+        return float(node["v"])
+    if tag == "LossScaler":
+        cls = _scaler_classes()[str(node["cls"])]
+        scaler = cls.__new__(cls)
+        scaler.__dict__.update({k: _from_plain(v, where) for k, v in node["vars"].items()})
+        return scaler
+    if tag == "tuple":
+        return tuple(_from_plain(v, where) for v in node["items"])
+    if tag in ("dict", "OrderedDict"):
+        out: dict[Any, Any] = collections.OrderedDict() if tag == "OrderedDict" else {}
+        pairs = node["dict"].items() if "dict" in node else node["items"]
+        for key, value in pairs:
+            out[_from_plain(key, where)] = _from_plain(value, f"{where}/{key}")
+        return out
+    raise ValueError(f"unknown tag {tag!r}; it may be written by a newer ckptwise")
+
+
+class EngineFiles:
+    """A DeepSpeed engine as a state entry: what this rank's ``save_checkpoint`` writes.
+
+    ``state_dict()`` is a collective (every rank must call it at the same step);
+    ``load_state_dict`` refuses: ``Trainer`` restores the engine from files (see
+    :func:`write_engine_files`).
+    """
+
+    def __init__(self, engine: Any, step: int) -> None:
+        self.engine = engine
+        self.step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        scratch = tempfile.mkdtemp(prefix="ckptwise-ds-")
+        capture = _Capture(scratch)
+        engine, kept = self.engine, self.engine.checkpoint_engine
+        engine.checkpoint_engine = capture
+        try:
+            engine.save_checkpoint(scratch, tag=f"global_step{self.step}")
+        finally:
+            engine.checkpoint_engine = kept
+            shutil.rmtree(scratch, ignore_errors=True)  # `latest` and zero_to_fp32.py land here
+        return {"files": {name: _to_plain(sd, name) for name, sd in capture.files.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        raise ConfigError(
+            "a DeepSpeed engine is restored by Trainer from a checkpoint folder: pass "
+            "callback.resume_checkpoint() to trainer.train(resume_from_checkpoint=...)"
+        )
+
+
+def write_engine_files(saved: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """Write one rank's captured DeepSpeed files under ``folder``; returns them by name.
+
+    ``saved`` is what :meth:`EngineFiles.state_dict` returned, as a checkpoint gives it back.
+    """
+    files = saved.get("files")
+    if not isinstance(files, Mapping):
+        raise CorruptCheckpointError("the DeepSpeed entry of this checkpoint has no files")
+    written: dict[str, Any] = {}
+    for name, plain in files.items():
+        parts = Path(str(name)).parts
+        if not parts or ".." in parts or Path(str(name)).is_absolute():
+            raise CorruptCheckpointError(f"the DeepSpeed file name {name!r} is not a plain path")
+        path = folder.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written[str(name)] = _from_plain(plain, str(name))
+        torch.save(written[str(name)], path)
+    return written

@@ -1,0 +1,156 @@
+"""The tiny MiniCPM-V-shaped model on ``Trainer`` + DeepSpeed ZeRO-2/3 under ``torchrun`` (CPU).
+
+``torchrun --nproc_per_node 2 ds_train.py RUN OUT --stage 3 --steps 20 [--resume [STEP]]``
+fine-tunes as MiniCPM-V's ``finetune_ds.sh`` does (bf16, LLM frozen, vision tower and
+resampler trained, DeepSpeed's ``AdamW`` and ``WarmupLR`` from its ZeRO config), with
+ckptwise attached, and writes ``OUT/rankR.json``: each logged loss as an exact hex float, the
+saves, what it resumed from, and ``bytes_written``.
+
+Only the test harness adapts the run to a CPU: accelerate gets a gloo process group of its
+own (it sets none up without a GPU), DeepSpeed's AdamW runs as torch's (``torch_adam``,
+instead of compiling FusedAdam) and its shared-memory inference op is not compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def zero_config(stage: int) -> dict[str, Any]:
+    """The settings of MiniCPM-V's ``ds_config_zero{2,3}.json``, plus ``torch_adam`` for CPU."""
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "offload_optimizer": {"device": "none", "pin_memory": True},
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if stage == 2:
+        zero.update(allgather_partitions=True, allgather_bucket_size=2e8, reduce_scatter=True)
+    else:
+        zero.update(
+            offload_param={"device": "none", "pin_memory": True},
+            sub_group_size=1e9,
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            stage3_max_live_parameters=1e9,
+            stage3_max_reuse_distance=1e9,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    adam = {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}
+    return {
+        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000,
+                 "initial_scale_power": 16, "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {**adam, "torch_adam": True}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto",
+                      "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
+        "zero_optimization": zero,
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 100,
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "wall_clock_breakdown": False,
+    }  # fmt: skip
+
+
+def cpu_setup() -> None:
+    """What a CPU needs that a GPU machine does not (see the module docstring)."""
+    torch.set_num_threads(1)
+    comm: Any = importlib.import_module("deepspeed.comm.torch")
+    comm.build_shm_op = lambda *a, **k: None
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run")
+    parser.add_argument("out")
+    parser.add_argument("--stage", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--save", default="every(10)")
+    parser.add_argument("--resume", type=int, nargs="?", const=-1, default=None)
+    args = parser.parse_args()
+    cpu_setup()
+
+    import torch.distributed as dist
+    import transformers
+    from minicpmv_tiny import CPMTrainer, SyntheticImageText, build_model
+    from transformers import TrainerCallback, TrainingArguments
+
+    import ckptwise as cw
+    from ckptwise.integrations.transformers import attach
+
+    rank = dist.get_rank()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"rank": rank, "losses": {}}
+
+    class Losses(TrainerCallback):
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+        ) -> Any:
+            if logs and "loss" in logs:
+                record["losses"][str(state.global_step)] = float(logs["loss"]).hex()
+            return control
+
+    extra: dict[str, Any] = (
+        {"use_cpu": True} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+    )
+    training = TrainingArguments(
+        output_dir=str(out / "hf"),
+        max_steps=args.steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        warmup_steps=5,
+        bf16=True,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=10,
+        report_to=[],
+        seed=42,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        deepspeed=zero_config(args.stage),
+        accelerator_config={"use_configured_state": True},
+        disable_tqdm=True,
+        **extra,
+    )
+    model = build_model(seed=training.seed)
+    trainer = CPMTrainer(
+        model=model,
+        args=training,
+        train_dataset=SyntheticImageText(256, seed=1),
+        callbacks=[Losses()],
+    )
+    callback = attach(trainer, args.run, save=cw.parse_save(args.save), keep=cw.keep_all())
+    resume = None
+    if args.resume is not None:
+        resume = callback.resume_checkpoint(None if args.resume < 0 else args.resume)
+    record["resumed_from"] = resume and int(resume.rsplit("-", 1)[1])
+    trainer.train(resume_from_checkpoint=resume)
+    record["saves"] = [[step, list(reasons)] for step, reasons in callback.saved]
+    record["bytes_written"] = callback.bytes_written
+    (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()  # an explicit teardown: without it the exit can abort
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
+    sys.exit(main())
