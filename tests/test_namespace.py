@@ -26,6 +26,7 @@ PUBLIC = {
     "ckptwise.data",
     "ckptwise.errors",
     "ckptwise.formats",
+    "ckptwise.integrations.transformers.deepspeed",  # `ckptwise export` of a DeepSpeed run
     "ckptwise.manager",
     "ckptwise.metrics",
     "ckptwise.policy",

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from minicpmv_tiny import build_model
+from safetensors.torch import load_file
 
 import ckptwise as cw
 
@@ -63,3 +66,20 @@ def test_zero_stage_resumes_bit_exactly_and_frozen_weights_are_stored_once(
     # step 20 saved again by the resumed job: every object (fp32 master partitions, Adam
     # moments, RNG, scheduler, ...) already existed, so it added nothing
     assert cw.open_run(run_dir).info(20).new_bytes == 0
+
+    # one consolidated model on one process, without DeepSpeed's process group
+    out = tmp_path / "export"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptwise", "export", str(run_dir), str(out), "--step", "20"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(str(out / "model.safetensors"))
+    model = build_model(seed=42)
+    assert exported.keys() == model.state_dict().keys()
+    for name, initial in model.state_dict().items():
+        if name.startswith("llm."):  # frozen: as DeepSpeed holds them, in bf16
+            assert torch.equal(exported[name], initial.to(torch.bfloat16)), name
+        else:  # trained: the fp32 master weights
+            assert exported[name].dtype == torch.float32, name
+    assert not torch.equal(exported["resampler.query"], model.state_dict()["resampler.query"])

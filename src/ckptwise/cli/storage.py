@@ -12,6 +12,7 @@ import dataclasses
 import json
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from ckptwise.cli.common import human_size, open_cli_run
 from ckptwise.errors import CheckpointError
+from ckptwise.formats import copy_hf_metadata, write_safetensors
 from ckptwise.run import Run, open_run
 
 __all__ = ["archive_command", "diff_command", "du_command", "export_command", "show_command"]
@@ -206,11 +208,31 @@ def export_command(
     """Write a checkpoint's weights as model.safetensors any tool loads."""
     opened = open_cli_run(run)
     chosen = _resolve(opened, step, metric, mode)
+    metadata_from = config_from if fmt == "hf" else None
     try:
-        path = opened.export(chosen, out, key=key, config_from=config_from if fmt == "hf" else None)
+        if key == "model" and "deepspeed" in opened.manifest(chosen).tree:
+            path = _export_deepspeed(opened, chosen, out, metadata_from)
+        else:
+            path = opened.export(chosen, out, key=key, config_from=metadata_from)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"exported step {chosen} to {path}")
+
+
+def _export_deepspeed(opened: Run, step: int, out: str, config_from: str | None) -> Path:
+    """A DeepSpeed checkpoint holds engine partitions, not a model: consolidate them."""
+    try:
+        from ckptwise.integrations.transformers.deepspeed import consolidated_weights
+    except ImportError as exc:
+        raise click.ClickException(
+            f"step {step} was saved by DeepSpeed; exporting it needs DeepSpeed and "
+            f"transformers ({exc.name} is missing): pip install 'ckptwise[deepspeed,transformers]'"
+        ) from exc
+    weights = consolidated_weights(opened, step)
+    path = write_safetensors(weights, Path(out) / "model.safetensors", step=step)
+    if config_from is not None:
+        copy_hf_metadata(config_from, out)
+    return path
 
 
 @click.command("archive")

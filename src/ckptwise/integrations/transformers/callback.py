@@ -24,7 +24,11 @@ from transformers.trainer_callback import ExportableState
 from ckptwise.errors import ConfigError
 from ckptwise.formats import resume_scratch
 from ckptwise.integrations.transformers.arguments import Weights
-from ckptwise.integrations.transformers.deepspeed import EngineFiles
+from ckptwise.integrations.transformers.deepspeed import (
+    EngineFiles,
+    consolidated_weights,
+    is_deepspeed_checkpoint,
+)
 from ckptwise.integrations.transformers.folder import (
     full_weights,
     write_trainer_folder,
@@ -248,7 +252,11 @@ class CheckpointCallback(TrainerCallback):
         )
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_weights(self.trainer.model, self._weights_of(run.load(chosen)["model"]), out)
+        if is_deepspeed_checkpoint(run, chosen):
+            weights: Mapping[str, Any] = consolidated_weights(run, chosen)
+        else:
+            weights = self._weights_of(run.load(chosen)["model"])
+        write_weights(self.trainer.model, weights, out)
         processing = getattr(self.trainer, "processing_class", None)
         if processing is not None and hasattr(processing, "save_pretrained"):
             processing.save_pretrained(str(out))

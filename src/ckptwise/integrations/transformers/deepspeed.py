@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from ckptwise.errors import ConfigError, CorruptCheckpointError, SnapshotError
+from ckptwise.run import Run
 
-__all__ = ["EngineFiles", "write_engine_files"]
+__all__ = ["EngineFiles", "consolidated_weights", "is_deepspeed_checkpoint", "write_engine_files"]
 
 TAG = "__deepspeed__"
 
@@ -228,3 +229,33 @@ def write_engine_files(saved: Mapping[str, Any], folder: Path) -> dict[str, Any]
         written[str(name)] = _from_plain(plain, str(name))
         torch.save(written[str(name)], path)
     return written
+
+
+def is_deepspeed_checkpoint(run: Run, step: int) -> bool:
+    """Whether the checkpoint at ``step`` holds a DeepSpeed engine rather than a model."""
+    return "deepspeed" in run.manifest(step).tree
+
+
+def consolidated_weights(run: Run, step: int) -> dict[str, torch.Tensor]:
+    """The whole model's weights from a DeepSpeed checkpoint, on one process, offline.
+
+    Every rank's files are written to a temporary folder as DeepSpeed laid them out, and
+    DeepSpeed's own ``zero_to_fp32`` merges them (ZeRO-2 or ZeRO-3): trained parameters come
+    out as their fp32 master copies, frozen ones in the dtype they were trained in.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    manifest = run.manifest(step)
+    scratch = Path(tempfile.mkdtemp(prefix="ckptwise-zero-"))
+    try:
+        for rank in range(manifest.world_size):
+            loaded = run.read(step, rank=rank)
+            assert loaded is not None  # an explicit step either reads or raises
+            write_engine_files(loaded.values()["deepspeed"], scratch)
+        tags = sorted(p.name for p in scratch.iterdir() if p.is_dir())
+        weights: dict[str, torch.Tensor] = get_fp32_state_dict_from_zero_checkpoint(
+            str(scratch), tag=tags[-1]
+        )
+        return weights
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
