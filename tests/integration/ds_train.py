@@ -1,4 +1,5 @@
-"""The tiny MiniCPM-V-shaped model on ``Trainer`` + DeepSpeed ZeRO-2/3 under ``torchrun`` (CPU).
+"""The tiny MiniCPM-V-shaped model on ``Trainer`` + DeepSpeed ZeRO-2/3 (or plain DDP) under
+``torchrun`` (CPU).
 
 ``torchrun --nproc_per_node 2 ds_train.py RUN OUT --stage 3 --steps 20 [--resume [STEP]]``
 fine-tunes as MiniCPM-V's ``finetune_ds.sh`` does (bf16, LLM frozen, vision tower and
@@ -63,14 +64,15 @@ def zero_config(stage: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def cpu_setup() -> None:
+def cpu_setup(deepspeed: bool) -> None:
     """What a CPU needs that a GPU machine does not (see the module docstring)."""
     torch.set_num_threads(1)
-    comm: Any = importlib.import_module("deepspeed.comm.torch")
-    comm.build_shm_op = lambda *a, **k: None
+    if deepspeed:
+        comm: Any = importlib.import_module("deepspeed.comm.torch")
+        comm.build_shm_op = lambda *a, **k: None
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     from accelerate import PartialState
 
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
 
 
@@ -78,12 +80,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("run")
     parser.add_argument("out")
-    parser.add_argument("--stage", type=int, default=3)
+    parser.add_argument("--stage", type=int, default=3, help="ZeRO stage; 0: plain DDP")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--save", default="every(10)")
     parser.add_argument("--resume", type=int, nargs="?", const=-1, default=None)
     args = parser.parse_args()
-    cpu_setup()
+    cpu_setup(args.stage > 0)
 
     import torch.distributed as dist
     import transformers
@@ -117,7 +119,7 @@ def main() -> int:
         weight_decay=0.1,
         adam_beta2=0.95,
         warmup_steps=5,
-        bf16=True,
+        bf16=args.stage > 0,
         logging_steps=1,
         save_strategy="steps",
         save_steps=10,
@@ -125,7 +127,7 @@ def main() -> int:
         seed=42,
         remove_unused_columns=False,
         label_names=["labels"],
-        deepspeed=zero_config(args.stage),
+        deepspeed=zero_config(args.stage) if args.stage else None,
         accelerator_config={"use_configured_state": True},
         disable_tqdm=True,
         **extra,

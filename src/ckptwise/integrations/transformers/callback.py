@@ -199,22 +199,29 @@ class CheckpointCallback(TrainerCallback):
         step, values = found
         ranks = self.manager.ranks
         rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.size)
-        scratch = str(resume_scratch(self.manager.run.url, "hf-resume")) if rank == 0 else ""
-        if ranks is not None:
-            scratch = ranks.broadcast(
-                scratch
-            )  # one folder: Trainer's DeepSpeed load reads it whole
+        deepspeed = "deepspeed" in values
+        # DeepSpeed loads one folder on every rank (ZeRO-2 reads rank 0's model states);
+        # otherwise each rank gets a whole folder of its own state, whose weights need not be
+        # rank 0's (ranks that do not synchronise)
+        shared = ranks is not None and deepspeed
+        mine = not shared or rank == 0
+        scratch = str(resume_scratch(self.manager.run.url, "hf-resume")) if mine else ""
+        if shared:
+            assert ranks is not None
+            scratch = ranks.broadcast(scratch)
         folder = write_trainer_folder(
             Path(scratch) / f"checkpoint-{step}",
             values,
             model=self.trainer.model,
-            weights=None if "deepspeed" in values else self._weights_of(values["model"]),
-            rank=rank,
+            weights=None if deepspeed else self._weights_of(values["model"]),
+            rank=rank if shared else 0,
             world_size=world,
+            rng_rank=rank,
         )
-        if ranks is not None:
+        if shared:
+            assert ranks is not None
             ranks.barrier()
-        self._resume_dir = Path(scratch) if rank == 0 else None
+        self._resume_dir = Path(scratch) if mine else None
         log.info("resuming from ckptwise checkpoint %d through %s", step, folder)
         return str(folder)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ckptwise.formats import write_safetensors
 from ckptwise.integrations.transformers.deepspeed import write_engine_files
@@ -38,7 +39,10 @@ def full_weights(model: Any, saved: Mapping[str, torch.Tensor]) -> dict[str, tor
 def write_weights(model: Any, weights: Mapping[str, torch.Tensor], folder: Path) -> None:
     """Write ``weights`` the way ``model.save_pretrained`` lays them out (for a peft model:
     an adapter folder), or as one ``model.safetensors`` for a plain module."""
-    if hasattr(model, "save_pretrained"):
+    # save_pretrained writes nothing on ranks other than 0 (transformers 5): a rank that
+    # resumes from a folder of its own writes plain safetensors, which Trainer loads as well
+    other_rank = dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+    if hasattr(model, "save_pretrained") and not other_rank:
         model.save_pretrained(str(folder), state_dict=dict(weights))
     else:
         write_safetensors(weights, folder / "model.safetensors")
@@ -72,13 +76,15 @@ def write_trainer_folder(
     weights: Mapping[str, torch.Tensor] | None,
     rank: int = 0,
     world_size: int = 1,
+    rng_rank: int | None = None,
 ) -> Path:
-    """Write this rank's part of ``folder`` (named ``checkpoint-N``) from a checkpoint's
-    saved ``values``; every rank of a multi-process job calls it with the same folder.
+    """Write ``rank``'s part of ``folder`` (named ``checkpoint-N``) from a checkpoint's saved
+    ``values``; when several ranks share one folder each calls it with its own ``rank``.
 
     Rank 0 writes what is shared: the weights, ``optimizer.pt``, ``scheduler.pt`` (or, for
     DeepSpeed, ``latest``) and ``trainer_state.json``; each rank writes its RNG states
-    (``rng_state_{rank}.pth`` when there are several) and its DeepSpeed files.
+    (``rng_state_{rng_rank}.pth`` when there are several; ``rng_rank`` defaults to
+    ``rank``) and its DeepSpeed files.
     """
     folder.mkdir(parents=True, exist_ok=True)
     engine = values.get("deepspeed")
@@ -94,7 +100,8 @@ def write_trainer_folder(
             if key in values:
                 torch.save(values[key], folder / name)
     if RNG_KEY in values:
-        name = "rng_state.pth" if world_size == 1 else f"rng_state_{rank}.pth"
+        owner = rank if rng_rank is None else rng_rank
+        name = "rng_state.pth" if world_size == 1 else f"rng_state_{owner}.pth"
         torch.save(_hf_rng(values[RNG_KEY]), folder / name)
     if rank == 0:
         (folder / "trainer_state.json").write_text(json.dumps(values["trainer_state"], indent=2))
