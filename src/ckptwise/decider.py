@@ -45,9 +45,9 @@ class Decider:
 
     In a multi-process job, rank 0 decides from its own clock, metrics, signals and request
     files. When the trigger reads only the step (``every``, ``at_steps``, ...) each rank
-    reaches the same decision alone; otherwise one small collective per step carries rank
-    0's decision to all, and each rank's newly received signals to rank 0, which acts on
-    them at the next step.
+    reaches the same decision alone; otherwise one all-reduce of a few integers per step
+    tells every rank whether rank 0 saves (its decision follows only then), and tells rank 0
+    which signals other ranks received, which it acts on at the next step.
     """
 
     def __init__(
@@ -88,13 +88,23 @@ class Decider:
     def _agree(
         self, requests: frozenset[Request], decision: Decision, variant: Variant
     ) -> tuple[Decision, Variant]:
+        """Rank 0's decision on every rank: one all-reduce of a few integers per step (whether
+        rank 0 saves, which watched signals any rank received), and rank 0's decision itself
+        only on the steps that save."""
         assert self.ranks is not None
-        mine = (decision, variant) if self.ranks.coordinator else None
-        sent = self.ranks.all_gather((requests, mine))
-        chosen = sent[0][1]
-        assert chosen is not None
-        if self.ranks.coordinator:
-            self._remote = frozenset().union(*(r for r, _ in sent[1:])) - chosen[0].requests
+        coordinator = self.ranks.coordinator
+        signals = [
+            Request("signal", name) for name in (self.monitor.signals if self.monitor else [])
+        ]
+        flags = [int(coordinator and decision.save)] + [int(r in requests) for r in signals]
+        merged = self.ranks.max_flags(flags)
+        if coordinator:
+            seen = {r for r, on in zip(signals, merged[1:], strict=True) if on}
+            self._remote = frozenset(seen) - requests - decision.requests
+        if not merged[0]:
+            return (decision, variant) if coordinator else (Decision.no(), full())
+        chosen = self.ranks.broadcast((decision, variant) if coordinator else None)
+        assert chosen is not None  # rank 0 sent its own
         return chosen
 
     def on_commit(self, decision: Decision) -> Callable[[], None] | None:

@@ -84,6 +84,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--save", default="every(10)")
     parser.add_argument("--resume", type=int, nargs="?", const=-1, default=None)
+    parser.add_argument("--save-steps", type=int, default=10)
+    parser.add_argument(
+        "--trainer-saves", action="store_true", help="no ckptwise: the Trainer's own saves"
+    )
     args = parser.parse_args()
     cpu_setup(args.stage > 0)
 
@@ -122,7 +126,7 @@ def main() -> int:
         bf16=args.stage > 0,
         logging_steps=1,
         save_strategy="steps",
-        save_steps=10,
+        save_steps=args.save_steps,
         report_to=[],
         seed=42,
         remove_unused_columns=False,
@@ -139,14 +143,19 @@ def main() -> int:
         train_dataset=SyntheticImageText(256, seed=1),
         callbacks=[Losses()],
     )
-    callback = attach(trainer, args.run, save=cw.parse_save(args.save), keep=cw.keep_all())
-    resume = None
-    if args.resume is not None:
-        resume = callback.resume_checkpoint(None if args.resume < 0 else args.resume)
-    record["resumed_from"] = resume and int(resume.rsplit("-", 1)[1])
-    trainer.train(resume_from_checkpoint=resume)
-    record["saves"] = [[step, list(reasons)] for step, reasons in callback.saved]
-    record["bytes_written"] = callback.bytes_written
+    if args.trainer_saves:
+        trainer.train()
+        files = [f for f in (out / "hf").rglob("*") if f.is_file()]
+        record["bytes_written"] = sum(f.stat().st_size for f in files)
+    else:
+        callback = attach(trainer, args.run, save=cw.parse_save(args.save), keep=cw.keep_all())
+        resume = None
+        if args.resume is not None:
+            resume = callback.resume_checkpoint(None if args.resume < 0 else args.resume)
+        record["resumed_from"] = resume and int(resume.rsplit("-", 1)[1])
+        trainer.train(resume_from_checkpoint=resume)
+        record["saves"] = [[step, list(reasons)] for step, reasons in callback.saved]
+        record["bytes_written"] = callback.bytes_written
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
     dist.barrier()
     dist.destroy_process_group()  # an explicit teardown: without it the exit can abort

@@ -2,7 +2,9 @@
 
 ``python lightning_train.py RUN --steps 40 --losses OUT [--resume] [--step-sleep S]`` trains
 an MLP with dropout through ``ckptwise.integrations.lightning.CheckpointCallback``, appending
-each step's loss (as an exact hex float) to OUT, one JSON line per step.
+each step's loss (as an exact hex float) to OUT, one JSON line per step. Under ``torchrun``
+with ``--ddp`` it trains with Lightning's ``ddp`` strategy, each rank on its own order of
+the data, and appends to ``OUT.rankR``.
 """
 
 from __future__ import annotations
@@ -42,18 +44,18 @@ class Tiny(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
-        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 5, 0.8)}
 
 
-def loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
+def loaders(rank: int = 0) -> tuple[DataLoader[Any], DataLoader[Any]]:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(120, 8, generator=g)
     y = x[:, :2].sum(dim=1, keepdim=True)
-    sampler = cw.ResumableSampler(100, seed=5, auto_advance=False)
+    sampler = cw.ResumableSampler(100, seed=5 + rank, auto_advance=False)
     train = DataLoader(
         TensorDataset(x[:100], y[:100]),
         batch_size=8,
@@ -74,8 +76,18 @@ def run(
     save: cw.Trigger | None = None,
     keep: cw.RetentionPolicy | None = None,
     val_every: int = 5,
+    ddp: bool = False,
 ) -> CheckpointCallback:
     torch.manual_seed(0)
+    rank = 0
+    spread: dict[str, Any] = {}
+    if ddp:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")  # before the callback: its manager joins this job
+        rank = dist.get_rank()
+        losses = f"{losses}.rank{rank}" if losses else None
+        spread = {"strategy": "ddp", "devices": dist.get_world_size(), "use_distributed_sampler": False}
     model = Tiny(losses, step_sleep)
     callback = CheckpointCallback(root, save=save or cw.every(5), keep=keep or cw.keep_last(2))
     trainer = L.Trainer(
@@ -90,8 +102,9 @@ def run(
         val_check_interval=val_every,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
+        **spread,
     )
-    train, val = loaders()
+    train, val = loaders(rank)
     trainer.fit(model, train, val, ckpt_path=callback.resume_checkpoint() if resume else None)
     return callback
 
@@ -103,9 +116,17 @@ def main() -> None:
     parser.add_argument("--losses")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--ddp", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run(args.run, args.steps, losses=args.losses, resume=args.resume, step_sleep=args.step_sleep)
+    run(
+        args.run,
+        args.steps,
+        losses=args.losses,
+        resume=args.resume,
+        step_sleep=args.step_sleep,
+        ddp=args.ddp,
+    )
 
 
 if __name__ == "__main__":

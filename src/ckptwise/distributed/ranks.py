@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from ckptwise.errors import CheckpointError, ConfigError, StorageError
@@ -99,6 +100,12 @@ class Ranks:
         out: list[Any] = [None] * self.size
         dist.all_gather_object(out, value, group=self.group)
         return out
+
+    def max_flags(self, flags: list[int]) -> list[int]:
+        """The element-wise maximum of every rank's ``flags`` (all ranks pass as many)."""
+        tensor = torch.tensor(flags, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return [int(v) for v in tensor.tolist()]
 
     def barrier(self) -> None:
         """Wait until every rank got here."""
