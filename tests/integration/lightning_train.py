@@ -87,7 +87,11 @@ def run(
         dist.init_process_group("gloo")  # before the callback: its manager joins this job
         rank = dist.get_rank()
         losses = f"{losses}.rank{rank}" if losses else None
-        spread = {"strategy": "ddp", "devices": dist.get_world_size(), "use_distributed_sampler": False}
+        spread = {
+            "strategy": "ddp",
+            "devices": dist.get_world_size(),
+            "use_distributed_sampler": False,
+        }
     model = Tiny(losses, step_sleep)
     callback = CheckpointCallback(root, save=save or cw.every(5), keep=keep or cw.keep_last(2))
     trainer = L.Trainer(
