@@ -265,6 +265,8 @@ class CheckpointManager(ManagerReads):
 
         ``variant`` (default: the whole state) may make it a slim, weights-only save.
         Returns the committed checkpoint, or ``None`` while an async save is still writing.
+        In a multi-process job every rank must call it for the same step (``step()`` does
+        that by itself): the ranks write the checkpoint together.
         """
         self._check_open()
         if not self.writable:
