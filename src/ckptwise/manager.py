@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from ckptwise.compat import ManagerReads
 from ckptwise.decider import Decider
@@ -61,6 +62,11 @@ log = logging.getLogger("ckptwise")
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _process_rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class CheckpointManager(ManagerReads):
@@ -137,8 +143,9 @@ class CheckpointManager(ManagerReads):
         self.rng = rng
         self.clock = clock
         self.on_busy = on_busy
-        #: the ranks of a multi-process job (``None`` for one process)
-        self.ranks = Ranks.detect(process_group, timeout=dist_timeout)
+        #: the ranks of a multi-process job (``None`` for one process, and for a manager that
+        #: only reads: creating the checkpoint's process group would need every rank)
+        self.ranks = Ranks.detect(process_group, timeout=dist_timeout) if self.writable else None
         if self.ranks is not None and async_save:
             raise ConfigError(
                 "async_save=True is not supported in multi-process runs yet; pass "
@@ -406,7 +413,9 @@ class CheckpointManager(ManagerReads):
         checkpoint, wall-clock triggers count from now, and the checkpoint is kept for as
         long as this manager lives.
         """
-        restored = self.run.restore(state, step=step, strict=strict, rng=self.rng, ranks=self.ranks)
+        restored = self.run.restore(
+            state, step=step, strict=strict, rng=self.rng, ranks=self.ranks, rank=_process_rank()
+        )
         if restored in self._store.steps():  # 0 also means "nothing to restore"
             self._adopt(restored)
         return restored

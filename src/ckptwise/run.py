@@ -294,6 +294,7 @@ class Run:
         strict: bool = True,
         rng: bool = True,
         ranks: Ranks | None = None,
+        rank: int | None = None,
     ) -> int:
         """Load the newest full checkpoint that verifies into ``state``; returns its step.
 
@@ -305,7 +306,8 @@ class Run:
 
         In a multi-process job every rank calls this with ``ranks`` (the manager passes its
         own): each restores its own part, on the same or another number of ranks, and all
-        restore the same step.
+        restore the same step. Without ``ranks``, ``rank`` picks whose per-rank state (RNG,
+        data position) a multi-process checkpoint gives back (rank 0's by default).
 
         Tensors are read straight into the state's own memory where they fit, so a restore
         that raises may leave the state partly overwritten.
@@ -320,7 +322,7 @@ class Run:
             missing = newest and sharded_names(self.manifest(newest[0])) - live.keys()
             if missing and prime_optimizers(state):
                 live = capture(entries).tensors  # sharded optimizer state to read into
-        rank = 0 if ranks is None else ranks.rank
+        rank = ranks.rank if ranks is not None else rank or 0
         loaded = self.read(step, into=live, full_only=True, rank=rank, ranks=ranks)
         if loaded is None:
             return 0

@@ -76,6 +76,7 @@ def test_ddp_ranks_agree_though_their_clocks_differ_and_resume_exactly(tmp_path:
     torchrun(2, tmp_path / "run", tmp_path / "b", *policy)
     resumed = records(tmp_path / "b")
     assert [r["restored"] for r in resumed] == [10, 10]
+    assert resumed[0]["latest"] == 15
     torchrun(2, tmp_path / "straight", tmp_path / "c", *policy)
     straight = records(tmp_path / "c")
     for rank in (0, 1):
