@@ -92,7 +92,6 @@ def main() -> int:
     cpu_setup(args.stage > 0)
 
     import torch.distributed as dist
-    import transformers
     from minicpmv_tiny import CPMTrainer, SyntheticImageText, build_model
     from transformers import TrainerCallback, TrainingArguments
 
@@ -112,9 +111,6 @@ def main() -> int:
                 record["losses"][str(state.global_step)] = float(logs["loss"]).hex()
             return control
 
-    extra: dict[str, Any] = (
-        {"use_cpu": True} if int(transformers.__version__.split(".")[0]) >= 5 else {}
-    )
     training = TrainingArguments(
         output_dir=str(out / "hf"),
         max_steps=args.steps,
@@ -134,7 +130,7 @@ def main() -> int:
         deepspeed=zero_config(args.stage) if args.stage else None,
         accelerator_config={"use_configured_state": True},
         disable_tqdm=True,
-        **extra,
+        use_cpu=True,  # bf16 on a CPU needs it on transformers 5
     )
     model = build_model(seed=training.seed)
     trainer = CPMTrainer(

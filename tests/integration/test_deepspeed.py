@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from minicpmv_tiny import build_model
 from safetensors.torch import load_file
 
@@ -44,6 +45,12 @@ def torchrun(run: Path, out: Path, *args: str) -> list[dict[str, Any]]:
 def test_zero_stage_resumes_bit_exactly_and_frozen_weights_are_stored_once(
     tmp_path: Path, stage: int
 ) -> None:
+    if not stage and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(
+            "transformers 4.51 on a CPU process group loads optimizer.pt with map_location "
+            "'cpu:0', which torch.load rejects (on GPUs it is 'cuda:N'); DeepSpeed runs, "
+            "MiniCPM-V's case, are covered on 4.51"
+        )
     run_dir = tmp_path / "run"
     straight = torchrun(run_dir, tmp_path / "a", "--stage", str(stage), "--steps", "20")
     for record in straight:
