@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ckptwise.distributed.ranks import Ranks
+from ckptwise.errors import CheckpointError
 from ckptwise.monitor import Monitor
 from ckptwise.policy import (
     ContentPolicy,
@@ -72,36 +73,55 @@ class Decider:
         self._remote: frozenset[Request] = frozenset()  # other ranks' requests, on rank 0
 
     def decide(self, step: int, metrics: Mapping[str, float], *, final: bool) -> Verdict:
-        """The verdict for ``step``; ``metrics`` join the history after it is taken."""
+        """The verdict for ``step``; ``metrics`` join the history after it is taken.
+
+        With several ranks, a rank whose policies raise still joins the step's collective
+        (saying so), and every rank raises: none waits for a rank that left.
+        """
         now = self.clock()
-        requests = self.monitor.poll() if self.monitor is not None else frozenset()
-        training = self.progress.state(
-            step, now, metrics=metrics, requests=requests | self._remote, final=final
-        )
-        decision = self.save.decide(training)
-        variant = self.content.choose(training, decision) if decision.save else full()
+        requests: frozenset[Request] = frozenset()
+        decision, variant, failure = Decision.no(), full(), None
+        try:
+            requests = self.monitor.poll() if self.monitor is not None else frozenset()
+            training = self.progress.state(
+                step, now, metrics=metrics, requests=requests | self._remote, final=final
+            )
+            decision = self.save.decide(training)
+            variant = self.content.choose(training, decision) if decision.save else full()
+        except Exception as exc:
+            if self.ranks is None:
+                raise
+            failure = exc
         if self.ranks is not None:
-            decision, variant = self._agree(requests, decision, variant)
+            decision, variant = self._agree(requests, decision, variant, failure)
         self.progress.observe(step, metrics)
         return Verdict(decision, variant, now)
 
     def _agree(
-        self, requests: frozenset[Request], decision: Decision, variant: Variant
+        self,
+        requests: frozenset[Request],
+        decision: Decision,
+        variant: Variant,
+        failure: Exception | None,
     ) -> tuple[Decision, Variant]:
         """Rank 0's decision on every rank: one all-reduce of a few integers per step (whether
-        rank 0 saves, which watched signals any rank received), and rank 0's decision itself
-        only on the steps that save."""
+        any rank failed to decide, whether rank 0 saves, which watched signals any rank
+        received), and rank 0's decision itself only on the steps that save."""
         assert self.ranks is not None
         coordinator = self.ranks.coordinator
         signals = [
             Request("signal", name) for name in (self.monitor.signals if self.monitor else [])
         ]
-        flags = [int(coordinator and decision.save)] + [int(r in requests) for r in signals]
-        merged = self.ranks.max_flags(flags)
+        flags = [int(failure is not None), int(coordinator and decision.save)]
+        merged = self.ranks.max_flags(flags + [int(r in requests) for r in signals])
+        if merged[0]:
+            if failure is not None:
+                raise failure
+            raise CheckpointError("deciding whether to save failed on another rank; see its log")
         if coordinator:
-            seen = {r for r, on in zip(signals, merged[1:], strict=True) if on}
+            seen = {r for r, on in zip(signals, merged[2:], strict=True) if on}
             self._remote = frozenset(seen) - requests - decision.requests
-        if not merged[0]:
+        if not merged[1]:
             return (decision, variant) if coordinator else (Decision.no(), full())
         chosen = self.ranks.broadcast((decision, variant) if coordinator else None)
         assert chosen is not None  # rank 0 sent its own

@@ -288,14 +288,20 @@ class CheckpointManager(ManagerReads):
         variant = variant if variant is not None else full()
         if self._writer.busy:
             self._finish(self._writer.wait())  # at most one save in flight
-        snap = capture(self._contents(state, variant))
-        tensors = snap.tensors if self._copier is None else self._copier.copy(snap.tensors)
+        entries = self._contents(state, variant)
+        # with several ranks the capture runs inside the save's protocol: a rank whose state
+        # cannot be captured then fails the save on every rank instead of falling out of step
+        snap = capture(entries) if self.ranks is None else None
+        tensors = {} if snap is None else snap.tensors
+        if self._copier is not None:
+            tensors = self._copier.copy(tensors)
         self._decider.started_save(step, now, reasons)
         extra = {**self._decider.to_json(), "variant": variant.to_json()}
 
         def job() -> CheckpointInfo:
             started = time.perf_counter()
             if self.ranks is None:
+                assert snap is not None
                 info = self._store.commit(
                     step,
                     tensors,
@@ -311,13 +317,16 @@ class CheckpointManager(ManagerReads):
                     step=step,
                     time=now.timestamp(),
                     tensors={},
-                    tree=snap.tree,
                     metrics=values,
                     reasons=tuple(reasons),
                     extra=extra,
                 )
                 info = commit_across_ranks(
-                    self.ranks, self._store, ours, tensors, after_commit=lambda: self.prune(now=now)
+                    self.ranks,
+                    self._store,
+                    ours,
+                    lambda: capture(entries),
+                    after_commit=lambda: self.prune(now=now),
                 )
             self.bytes_written += info.new_bytes
             if self._owns_run:
@@ -427,7 +436,7 @@ class CheckpointManager(ManagerReads):
         newest full checkpoint that verifies, and continues this run from it; ``None``
         when there is none.
         """
-        rank = 0 if self.ranks is None else self.ranks.rank
+        rank = _process_rank() if self.ranks is None else self.ranks.rank
         loaded = self.run.read(step, full_only=True, rank=rank, ranks=self.ranks)
         if loaded is None:
             return None

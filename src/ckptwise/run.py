@@ -56,6 +56,10 @@ Mode = Literal["min", "max"]
 StepSpec = int | str | None
 
 
+#: failures that make a restore fall back to an older checkpoint (the bytes are bad)
+_CORRUPT = frozenset({"CorruptCheckpointError", "FormatError"})
+
+
 class RestoreWarning(UserWarning):
     """A checkpoint was skipped during restore because it failed verification."""
 
@@ -228,20 +232,28 @@ class Run:
             candidates = ranks.broadcast(candidates)
         for candidate in candidates:
             manifest = self.manifest(candidate)
-            failure: CorruptCheckpointError | None = None
+            failure: Exception | None = None
             tensors: dict[str, torch.Tensor] = {}
             try:
                 if manifest.world_size > 1:
                     tensors = read_rank(self._store, manifest, rank=rank, into=into)
                 else:
                     tensors = self._store.load_tensors(candidate, into=into)
-            except CorruptCheckpointError as exc:
+            except Exception as exc:
+                if ranks is None and not isinstance(exc, CorruptCheckpointError):
+                    raise
                 failure = exc
             if ranks is not None:
+                # every rank must take the same path: fall back together, or raise together
                 mine = None if failure is None else Failure.of(rank, failure)
-                others = [f for f in ranks.all_gather(mine) if f is not None]
-                if others and failure is None:
-                    failure = CorruptCheckpointError(f"rank {others[0].rank}: {others[0].message}")
+                failures = [f for f in ranks.all_gather(mine) if f is not None]
+                if any(f.kind not in _CORRUPT for f in failures):
+                    first = next(f for f in failures if f.kind not in _CORRUPT)
+                    raise first.error(f"reading step {candidate}") from failure
+                if failures and failure is None:
+                    failure = CorruptCheckpointError(
+                        f"rank {failures[0].rank}: {failures[0].message}"
+                    )
             if failure is None:
                 return Loaded(candidate, manifest, tensors, rank)
             if step is not None:

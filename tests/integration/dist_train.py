@@ -100,6 +100,8 @@ def main() -> int:
     parser.add_argument("--kill-step", type=int, default=0)
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--fail-step", type=int, default=0)
+    parser.add_argument("--capture-fail-rank", type=int, default=-1)
+    parser.add_argument("--capture-fail-step", type=int, default=0)
     parser.add_argument("--signal-rank", type=int, default=-1)
     parser.add_argument("--signal-step", type=int, default=0)
     parser.add_argument("--restore-step", type=int, default=None)
@@ -126,7 +128,7 @@ def main() -> int:
         clock=clock,
         dist_timeout=timedelta(seconds=60),
     )
-    state = {"model": model, "optimizer": opt}
+    state: dict[str, Any] = {"model": model, "optimizer": opt}
     start = manager.restore(state, step=args.restore_step)
     record["restored"] = start
     if args.dump:
@@ -155,6 +157,11 @@ def main() -> int:
             clock.tick()
             if rank == args.signal_rank and current == args.signal_step:
                 os.kill(os.getpid(), signal.SIGUSR1)
+            if rank == args.capture_fail_rank:
+                # a value that cannot be saved, on one rank, at one step
+                state.pop("bad", None)
+                if current == args.capture_fail_step:
+                    state["bad"] = {1, 2}
             try:
                 decision = manager.step(
                     current, state, metrics={"loss": loss.item()}, final=current == args.steps

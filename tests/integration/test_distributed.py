@@ -166,6 +166,23 @@ def test_a_rank_killed_mid_save_fails_the_job_and_the_next_resumes(tmp_path: Pat
     assert cw.open_run(run_dir).steps() == [5, 10]
 
 
+def test_a_rank_whose_state_cannot_be_captured_fails_the_save_everywhere(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    torchrun(
+        2, run_dir, tmp_path / "a", "--save", "every(5)", "--steps", "15",
+        "--capture-fail-rank", "1", "--capture-fail-step", "10",
+    )  # fmt: skip
+    for record in records(tmp_path / "a"):
+        ((step, kind, message),) = record["errors"]
+        assert (step, kind) == (10, "CheckpointError")
+        assert "failed on rank 1" in message
+        assert "SnapshotError" in message
+        assert [s for s, _ in record["saves"]] == [5, 15]  # and the ranks stayed in step
+    run = cw.open_run(run_dir)
+    assert run.steps() == [5, 15]
+    assert run.verify() == []
+
+
 def test_a_rank_that_raises_fails_the_save_on_every_rank(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     torchrun(

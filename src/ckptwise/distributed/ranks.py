@@ -74,7 +74,10 @@ class Ranks:
         if size == 1:
             return None
         members = None if process_group is None else dist.get_process_group_ranks(process_group)
-        group = dist.new_group(ranks=members, backend="gloo", timeout=timeout)
+        # only the group's own ranks take part in creating it (a subgroup of a larger job)
+        group = dist.new_group(
+            ranks=members, backend="gloo", timeout=timeout, use_local_synchronization=True
+        )
         return cls(group, rank=dist.get_rank(group), size=size)
 
     @property

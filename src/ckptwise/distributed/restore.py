@@ -86,10 +86,10 @@ def _fill_chunk(
                 f"tensor has {shard.shape}"
             )
         if piece.shard.offsets == shard.offsets and piece.shape == tuple(local.shape):
-            if local.is_contiguous() and local.device.type == "cpu":
-                store.read_tensor(piece, step=step, name=name, into=local)
-            else:
-                local.copy_(_read(store, step, name, piece))
+            got = store.read_tensor(piece, step=step, name=name, into=local)
+            if got is not local:  # read elsewhere (another dtype or device): copy, casting
+                with torch.no_grad():
+                    local.copy_(got)
             return target
         overlaps = all(
             p < s + n and s < p + m

@@ -21,6 +21,7 @@ debris that the next prune collects.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from ckptwise.distributed.ranks import Failure, Ranks
 from ckptwise.distributed.shards import chunk_of, is_sharded, local_part
 from ckptwise.errors import CheckpointError
 from ckptwise.records import CheckpointInfo
+from ckptwise.snapshot import Snapshot
 from ckptwise.store import CheckpointStore, Manifest, TensorEntry
 from ckptwise.store.commit import CommitPlan
 from ckptwise.store.manifest import RankView, Shard
@@ -44,6 +46,7 @@ _Use = tuple[str, str, tuple[int, ...]]
 class _Report:
     """What one rank tells rank 0 after hashing."""
 
+    step: int
     names: dict[str, _Use]
     shards: dict[str, Shard]
     new: dict[str, int]  # object id -> raw bytes, for objects this rank's index lacks
@@ -70,14 +73,22 @@ def _assign(reports: list[_Report], store: CheckpointStore) -> list[set[str]]:
     Rank 0's index decides what is stored (it alone prunes; the others re-read the run
     after every save, so their plans agree with it).
     """
+    steps = {report.step for report in reports}
+    if len(steps) > 1:
+        raise CheckpointError(
+            f"the ranks are saving different steps ({sorted(steps)}): a rank fell out of step "
+            "(did one skip a save after an error?); every rank must save every step"
+        )
     sizes: dict[str, int] = {}
     holders: dict[str, list[int]] = {}
+    used: set[str] = set()
     for rank, report in enumerate(reports):
         sizes.update(report.new)
-        for oid, _, _ in report.names.values():
+        used.update(oid for oid, _, _ in report.names.values())
+        for oid in report.new:  # only a rank that planned an object can write it
             holders.setdefault(oid, []).append(rank)
-    to_write = {oid: ranks for oid, ranks in holders.items() if store.known(oid) is None}
-    unplanned = [oid for oid in to_write if oid not in sizes]
+    to_write = {oid: holders.get(oid, []) for oid in used if store.known(oid) is None}
+    unplanned = [oid for oid, writers in to_write.items() if not writers]
     if unplanned:
         raise CheckpointError(
             f"{len(unplanned)} object(s) are neither stored nor planned: the ranks' views of "
@@ -116,37 +127,49 @@ def _views(
             RankView(
                 tensors={n: e for n, e in mine.items() if first.get(n) != e},
                 absent=tuple(n for n in first if n not in mine),
-                tree={k: v for k, v in report.tree.items() if reports[0].tree.get(k) != v},
+                tree={k: v for k, v in report.tree.items() if not _same(reports[0].tree.get(k), v)},
                 tree_absent=tuple(k for k in reports[0].tree if k not in report.tree),
             )
         )
     return first, tuple(views)
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON says (Python's ``==`` takes ``1 == True == 1.0`` and ``-0.0 == 0.0``)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def commit_across_ranks(
     ranks: Ranks,
     store: CheckpointStore,
     manifest: Manifest,
-    tensors: Mapping[str, torch.Tensor],
+    capture: Callable[[], Snapshot],
     *,
     after_commit: Callable[[], object],
 ) -> CheckpointInfo:
-    """Save this rank's ``tensors`` (and ``manifest.tree``) as part of ``manifest.step``.
+    """Save this rank's state, taken by ``capture``, as part of ``manifest.step``.
 
-    ``manifest`` carries this rank's tree and rank 0's metadata (step, time, metrics,
-    reasons, extra); its tensors are filled in here. ``after_commit`` runs on rank 0 once
-    the manifest is durable and before any rank returns (the manager prunes there). Every
-    rank returns the committed checkpoint's summary or raises the same error.
+    ``manifest`` carries rank 0's metadata (step, time, metrics, reasons, extra); its
+    tensors and tree are filled in here. ``capture`` runs inside the protocol, so a rank
+    whose state cannot be captured fails the save on every rank instead of falling out of
+    step. ``after_commit`` runs on rank 0 once the manifest is durable and before any rank
+    returns (the manager prunes there). Every rank returns the committed checkpoint's
+    summary or raises the same error.
     """
     step = manifest.step
     what = f"saving step {step}"
     plan: CommitPlan | None = None
     report: _Report | Failure
+    tree: dict[str, Any] = {}
     try:
-        plain, shards = _local(tensors)
-        plan = store.plan(plain)
+        if not ranks.coordinator:
+            store.refresh()  # rank 0 alone prunes: see what it kept before planning dedup
+        snapshot = capture()
+        tree = dict(snapshot.tree)
+        plain, shards = _local(snapshot.tensors)
+        plan = store.plan(plain, rank=ranks.rank)
         new = {oid: len(job.raw) for oid, job in plan.new.items()}
-        report = _Report(plan.names, shards, new, dict(manifest.tree or {}))
+        report = _Report(step, plan.names, shards, new, tree)
     except Exception as exc:
         report = Failure.of(ranks.rank, exc)
     reports = ranks.gather(report)
@@ -177,7 +200,8 @@ def commit_across_ranks(
         outcome = next((r for r in results if isinstance(r, Failure)), None)
         if outcome is None:
             try:
-                outcome = _publish(reports, results, store, manifest)  # type: ignore[arg-type]
+                ours = dataclasses.replace(manifest, tree=tree)
+                outcome = _publish(reports, results, store, ours)  # type: ignore[arg-type]
                 after_commit()
             except Exception as exc:
                 outcome = Failure.of(0, exc)
@@ -185,8 +209,6 @@ def commit_across_ranks(
     if isinstance(outcome, Failure):
         raise outcome.error(what)
     assert outcome is not None
-    if not ranks.coordinator:
-        store.refresh()  # learn what rank 0 committed and pruned, for the next save's dedup
     return outcome
 
 

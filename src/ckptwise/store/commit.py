@@ -165,13 +165,17 @@ class Committer:
         self.index.publish(manifest)
         return manifest
 
-    def plan(self, tensors: Mapping[str, torch.Tensor], *, lossy: Iterable[str] = ()) -> CommitPlan:
+    def plan(
+        self, tensors: Mapping[str, torch.Tensor], *, lossy: Iterable[str] = (), rank: int = 0
+    ) -> CommitPlan:
         """Hash every tensor and find which objects are new (see :class:`CommitPlan`).
 
-        Float tensors named in ``lossy`` are planned quantized (codec ``q8``).
+        Float tensors named in ``lossy`` are planned quantized (codec ``q8``). Deltas are
+        tried against rank ``rank``'s tensors of the previous checkpoint.
         """
         quantize = set(lossy)
-        previous = self.index.latest()
+        latest = self.index.latest()
+        previous = None if latest is None else latest.view(rank if rank < latest.world_size else 0)
         names: dict[str, _Use] = {}
         reused: dict[str, TensorEntry] = {}
         new: dict[str, NewObject] = {}
@@ -197,7 +201,7 @@ class Committer:
                 codec, note = self.planner.choose(tensor.dtype, len(raw))
                 base = None
                 if previous is not None and self.planner.tries_delta(tensor.dtype, len(raw)):
-                    base = self._delta_base(previous.tensors.get(name), dtype, shape)
+                    base = self._delta_base(previous.get(name), dtype, shape)
                 new[oid] = NewObject(raw, dtype, shape, itemsize, codec, note, base)
         return CommitPlan(names, reused, new)
 

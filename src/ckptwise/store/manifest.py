@@ -212,14 +212,15 @@ class Manifest:
         return out
 
     def entries(self) -> Iterator[TensorEntry]:
-        """Every tensor entry of every rank."""
+        """Rank 0's tensor entries and each other rank's own (replicated ones once)."""
         yield from self.tensors.values()
         for other in self.ranks:
             yield from other.tensors.values()
 
     @property
     def logical_bytes(self) -> int:
-        """Sum of the raw sizes of every tensor of every rank."""
+        """Sum of the raw sizes of rank 0's tensors and of each other rank's own (the ones
+        that differ from rank 0's): what the checkpoint holds, replicated state counted once."""
         return sum(e.nbytes for e in self.entries())
 
 

@@ -178,9 +178,10 @@ class CheckpointStore:
 
     # the same commit in phases, for several processes writing one checkpoint together
 
-    def plan(self, tensors: Mapping[str, torch.Tensor]) -> CommitPlan:
-        """Hash ``tensors`` and find the objects no committed checkpoint holds yet."""
-        return self._committer.plan(tensors)
+    def plan(self, tensors: Mapping[str, torch.Tensor], *, rank: int = 0) -> CommitPlan:
+        """Hash ``tensors`` (rank ``rank``'s) and find the objects no committed checkpoint
+        holds yet."""
+        return self._committer.plan(tensors, rank=rank)
 
     def check_space(self, needed: int) -> None:
         """Raise :class:`~ckptwise.errors.StorageError` unless ``needed`` bytes fit."""

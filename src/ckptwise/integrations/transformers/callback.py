@@ -200,6 +200,13 @@ class CheckpointCallback(TrainerCallback):
         ranks = self.manager.ranks
         rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.size)
         deepspeed = "deepspeed" in values
+        saved_by = self.manager.run.manifest(step).world_size
+        if deepspeed and saved_by != world:
+            raise ConfigError(
+                f"checkpoint {step} was saved by {saved_by} DeepSpeed processes and this job "
+                f"has {world}: DeepSpeed resumes ZeRO checkpoints on the same number of "
+                "processes only; run with that many, or export() the weights"
+            )
         # DeepSpeed loads one folder on every rank (ZeRO-2 reads rank 0's model states);
         # otherwise each rank gets a whole folder of its own state, whose weights need not be
         # rank 0's (ranks that do not synchronise)

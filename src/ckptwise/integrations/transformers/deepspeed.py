@@ -91,14 +91,14 @@ def _to_plain(value: Any, where: str) -> Any:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
+    if isinstance(value, ZeroStageEnum):  # an int subclass: before the plain values
+        return {TAG: "ZeroStageEnum", "v": int(value)}
     if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else {TAG: "float", "v": repr(value)}
     if isinstance(value, torch.Size):
         return {TAG: "Size", "v": list(value)}
-    if isinstance(value, ZeroStageEnum):
-        return {TAG: "ZeroStageEnum", "v": int(value)}
     if isinstance(value, torch.dtype):
         return {TAG: "dtype", "v": str(value).removeprefix("torch.")}
     if isinstance(value, fragment_address):
