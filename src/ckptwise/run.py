@@ -64,9 +64,9 @@ class RestoreWarning(UserWarning):
     """A checkpoint was skipped during restore because it failed verification."""
 
 
-def _variant_label(manifest: Manifest) -> str:
-    """What a checkpoint holds, as listings show it: ``full``, ``weights/bfloat16``, ..."""
-    return Variant.from_json(manifest.extra.get("variant")).label
+def _variant(manifest: Manifest) -> Variant:
+    """What a checkpoint holds, from the manager's bookkeeping (full when it says nothing)."""
+    return Variant.from_json(manifest.extra.get("variant"))
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class Run:
 
     def info(self, step: int) -> CheckpointInfo:
         """The summary of one committed step (as :meth:`checkpoints` lists it)."""
-        return replace(self._store.info(step), variant=_variant_label(self.manifest(step)))
+        return replace(self._store.info(step), variant=_variant(self.manifest(step)).label)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first, with step, time, metrics, bytes and what each
@@ -195,12 +195,9 @@ class Run:
     def read_tensor(self, step: int, name: str) -> torch.Tensor:
         """One tensor of a committed step (rank 0's; a sharded one whole), verified."""
         manifest = self.manifest(step)
-        entry = manifest.tensors.get(name)
-        if entry is None:
+        if name not in manifest.tensors:
             raise CheckpointError(f"checkpoint at step {step} has no tensor {name!r}")
-        if entry.shard is not None:
-            return read_rank(self._store, manifest, rank=0, names=[name])[name]
-        return self._store.read_tensor(entry, step=step, name=name)
+        return read_rank(self._store, manifest, rank=0, names=[name])[name]
 
     def read(
         self,
@@ -235,10 +232,7 @@ class Run:
             failure: Exception | None = None
             tensors: dict[str, torch.Tensor] = {}
             try:
-                if manifest.world_size > 1:
-                    tensors = read_rank(self._store, manifest, rank=rank, into=into)
-                else:
-                    tensors = self._store.load_tensors(candidate, into=into)
+                tensors = read_rank(self._store, manifest, rank=rank, into=into)
             except Exception as exc:
                 if ranks is None and not isinstance(exc, CorruptCheckpointError):
                     raise
@@ -275,7 +269,7 @@ class Run:
         """The steps :meth:`read` tries, newest first (only ``step`` when given)."""
         if step is not None:
             if full_only:
-                kind = Variant.from_json(self.manifest(step).extra.get("variant")).kind
+                kind = _variant(self.manifest(step)).kind
                 if kind != "full":
                     raise CheckpointError(
                         f"step {step} holds {kind} only and cannot resume training; "
@@ -285,11 +279,7 @@ class Run:
         steps = sorted(self.steps(), reverse=True)
         if not full_only:
             return steps
-        return [
-            s
-            for s in steps
-            if Variant.from_json(self.manifest(s).extra.get("variant")).kind == "full"
-        ]
+        return [s for s in steps if _variant(self.manifest(s)).kind == "full"]
 
     def load(self, step: StepSpec = None) -> dict[str, Any]:
         """A checkpoint's saved values without a live state: state dicts, tensors, values

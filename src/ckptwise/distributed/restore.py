@@ -2,7 +2,8 @@
 
 A rank restores its own view of the checkpoint (its per-rank state, such as RNG and data
 position, and its chunks of sharded tensors). A rank the checkpoint did not have (more
-ranks now than then) restores rank 0's per-rank state. Sharded tensors are cut to the chunk
+ranks now than then) restores rank 0's per-rank state; a checkpoint of one process is all
+rank 0's, so the one-process read path is the same. Sharded tensors are cut to the chunk
 each live ``DTensor`` holds now, from whichever saved chunks overlap it; on one process
 they are put back together whole.
 """

@@ -34,12 +34,10 @@ from ckptwise.errors import CheckpointError
 from ckptwise.records import CheckpointInfo
 from ckptwise.snapshot import Snapshot
 from ckptwise.store import CheckpointStore, Manifest, TensorEntry
-from ckptwise.store.commit import CommitPlan
+from ckptwise.store.commit import CommitPlan, ObjectUse
 from ckptwise.store.manifest import RankView, Shard
 
 __all__ = ["commit_across_ranks"]
-
-_Use = tuple[str, str, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class _Report:
     """What one rank tells rank 0 after hashing."""
 
     step: int
-    names: dict[str, _Use]
+    names: dict[str, ObjectUse]
     shards: dict[str, Shard]
     new: dict[str, int]  # object id -> raw bytes, for objects this rank's index lacks
     tree: dict[str, Any]

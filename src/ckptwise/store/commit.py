@@ -35,7 +35,15 @@ from ckptwise.store.manifest import Manifest, TensorEntry, dtype_name, encode_ma
 from ckptwise.store.planner import CodecPlanner
 from ckptwise.store.reader import Reader
 
-__all__ = ["SPACE_MARGIN", "WRITERS", "CommitPlan", "Committer", "Encoded", "NewObject"]
+__all__ = [
+    "SPACE_MARGIN",
+    "WRITERS",
+    "CommitPlan",
+    "Committer",
+    "Encoded",
+    "NewObject",
+    "ObjectUse",
+]
 
 #: Threads encoding and writing the new objects of one commit.
 WRITERS = 4
@@ -45,7 +53,7 @@ SPACE_MARGIN = 64 * 2**20
 DELTA_GAIN = 0.9
 
 #: How a tensor of a checkpoint uses an object: (object id, dtype name, shape).
-_Use = tuple[str, str, tuple[int, ...]]
+ObjectUse = tuple[str, str, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ class CommitPlan:
     """What one process's tensors need: how each name uses an object (id, dtype, shape),
     the entries of objects a committed checkpoint already holds, and the objects to write."""
 
-    names: dict[str, _Use]
+    names: dict[str, ObjectUse]
     reused: dict[str, TensorEntry]
     new: dict[str, NewObject]
 
@@ -176,7 +184,7 @@ class Committer:
         quantize = set(lossy)
         latest = self.index.latest()
         previous = None if latest is None else latest.view(rank if rank < latest.world_size else 0)
-        names: dict[str, _Use] = {}
+        names: dict[str, ObjectUse] = {}
         reused: dict[str, TensorEntry] = {}
         new: dict[str, NewObject] = {}
         for name, tensor in tensors.items():
