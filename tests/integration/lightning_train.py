@@ -3,8 +3,10 @@
 ``python lightning_train.py RUN --steps 40 --losses OUT [--resume] [--step-sleep S]`` trains
 an MLP with dropout through ``ckptwise.integrations.lightning.CheckpointCallback``, appending
 each step's loss (as an exact hex float) to OUT, one JSON line per step. Under ``torchrun``
-with ``--ddp`` it trains with Lightning's ``ddp`` strategy, each rank on its own order of
-the data, and appends to ``OUT.rankR``.
+with ``--ddp`` it trains with Lightning's ``ddp`` strategy (with ``--fsdp``, its
+``ModelParallelStrategy``, which shards the model with FSDP2's ``fully_shard`` and runs on the
+CPU, where Lightning's FSDP1 strategy refuses to), each rank on its own order of the data, and
+appends to ``OUT.rankR``.
 """
 
 from __future__ import annotations
@@ -24,11 +26,24 @@ from ckptwise.integrations.lightning import CheckpointCallback
 
 
 class Tiny(L.LightningModule):
-    def __init__(self, losses: str | None = None, step_sleep: float = 0.0) -> None:
+    def __init__(
+        self, losses: str | None = None, step_sleep: float = 0.0, shard: bool = False
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
         self.losses = losses
         self.step_sleep = step_sleep
+        self.shard = shard
+
+    def configure_model(self) -> None:
+        if self.shard:  # FSDP2: each Linear its own unit, then the root
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -77,22 +92,30 @@ def run(
     keep: cw.RetentionPolicy | None = None,
     val_every: int = 5,
     ddp: bool = False,
+    fsdp: bool = False,
 ) -> CheckpointCallback:
     torch.manual_seed(0)
     rank = 0
     spread: dict[str, Any] = {}
-    if ddp:
+    if ddp or fsdp:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")  # before the callback: its manager joins this job
         rank = dist.get_rank()
         losses = f"{losses}.rank{rank}" if losses else None
+        strategy: Any = "ddp"
+        if fsdp:
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            strategy = ModelParallelStrategy(
+                data_parallel_size=dist.get_world_size(), tensor_parallel_size=1
+            )
         spread = {
-            "strategy": "ddp",
+            "strategy": strategy,
             "devices": dist.get_world_size(),
             "use_distributed_sampler": False,
         }
-    model = Tiny(losses, step_sleep)
+    model = Tiny(losses, step_sleep, shard=fsdp)
     callback = CheckpointCallback(root, save=save or cw.every(5), keep=keep or cw.keep_last(2))
     trainer = L.Trainer(
         max_steps=steps,
@@ -121,6 +144,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--ddp", action="store_true")
+    parser.add_argument("--fsdp", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     run(
@@ -130,6 +154,7 @@ def main() -> None:
         resume=args.resume,
         step_sleep=args.step_sleep,
         ddp=args.ddp,
+        fsdp=args.fsdp,
     )
 
 

@@ -138,11 +138,17 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path: Path) -> None:
     assert not list((tmp_path / "b" / "lightning-resume").glob("*.ckpt"))
 
 
-def test_ddp_under_torchrun_resumes_each_rank_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_several_processes_under_torchrun_resume_each_rank_exactly(
+    tmp_path: Path, strategy: str
+) -> None:
+    """``ddp``, and FSDP2 through ``ModelParallelStrategy`` (each rank's shards saved as its
+    own entries, the run resumed from them with every rank's losses bit-identical)."""
+
     def torchrun(run_dir: Path, losses: Path, *args: str) -> None:
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-             "2", str(SCRIPT), str(run_dir), "--ddp", "--losses", str(losses), *args],
+             "2", str(SCRIPT), str(run_dir), f"--{strategy}", "--losses", str(losses), *args],
             capture_output=True, text=True, timeout=300,
             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
         )  # fmt: skip
@@ -154,7 +160,10 @@ def test_ddp_under_torchrun_resumes_each_rank_exactly(tmp_path: Path) -> None:
 
     torchrun(tmp_path / "a", tmp_path / "a.jsonl", "--steps", "20")
     torchrun(tmp_path / "b", tmp_path / "b.jsonl", "--steps", "12")  # saves 5 and 10
-    assert cw.open_run(tmp_path / "b").manifest(10).world_size == 2
+    manifest = cw.open_run(tmp_path / "b").manifest(10)
+    assert manifest.world_size == 2
+    sharded = [entry for entry in manifest.entries() if getattr(entry, "shard", None)]
+    assert bool(sharded) == (strategy == "fsdp")
     torchrun(tmp_path / "b", tmp_path / "b.jsonl", "--steps", "20", "--resume")
     for rank in (0, 1):
         straight = read(tmp_path / f"a.jsonl.rank{rank}")

@@ -16,6 +16,11 @@ decision for step N at the start of batch N+1 -- after any validation of step N,
 ``on_improvement("val_loss")`` sees it, and at the point where a resumed run puts the RNG
 states back. :meth:`CheckpointCallback.resume_checkpoint` writes the newest checkpoint
 that verifies as a ``.ckpt`` for ``trainer.fit(ckpt_path=...)``, which restores the loops.
+
+Under ``torchrun`` (``strategy="ddp"``, or FSDP2 through ``ModelParallelStrategy``) the
+process group must exist before the callback is created, so its manager joins the job; each
+rank then saves its own state (its shards, under FSDP2) and resumes from its own ``.ckpt``,
+which holds whole tensors that Lightning shards again on load.
 """
 
 from __future__ import annotations
