@@ -39,6 +39,7 @@ class Tiny(L.LightningModule):
         if self.shard:  # FSDP2: each Linear its own unit, then the root
             from torch.distributed.fsdp import fully_shard
 
+            assert self.device_mesh is not None  # set by ModelParallelStrategy
             mesh = self.device_mesh["data_parallel"]
             for layer in self.net:
                 if isinstance(layer, nn.Linear):
