@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from ckptwise.errors import CorruptCheckpointError, SnapshotError, StorageError
 from ckptwise.store import CheckpointStore, LocalBackend, open_backend
+from ckptwise.store.commit import space_margin
 from ckptwise.store.layout import object_path
 from ckptwise.store.manifest import DTYPES
 
@@ -213,3 +215,87 @@ def test_a_dtype_the_format_lacks_is_the_callers_error(tmp_path: Path) -> None:
         store.commit(1, {"w": torch.zeros(2, dtype=torch.float8_e4m3fnuz)})
     assert store.steps() == []
     assert not (tmp_path / "objects").exists()
+
+
+class SmallDisk(LocalBackend):
+    """A real local backend on a volume that says it has only ``free`` bytes left."""
+
+    def __init__(self, root: Path, free: int) -> None:
+        super().__init__(root)
+        self.free = free
+
+    def free_bytes(self) -> int | None:
+        return self.free
+
+
+def test_the_space_margin_grows_with_the_save() -> None:
+    assert space_margin(0) == 2**20  # at least 1 MiB
+    assert space_margin(10 * 2**20) == 2**20
+    assert space_margin(1000 * 2**20) == 20 * 2**20  # 2 % of a large save
+    assert space_margin(1000 * 2**20, files=256) == 21 * 2**20  # and a block per file
+
+
+def test_a_small_save_fits_on_a_nearly_full_volume(tmp_path: Path) -> None:
+    store = CheckpointStore(SmallDisk(tmp_path, free=3 * 2**20))
+    store.commit(1, {"w": torch.zeros(2**18)})  # 1 MiB; a flat 64 MiB margin refused it
+    assert store.verify() == []
+
+
+def test_a_save_that_would_eat_the_margin_is_refused_naming_it(tmp_path: Path) -> None:
+    store = CheckpointStore(SmallDisk(tmp_path, free=int(2.5 * 2**20)))
+    with pytest.raises(StorageError, match=r"keeping 1\.0 MiB spare \(2% of the save, at least 1"):
+        store.commit(1, {"w": torch.zeros(2**19)})  # 2 MiB
+    assert store.steps() == []
+    assert not (tmp_path / "objects").exists()  # nothing was written
+
+
+class FailingSync(LocalBackend):
+    """A real local backend whose folder syncs of ``checkpoints/`` fail ``sync_failures``
+    times, and whose deletions fail while ``deletes_fail``."""
+
+    def __init__(self, root: Path, *, sync_failures: int, deletes_fail: bool = False) -> None:
+        super().__init__(root)
+        self.sync_failures = sync_failures
+        self.deletes_fail = deletes_fail
+
+    def sync_dirs(self, dirs: Iterable[str]) -> None:
+        dirs = list(dirs)
+        if "checkpoints" in dirs and self.sync_failures:
+            self.sync_failures -= 1
+            raise StorageError("could not sync folder checkpoints: EIO (injected)")
+        super().sync_dirs(dirs)
+
+    def delete(self, path: str) -> None:
+        if self.deletes_fail:
+            raise StorageError(f"could not delete {path}: EIO (injected)")
+        super().delete(path)
+
+
+def test_a_manifest_that_cannot_be_made_durable_is_removed_again(tmp_path: Path) -> None:
+    store_at(tmp_path).commit(1, {"w": torch.zeros(10)})
+    backend = FailingSync(tmp_path, sync_failures=1)
+    store = CheckpointStore(backend)
+    with pytest.raises(StorageError, match="removed again, so the step was not saved"):
+        store.commit(2, {"w": torch.ones(10)})
+    assert store.steps() == [1]
+    assert not (tmp_path / "checkpoints" / "000000000002.json").exists()
+    store.commit(3, {"w": torch.full((10,), 3.0)})
+    assert store_at(tmp_path).steps() == [1, 3]
+    assert store_at(tmp_path).verify() == []
+
+
+def test_a_manifest_that_can_be_neither_synced_nor_removed_is_kept_with_its_objects(
+    tmp_path: Path,
+) -> None:
+    store_at(tmp_path).commit(1, {"w": torch.zeros(10)})
+    backend = FailingSync(tmp_path, sync_failures=1, deletes_fail=True)
+    store = CheckpointStore(backend)
+    with pytest.raises(StorageError, match="is kept, with all its objects"):
+        store.commit(2, {"w": torch.ones(10)})
+    assert store.steps() == [1, 2]  # the index knows it, so its objects stay referenced
+    backend.deletes_fail = False
+    store.delete([1])  # garbage collection must not take step 2's objects
+    reopened = store_at(tmp_path)
+    assert reopened.steps() == [2]
+    assert reopened.verify() == []
+    assert torch.equal(reopened.load_tensors(2)["w"], torch.ones(10))

@@ -1,25 +1,47 @@
 """The write path: dedup, codec choice, deltas, parallel object writes, atomic commit.
 
 A commit writes and fsyncs every new object, then the manifest under a temporary name, then
-renames it into place: until that rename the checkpoint does not exist, and anything else
-left by a crash is debris that :meth:`Index.clean` removes. An object already referenced by
-a committed checkpoint is never written again.
+renames it into place and syncs ``checkpoints/``: until that rename the checkpoint does not
+exist, and anything else left by a crash is debris that :meth:`Index.clean` removes.
+
+Whatever fails, a commit leaves its step in one of two states: committed (manifest in place,
+every object durable, the index knowing it) or absent. When the rename may have happened but
+the folder sync failed, the manifest is removed again and the folder synced; if even that
+fails, the manifest stays, the index keeps it (so its objects stay referenced) and the error
+says so. Garbage collection never deletes an object a manifest on disk names (see
+:mod:`~ckptwise.store.index`), so no outcome leaves a manifest whose objects can vanish.
+
+Dedup does not trust a stored object forever. A reused object's size is checked on every
+save (one stat; on a remote store, where each is a request, only with the full checks); the
+first time this store reuses an object it did not write itself, and whenever its last check
+is older than ``recheck``, it is read back and hashed. An object that
+fails is written again from the live tensor, whose bytes hash to the same id, which repairs
+every older checkpoint that shares it too (a delta object is rewritten whole, as its own
+keyframe). A delta whose base cannot be read back is stored whole instead: a save never
+depends on damaged history.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time as _time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, NoReturn
 
 import torch
 
-from ckptwise.errors import StorageError
+from ckptwise.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StorageError,
+)
 from ckptwise.store.backend import Backend
-from ckptwise.store.codecs import DELTA, Q8, Q8_CODEC, RAW, XOR_CODEC, get_codec
+from ckptwise.store.codecs import DELTA, LOSSLESS, Q8, Q8_CODEC, RAW, XOR_CODEC, get_codec
 from ckptwise.store.index import Index
 from ckptwise.store.layout import (
     CHECKPOINTS,
@@ -36,24 +58,55 @@ from ckptwise.store.planner import CodecPlanner
 from ckptwise.store.reader import Reader
 
 __all__ = [
-    "SPACE_MARGIN",
+    "FILE_OVERHEAD",
+    "MARGIN_SHARE",
+    "MIN_MARGIN",
+    "RECHECK",
     "WRITERS",
     "CommitPlan",
     "Committer",
     "Encoded",
     "NewObject",
     "ObjectUse",
+    "space_margin",
 ]
+
+log = logging.getLogger("ckptwise")
 
 #: Threads encoding and writing the new objects of one commit.
 WRITERS = 4
-#: Room left free on the disk after a save, for the manifest and everything else.
-SPACE_MARGIN = 64 * 2**20
+#: The space margin's share of a save's bytes, and its floor (see :func:`space_margin`).
+MARGIN_SHARE = 0.02
+MIN_MARGIN = 2**20
+#: What one new file may take on disk beyond its bytes: one filesystem block.
+FILE_OVERHEAD = 4096
+#: How long a reused object, once read back and hashed by a store, is trusted without
+#: another full read (its size is still checked on every save).
+RECHECK = timedelta(hours=1)
 #: A delta is kept only when it is this much smaller than the whole object.
 DELTA_GAIN = 0.9
 
 #: How a tensor of a checkpoint uses an object: (object id, dtype name, shape).
 ObjectUse = tuple[str, str, tuple[int, ...]]
+
+
+def space_margin(needed: int, files: int = 0) -> int:
+    """Room a save of ``needed`` bytes in ``files`` new objects leaves free on the disk.
+
+    ``needed`` counts raw bytes, which no lossless codec exceeds by more than a header, so
+    the margin only has to hold what the save adds beyond them: a block of slack per file,
+    the manifest (a few hundred bytes per tensor), ``run.json``, and the headers. 2 % of the
+    save covers those with room to spare for any save of more than a few files, and at
+    least 1 MiB keeps a small save from filling the disk to the last byte. It grows with the
+    save instead of being flat (it was 64 MiB), so a volume with little free space still
+    takes saves that fit.
+    """
+    return max(MIN_MARGIN, int(needed * MARGIN_SHARE)) + files * FILE_OVERHEAD
+
+
+def _check_key(entry: TensorEntry) -> tuple[str, int, tuple[tuple[str, str, int], ...]]:
+    """What must not change for a past check of an object to still hold."""
+    return entry.codec, entry.stored_bytes, entry.bases
 
 
 @dataclass(frozen=True)
@@ -125,12 +178,17 @@ class Committer:
         planner: CodecPlanner,
         *,
         deltas: int | None,
+        recheck: timedelta = RECHECK,
     ) -> None:
         self.backend = backend
         self.index = index
         self.reader = reader
         self.planner = planner
         self.deltas = deltas
+        self.recheck = recheck
+        #: when this store last read back and hashed an object (or wrote it), and the
+        #: entry it checked it as
+        self._checked: dict[str, tuple[float, tuple[Any, ...]]] = {}
 
     def commit(
         self,
@@ -150,7 +208,7 @@ class Committer:
         then hold what they decode to, and the error in ``note``.
         """
         plan = self.plan(tensors, lossy=lossy)
-        self.check_space(plan.new_bytes)
+        self.check_space(plan.new_bytes, files=len(plan.new))
         written = self.write_objects(plan.new)
         return self.publish(
             Manifest(
@@ -167,11 +225,65 @@ class Committer:
 
     def publish(self, manifest: Manifest) -> Manifest:
         """Commit ``manifest`` (whose objects are durable): write it under a temporary name,
-        sync, rename it into place, and add it to the index."""
-        self.backend.write_atomic(manifest_path(manifest.step), [encode_manifest(manifest)])
-        self.backend.sync_dirs([CHECKPOINTS])
+        sync, rename it into place, sync ``checkpoints/``, and add it to the index.
+
+        Raises:
+            StorageError: the step was not committed, or (the message says which) its
+                manifest is in place but could not be made durable nor removed; it is then
+                kept, with its objects.
+        """
+        path = manifest_path(manifest.step)
+        data = encode_manifest(manifest)
+        try:
+            self.backend.write_atomic(path, [data])
+            self.backend.sync_dirs([CHECKPOINTS])
+        except CheckpointError as exc:
+            self._settle(manifest, path, data, exc)
         self.index.publish(manifest)
         return manifest
+
+    def _settle(self, manifest: Manifest, path: str, data: bytes, error: Exception) -> NoReturn:
+        """After a failed publish, leave ``manifest.step`` committed or absent, then raise."""
+        step = manifest.step
+        replacing = step in self.index.steps()
+        try:
+            in_place: bool | None = self.backend.read_bytes(path) == data
+        except CheckpointNotFoundError:
+            in_place = False
+        except CheckpointError:
+            in_place = None  # cannot tell
+        if in_place is False:
+            raise StorageError(
+                f"could not save step {step}: {error}. Its manifest {path} was not committed "
+                "and the run is as before; free space or fix the disk, then save again"
+            ) from error
+        if in_place is None and replacing:
+            # removing the file could remove the step's earlier checkpoint: keep both sets
+            # of objects instead, whichever manifest is there
+            self.index.hold(manifest)
+            raise StorageError(
+                f"could not save step {step} again: {error}. Whether {path} holds the new or "
+                "the earlier checkpoint of that step cannot be read back; the objects of both "
+                "are kept. Check the disk, then run `ckptwise verify`"
+            ) from error
+        try:
+            self.backend.delete(path)
+            self.backend.sync_dirs([CHECKPOINTS])
+        except CheckpointError as undo:
+            self.index.publish(manifest)  # it may be there: its objects must stay
+            raise StorageError(
+                f"step {step}'s manifest {path} is in place but could not be made durable "
+                f"({error}) nor removed ({undo}). The checkpoint is kept, with all its "
+                "objects, but may not survive a crash: check the disk, then run "
+                "`ckptwise verify`"
+            ) from error
+        if replacing:
+            self.index.forget(step)  # the rename had replaced the earlier manifest
+            log.warning("step %d's earlier checkpoint was replaced, then removed", step)
+        raise StorageError(
+            f"could not make step {step}'s manifest {path} durable: {error}. It was removed "
+            "again, so the step was not saved; free space or fix the disk, then save again"
+        ) from error
 
     def plan(
         self, tensors: Mapping[str, torch.Tensor], *, lossy: Iterable[str] = (), rank: int = 0
@@ -201,10 +313,17 @@ class Committer:
             if oid in reused or oid in new:
                 continue
             known = self.index.known(oid)
-            if known is not None:
+            if known is not None and self._still_good(known, name):
                 reused[oid] = known
             elif encoded is not None:
                 new[oid] = NewObject(raw, dtype, shape, itemsize, Q8, encoded.note, encoded=encoded)
+            elif known is not None:
+                # a damaged object, rewritten whole: in its own codec unless that was a delta
+                if known.codec in LOSSLESS:
+                    codec, note = known.codec, known.note
+                else:
+                    codec, note = self.planner.choose(tensor.dtype, len(raw))
+                new[oid] = NewObject(raw, dtype, shape, itemsize, codec, note)
             else:
                 codec, note = self.planner.choose(tensor.dtype, len(raw))
                 base = None
@@ -212,6 +331,54 @@ class Committer:
                     base = self._delta_base(previous.get(name), dtype, shape)
                 new[oid] = NewObject(raw, dtype, shape, itemsize, codec, note, base)
         return CommitPlan(names, reused, new)
+
+    def _still_good(self, known: TensorEntry, name: str) -> bool:
+        """Whether a stored object may be reused as it is (see the module docstring).
+
+        Logs a warning naming the object and ``name`` when it may not.
+        """
+        oid = known.object
+        now = _time.monotonic()
+        last = self._checked.get(oid)
+        due = (
+            last is None
+            or last[1] != _check_key(known)
+            or now - last[0] >= self.recheck.total_seconds()
+        )
+        try:
+            if due or not self.planner.remote:  # a stat is cheap only on a local disk
+                size = self.backend.size(object_path(oid))
+                if size != known.stored_bytes:
+                    raise CorruptCheckpointError(f"holds {size} bytes, not {known.stored_bytes}")
+            if due:
+                self.reader.read_raw(known)
+                self._checked[oid] = (now, _check_key(known))
+            return True
+        except CheckpointNotFoundError:
+            problem = "is missing"
+        except CorruptCheckpointError as exc:
+            problem = f"is damaged ({exc})"
+        except StorageError as exc:
+            if known.codec == DELTA:
+                # rewriting it whole would break the checkpoints that read it as a delta,
+                # and an unreadable disk is not proof of damage
+                log.warning(
+                    "object %s of tensor %r could not be checked (%s); reusing it unchecked",
+                    oid,
+                    name,
+                    exc,
+                )
+                return True
+            problem = f"could not be checked ({exc})"
+        log.warning(
+            "object %s of tensor %r %s; writing it again from the live tensor, which repairs "
+            "every checkpoint that shares it",
+            oid,
+            name,
+            problem,
+        )
+        self._checked.pop(oid, None)
+        return False
 
     def _delta_base(
         self, prior: TensorEntry | None, dtype: str, shape: tuple[int, ...]
@@ -227,15 +394,19 @@ class Committer:
             return None
         return prior
 
-    def check_space(self, needed: int) -> None:
-        """Raise :class:`StorageError` unless ``needed`` bytes (and a margin) fit."""
+    def check_space(self, needed: int, *, files: int = 0) -> None:
+        """Raise :class:`StorageError` unless ``needed`` bytes in ``files`` new objects, and
+        the :func:`space_margin`, fit."""
         free = self.backend.free_bytes()
-        if free is not None and needed + SPACE_MARGIN > free:
+        margin = space_margin(needed, files)
+        if free is not None and needed + margin > free:
             raise StorageError(
                 f"not enough free space in {self.backend.url}: this save needs up to "
-                f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free (keeping "
-                f"{SPACE_MARGIN / 2**20:.0f} MiB spare). Nothing was written; free space, or "
-                "keep fewer checkpoints (e.g. keep=cw.keep_last(2) or cw.keep_budget(...))"
+                f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free, keeping "
+                f"{margin / 2**20:.1f} MiB spare ({MARGIN_SHARE:.0%} of the save, at least "
+                f"{MIN_MARGIN / 2**20:.0f} MiB, plus {FILE_OVERHEAD // 1024} KiB per new "
+                "file). Nothing was written; free space, or keep fewer checkpoints (e.g. "
+                "keep=cw.keep_last(2) or cw.keep_budget(...))"
             )
 
     def write_objects(self, new: Mapping[str, NewObject]) -> dict[str, TensorEntry]:
@@ -249,10 +420,10 @@ class Committer:
         def write(oid: str, job: NewObject) -> None:
             nonlocal encode_seconds
             t0 = _time.perf_counter()
-            encoded = self._encode(job)
+            encoded = self._encode(oid, job)
             encode_seconds += _time.perf_counter() - t0
             stored = self.backend.write_atomic(object_path(oid), [encoded.data])
-            written[oid] = TensorEntry(
+            entry = TensorEntry(
                 object=oid,
                 dtype=job.dtype,
                 shape=job.shape,
@@ -262,6 +433,9 @@ class Committer:
                 note=encoded.note,
                 bases=encoded.bases,
             )
+            written[oid] = entry
+            # written from bytes that hash to its id: as good as a check
+            self._checked[oid] = (_time.monotonic(), _check_key(entry))
 
         if len(new) == 1:
             for oid, job in new.items():
@@ -281,7 +455,7 @@ class Committer:
         self.planner.observed_write(sum(e.stored_bytes for e in written.values()), elapsed)
         return written
 
-    def _encode(self, job: NewObject) -> Encoded:
+    def _encode(self, oid: str, job: NewObject) -> Encoded:
         """The stored form of a new object: a delta when it beats the whole object by 10 %."""
         if job.encoded is not None:
             return job.encoded
@@ -292,7 +466,17 @@ class Committer:
             self.planner.observed_encode(job.itemsize, len(job.raw), len(whole), spent)
         if job.base is None:
             return Encoded(whole, job.codec, job.note)
-        base = byte_view(self.reader.read_raw(job.base))
+        try:
+            base = byte_view(self.reader.read_raw(job.base))
+        except CheckpointError as exc:
+            log.warning(
+                "object %s, the base for a delta, cannot be read back (%s); storing the new "
+                "object %s whole instead",
+                job.base.object,
+                exc,
+                oid,
+            )
+            return Encoded(whole, job.codec, job.note)
         delta = XOR_CODEC.encode(job.raw, base=base, itemsize=job.itemsize)
         if len(delta) >= DELTA_GAIN * len(whole):
             return Encoded(whole, job.codec, job.note)

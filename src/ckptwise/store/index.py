@@ -1,28 +1,50 @@
-"""The in-memory index of a run's committed manifests, and garbage collection.
+"""The in-memory index of a run's committed manifests, its branches, and garbage collection.
 
 The index is read from the manifests once (:meth:`Index.refresh`) and then kept current by
-the store's own commits and deletions, so dedup and garbage collection need no listing of
-objects on the hot path. An object counts as referenced by every checkpoint whose entries
-name it, directly or as a base of a delta.
+the store's own commits and deletions, so dedup needs no listing of objects on the hot path.
+An object counts as referenced by every checkpoint whose entries name it, directly or as a
+base of a delta.
+
+Garbage collection does not trust the index alone: before deleting anything it syncs the
+manifest folders (so no deletion or rename of a manifest can be undone by a crash later),
+lists them again and reads every manifest the index lacks, the manifests of branches
+(``branches/NAME/``: checkpoints a rollback set aside) included. An object is deleted only
+when no manifest on disk, none the index holds and none it was told to :meth:`~Index.hold`
+names it; while any manifest cannot be read, or a folder cannot be synced or listed, nothing
+is deleted.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from ckptwise.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatError
+from ckptwise.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    FormatError,
+    StorageError,
+)
 from ckptwise.records import CheckpointInfo
 from ckptwise.store.backend import TMP_MARK, Backend
+from ckptwise.store.branch import BRANCHES, check_branch_name
 from ckptwise.store.codecs import readable
 from ckptwise.store.layout import CHECKPOINTS, OBJECTS, manifest_path, manifest_step
 from ckptwise.store.manifest import Manifest, TensorEntry, decode_manifest
 
-__all__ = ["Index", "read_manifest"]
+__all__ = ["Index", "branch_manifest_path", "read_manifest"]
 
 log = logging.getLogger("ckptwise")
+
+_BRANCH_MANIFEST = re.compile(rf"^{BRANCHES}/([^/]+)/(\d+)\.json$")
+
+
+def branch_manifest_path(name: str, step: int) -> str:
+    """Where branch ``name`` keeps the manifest of ``step``."""
+    return f"{BRANCHES}/{name}/{step:012d}.json"
 
 
 def read_manifest(backend: Backend, path: str) -> Manifest:
@@ -52,6 +74,10 @@ class Index:
         self._entries: dict[str, TensorEntry] = {}
         #: manifest paths that exist but could not be read, with the reason
         self.broken: dict[str, str] = {}
+        #: objects garbage collection keeps whatever the manifests say (see :meth:`hold`)
+        self._held: set[str] = set()
+        #: branch manifests read so far, by path (a branch's files are written once)
+        self._branch_cache: dict[str, Manifest] = {}
 
     def refresh(self) -> None:
         """Reload from the committed manifests."""
@@ -131,7 +157,8 @@ class Index:
         for entry in manifest.entries():
             for oid, described in _objects_of(entry):
                 self._refs.setdefault(oid, set()).add(manifest.step)
-                self._entries.setdefault(oid, described)
+                # the newest description wins: a repaired object is stored as it says
+                self._entries[oid] = described
 
     def _remove(self, step: int) -> Manifest | None:
         manifest = self._manifests.pop(step, None)
@@ -160,46 +187,198 @@ class Index:
             if replaced is not None:
                 self.collect_garbage()
 
+    def forget(self, step: int) -> None:
+        """Drop ``step`` from the index without touching the disk (its manifest is gone)."""
+        with self.lock:
+            self._remove(step)
+
+    def hold(self, manifest: Manifest) -> None:
+        """Keep the objects of ``manifest`` from garbage collection for this index's life.
+
+        For a manifest that may or may not be on disk (a commit whose outcome could not be
+        established): a later run re-reads the disk and decides from what it finds.
+        """
+        with self.lock:
+            for entry in manifest.entries():
+                self._held.update(oid for oid, _ in _objects_of(entry))
+
     def delete(self, steps: Iterable[int]) -> None:
-        """Delete committed checkpoints: manifests first, then objects no one references."""
+        """Delete committed checkpoints: manifests first, then objects no one references.
+
+        A step leaves the index as soon as its manifest is unlinked, so a failure part way
+        leaves every step either deleted or whole. Garbage collection runs only once the
+        deletions are durable; its own failures are logged, never raised (what it leaves is
+        debris that a later collection removes).
+        """
         with self.lock:
             doomed = [s for s in steps if s in self._manifests]
             if not doomed:
                 return
             for step in doomed:
                 self.backend.delete(manifest_path(step))
-            self.backend.sync_dirs([CHECKPOINTS])
-            for step in doomed:
                 self._remove(step)
+            self.backend.sync_dirs([CHECKPOINTS])
             self.collect_garbage()
 
-    def collect_garbage(self) -> int:
-        """Delete objects no committed manifest references; returns how many.
+    # -- branches --------------------------------------------------------------------------
 
-        Skipped (with a warning) while some manifest cannot be read, since its objects are
-        unknown and a person may still want to rescue them.
+    def branches(self) -> dict[str, list[Manifest]]:
+        """The run's branches, each with its manifests oldest first, as on disk now.
+
+        Lists ``branches/`` on every call; a branch manifest is read once and then cached
+        (branch files are written once). One that cannot be read is left out and recorded
+        in :attr:`broken`, which stops garbage collection.
         """
         with self.lock:
-            if self.broken:
-                log.warning(
-                    "not collecting unreferenced objects: %d manifest(s) cannot be read (%s)",
-                    len(self.broken),
-                    ", ".join(self.broken),
+            found: dict[str, list[Manifest]] = {}
+            seen: set[str] = set()
+            for path in self.backend.list_files(BRANCHES):
+                match = _BRANCH_MANIFEST.match(path)
+                if match is None:
+                    continue
+                seen.add(path)
+                manifest = self._branch_cache.get(path)
+                if manifest is None:
+                    try:
+                        manifest = read_manifest(self.backend, path)
+                        if manifest.step != int(match.group(2)):
+                            raise FormatError(f"manifest {path} says step {manifest.step}")
+                    except CheckpointNotFoundError:
+                        continue  # deleted since the listing
+                    except CorruptCheckpointError as exc:
+                        self.broken[path] = str(exc)
+                        continue
+                    self._branch_cache[path] = manifest
+                self.broken.pop(path, None)
+                found.setdefault(match.group(1), []).append(manifest)
+            for path in set(self._branch_cache) - seen:
+                del self._branch_cache[path]
+            for path in [p for p in self.broken if p.startswith(BRANCHES + "/")]:
+                if path not in seen:
+                    del self.broken[path]
+            return {name: sorted(ms, key=lambda m: m.step) for name, ms in sorted(found.items())}
+
+    def move_to_branch(self, steps: Iterable[int], name: str) -> None:
+        """Move committed checkpoints off the main line into branch ``name``.
+
+        Each manifest's bytes are first written, durably, to ``branches/NAME/``; only then
+        are the originals deleted from ``checkpoints/``. A crash in between leaves a step in
+        both places, which is harmless; never in neither. The objects are not touched: the
+        branch's manifests keep them referenced. An existing branch of that name gains the
+        steps (a step it already holds is replaced).
+
+        Raises:
+            ConfigError: ``name`` cannot name a folder.
+            CheckpointNotFoundError: a step is not committed.
+        """
+        folder = f"{BRANCHES}/{check_branch_name(name)}"
+        with self.lock:
+            chosen = sorted(set(steps))
+            for step in chosen:
+                self.manifest(step)  # every step must be committed before anything moves
+            if not chosen:
+                return
+            copies: dict[str, Manifest] = {}
+            for step in chosen:
+                data = self.backend.read_bytes(manifest_path(step))
+                path = branch_manifest_path(name, step)
+                copies[path] = decode_manifest(data, where=path, codecs=readable())
+                self.backend.write_atomic(path, [data])
+            self.backend.sync_dirs(["", BRANCHES, folder])
+            self._branch_cache.update(copies)
+            for step in chosen:
+                self.backend.delete(manifest_path(step))
+                self._remove(step)
+            self.backend.sync_dirs([CHECKPOINTS])
+
+    def delete_branch(self, name: str) -> None:
+        """Delete branch ``name``'s manifests, then the objects nothing else references.
+
+        Raises:
+            ConfigError: ``name`` cannot name a folder.
+            CheckpointNotFoundError: the run has no such branch.
+        """
+        folder = f"{BRANCHES}/{check_branch_name(name)}"
+        with self.lock:
+            files = self.backend.list_files(folder)
+            if not any(_BRANCH_MANIFEST.match(p) for p in files):
+                have = ", ".join(self.branches()) or "none"
+                raise CheckpointNotFoundError(
+                    f"run {self.backend.url} has no branch {name!r} (have: {have})"
                 )
+            for path in files:
+                self.backend.delete(path)
+                self._branch_cache.pop(path, None)
+                self.broken.pop(path, None)
+            self.backend.sync_dirs([folder])
+            self.collect_garbage()
+
+    # -- garbage ---------------------------------------------------------------------------
+
+    def _referenced(self) -> set[str] | None:
+        """Every object some manifest on disk (or this index, or a hold) references, or
+        ``None`` when that cannot be known (see the module docstring)."""
+        branches = self.branches()
+        if self.broken:
+            log.warning(
+                "not collecting unreferenced objects: %d manifest(s) cannot be read (%s)",
+                len(self.broken),
+                ", ".join(self.broken),
+            )
+            return None
+        # make every manifest deletion and rename so far durable: none can reappear after
+        # a crash to name an object deleted below
+        self.backend.sync_dirs([CHECKPOINTS, *(f"{BRANCHES}/{name}" for name in branches)])
+        keep = set(self._refs) | self._held
+        manifests = [m for ms in branches.values() for m in ms]
+        for path in self.backend.list_files(CHECKPOINTS):
+            step = manifest_step(path)
+            if step is None or step in self._manifests:
+                continue
+            try:
+                manifests.append(read_manifest(self.backend, path))
+            except CheckpointNotFoundError:
+                continue  # deleted since the listing
+        for manifest in manifests:
+            for entry in manifest.entries():
+                keep.update(oid for oid, _ in _objects_of(entry))
+        return keep
+
+    def collect_garbage(self) -> int:
+        """Delete objects no manifest references; returns how many.
+
+        Skipped (with a warning) while some manifest cannot be read, since its objects are
+        unknown and a person may still want to rescue them, and when the manifest folders
+        cannot be synced or listed. Storage errors are logged, not raised: what is left is
+        debris that the next collection removes.
+        """
+        with self.lock:
+            try:
+                keep = self._referenced()
+            except CheckpointError as exc:
+                log.warning("not collecting unreferenced objects: %s", exc)
+                return 0
+            if keep is None:
                 return 0
             removed = 0
-            for path in self.backend.list_files(OBJECTS):
-                oid = path.rsplit("/", 1)[-1]
-                if TMP_MARK not in oid and oid not in self._refs:
-                    self.backend.delete(path)
-                    removed += 1
+            try:
+                for path in self.backend.list_files(OBJECTS):
+                    oid = path.rsplit("/", 1)[-1]
+                    if TMP_MARK not in oid and oid not in keep:
+                        self.backend.delete(path)
+                        removed += 1
+            except StorageError as exc:
+                log.warning("stopped collecting unreferenced objects: %s", exc)
             return removed
 
     def clean(self) -> int:
         """Remove debris a crash can leave: temporary files and unreferenced objects."""
         removed = 0
-        for path in self.backend.list_files(""):
-            if TMP_MARK in path.rsplit("/", 1)[-1]:
-                self.backend.delete(path)
-                removed += 1
+        try:
+            for path in self.backend.list_files(""):
+                if TMP_MARK in path.rsplit("/", 1)[-1]:
+                    self.backend.delete(path)
+                    removed += 1
+        except StorageError as exc:
+            log.warning("could not remove every temporary file: %s", exc)
         return removed + self.collect_garbage()

@@ -4,7 +4,8 @@
 store's parts, each in its own module:
 
 - :mod:`~ckptwise.store.layout`: where files live, how tensors are viewed and addressed;
-- :mod:`~ckptwise.store.index`: the committed manifests in memory, garbage collection;
+- :mod:`~ckptwise.store.index`: the committed manifests in memory, branches, garbage
+  collection;
 - :mod:`~ckptwise.store.reader`: objects back into tensors, verified;
 - :mod:`~ckptwise.store.commit`: dedup, codecs, deltas and the atomic commit;
 - :mod:`~ckptwise.store.runfile`: the run record (``run.json``).
@@ -13,6 +14,7 @@ store's parts, each in its own module:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from ckptwise.records import CheckpointInfo
 from ckptwise.store import runfile
 from ckptwise.store.backend import Backend, LocalBackend
 from ckptwise.store.codecs import BYTEGROUP
-from ckptwise.store.commit import CommitPlan, Committer, NewObject
+from ckptwise.store.commit import RECHECK, CommitPlan, Committer, NewObject
 from ckptwise.store.index import Index
 from ckptwise.store.manifest import MAX_CHAIN, Manifest, TensorEntry
 from ckptwise.store.planner import AUTO, DELTA_MODES, MODES, CodecPlanner
@@ -41,11 +43,23 @@ class CheckpointStore:
     ``codec="bytegroup"`` (every object is tried) or ``"auto"`` (float tensors of 64 KiB or
     more are tried, whatever codec their keyframe gets).
 
+    ``recheck`` is how long an object this store has read back and hashed is reused without
+    another full read (see :mod:`~ckptwise.store.commit`); a damaged one is written again
+    from the live tensor.
+
     Raises:
-        ConfigError: an unknown or lossy ``codec``, or ``deltas`` it cannot store.
+        ConfigError: an unknown or lossy ``codec``, ``deltas`` it cannot store, or a
+            negative ``recheck``.
     """
 
-    def __init__(self, backend: Backend, *, codec: str = "raw", deltas: int | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        codec: str = "raw",
+        deltas: int | None = None,
+        recheck: timedelta = RECHECK,
+    ) -> None:
         if codec not in MODES:
             raise ConfigError(
                 f"codec={codec!r} is unknown; choose {AUTO!r} (compress where it makes saves "
@@ -63,13 +77,20 @@ class CheckpointStore:
                 f"deltas={deltas} needs codec={BYTEGROUP!r} or {AUTO!r}, not {codec!r}: a delta "
                 f"is stored byte-grouped; pass codec={BYTEGROUP!r}, or deltas=None"
             )
+        if not isinstance(recheck, timedelta) or recheck < timedelta(0):
+            raise ConfigError(
+                f"recheck={recheck!r}: give a non-negative timedelta, e.g. "
+                "timedelta(hours=1) (timedelta(0) reads every reused object on every save)"
+            )
         self.backend = backend
         #: keyframe interval of delta chains, or None when deltas are off
         self.deltas = deltas
         self.planner = CodecPlanner(mode=codec, remote=not isinstance(backend, LocalBackend))
         self._index = Index(backend)
         self._reader = Reader(backend, self._index)
-        self._committer = Committer(backend, self._index, self._reader, self.planner, deltas=deltas)
+        self._committer = Committer(
+            backend, self._index, self._reader, self.planner, deltas=deltas, recheck=recheck
+        )
         self.refresh()
 
     @property
@@ -85,8 +106,9 @@ class CheckpointStore:
     # -- reading ---------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Reload the index from the committed manifests."""
+        """Reload the index from the committed manifests, and the branches."""
         self._index.refresh()
+        self._index.branches()
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
@@ -183,9 +205,10 @@ class CheckpointStore:
         holds yet."""
         return self._committer.plan(tensors, rank=rank)
 
-    def check_space(self, needed: int) -> None:
-        """Raise :class:`~ckptwise.errors.StorageError` unless ``needed`` bytes fit."""
-        self._committer.check_space(needed)
+    def check_space(self, needed: int, *, files: int = 0) -> None:
+        """Raise :class:`~ckptwise.errors.StorageError` unless ``needed`` bytes in ``files``
+        new objects fit, with the margin of :func:`~ckptwise.store.commit.space_margin`."""
+        self._committer.check_space(needed, files=files)
 
     def write_objects(self, new: Mapping[str, NewObject]) -> dict[str, TensorEntry]:
         """Encode, write and sync new objects; returns each one's entry, by object id."""
@@ -201,16 +224,46 @@ class CheckpointStore:
         return self._index.known(oid)
 
     def delete(self, steps: Iterable[int]) -> None:
-        """Delete committed checkpoints: manifests first, then objects no one references."""
+        """Delete committed checkpoints: manifests first, then objects no one references.
+
+        Each step is either deleted or left whole, whatever fails; see :meth:`Index.delete`.
+        """
         self._index.delete(steps)
 
     def collect_garbage(self) -> int:
-        """Delete objects no committed manifest references; returns how many.
+        """Delete objects no manifest on disk references (branches' included); returns how
+        many.
 
         Skipped (with a warning) while some manifest cannot be read, since its objects are
-        unknown and a person may still want to rescue them.
+        unknown and a person may still want to rescue them; storage errors are logged, not
+        raised.
         """
         return self._index.collect_garbage()
+
+    # -- branches --------------------------------------------------------------------------
+
+    def branches(self) -> dict[str, list[Manifest]]:
+        """Checkpoints a rollback set aside (``branches/NAME/``), by branch name, oldest
+        first; read from disk on each call."""
+        return self._index.branches()
+
+    def move_to_branch(self, steps: Iterable[int], name: str) -> None:
+        """Move committed checkpoints off the main line into branch ``name``, keeping their
+        objects; crash-safe (a crash leaves a step in both places, never in neither).
+
+        Raises:
+            ConfigError: ``name`` cannot name a folder.
+            CheckpointNotFoundError: a step is not committed.
+        """
+        self._index.move_to_branch(steps, name)
+
+    def delete_branch(self, name: str) -> None:
+        """Delete branch ``name``, then the objects nothing else references.
+
+        Raises:
+            CheckpointNotFoundError: the run has no such branch.
+        """
+        self._index.delete_branch(name)
 
     def clean(self) -> int:
         """Remove debris a crash can leave: temporary files and unreferenced objects."""
