@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptwise.errors import CheckpointNotFoundError, StorageError
+from ckptwise.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from ckptwise.store.backend import (
     TMP_MARK,
     Backend,
@@ -144,9 +144,10 @@ def test_local_failures_are_storage_errors(tmp_path: Path) -> None:
         backend.write_atomic("a-file/below", [b"x"])
     assert isinstance(info.value.__cause__, OSError)
     (tmp_path / "folder").mkdir()
-    with pytest.raises(StorageError, match="could not read"):
+    # a folder where a file belongs is damage to the run, not a failing disk
+    with pytest.raises(CorruptCheckpointError, match="is a folder, not a regular file"):
         backend.read_bytes("folder")
-    with pytest.raises(StorageError, match="could not read"):
+    with pytest.raises(CorruptCheckpointError, match="is a folder, not a regular file"):
         backend.read_into("folder", memoryview(bytearray(1)))
 
 

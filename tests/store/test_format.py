@@ -1,7 +1,9 @@
 """Golden files for the on-disk format, and validation of everything a manifest says.
 
-Set ``CKPTWISE_REGENERATE_GOLDEN=1`` to rewrite ``golden/run_v1`` after a deliberate format
-change (and bump ``FORMAT_VERSION``: old golden runs must stay readable).
+``golden/run_v1`` was written by format version 1 (no digest) and must stay readable;
+``golden/run_v3`` is what this version writes. Set ``CKPTWISE_REGENERATE_GOLDEN=1`` to
+rewrite ``golden/run_v3`` after a deliberate format change (and bump ``FORMAT_VERSION``,
+adding a golden run of the new version: old golden runs must stay readable).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 import torch
 
@@ -24,6 +27,7 @@ from ckptwise.store.index import read_manifest
 from ckptwise.store.manifest import FORMAT_VERSION
 
 GOLDEN = Path(__file__).with_name("golden") / "run_v1"
+GOLDEN_V3 = Path(__file__).with_name("golden") / "run_v3"
 MANIFEST = "checkpoints/000000000007.json"
 
 
@@ -60,14 +64,19 @@ def files(root: Path) -> dict[str, bytes]:
 
 def test_writing_the_golden_state_gives_the_golden_bytes(tmp_path: Path) -> None:
     if os.environ.get("CKPTWISE_REGENERATE_GOLDEN"):
-        shutil.rmtree(GOLDEN, ignore_errors=True)
-        write_golden(GOLDEN)
+        shutil.rmtree(GOLDEN_V3, ignore_errors=True)
+        write_golden(GOLDEN_V3)
     write_golden(tmp_path)
-    assert files(tmp_path) == files(GOLDEN)
+    assert files(tmp_path) == files(GOLDEN_V3)
+    # the tensors' bytes have not changed since version 1, only the manifest
+    objects = {k: v for k, v in files(GOLDEN).items() if k.startswith("objects/")}
+    assert {k: v for k, v in files(tmp_path).items() if k.startswith("objects/")} == objects
 
 
-def test_the_golden_run_reads_back() -> None:
-    manager = cw.CheckpointManager(GOLDEN)
+@pytest.mark.parametrize("golden", [GOLDEN, GOLDEN_V3], ids=["v1", "v3"])
+def test_the_golden_run_reads_back(golden: Path, tmp_path: Path) -> None:
+    shutil.copytree(golden, tmp_path / "run")  # a manager cleans and locks what it opens
+    manager = cw.CheckpointManager(tmp_path / "run")
     assert [c.step for c in manager.checkpoints()] == [7]
     assert manager.run.verify() == []
     loaded = manager.run.load(7)
@@ -84,13 +93,22 @@ def test_the_golden_run_reads_back() -> None:
     assert info.reasons == ("every(7)",)
 
 
-def test_golden_manifest_is_readable_json_with_a_version() -> None:
-    doc = json.loads((GOLDEN / MANIFEST).read_text())
-    assert doc["format"] == "ckptwise.checkpoint"
-    assert doc["version"] == 1  # one-process checkpoints keep the first format
-    assert FORMAT_VERSION == 2
-    assert doc["tensors"]["model/w"]["dtype"] == "float32"
-    assert doc["tensors"]["model/w"]["shape"] == [2, 3]
+def test_golden_manifests_are_readable_json_with_a_version() -> None:
+    old = json.loads((GOLDEN / MANIFEST).read_text())
+    assert old["format"] == "ckptwise.checkpoint"
+    assert old["version"] == 1
+    assert "digest" not in old
+    new = json.loads((GOLDEN_V3 / MANIFEST).read_text())
+    assert new["version"] == FORMAT_VERSION == 3
+    assert new["tensors"]["model/w"]["dtype"] == "float32"
+    assert new["tensors"]["model/w"]["shape"] == [2, 3]
+    # the digest is BLAKE3 of the canonical JSON of everything else
+    digest = new.pop("digest")
+    canonical = json.dumps(new, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert digest == "blake3:" + blake3.blake3(canonical.encode()).hexdigest()
+    assert {k: v for k, v in new.items() if k != "version"} == {
+        k: v for k, v in old.items() if k != "version"
+    }
 
 
 def _mutate(doc: dict[str, Any], path: list[str], value: Any) -> None:

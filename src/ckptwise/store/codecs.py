@@ -51,6 +51,7 @@ __all__ = [
     "XorBytegroupCodec",
     "ZstdCodec",
     "decode",
+    "decoded_size",
     "get_codec",
     "readable",
 ]
@@ -107,15 +108,40 @@ class ZstdCodec:
         return zstandard.ZstdCompressor(level=self.level).compress(raw)
 
     def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
-        try:
-            data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=len(out))
-        except zstandard.ZstdError as exc:
-            raise CorruptCheckpointError(f"zstd object does not decode: {exc}") from exc
+        data = _unzstd(stored, len(out), "zstd object")
         if len(data) != len(out):
             raise CorruptCheckpointError(
                 f"object decodes to {len(data)} bytes, expected {len(out)}"
             )
         out[:] = data
+
+    def decoded_size(self, stored: bytes) -> int:
+        """The raw size the object's frame header records."""
+        return _frame_size(stored, "zstd object")
+
+
+def _frame_size(frame: bytes | memoryview, what: str) -> int:
+    """The content size a zstd frame's header records; ckptwise always records it."""
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise CorruptCheckpointError(f"{what} is not a zstd frame: {exc}") from exc
+    if size < 0:
+        raise CorruptCheckpointError(f"{what}: its zstd frame does not record its size")
+    return int(size)
+
+
+def _unzstd(frame: bytes | memoryview, size: int, what: str) -> bytes:
+    """Decompress a frame that must hold exactly ``size`` bytes, checking the size its header
+    claims first: a frame claiming 2**40 bytes fails without their being allocated."""
+    claimed = _frame_size(frame, what)
+    if claimed != size:
+        raise CorruptCheckpointError(f"{what} says it holds {claimed} bytes, expected {size}")
+    try:
+        data: bytes = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CorruptCheckpointError(f"{what} does not decode: {exc}") from exc
+    return data
 
 
 _HEADER = struct.Struct("<4sBBBB")  # magic, version, itemsize, planes, reserved
@@ -167,7 +193,10 @@ class ByteGroupedCodec:
         table = b"".join(_PLANE.pack(mode, len(data)) for mode, data in parts)
         return b"".join([header, table, *(bytes(data) for _, data in parts)])
 
-    def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
+    @staticmethod
+    def _planes(stored: bytes) -> tuple[int, int, list[tuple[int, memoryview]]]:
+        """Element width, element count and each plane's (mode, payload); every size the
+        header and table claim is checked against the object's length and each other."""
         view = memoryview(stored)
         try:
             magic, version, width, planes, _ = _HEADER.unpack_from(view)
@@ -178,34 +207,42 @@ class ByteGroupedCodec:
                 f"not a byte-grouped object (magic {magic!r}, version {version}, "
                 f"itemsize {width}, planes {planes})"
             )
-        count = len(out) // width
-        if count * width != len(out):
-            raise CorruptCheckpointError(f"{len(out)} bytes are not whole {width}-byte elements")
-        grouped = np.empty((width, count), dtype=np.uint8)
         offset = _HEADER.size + planes * _PLANE.size
-        decompressor = zstandard.ZstdDecompressor()
+        if offset > len(view):
+            raise CorruptCheckpointError("byte-grouped object is truncated in its plane table")
+        parts: list[tuple[int, memoryview]] = []
+        counts = set()
         for i in range(planes):
-            try:
-                mode, length = _PLANE.unpack_from(view, _HEADER.size + i * _PLANE.size)
-            except struct.error as exc:
-                raise CorruptCheckpointError(f"plane table is truncated: {exc}") from exc
+            mode, length = _PLANE.unpack_from(view, _HEADER.size + i * _PLANE.size)
+            if mode not in (0, 1):
+                raise CorruptCheckpointError(f"plane {i} has unknown mode {mode}")
+            if length > len(view) - offset:
+                raise CorruptCheckpointError(f"plane {i} is truncated")
             payload = view[offset : offset + length]
             offset += length
-            if len(payload) != length:
-                raise CorruptCheckpointError(f"plane {i} is truncated")
-            try:
-                data = (
-                    decompressor.decompress(payload, max_output_size=count)
-                    if mode == 1
-                    else bytes(payload)
-                )
-            except zstandard.ZstdError as exc:
-                raise CorruptCheckpointError(f"plane {i} does not decode: {exc}") from exc
-            if mode not in (0, 1) or len(data) != count:
-                raise CorruptCheckpointError(f"plane {i} decodes to {len(data)} bytes, not {count}")
-            grouped[i] = np.frombuffer(data, dtype=np.uint8)
+            counts.add(length if mode == 0 else _frame_size(payload, f"plane {i}"))
+            parts.append((mode, payload))
         if offset != len(view):
             raise CorruptCheckpointError(f"{len(view) - offset} stray bytes after the last plane")
+        if len(counts) != 1:
+            raise CorruptCheckpointError(f"planes hold different element counts {sorted(counts)}")
+        return width, counts.pop(), parts
+
+    def decoded_size(self, stored: bytes) -> int:
+        """The raw size the object's header and plane table record."""
+        width, count, _ = self._planes(stored)
+        return width * count
+
+    def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
+        width, count, parts = self._planes(stored)
+        if count * width != len(out):
+            raise CorruptCheckpointError(
+                f"object holds {count} elements of {width} bytes, expected {len(out)} bytes"
+            )
+        grouped = np.empty((width, count), dtype=np.uint8)
+        for i, (mode, payload) in enumerate(parts):
+            data = _unzstd(payload, count, f"plane {i}") if mode == 1 else payload
+            grouped[i] = np.frombuffer(data, dtype=np.uint8)
         target = np.frombuffer(out, dtype=np.uint8).reshape(count, width)
         target[...] = grouped.T
 
@@ -230,6 +267,10 @@ class XorBytegroupCodec:
             )
         xor = np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(base, np.uint8))
         return self._grouped.encode(xor.data, itemsize=itemsize)
+
+    def decoded_size(self, stored: bytes) -> int:
+        """The raw size the delta's header records (that of the object and of its base)."""
+        return self._grouped.decoded_size(stored)
 
     def decode(self, stored: bytes, out: memoryview, *, base: memoryview, itemsize: int) -> None:
         if len(base) != len(out):
@@ -306,22 +347,30 @@ class Q8Codec:
         body = scales.numpy().tobytes() + q.reshape(-1)[:count].numpy().tobytes()
         return header + zstandard.ZstdCompressor(level=3).compress(body)
 
-    def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
-        """Fill ``out`` with the values, cast to the dtype the header names."""
+    @staticmethod
+    def _header(stored: bytes) -> tuple[torch.dtype, int, int]:
+        """The dtype, block size and element count a q8 object's header records."""
         try:
             magic, version, code, block, count = _Q8_HEADER.unpack_from(stored)
-            body = zstandard.ZstdDecompressor().decompress(
-                stored[_Q8_HEADER.size :],
-                max_output_size=count * 5 + 4 * count // max(block, 1) + 8,
-            )
-        except (struct.error, zstandard.ZstdError) as exc:
-            raise CorruptCheckpointError(f"q8 object does not decode: {exc}") from exc
+        except struct.error as exc:
+            raise CorruptCheckpointError(f"q8 object is truncated: {exc}") from exc
         dtype = _Q8_DTYPES.get(code)
         if magic != _Q8_MAGIC or version != 1 or dtype is None or block < 1:
             raise CorruptCheckpointError("not a q8 object")
-        blocks = -(-count // block)
-        if len(body) != 4 * blocks + count or count * dtype.itemsize != len(out):
+        return dtype, block, count
+
+    def decoded_size(self, stored: bytes) -> int:
+        """The raw size the object's header records."""
+        dtype, _, count = self._header(stored)
+        return count * dtype.itemsize
+
+    def decode(self, stored: bytes, out: memoryview, *, itemsize: int) -> None:
+        """Fill ``out`` with the values, cast to the dtype the header names."""
+        dtype, block, count = self._header(stored)
+        if count * dtype.itemsize != len(out):
             raise CorruptCheckpointError("q8 object has the wrong size for its tensor")
+        blocks = -(-count // block)
+        body = _unzstd(stored[_Q8_HEADER.size :], 4 * blocks + count, "q8 object")
         scales = torch.frombuffer(bytearray(body[: 4 * blocks]), dtype=torch.float32)
         q = torch.frombuffer(bytearray(body[4 * blocks :]), dtype=torch.int8).to(torch.float32)
         q = torch.nn.functional.pad(q, (0, blocks * block - count)).reshape(blocks, block)
@@ -355,6 +404,22 @@ def get_codec(name: str) -> Codec:
             f"codec={name!r} is not a whole-object lossless codec; choose one of "
             f"{', '.join(sorted(CODECS))}"
         ) from None
+
+
+def decoded_size(codec: str, stored: bytes) -> int:
+    """The raw size an object stored with ``codec`` says it decodes to, read from its header
+    alone, so a reader can refuse a wrong size before allocating it."""
+    if codec == RAW:
+        return len(stored)
+    if codec == DELTA:
+        return XOR_CODEC.decoded_size(stored)
+    if codec == Q8:
+        return Q8_CODEC.decoded_size(stored)
+    if codec == ZSTD:
+        return ZstdCodec().decoded_size(stored)
+    if codec == BYTEGROUP:
+        return ByteGroupedCodec().decoded_size(stored)
+    raise CorruptCheckpointError(f"codec {codec!r} is unknown to this version of ckptwise")
 
 
 def decode(

@@ -80,7 +80,17 @@ class Index:
         self._branch_cache: dict[str, Manifest] = {}
 
     def refresh(self) -> None:
-        """Reload from the committed manifests."""
+        """Reload from the committed manifests.
+
+        A manifest that cannot be read or validated, for whatever reason, goes into
+        :attr:`broken` and the others load; one that vanished since the listing (pruned
+        meanwhile) is skipped. A file named like a manifest but not canonically
+        (``checkpoints/1.json``) is never read: it is listed in :attr:`broken` with the
+        name it needs.
+        """
+        from ckptwise.store.layout import misnamed_manifest
+        from ckptwise.store.manifest import load_manifest
+
         with self.lock:
             self._manifests.clear()
             self._refs.clear()
@@ -89,12 +99,20 @@ class Index:
             for path in self.backend.list_files(CHECKPOINTS):
                 step = manifest_step(path)
                 if step is None:
+                    canonical = misnamed_manifest(path)
+                    if canonical is not None:
+                        self.broken[path] = (
+                            "not read: a manifest's name is its step in 12 digits; if it is a "
+                            f"checkpoint, rename it to {canonical.rsplit('/', 1)[-1]}"
+                        )
                     continue
                 try:
-                    manifest = read_manifest(self.backend, path)
+                    manifest = load_manifest(self.backend, path)
                     if manifest.step != step:
                         raise FormatError(f"manifest {path} says step {manifest.step}")
-                except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                except CheckpointNotFoundError:
+                    continue  # deleted since it was listed: a prune, not damage
+                except CheckpointError as exc:
                     self.broken[path] = str(exc)
                     continue
                 self._add(manifest)

@@ -24,6 +24,7 @@ __all__ = [
     "byte_view",
     "manifest_path",
     "manifest_step",
+    "misnamed_manifest",
     "object_dir",
     "object_id",
     "object_path",
@@ -32,7 +33,7 @@ __all__ = [
 
 CHECKPOINTS = "checkpoints"
 OBJECTS = "objects"
-_MANIFEST_NAME = re.compile(rf"^{CHECKPOINTS}/(\d+)\.json$")
+_MANIFEST_NAME = re.compile(rf"^{CHECKPOINTS}/([0-9]+)\.json$")
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("ckptwise's on-disk format is little-endian; this machine is big-endian")
@@ -43,9 +44,26 @@ def manifest_path(step: int) -> str:
 
 
 def manifest_step(path: str) -> int | None:
-    """The step a path names if it is a manifest's, else ``None``."""
+    """The step a path names if it is a manifest's canonical path, else ``None``.
+
+    Only ``checkpoints/<step:012d>.json`` names a checkpoint: ``checkpoints/1.json`` is a
+    foreign file (see :func:`misnamed_manifest`), never read as one.
+    """
     match = _MANIFEST_NAME.match(path)
-    return int(match.group(1)) if match else None
+    if match is None or len(match.group(1)) > 20:
+        return None
+    step = int(match.group(1))
+    return step if manifest_path(step) == path else None
+
+
+def misnamed_manifest(path: str) -> str | None:
+    """For a file under ``checkpoints/`` named like a manifest but not canonically (such as
+    ``checkpoints/1.json``), the canonical name it would need; else ``None``."""
+    match = _MANIFEST_NAME.match(path)
+    if match is None or manifest_step(path) is not None:
+        return None
+    digits = match.group(1).lstrip("0") or "0"
+    return manifest_path(int(digits)) if len(digits) <= 20 else None
 
 
 def object_path(oid: str) -> str:

@@ -1,24 +1,34 @@
-"""The read path: objects back into tensors, every byte checked against its address."""
+"""The read path: objects back into tensors, every byte checked against its address.
+
+Every read is bounded by what the manifest entry says before anything is allocated: a raw
+object's file must hold exactly the tensor's bytes, a compressed one at most its recorded
+stored size (plus :data:`SLACK`), and its header must claim exactly the tensor's size.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from ckptwise.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptwise.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptwise.store.backend import Backend
-from ckptwise.store.codecs import RAW, decode
+from ckptwise.store.codecs import RAW, decode, decoded_size
 from ckptwise.store.index import Index
-from ckptwise.store.layout import byte_view, object_id, object_path
-from ckptwise.store.manifest import DTYPES, TensorEntry
+from ckptwise.store.layout import byte_view, manifest_path, object_id, object_path
+from ckptwise.store.manifest import DTYPES, TensorEntry, load_manifest
 
-__all__ = ["READERS", "Problem", "Reader"]
+__all__ = ["READERS", "SLACK", "Problem", "Reader"]
+
+log = logging.getLogger("ckptwise")
 
 #: Threads reading and checking the objects of one checkpoint.
 READERS = 4
+#: How many bytes a compressed object may exceed the stored size its entry records by.
+SLACK = 4096
 
 
 @dataclass(frozen=True)
@@ -83,23 +93,36 @@ class Reader:
 
         ``out``, when given, is a flat uint8 CPU tensor of the raw size to read into.
         """
-        if out is None:
-            out = torch.empty(entry.nbytes, dtype=torch.uint8)
-        view = byte_view(out)
         path = object_path(entry.object)
         self.reads += 1
         try:
+            size = self.backend.size(path)
             if entry.codec == RAW:
+                if size != entry.nbytes:
+                    raise CorruptCheckpointError(f"holds {size} bytes, expected {entry.nbytes}")
+                out = _allocate(entry.nbytes) if out is None else out
+                view = byte_view(out)
                 # straight from the file into the tensor: no staging copy
                 got = self.backend.read_into(path, view)
-                if got != entry.nbytes or self.backend.size(path) != entry.nbytes:
-                    raise CorruptCheckpointError(
-                        f"object {entry.object} holds {self.backend.size(path)} bytes, "
-                        f"expected {entry.nbytes}"
-                    )
+                if got != entry.nbytes:
+                    raise CorruptCheckpointError(f"holds {got} bytes, expected {entry.nbytes}")
             else:
-                stored = self.backend.read_bytes(path)
+                if size > entry.stored_bytes + SLACK:
+                    raise CorruptCheckpointError(
+                        f"holds {size} bytes, its entry says {entry.stored_bytes}"
+                    )
+                buffer = bytearray(size)
+                if self.backend.read_into(path, memoryview(buffer)) != size:
+                    raise CorruptCheckpointError("changed while it was read")
+                stored = bytes(buffer)
+                claimed = decoded_size(entry.codec, stored)
+                if claimed != entry.nbytes:
+                    raise CorruptCheckpointError(
+                        f"decodes to {claimed} bytes, the tensor has {entry.nbytes}"
+                    )
                 base = byte_view(self.read_raw(entry.ancestor(0))) if entry.bases else None
+                out = _allocate(entry.nbytes) if out is None else out
+                view = byte_view(out)
                 itemsize = DTYPES[entry.dtype].itemsize
                 decode(entry.codec, stored, view, itemsize=itemsize, base=base)
         except CheckpointNotFoundError as exc:
@@ -139,21 +162,59 @@ class Reader:
             return dict(zip((name for name, _ in items), pool.map(read, items), strict=True))
 
     def verify(self, steps: Iterable[int] | None = None) -> list[Problem]:
-        """Check every object of the given steps (all by default); empty when all is well."""
+        """Check every object of the given steps (all by default); empty when all is well.
+
+        A run may be verified while a writer commits and prunes it: a checkpoint whose
+        manifest is gone (or replaced) by the time one of its objects fails to read was
+        pruned (or saved again) meanwhile, which is no problem; it is logged and skipped.
+        """
         problems = [Problem(None, None, f"{p}: {why}") for p, why in self.index.broken.items()]
         for step in self.index.steps() if steps is None else steps:
             manifest = self.index.manifest(step)
             views = [("", manifest.tensors)]
             views += [(f" (rank {r})", v.tensors) for r, v in enumerate(manifest.ranks, 1)]
             checked: set[str] = set()  # ranks share most objects: check each once per step
-            for suffix, tensors in views:
-                for name, entry in tensors.items():
-                    if entry.object in checked:
-                        continue
-                    checked.add(entry.object)
-                    try:
-                        self.read_tensor(entry, step=step, name=name)
-                    except CorruptCheckpointError as exc:
-                        message = str(exc).split(": ", 2)[-1]
-                        problems.append(Problem(step, name + suffix, message))
+            found: list[Problem] = []
+            for suffix, name, entry in (
+                (suffix, name, entry)
+                for suffix, tensors in views
+                for name, entry in tensors.items()
+            ):
+                if entry.object in checked:
+                    continue
+                checked.add(entry.object)
+                try:
+                    self.read_tensor(entry, step=step, name=name)
+                except CorruptCheckpointError as exc:
+                    if self._pruned(step):
+                        log.info("step %d was pruned while it was being verified; skipped", step)
+                        found = []
+                        break
+                    message = str(exc).split(": ", 2)[-1]
+                    found.append(Problem(step, name + suffix, message))
+            problems.extend(found)
         return problems
+
+    def _pruned(self, step: int) -> bool:
+        """Whether the manifest of ``step`` is gone, or no longer the one the index holds
+        (the step was saved again)."""
+        try:
+            now = load_manifest(self.backend, manifest_path(step))
+        except CheckpointNotFoundError:
+            return True
+        except CheckpointError:
+            return False
+        held = self.index.manifest(step)
+        objects = {e.object for e in now.entries()}
+        return now.time != held.time or objects != {e.object for e in held.entries()}
+
+
+def _allocate(nbytes: int) -> torch.Tensor:
+    """Room for an object's raw bytes; a size no memory holds is a clear error."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    except (RuntimeError, MemoryError) as exc:
+        raise CheckpointError(
+            f"cannot allocate {nbytes} bytes to read a tensor into: {exc}. Restore on a "
+            "machine with more memory, or into live tensors (restore(state) reads into them)"
+        ) from exc
