@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from ckptwise.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     FormatError,
     StorageError,
 )
