@@ -34,7 +34,7 @@ from ckptwise.store.backend import TMP_MARK, Backend
 from ckptwise.store.branch import BRANCHES, check_branch_name
 from ckptwise.store.codecs import readable
 from ckptwise.store.layout import CHECKPOINTS, OBJECTS, manifest_path, manifest_step
-from ckptwise.store.manifest import Manifest, TensorEntry, decode_manifest
+from ckptwise.store.manifest import Manifest, TensorEntry, decode_manifest, load_manifest
 
 __all__ = ["Index", "branch_manifest_path", "read_manifest"]
 
@@ -49,8 +49,9 @@ def branch_manifest_path(name: str, step: int) -> str:
 
 
 def read_manifest(backend: Backend, path: str) -> Manifest:
-    """Read and validate one manifest; :class:`FormatError` says what is wrong with it."""
-    return decode_manifest(backend.read_bytes(path), where=path, codecs=readable())
+    """Read and validate one manifest (see :func:`load_manifest`, which bounds its size);
+    :class:`FormatError` says what is wrong with it."""
+    return load_manifest(backend, path)
 
 
 def _objects_of(entry: TensorEntry) -> Iterable[tuple[str, TensorEntry]]:
