@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ from ckptwise.store.codecs import (
     ZSTD,
     ByteGroupedCodec,
     decode,
+    decoded_size,
     get_codec,
     readable,
 )
@@ -208,3 +210,44 @@ def test_byte_grouped_objects_decode_by_their_own_width() -> None:
     out = torch.empty(tensor.nbytes, dtype=torch.uint8)
     ByteGroupedCodec().decode(stored, byte_view(out), itemsize=2)
     assert torch.equal(out.view(torch.float32), tensor)
+
+
+def _claims(size: int) -> bytes:
+    """A zstd frame whose header claims ``size`` bytes, holding an empty raw block."""
+    return struct.pack("<I", 0xFD2FB528) + bytes([0xE0]) + struct.pack("<Q", size) + b"\x01\0\0"
+
+
+def test_a_zstd_frame_claiming_a_terabyte_fails_before_anything_is_allocated() -> None:
+    out = memoryview(bytearray(16))
+    with pytest.raises(CorruptCheckpointError, match="says it holds 1099511627776 bytes"):
+        decode(ZSTD, _claims(2**40), out, itemsize=4)
+    assert decoded_size(ZSTD, _claims(2**40)) == 2**40  # what a reader checks first
+    plane = _claims(2**40)
+    grouped = b"CKBG" + bytes([1, 1, 1, 0]) + bytes([1]) + struct.pack("<Q", len(plane)) + plane
+    with pytest.raises(CorruptCheckpointError, match="holds 1099511627776 elements of 1 bytes"):
+        decode(BYTEGROUP, grouped, out, itemsize=1)
+    header = b"CKQ8" + bytes([1, 0]) + struct.pack("<HQ", 256, 2**61)
+    with pytest.raises(CorruptCheckpointError, match="wrong size"):
+        decode(Q8, header + _claims(2**62), out, itemsize=4)
+
+
+def test_a_zstd_frame_that_does_not_record_its_size_is_refused() -> None:
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 16)
+    with pytest.raises(CorruptCheckpointError, match="does not record its size"):
+        decode(ZSTD, frame, memoryview(bytearray(16)), itemsize=4)
+    with pytest.raises(CorruptCheckpointError, match="does not record its size"):
+        decode(ZSTD, frame, memoryview(bytearray(0)), itemsize=4)
+
+
+@pytest.mark.parametrize("codec", [BYTEGROUP, ZSTD, Q8])
+def test_every_truncation_of_an_object_is_a_corrupt_checkpoint(codec: str) -> None:
+    tensor = torch.linspace(-3, 3, 300, dtype=torch.float32)
+    raw = tensor_bytes(tensor)
+    if codec == Q8:
+        stored = Q8_CODEC.quantize(tensor).stored
+    else:
+        stored = bytes(CODECS[codec].encode(raw, itemsize=4))
+    out = memoryview(bytearray(len(raw)))
+    for cut in range(len(stored)):
+        with pytest.raises(CorruptCheckpointError):
+            decode(codec, stored[:cut], out, itemsize=4)

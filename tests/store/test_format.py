@@ -18,13 +18,23 @@ from typing import Any
 import blake3
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ckptwise as cw
-from ckptwise.errors import FormatError
+from ckptwise.errors import CorruptCheckpointError, FormatError, SnapshotError
 from ckptwise.snapshot import capture
 from ckptwise.store import CheckpointStore, LocalBackend
+from ckptwise.store.codecs import readable
 from ckptwise.store.index import read_manifest
-from ckptwise.store.manifest import FORMAT_VERSION
+from ckptwise.store.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    TensorEntry,
+    decode_manifest,
+    encode_manifest,
+    manifest_digest,
+)
 
 GOLDEN = Path(__file__).with_name("golden") / "run_v1"
 GOLDEN_V3 = Path(__file__).with_name("golden") / "run_v3"
@@ -194,3 +204,195 @@ def test_objects_written_by_every_codec_decode_to_known_bytes() -> None:
                 assert loaded[name].dtype == tensor.dtype
                 assert torch.equal(loaded[name], tensor), (codec, step, name)
     assert seen_codecs == {"bytegroup", "zstd", "xor-bytegroup"}
+
+
+def _resign(doc: dict[str, Any]) -> dict[str, Any]:
+    doc.pop("digest", None)
+    return {**doc, "digest": manifest_digest(doc)}
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (["tensors", "model/w", "dtype"], "int32"),  # same item size: only the digest can tell
+        (["tree", "optimizer", "value", "param_groups", 0, "lr"], 0.1),
+    ],
+)
+def test_an_edited_manifest_fails_its_digest_and_an_older_one_restores(
+    tmp_path: Path, path: list[Any], value: Any
+) -> None:
+    root = tmp_path / "run"
+    shutil.copytree(GOLDEN_V3, root)
+    older = capture(golden_state())
+    CheckpointStore(LocalBackend(root)).commit(3, older.tensors, tree=older.tree, time=1.0)
+    manifest = root / MANIFEST
+    doc = json.loads(manifest.read_text())
+    _mutate(doc, path, value)
+    manifest.write_text(json.dumps(doc))
+    run = cw.open_run(root)
+    assert run.steps() == [3]
+    (reason,) = run.unreadable.values()
+    assert f"manifest {MANIFEST} fails its checksum" in reason
+    (problem,) = run.verify()
+    assert "fails its checksum" in str(problem)
+    with pytest.raises(CorruptCheckpointError, match="fails its checksum"):
+        decode_manifest(manifest.read_bytes(), where=MANIFEST, codecs=readable())
+    state = golden_state()
+    with pytest.warns(cw.RestoreWarning):
+        assert run.restore(state, strict=False) == 3
+
+
+def test_a_version_3_manifest_without_its_digest_is_refused(tmp_path: Path) -> None:
+    doc = json.loads((GOLDEN_V3 / MANIFEST).read_text())
+    del doc["digest"]
+    with pytest.raises(FormatError, match="'digest' is None"):
+        decode_manifest(json.dumps(doc).encode(), where=MANIFEST, codecs=readable())
+
+
+def _deep(depth: int) -> Any:
+    node: Any = 0
+    for _ in range(depth):
+        node = [node]
+    return node
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (["metrics"], {"loss": 10**400}, "metric 'loss' is a huge integer, too large for a float"),
+        (["time"], 10**400, "time is a huge integer"),
+        (["time"], 1e300, "not a Unix time"),
+        (["tensors", "model/w", "dtype"], ["float32"], "unknown dtype ['float32']"),
+        (["tensors", "model/w", "shape"], [1] * 65, "not a list of dimensions"),
+        (["tensors", "model/w", "bases"], [["ab" * 32, "raw", 1]] * 65, "at most 64"),
+        (["tensors", "model/w", "codec"], ["raw"], "codec ['raw']"),
+        (["tree"], [1], "tree is not an object"),
+        (["tree", "epoch"], {"kind": "value"}, "tree['epoch'] is not"),
+        (["tree", "epoch", "value"], _deep(150), "nests deeper than 100 levels"),
+        (["tree", "epoch", "value"], {"__ckptwise__": "tensor", "name": 7}, "names tensor 7"),
+        (["tree", "epoch", "value"], {"__ckptwise__": "tensor", "name": "x"}, "which it lacks"),
+        (["tree", "epoch", "value"], {"__ckptwise__": "ndarray", "name": "model/b"}, "numpy"),
+        (["tree", "epoch", "value"], {"__ckptwise__": "dict", "items": [[[1], 2]]}, "dict item"),
+        (["tree", "epoch", "value"], {"__ckptwise__": "npscalar", "dtype": "O"}, "dtype 'O'"),
+        (["tree", "epoch", "value"], {"__ckptwise__": "zzz"}, "upgrade ckptwise"),
+        (["extra"], {"metric_history": {"loss": {"count": "x"}}}, "metric_history['loss'].count"),
+        (["extra"], {"metric_history": []}, "extra.metric_history is not an object"),
+        (["extra"], {"marks": {"every(1)": {"step": 1, "time": 1e300}}}, "marks['every(1)'].time"),
+        (["extra"], {"save_costs": [1e300]}, "extra.save_costs[0]"),
+        (["extra"], {"x": _deep(150)}, "'extra' nests deeper"),
+        (["ranks"], [{"tensors": [], "tree": {}}], "ranks[0]: 'tensors'"),
+    ],
+)
+def test_forged_manifests_are_refused_field_by_field(
+    tmp_path: Path, path: list[Any], value: Any, message: str
+) -> None:
+    """Edits whose digest was recomputed (a buggy or hostile writer): the validators behind
+    the digest name the file and the field."""
+    shutil.copytree(GOLDEN_V3, tmp_path / "run")
+    manifest = tmp_path / "run" / MANIFEST
+    doc = json.loads(manifest.read_text())
+    _mutate(doc, path, value)
+    manifest.write_text(json.dumps(_resign(doc)))
+    store = CheckpointStore(LocalBackend(tmp_path / "run"))
+    assert store.steps() == []
+    (reason,) = store.broken.values()
+    assert reason.startswith(f"manifest {MANIFEST}")
+    assert message in reason
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"[" * 100_000, "not valid JSON"),
+        (b'{"format": "\xff"}', "not UTF-8"),
+        (b'{"format": NaN}', "NaN is not allowed"),
+        ('{"format": "ckptwise.checkpoint"}'.encode("utf-16"), "not UTF-8"),
+        (b"\x80\x04\x95" + b"pickle", "not UTF-8"),
+    ],
+)
+def test_unparseable_manifests_are_format_errors(data: bytes, message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        decode_manifest(data, where=MANIFEST, codecs=readable())
+
+
+def test_a_non_canonical_name_is_never_read_as_a_checkpoint(tmp_path: Path) -> None:
+    """#14: ``checkpoints/1.json`` used to be read (and its objects pruned from under it)."""
+    shutil.copytree(GOLDEN_V3, tmp_path / "run")
+    (tmp_path / "run" / MANIFEST).rename(tmp_path / "run" / "checkpoints" / "7.json")
+    store = CheckpointStore(LocalBackend(tmp_path / "run"))
+    assert store.steps() == []
+    assert store.broken == {
+        "checkpoints/7.json": "not read: a manifest's name is its step in 12 digits; if it is a "
+        "checkpoint, rename it to 000000000007.json"
+    }
+    assert store.collect_garbage() == 0  # its objects are kept for the rename
+    assert len(store.backend.list_files("objects")) == 4
+    (tmp_path / "run" / "checkpoints" / "7.json").rename(tmp_path / "run" / MANIFEST)
+    store.refresh()
+    assert store.steps() == [7]
+
+
+@pytest.mark.parametrize("name", ["0000000000007.json", "7.JSON", "\u0667.json", "x7.json"])
+def test_other_names_are_foreign_files(tmp_path: Path, name: str) -> None:
+    shutil.copytree(GOLDEN_V3, tmp_path / "run")
+    shutil.copy(tmp_path / "run" / MANIFEST, tmp_path / "run" / "checkpoints" / name)
+    store = CheckpointStore(LocalBackend(tmp_path / "run"))
+    assert store.steps() == [7]
+    if name == "0000000000007.json":  # 13 digits: named like a manifest, not canonically
+        assert "rename it to 000000000007.json" in store.broken[f"checkpoints/{name}"]
+    else:
+        assert store.broken == {}
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    value=json_values,
+    metrics=st.dictionaries(st.text(), st.floats(width=64), max_size=4),
+    time=st.floats(min_value=-1e10, max_value=2.5e11),
+    name=st.text(min_size=1),
+)
+def test_whatever_encode_writes_decodes_to_the_same_manifest(
+    value: Any, metrics: dict[str, float], time: float, name: str
+) -> None:
+    entry = TensorEntry(object="ab" * 32, dtype="float32", shape=(2,), nbytes=8, stored_bytes=8)
+    manifest = Manifest(
+        step=5,
+        time=time,
+        tensors={name: entry},
+        tree={
+            "v": {"kind": "value", "value": value},
+            "t": {"kind": "value", "value": {"__ckptwise__": "tensor", "name": name}},
+        },
+        metrics=metrics,
+        extra={"anything": value},
+    )
+    back = decode_manifest(encode_manifest(manifest), where="m", codecs=readable())
+    assert back.version == FORMAT_VERSION
+    assert back.tree == manifest.tree
+    assert back.extra == manifest.extra
+    assert back.tensors == manifest.tensors
+    assert back.time == manifest.time
+    expected = {k: v if math.isfinite(v) else math.nan for k, v in metrics.items()}
+    assert back.metrics.keys() == expected.keys()
+    for key, number in expected.items():
+        assert back.metrics[key] == number or (math.isnan(number) and math.isnan(back.metrics[key]))
+
+
+def test_a_state_nested_too_deep_is_refused_on_save(tmp_path: Path) -> None:
+    snap = capture({"config": _deep(150)})
+    store = CheckpointStore(LocalBackend(tmp_path))
+    with pytest.raises(SnapshotError, match="nests deeper than 100 levels"):
+        store.commit(1, snap.tensors, tree=snap.tree)
+    assert store.steps() == []
+    assert not (tmp_path / "checkpoints" / "000000000001.json").exists()
