@@ -11,16 +11,19 @@ retention starts deleting. Then it checks, in this process:
 1. every checkpoint the run lists verifies and loads to exactly the state the worker had at
    that step (the state is a function of the step, so it is rebuilt here);
 2. no step the worker reported committed is missing unless retention may have deleted it
-   (``keep_last(2)``: two newer checkpoints are there), and the step the worker resumed
-   from is still there (a writer keeps it);
+   (``keep_last(2)``: two newer checkpoints are there; a step the worker resumed from is
+   committed too, so the same rule covers it);
 3. a new writer takes over the dead process's lock, leaves no debris (temporary files,
    unreferenced objects), restores the newest checkpoint and saves the next step.
 
 Runs are fresh folders or chains of several kills on one folder (a preempted job resumed
 each time). Prints a table per mode and exits 1 on any failure; a failing run folder is kept.
 
-    python scripts/kill9.py --count 240
-    python scripts/kill9.py --count 20 --mode deltas --mode prune --seed 7 --workdir /tmp/k9
+    .venv/bin/python scripts/kill9.py --count 240
+    .venv/bin/python scripts/kill9.py --count 20 --mode deltas --mode prune --seed 7 --workdir /tmp/k9
+
+A failure names the run folder and the seed; the same seed draws the same kill plans (where
+each kill lands still varies with timing).
 """
 
 from __future__ import annotations
@@ -157,18 +160,18 @@ def say(word: str, step: int) -> None:
     sys.stdout.flush()
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class Announced:
-    """A retention policy that prints ``pruning N`` when its decision deletes checkpoints
-    (those of ``protect`` are kept anyway), so the killer can aim at the deletions."""
+    """A retention policy that prints ``pruning N`` when it lets checkpoints go, so the
+    killer can aim at the deletions that follow (the manager may still keep the step it
+    resumed from)."""
 
     inner: cw.RetentionPolicy
-    protect: set[int] = field(default_factory=set)
 
     def select(self, context: cw.RetentionContext) -> Mapping[int, tuple[str, ...]]:
         kept = self.inner.select(context)
         steps = {c.step for c in context.checkpoints}
-        if steps - set(kept) - self.protect:
+        if steps - set(kept):
             say("pruning", max(steps))
         return kept
 
@@ -176,11 +179,9 @@ class Announced:
 def worker(root: Path, mode: Mode) -> int:
     """Resume from the newest checkpoint and save every step until killed."""
     say("opening", 0)
-    keep = Announced(cw.keep_last(2))
-    manager = mode.manager(root, keep)
+    manager = mode.manager(root, Announced(cw.keep_last(2)))
     state = expected(0)
     start = manager.restore(state)
-    keep.protect.add(start)  # the manager keeps the checkpoint it resumed from
     if start and mismatch(state, start):
         say("bad-resume", start)
         return 3
@@ -359,12 +360,9 @@ class Findings:
                 yield f"{kind}: {message}"
 
 
-def check_run(root: Path, committed: set[int], resumed: int | None) -> Findings:
-    """Checks 1 and 2 on the run at ``root``, read-only.
-
-    ``committed`` holds every step reported committed on this folder so far; ``resumed`` is
-    the step the last writer resumed from (kept while it lived).
-    """
+def check_run(root: Path, committed: set[int]) -> Findings:
+    """Checks 1 and 2 on the run at ``root``, read-only; ``committed`` holds every step
+    reported committed on this folder so far."""
     found = Findings()
     try:
         run = cw.open_run(root)
@@ -403,8 +401,6 @@ def check_run(root: Path, committed: set[int], resumed: int | None) -> Findings:
                 f"step {step} was reported committed and is gone with only {newer} newer "
                 f"checkpoint(s) left (steps now: {present})"
             )
-    if resumed and resumed not in present:
-        found.lost.append(f"step {resumed}, which the writer resumed from, was deleted")
     return found
 
 
@@ -523,7 +519,9 @@ def campaign(count: int, modes: list[Mode], seed: int, workdir: Path) -> dict[st
             stderr_path = workdir / f"{root.name}.kill{position}.stderr"
             out = kill_worker(root, mode, plan, stderr_path)
             committed |= out.committed
-            found = check_run(root, committed, out.resumed)
+            if out.resumed:
+                committed.add(out.resumed)  # restored, so it had committed
+            found = check_run(root, committed)
             if plan.kind != "open" and out.last_saving is not None:
                 tally.landed["yes" if out.last_saving in found.steps else "no"] += 1
             if out.bad_resume is not None:

@@ -40,6 +40,7 @@ def _rows(output: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.slow  # about 30 s: a dozen workers, each importing torch
 def test_twelve_kills_across_every_mode_lose_and_corrupt_nothing(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--count", "12", "--seed", "11", "--workdir", str(tmp_path)],
@@ -69,7 +70,7 @@ def _committed_run(root: Path, steps: range) -> None:
 
 def test_checks_pass_on_a_whole_run(tmp_path: Path) -> None:
     _committed_run(tmp_path, range(1, 5))
-    found = kill9.check_run(tmp_path, {1, 2, 3, 4}, None)
+    found = kill9.check_run(tmp_path, {1, 2, 3, 4})
     assert list(found.failures()) == []
     assert found.steps == [3, 4]
     assert "xor-bytegroup" in found.codecs  # the deltas mode stores deltas
@@ -84,24 +85,19 @@ def test_a_flipped_byte_is_corrupt(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert kill9.check_run(tmp_path, {3}, None).corrupt
+    assert kill9.check_run(tmp_path, {3}).corrupt
 
 
 def test_a_deleted_newest_checkpoint_is_lost(tmp_path: Path) -> None:
     _committed_run(tmp_path, range(1, 4))
     (tmp_path / "checkpoints" / f"{3:012d}.json").unlink()
-    found = kill9.check_run(tmp_path, {2, 3}, None)
+    found = kill9.check_run(tmp_path, {2, 3})
     assert [m.split(" was")[0] for m in found.lost] == ["step 3"]
-
-
-def test_a_deleted_resume_point_is_lost(tmp_path: Path) -> None:
-    _committed_run(tmp_path, range(1, 4))
-    assert kill9.check_run(tmp_path, {3}, 1).lost  # step 1 was the writer's resume point
 
 
 def test_other_values_under_a_step_are_wrong(tmp_path: Path) -> None:
     with cw.CheckpointManager(tmp_path, save=cw.every(1)) as manager:
         manager.save(2, kill9.expected(1))
-    found = kill9.check_run(tmp_path, {2}, None)
+    found = kill9.check_run(tmp_path, {2})
     assert found.wrong
     assert not found.corrupt  # the bytes are whole: only the values are off
