@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,3 +172,92 @@ def test_open_backend_picks_by_url(tmp_path: Path) -> None:
     assert isinstance(open_backend("memory://ckptwise-open"), FsspecBackend)
     with pytest.raises(StorageError, match="cannot open"):
         open_backend("nosuchprotocol://bucket/run")
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "target").write_bytes(b"precious")
+    return folder
+
+
+def test_the_root_may_be_a_link(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    backend = LocalBackend(tmp_path / "link")
+    backend.write_atomic("objects/ab/x", [b"1"])
+    assert backend.list_files("") == ["objects/ab/x"]
+    assert (tmp_path / "real" / "objects" / "ab" / "x").read_bytes() == b"1"
+
+
+@pytest.mark.parametrize("folder", ["objects", "objects/ab"])
+def test_nothing_is_written_listed_synced_or_deleted_through_a_linked_folder(
+    tmp_path: Path, outside: Path, folder: str
+) -> None:
+    backend = LocalBackend(tmp_path / "run")
+    (tmp_path / "run" / folder).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / folder).symlink_to(outside)
+    for action in (
+        lambda: backend.write_atomic("objects/ab/target", [b"evil"]),
+        lambda: backend.delete("objects/ab/target"),
+        lambda: backend.list_files("objects/ab"),
+        lambda: backend.sync_dirs(["objects/ab"]),
+    ):
+        with pytest.raises(StorageError, match=r"symbolic link where a folder belongs.*remove it"):
+            action()
+    with pytest.raises(CorruptCheckpointError, match="symbolic link"):
+        backend.read_bytes("objects/ab/target")
+    assert backend.exists("objects/ab/target") is False
+    assert sorted(p.name for p in outside.iterdir()) == ["target"]
+    assert (outside / "target").read_bytes() == b"precious"
+
+
+def test_a_linked_file_is_neither_followed_nor_replaced_nor_deleted(
+    tmp_path: Path, outside: Path
+) -> None:
+    backend = LocalBackend(tmp_path / "run")
+    backend.write_atomic("checkpoints/keep.json", [b"{}"])
+    link = tmp_path / "run" / "checkpoints" / "000000000001.json"
+    link.symlink_to(outside / "target")
+    with pytest.raises(StorageError, match="symbolic link where a file belongs"):
+        backend.write_atomic("checkpoints/000000000001.json", [b"evil"])
+    with pytest.raises(StorageError, match="symbolic link where a file belongs"):
+        backend.delete("checkpoints/000000000001.json")
+    with pytest.raises(CorruptCheckpointError, match="symbolic link, not a regular file"):
+        backend.read_bytes("checkpoints/000000000001.json")
+    with pytest.raises(CorruptCheckpointError, match="symbolic link"):
+        backend.size("checkpoints/000000000001.json")
+    # listed by name (so it can be reported), never followed
+    assert backend.list_files("checkpoints") == [
+        "checkpoints/000000000001.json",
+        "checkpoints/keep.json",
+    ]
+    assert link.is_symlink()
+    assert (outside / "target").read_bytes() == b"precious"
+    assert not list(outside.glob("*.tmp-*"))
+
+
+def test_a_fifo_or_device_is_refused_at_once(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path)
+    os.mkfifo(tmp_path / "fifo")  # opening it for reading would block forever
+    with pytest.raises(CorruptCheckpointError, match="is a FIFO, not a regular file"):
+        backend.read_bytes("fifo")
+    with pytest.raises(CorruptCheckpointError, match="is a FIFO"):
+        backend.read_into("fifo", memoryview(bytearray(4)))
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    with pytest.raises(CorruptCheckpointError, match="symbolic link"):
+        backend.read_bytes("zero")
+    assert backend.list_files("") == ["fifo", "zero"]
+
+
+def test_fsspec_reads_are_bounded_by_the_buffer() -> None:
+    backend = FsspecBackend(f"memory://ckptwise-bounded-{uuid.uuid4().hex}")
+    backend.write_atomic("o", [bytes(range(100))])
+    short = bytearray(10)
+    assert backend.read_into("o", memoryview(short)) == 10
+    assert short == bytes(range(10))
+    backend.fs.makedirs(f"{backend.root}/folder/inner", exist_ok=True)
+    backend.write_atomic("folder/inner/x", [b"1"])
+    with pytest.raises(CorruptCheckpointError, match="not a file"):
+        backend.size("folder")
