@@ -380,6 +380,7 @@ def test_whatever_encode_writes_decodes_to_the_same_manifest(
     back = decode_manifest(encode_manifest(manifest), where="m", codecs=readable())
     assert back.version == FORMAT_VERSION
     assert back.tree == manifest.tree
+    assert json.dumps(back.tree) == json.dumps(manifest.tree)  # keys keep their order
     assert back.extra == manifest.extra
     assert back.tensors == manifest.tensors
     assert back.time == manifest.time

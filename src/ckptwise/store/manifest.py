@@ -289,10 +289,9 @@ def encode_manifest(manifest: Manifest) -> bytes:
         # validation also proves the document plain JSON (string keys, lists, finite
         # floats), so a reader's parse of it hashes to the same canonical bytes
         _from_doc(doc, where=where, codecs=readable())
-        canonical = _canonical(doc)
-        digest = _DIGEST + blake3.blake3(canonical.encode("ascii")).hexdigest()
-        # the file is the canonical text with the digest in front
-        text = f'{{"digest":"{digest}",{canonical[1:]}'
+        digest = manifest_digest(doc)
+        # keys in their own order (a state dict's order is the user's), the digest first
+        text = json.dumps({"digest": digest, **doc}, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise SnapshotError(
             f"the manifest {where} cannot be written ({exc}); the state must hold only "
