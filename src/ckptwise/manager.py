@@ -52,7 +52,7 @@ from ckptwise.records import CheckpointInfo
 from ckptwise.report import report
 from ckptwise.run import RestoreWarning, Run
 from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState, SnapshotCopier, capture
-from ckptwise.store import CheckpointStore, Manifest, RunLock, open_backend
+from ckptwise.store import CheckpointStore, Manifest, RunLock, open_backend, runfile
 from ckptwise.writer import AsyncWriter, SyncWriter, Writer
 
 __all__ = ["RNG_KEY", "CheckpointManager", "RestoreWarning"]
@@ -301,6 +301,7 @@ class CheckpointManager(ManagerReads):
         def job() -> CheckpointInfo:
             started = time.perf_counter()
             if self.ranks is None:
+                self._lock.check()  # fenced: never commit next to a writer that took over
                 assert snap is not None
                 info = self._store.commit(
                     step,
@@ -364,6 +365,9 @@ class CheckpointManager(ManagerReads):
             raise ConfigError("this manager was opened read-only; pass keep=... to prune")
         if not self._owns_run:
             return RetentionPlan()
+        backend = self._store.backend
+        if self.last_plan is None:
+            runfile.clear_tombstones(backend)  # a crashed writer's, which would block pins
         plan = plan_retention(
             self.keep_policy,
             self._store.checkpoints(),
@@ -372,8 +376,15 @@ class CheckpointManager(ManagerReads):
             resumed_from=self.resumed_from,
             object_bytes=self._store.object_bytes(),
         )
-        self._store.delete(plan.delete)
-        self._store.set_kept(plan.keep)
+        if plan.delete:
+            self._lock.check()
+            # the handshake with pin(): a step pinned since the plan was made is kept
+            pinned = runfile.delete_unpinned(backend, plan.delete, self._store.delete)
+            if pinned:
+                keep = {**plan.keep, **dict.fromkeys(pinned, ("pinned",))}
+                deleted = tuple(s for s in plan.delete if s not in pinned)
+                plan = RetentionPlan(keep=dict(sorted(keep.items())), delete=deleted)
+        runfile.record_kept(backend, plan.keep)  # advisory: warns, never raises
         self.last_plan = plan
         return plan
 

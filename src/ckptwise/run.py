@@ -36,7 +36,7 @@ from ckptwise.policy import KeepBest, RetentionContext, Variant
 from ckptwise.records import CheckpointInfo
 from ckptwise.report import report
 from ckptwise.snapshot import RNG_KEY, RngState, apply, capture, rebuild
-from ckptwise.store import CheckpointStore, Manifest, Problem, TensorEntry, open_backend
+from ckptwise.store import CheckpointStore, Manifest, Problem, TensorEntry, open_backend, runfile
 from ckptwise.usage import TensorChange, Usage, diff_manifests, usage_of
 
 __all__ = [
@@ -385,16 +385,23 @@ class Run:
 
     def pins(self) -> set[int]:
         """Steps pinned in this run (kept whatever the retention policy says)."""
-        return self._store.pins()
+        return runfile.read_pins(self._store.backend)
 
     def pin(self, step: int) -> None:
-        """Keep ``step`` whatever the retention policy says, until :meth:`unpin`."""
-        self.manifest(step)
-        self._store.set_pins(self.pins() | {step})
+        """Keep ``step`` whatever the retention policy says, until :meth:`unpin`.
+
+        Safe while a writer trains and prunes: once this returns, the step is never deleted
+        (see :mod:`ckptwise.store.runfile` for the handshake).
+
+        Raises:
+            CheckpointNotFoundError: the step has no checkpoint, or the writer's retention
+                is deleting it right now (pin a newer step).
+        """
+        runfile.pin(self._store.backend, step)
 
     def unpin(self, step: int) -> None:
         """Let the retention policy decide about ``step`` again (at the next prune)."""
-        self._store.set_pins(self.pins() - {step})
+        runfile.unpin(self._store.backend, step)
 
     def kept(self) -> dict[int, list[str]]:
         """Why each checkpoint was kept, as the writer's last retention decision recorded."""

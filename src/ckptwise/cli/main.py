@@ -3,8 +3,8 @@
 ``ls``, ``verify``, ``pin`` and ``unpin`` live here; ``simulate`` in
 :mod:`ckptwise.cli.simulate_cmd`; ``show``, ``du``, ``diff`` and ``export`` in
 :mod:`ckptwise.cli.storage`. Commands open a run read-only (no lock, nothing deleted);
-``pin`` only edits the run's ``run.json``, which a training process re-reads before it
-prunes.
+``pin`` and ``unpin`` only create or delete the run's ``pins/<step>`` file, which a
+training process checks before it deletes that step.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def pin_command(run: str, step: int) -> None:
         opened.pin(step)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"pinned step {step} of {run}")
+    click.echo(f"pinned step {step} of {run}: no writer deletes it until `ckptwise unpin`")
 
 
 @cli.command("unpin")
@@ -164,9 +164,12 @@ def pin_command(run: str, step: int) -> None:
 def unpin_command(run: str, step: int) -> None:
     """Let the retention policy decide about STEP of RUN again (at the next save)."""
     opened = open_cli_run(run)
-    if step not in opened.pins():
-        raise click.ClickException(f"step {step} of {run} is not pinned")
-    opened.unpin(step)
+    try:
+        if step not in opened.pins():
+            raise click.ClickException(f"step {step} of {run} is not pinned")
+        opened.unpin(step)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"unpinned step {step} of {run}")
 
 

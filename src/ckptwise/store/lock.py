@@ -1,27 +1,47 @@
-"""The run's write lock: one writing process per run folder.
+"""The run's write lock: one writing process per run, and a check that it is still ours.
 
-Locally the lock is an ``fcntl.flock`` on ``RUN/ckptwise.lock``, which the kernel drops when
-the holder dies, so a stale lock from a killed process is taken over without any guessing.
-The file also records the holder's pid and host so the error can name them. On fsspec
-stores, where no such primitive exists, the lock is the same JSON record; it counts as stale
-when it names this host and a pid that is no longer alive.
+On a local folder (and fsspec's ``local://``) the lock is an ``fcntl.flock`` on
+``RUN/ckptwise.lock``, which the kernel drops when the holder dies, so a killed writer's
+lock is taken over without guessing. The file, opened without following links, records
+the holder's pid and host so the error can name them.
+
+On an object store the lock is the record itself, created only if absent: S3's
+conditional put (``If-None-Match: *``, through s3fs), or the in-memory filesystem's
+exclusive create. Of writers starting together exactly one creates it. A filesystem
+without such a primitive cannot be locked, so writing to it is refused. A record naming
+this host and a pid that is no longer alive is stale and taken over.
+
+If the lock file is deleted under a live writer, a second writer can take the run.
+:meth:`RunLock.check` (called before every commit and deletion) notices: locally the path
+no longer leads to the locked file, remotely the record no longer carries this writer's
+token. The first writer then raises :class:`RunLockedError` instead of writing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
+import stat
+import threading
 import time
-from typing import IO, Any
+import uuid
+from typing import Any
 
-from ckptwise.errors import CheckpointNotFoundError, RunLockedError, StorageError
-from ckptwise.store.backend import Backend, LocalBackend
+from ckptwise.errors import RunLockedError, StorageError
+from ckptwise.store.backend import Backend, FsspecBackend, LocalBackend
+from ckptwise.store.runfile import read_fresh
 
 __all__ = ["LOCK_FILE", "RunLock"]
 
 LOCK_FILE = "ckptwise.lock"
+
+_LOCAL_PROTOCOLS = {"file", "local"}
+_CREATE_PROTOCOLS = {"s3", "s3a", "memory"}
+# the in-memory filesystem's exclusive create is a check then a write: serialise it
+_memory_create = threading.Lock()
 
 
 def _holder_text(info: dict[str, Any]) -> str:
@@ -38,81 +58,271 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _protocols(backend: FsspecBackend) -> set[str]:
+    protocol = backend.fs.protocol
+    return {protocol} if isinstance(protocol, str) else set(protocol)
+
+
+def _parse(data: bytes) -> dict[str, Any] | None:
+    """A lock record, or ``None`` when the bytes are not one."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _read_only_error(folder: str, exc: OSError) -> StorageError:
+    return StorageError(
+        f"cannot write to the run folder {folder} ({exc.strerror or exc}): a manager with "
+        "save= or keep= writes checkpoints and its lock file there. Give a writable folder, "
+        "or only read the run with cw.open_run(root) (or CheckpointManager(root) without "
+        "save= and keep=)"
+    )
+
+
 class RunLock:
     """Exclusive write access to one run; :meth:`acquire` raises :class:`RunLockedError`."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._file: IO[str] | None = None
+        self._token = uuid.uuid4().hex
+        self._fd: int | None = None
+        self._path = ""
+        self._identity: tuple[int, int] | None = None
         self._held = False
 
-    def _info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    @property
+    def held(self) -> bool:
+        """Whether this process took the lock (and has not released it)."""
+        return self._held
+
+    def _record(self) -> bytes:
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.time(),
+            "token": self._token,
+        }
+        return json.dumps(info).encode()
 
     def acquire(self) -> None:
+        """Take the lock, or raise :class:`RunLockedError` naming its holder.
+
+        Raises:
+            RunLockedError: another live writer holds the run.
+            StorageError: the folder is not writable, the lock file is a link or not a
+                file, or the filesystem cannot be locked.
+        """
         if self._held:
             return
-        if isinstance(self.backend, LocalBackend):
-            self._acquire_local(self.backend)
+        backend = self.backend
+        if isinstance(backend, LocalBackend | FsspecBackend) and (
+            isinstance(backend, LocalBackend) or _protocols(backend) & _LOCAL_PROTOCOLS
+        ):
+            self._acquire_local(backend.root, backend.url)
+        elif isinstance(backend, FsspecBackend) and _protocols(backend) & _CREATE_PROTOCOLS:
+            self._acquire_remote(backend)
         else:
-            self._acquire_remote()
+            name = type(getattr(backend, "fs", backend)).__name__
+            raise StorageError(
+                f"cannot lock {backend.url} for writing: {name} offers no atomic "
+                "create-if-absent, so two writers could both take the run. Write to a local "
+                "folder, s3:// or memory://, or only read this run with cw.open_run()"
+            )
         self._held = True
 
-    def _acquire_local(self, backend: LocalBackend) -> None:
+    # -- local: flock ----------------------------------------------------------------------
+
+    def _open_local(self, root: str) -> int:
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise _read_only_error(root, exc) from exc
+        path = os.path.join(root, LOCK_FILE)
+        # O_NOFOLLOW: a link planted at the lock's name must not make us truncate its
+        # target; O_NONBLOCK: a FIFO there must not hang the open
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StorageError(
+                    f"the lock file {path} is a symbolic link; ckptwise never writes through "
+                    f"one (it would overwrite the link's target). Remove it: rm {path}"
+                ) from exc
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise _read_only_error(root, exc) from exc
+            raise StorageError(f"could not open the lock file {path}: {exc}") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StorageError(
+                f"the lock file {path} is not a regular file; remove it and start again"
+            )
+        return fd
+
+    def _acquire_local(self, root: str, url: str) -> None:
         import fcntl
 
-        os.makedirs(backend.root, exist_ok=True)
-        path = os.path.join(backend.root, LOCK_FILE)
-        f = open(path, "a+")  # noqa: SIM115 - held open for the manager's lifetime
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
+        path = os.path.join(root, LOCK_FILE)
+        for _ in range(100):
+            fd = self._open_local(root)
             try:
-                holder = json.loads(f.read() or "{}")
-            except json.JSONDecodeError:
-                holder = {}
-            f.close()
-            raise RunLockedError(
-                f"run {backend.root} is locked by {_holder_text(holder)}: another "
-                "CheckpointManager is writing to it. Stop that process or close() its manager, "
-                "or use another run folder; open CheckpointManager(root) without policies to "
-                "only read"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(self._info()))
-        f.flush()
-        self._file = f
-
-    def _acquire_remote(self) -> None:
-        with contextlib.suppress(CheckpointNotFoundError):
-            holder = json.loads(self.backend.read_bytes(LOCK_FILE) or b"{}")
-            same_host = holder.get("host") == socket.gethostname()
-            pid = holder.get("pid")
-            stale = same_host and isinstance(pid, int) and not _pid_alive(pid)
-            if holder and not stale:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _parse(os.pread(fd, 65536, 0))
+                os.close(fd)
+                who = _holder_text(holder) if holder else "a process whose record is unreadable"
                 raise RunLockedError(
-                    f"run {self.backend.url} is locked by {_holder_text(holder)} (since "
-                    f"{time.ctime(holder.get('since', 0))}). Stop that process, or if it is "
-                    f"gone, delete {self.backend.url}/{LOCK_FILE}"
+                    f"run {url} is locked by {who}: another CheckpointManager is writing to "
+                    "it. Stop that process or close() its manager, or use another run "
+                    "folder; open CheckpointManager(root) without policies to only read"
+                ) from None
+            except OSError as exc:
+                os.close(fd)
+                raise StorageError(f"could not lock {path}: {exc}") from exc
+            identity = os.fstat(fd)
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (identity.st_dev, identity.st_ino):
+                os.close(fd)  # deleted or replaced between our open and flock: try again
+                continue
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, self._record(), 0)
+            except OSError as exc:
+                os.close(fd)
+                raise _read_only_error(root, exc) from exc
+            self._fd, self._path = fd, path
+            self._identity = (identity.st_dev, identity.st_ino)
+            return
+        raise StorageError(
+            f"the lock file {path} keeps being replaced; is another tool removing it?"
+        )
+
+    # -- remote: create if absent ----------------------------------------------------------
+
+    def _create(self, backend: FsspecBackend) -> bool:
+        """Create the lock record if absent; whether this call created it."""
+        path = f"{backend.root}/{LOCK_FILE}"
+        try:
+            if "memory" in _protocols(backend):
+                with _memory_create:
+                    backend.fs.pipe_file(path, self._record(), mode="create")
+            else:
+                backend.fs.pipe_file(path, self._record(), mode="create")
+        except FileExistsError:
+            return False
+        except PermissionError as exc:
+            raise StorageError(
+                f"cannot write the lock record {backend.url}/{LOCK_FILE}: {exc}. A manager with "
+                "save= or keep= writes there; check the credentials, or only read the run "
+                "with cw.open_run()"
+            ) from exc
+        except Exception as exc:
+            raise StorageError(
+                f"could not create the lock record {backend.url}/{LOCK_FILE}: {exc}. Creating "
+                "it only if absent (S3's If-None-Match) needs botocore > 1.35.20 and a server "
+                "that supports conditional writes"
+            ) from exc
+        return True
+
+    def _read_holder(self, backend: FsspecBackend) -> bytes | None:
+        return read_fresh(backend, LOCK_FILE)
+
+    def _acquire_remote(self, backend: FsspecBackend) -> None:
+        where = f"{backend.url}/{LOCK_FILE}"
+        for _ in range(3):
+            if self._create(backend):
+                # a server that ignored the condition would let another writer overwrite us
+                if self._owns(backend):
+                    return
+                raise RunLockedError(
+                    f"run {backend.url}: another writer replaced the lock record {where} just "
+                    "after this one created it (does the server honour If-None-Match?). "
+                    "Stop the other writer and try again"
                 )
-        self.backend.write_atomic(LOCK_FILE, [json.dumps(self._info()).encode()])
+            data = self._read_holder(backend)
+            if data is None:
+                continue  # released between our create and read: try again
+            holder = _parse(data)
+            if holder is None:
+                raise RunLockedError(
+                    f"run {backend.url} is locked, but its lock record {where} is unreadable "
+                    f"({data[:60]!r}). If no writer is running, delete {where}"
+                )
+            pid = holder.get("pid")
+            stale = (
+                holder.get("host") == socket.gethostname()
+                and isinstance(pid, int)
+                and not _pid_alive(pid)
+            )
+            if not stale:
+                since = holder.get("since")
+                when = time.ctime(since) if isinstance(since, int | float) else "?"
+                raise RunLockedError(
+                    f"run {backend.url} is locked by {_holder_text(holder)} (since {when}). "
+                    f"Stop that process, or if it is gone, delete {where}"
+                )
+            # the holder died on this host: remove its record if it is still that record
+            if self._read_holder(backend) == data:
+                backend.delete(LOCK_FILE)
+        raise RunLockedError(f"run {backend.url}: could not take the lock {where}; try again")
+
+    def _owns(self, backend: FsspecBackend) -> bool:
+        data = self._read_holder(backend)
+        holder = _parse(data) if data is not None else None
+        return holder is not None and holder.get("token") == self._token
+
+    # -- fencing ---------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise :class:`RunLockedError` if this writer no longer holds the lock it took.
+
+        Does nothing when this process never took the lock (a reader, or a rank other than
+        0). Called before each commit and deletion, so a writer whose lock file was deleted
+        (and perhaps taken by another writer) stops instead of writing next to it.
+        """
+        if not self._held:
+            return
+        backend = self.backend
+        if self._fd is not None:
+            try:
+                now = os.stat(self._path, follow_symlinks=False)
+                ours = (now.st_dev, now.st_ino) == self._identity
+            except FileNotFoundError:
+                ours = False
+            except OSError as exc:
+                raise StorageError(f"could not check the lock file {self._path}: {exc}") from exc
+            where = self._path
+        else:
+            assert isinstance(backend, FsspecBackend)
+            ours = self._owns(backend)
+            where = f"{backend.url}/{LOCK_FILE}"
+        if not ours:
+            raise RunLockedError(
+                f"this writer's lock file {where} was deleted or replaced while it held "
+                f"the run {backend.url}, so another writer may be writing to it now; this "
+                "manager writes and deletes nothing more. Find what removed the lock, stop "
+                "the other writer, and open a new CheckpointManager"
+            )
 
     def release(self) -> None:
+        """Give the lock up; safe to call twice."""
         if not self._held:
             return
         self._held = False
-        if self._file is not None:
+        if self._fd is not None:
             import fcntl
 
             with contextlib.suppress(OSError):
-                self._file.seek(0)
-                self._file.truncate()
-                self._file.flush()
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-        else:
+                os.ftruncate(self._fd, 0)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        elif isinstance(self.backend, FsspecBackend):
             with contextlib.suppress(StorageError):
-                self.backend.delete(LOCK_FILE)
+                if self._owns(self.backend):
+                    self.backend.delete(LOCK_FILE)
