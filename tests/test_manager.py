@@ -131,26 +131,25 @@ def test_metric_history_survives_resume(run_dir: Path) -> None:
 
 
 def test_pinned_and_resumed_from_checkpoints_are_kept(run_dir: Path) -> None:
-    with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_last(1)) as manager:
+    with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_all()) as manager:
         for step in (1, 2, 3):
             manager.step(step, {"v": torch.tensor(step)})
-        assert steps_of(manager) == [3]
     with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_last(1)) as manager:
-        assert manager.restore({"v": torch.tensor(0)}) == 3
+        assert manager.restore({"v": torch.tensor(0)}, step=2) == 2
+        manager.prune()  # the checkpoint resumed from is kept until a newer one commits
+        assert manager.last_plan is not None
+        assert manager.last_plan.keep == {2: ("resumed from",), 3: ("last 1", "newest")}
+        assert steps_of(manager) == [2, 3]
         manager.step(4, {"v": torch.tensor(4)})
+        assert steps_of(manager) == [4]  # then retention decides about it again
         manager.pin(4)
         for step in (5, 6):
             manager.step(step, {"v": torch.tensor(step)})
-        assert steps_of(manager) == [3, 4, 6]
-        assert manager.last_plan is not None
-        assert manager.last_plan.keep == {
-            3: ("resumed from",),
-            4: ("pinned",),
-            6: ("last 1", "newest"),
-        }
+        assert steps_of(manager) == [4, 6]
+        assert manager.last_plan.keep == {4: ("pinned",), 6: ("last 1", "newest")}
         manager.unpin(4)
         manager.prune()
-        assert steps_of(manager) == [3, 6]
+        assert steps_of(manager) == [6]
         with pytest.raises(cw.CheckpointNotFoundError, match="step 99"):
             manager.pin(99)
 

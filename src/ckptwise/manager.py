@@ -32,7 +32,7 @@ from ckptwise.compat import ManagerReads
 from ckptwise.decider import Decider
 from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Ranks
 from ckptwise.distributed.save import commit_across_ranks
-from ckptwise.errors import CheckpointError, ConfigError
+from ckptwise.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from ckptwise.metrics import coerce_metrics
 from ckptwise.policy import (
     ContentPolicy,
@@ -83,8 +83,8 @@ class CheckpointManager(ManagerReads):
             ``cw.full_every(5000, otherwise=cw.weights_only())`` makes the saves between
             full ones slim. Only full checkpoints can be restored into a training state.
         keep: what to keep; defaults to :func:`~ckptwise.keep_all` for a writing manager.
-            The newest checkpoint, pinned ones and the one this manager restored are
-            always kept.
+            The newest checkpoint and pinned ones are always kept; the one this manager
+            restored is kept until a newer checkpoint has committed.
         rng: also save and restore Python, numpy, torch (and CUDA) RNG states.
         codec: how new objects are encoded: ``"auto"`` (the default: byte-grouped zstd for
             float tensors where the measured encode and write rates say it makes the save
@@ -185,6 +185,7 @@ class CheckpointManager(ManagerReads):
             ranks=self.ranks,
         )
         self.resumed_from: int | None = None
+        self._protect_resumed = False
         self.last_plan: RetentionPlan | None = None
         self._closed = False
 
@@ -300,6 +301,10 @@ class CheckpointManager(ManagerReads):
 
         def job() -> CheckpointInfo:
             started = time.perf_counter()
+            if self._owns_run:
+                self._branch_off(step, now)
+            if self.resumed_from is not None and step > self.resumed_from:
+                self._protect_resumed = False  # a newer checkpoint: retention decides again
             if self.ranks is None:
                 self._lock.check()  # fenced: never commit next to a writer that took over
                 assert snap is not None
@@ -340,6 +345,49 @@ class CheckpointManager(ManagerReads):
         self._finish(info)
         return info
 
+    def _branch_off(self, step: int, now: datetime) -> None:
+        """Before saving ``step``, move the run's checkpoints of later steps to a branch.
+
+        A save at a step earlier than the run's newest checkpoint means training went back
+        (a restore of an older step after a loss spike, or a step counter that restarted):
+        from here on the run's line is the one being trained, so the later checkpoints of
+        the abandoned line must neither be preferred by a plain restore nor push what is
+        saved now out of retention. They are kept, never deleted, under
+        ``branches/NAME/``: listed by :meth:`Run.branches`, readable through
+        :meth:`Run.branch`, removed by :meth:`delete_branch`.
+        """
+        later = [s for s in self._store.steps() if s > step]
+        if not later:
+            return
+        name = f"{now:%Y%m%dT%H%M%S}-steps-{later[0]}-to-{later[-1]}"
+        self._store.move_to_branch(later, name)
+        log.warning(
+            "step %d is earlier than this run's checkpoints of steps %s (training went back): "
+            "they no longer count as the run's newest and are kept as branch %r (read them with "
+            "cw.open_run(root).branch(%r); delete them with manager.delete_branch(%r))",
+            step,
+            ", ".join(map(str, later)),
+            name,
+            name,
+            name,
+        )
+
+    def delete_branch(self, name: str) -> None:
+        """Delete a branch of abandoned checkpoints (see :meth:`Run.branches`) and the
+        objects only it referenced."""
+        self._check_open()
+        if not self._owns_run:
+            raise ConfigError(
+                "only the writing manager (rank 0 of a job) deletes branches; open "
+                "CheckpointManager(root, keep=...) to delete one"
+            )
+        if name not in self._store.branches():
+            have = ", ".join(sorted(self._store.branches())) or "none"
+            raise CheckpointNotFoundError(
+                f"run {self.run.url} has no branch {name!r} (have: {have})"
+            )
+        self._store.delete_branch(name)
+
     def _contents(self, state: Mapping[str, Any], variant: Variant) -> dict[str, Any]:
         """The entries one save of ``variant`` captures."""
         if variant.kind == "full":
@@ -373,7 +421,7 @@ class CheckpointManager(ManagerReads):
             self._store.checkpoints(),
             now=self.clock() if now is None else now,
             pinned=self.run.pins(),
-            resumed_from=self.resumed_from,
+            resumed_from=self.resumed_from if self._protect_resumed else None,
             object_bytes=self._store.object_bytes(),
         )
         if plan.delete:
@@ -430,8 +478,9 @@ class CheckpointManager(ManagerReads):
         it, and return its step; 0 when the run has none (see :meth:`Run.restore`).
 
         Continuing means: metric history and trigger bookkeeping are those saved with the
-        checkpoint, wall-clock triggers count from now, and the checkpoint is kept for as
-        long as this manager lives.
+        checkpoint, wall-clock triggers count from now, and the checkpoint is kept until a
+        newer one has committed. Restoring an older step than the run's newest and saving
+        from there sets the later checkpoints aside as a branch (see :meth:`Run.branches`).
         """
         restored = self.run.restore(
             state, step=step, strict=strict, rng=self.rng, ranks=self.ranks, rank=_process_rank()
@@ -457,6 +506,7 @@ class CheckpointManager(ManagerReads):
     def _adopt(self, step: int) -> None:
         self._decider.adopt(self._store.manifest(step).extra, step)
         self.resumed_from = step
+        self._protect_resumed = True
 
     # -- lifetime --------------------------------------------------------------------------
 

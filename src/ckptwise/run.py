@@ -30,13 +30,19 @@ import torch
 from ckptwise.archive import archive_copy
 from ckptwise.distributed.ranks import Failure, Ranks
 from ckptwise.distributed.restore import prime_optimizers, read_rank, sharded_names
-from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from ckptwise.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+)
 from ckptwise.formats import copy_hf_metadata, write_safetensors
 from ckptwise.policy import KeepBest, RetentionContext, Variant
 from ckptwise.records import CheckpointInfo
 from ckptwise.report import report
 from ckptwise.snapshot import RNG_KEY, RngState, apply, capture, rebuild
 from ckptwise.store import CheckpointStore, Manifest, Problem, TensorEntry, open_backend, runfile
+from ckptwise.store.branch import BranchBackend, check_branch_name
 from ckptwise.usage import TensorChange, Usage, diff_manifests, usage_of
 
 __all__ = [
@@ -140,6 +146,27 @@ class Run:
         """Committed checkpoints, oldest first, with step, time, metrics, bytes and what each
         holds (``variant``: ``full`` or a slim kind)."""
         return [self.info(step) for step in self.steps()]
+
+    def branches(self) -> dict[str, list[int]]:
+        """The run's branches: checkpoints a rollback set aside, by branch name, each with
+        its steps, oldest first.
+
+        When training goes back (a save at a step earlier than the run's newest checkpoint),
+        the writer moves the later checkpoints to a branch instead of letting them shadow
+        what is trained from then on; read one with :meth:`branch`.
+        """
+        return {
+            name: sorted(m.step for m in manifests)
+            for name, manifests in sorted(self._store.branches().items())
+        }
+
+    def branch(self, name: str) -> Run:
+        """A read-only :class:`Run` over the checkpoints of branch ``name`` (list, verify,
+        load, restore, export them as a run's own)."""
+        if check_branch_name(name) not in self._store.branches():
+            have = ", ".join(sorted(self._store.branches())) or "none"
+            raise CheckpointNotFoundError(f"run {self.url} has no branch {name!r} (have: {have})")
+        return Run(CheckpointStore(BranchBackend(self._store.backend, name)))
 
     @property
     def unreadable(self) -> dict[str, str]:

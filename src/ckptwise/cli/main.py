@@ -47,9 +47,17 @@ def cli() -> None:
 @cli.command("ls")
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def ls_command(run: str, as_json: bool) -> None:
+@click.option("--branch", help="List a branch of checkpoints a rollback set aside instead.")
+def ls_command(run: str, as_json: bool, branch: str | None) -> None:
     """List the committed checkpoints of RUN (a folder or fsspec URL)."""
     opened = open_cli_run(run)
+    branches = opened.branches()
+    if branch is not None:
+        try:
+            opened = opened.branch(branch)
+        except CheckpointError as exc:
+            raise click.ClickException(str(exc)) from exc
+        branches = {}
     kept = opened.kept()
     pins = opened.pins()
     rows: list[dict[str, Any]] = []
@@ -75,6 +83,7 @@ def ls_command(run: str, as_json: bool) -> None:
             "checkpoints": rows,
             "physical_bytes": opened.physical_bytes(),
             "unreadable": opened.unreadable,
+            "branches": branches,
         }
         click.echo(json.dumps(doc, indent=2, default=str))
         return
@@ -109,6 +118,11 @@ def ls_command(run: str, as_json: bool) -> None:
     console.print(f"on disk: {human_size(opened.physical_bytes())} (each object counted once)")
     for path, problem in opened.unreadable.items():
         console.print(f"[red]unreadable manifest[/red] {path}: {problem}")
+    for name, steps in branches.items():
+        console.print(
+            f"branch {name}: step(s) {', '.join(map(str, steps))}, set aside when training "
+            f"went back (list them with: ckptwise ls {run} --branch {name})"
+        )
 
 
 @cli.command("verify")

@@ -166,9 +166,16 @@ class Index:
         )
 
     def object_bytes(self) -> dict[str, int]:
-        """Stored size of every referenced object."""
+        """Stored size of every object a checkpoint references, on the main line or in a
+        branch (what the run holds on disk)."""
         with self.lock:
-            return {oid: self._entries[oid].stored_bytes for oid in self._refs}
+            out = {oid: self._entries[oid].stored_bytes for oid in self._refs}
+            for manifests in self.branches().values():
+                for manifest in manifests:
+                    for entry in manifest.entries():
+                        for oid, described in _objects_of(entry):
+                            out.setdefault(oid, described.stored_bytes)
+            return out
 
     # -- changes ---------------------------------------------------------------------------
 
