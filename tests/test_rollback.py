@@ -131,3 +131,17 @@ def test_ls_shows_branches_and_lists_one(tmp_path: Path) -> None:
     missing = CliRunner().invoke(cli, ["ls", str(tmp_path), "--branch", "nope"])
     assert missing.exit_code != 0
     assert "no branch 'nope'" in missing.output
+
+
+def test_a_pin_goes_with_its_checkpoint_into_the_branch(tmp_path: Path) -> None:
+    saved_run(tmp_path, [10, 20, 30])
+    cw.open_run(tmp_path).pin(20)
+    with cw.CheckpointManager(tmp_path, save=cw.every(1), keep=cw.keep_last(1)) as m:
+        m.save(11, state_at(11))
+        assert m.pinned() == set()  # step 20 of the new line is not pinned by the old pin
+        for step in range(12, 22):
+            m.step(step, state_at(step))
+        assert m.run.steps() == [21]
+        assert list(m.run.branches().values()) == [
+            [20, 30]
+        ]  # the pinned checkpoint itself is kept, in the branch

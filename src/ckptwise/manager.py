@@ -359,8 +359,13 @@ class CheckpointManager(ManagerReads):
         later = [s for s in self._store.steps() if s > step]
         if not later:
             return
+        self._lock.check()  # fenced: never rearrange a run another writer has taken over
         name = f"{now:%Y%m%dT%H%M%S}-steps-{later[0]}-to-{later[-1]}"
         self._store.move_to_branch(later, name)
+        # a pin belongs to the checkpoint, which the branch keeps: it must not pin the step
+        # number of the line trained from now on
+        for moved in sorted(runfile.read_pins(self._store.backend) & set(later)):
+            runfile.unpin(self._store.backend, moved)
         log.warning(
             "step %d is earlier than this run's checkpoints of steps %s (training went back): "
             "they no longer count as the run's newest and are kept as branch %r (read them with "

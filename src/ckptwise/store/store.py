@@ -8,7 +8,8 @@ store's parts, each in its own module:
   collection;
 - :mod:`~ckptwise.store.reader`: objects back into tensors, verified;
 - :mod:`~ckptwise.store.commit`: dedup, codecs, deltas and the atomic commit;
-- :mod:`~ckptwise.store.runfile`: the run record (``run.json``).
+- :mod:`~ckptwise.store.runfile`: the run record (``run.json``), pin files, and the
+  handshake between pinning and pruning.
 """
 
 from __future__ import annotations
@@ -271,26 +272,8 @@ class CheckpointStore:
 
     # -- run record ------------------------------------------------------------------------
 
-    def read_run_state(self) -> dict[str, Any]:
-        """The mutable run record (pins, last retention reasons); empty when absent."""
-        return runfile.read_run_state(self.backend)
-
-    def write_run_state(self, state: Mapping[str, Any]) -> None:
-        """Atomically replace the run record."""
-        runfile.write_run_state(self.backend, state)
-
-    def pins(self) -> set[int]:
-        """Steps pinned in the run record."""
-        return runfile.read_pins(self.backend)
-
-    def set_pins(self, pins: Iterable[int]) -> None:
-        """Replace the pinned steps."""
-        runfile.update_run_state(self.backend, pins=sorted(set(pins)))
-
     def kept(self) -> dict[int, list[str]]:
-        """Why each step was kept by the writer's last retention decision."""
+        """Why each step was kept by the writer's last retention decision (advisory: empty
+        when ``run.json`` is absent or unreadable). Pins and the writing of this record live
+        in :mod:`~ckptwise.store.runfile`."""
         return runfile.read_kept(self.backend)
-
-    def set_kept(self, kept: Mapping[int, Iterable[str]]) -> None:
-        """Record a retention decision: each kept step with its reasons."""
-        runfile.update_run_state(self.backend, kept=runfile.kept_field(kept))
