@@ -84,7 +84,7 @@ class CheckpointManager(ManagerReads):
             full ones slim. Only full checkpoints can be restored into a training state.
         keep: what to keep; defaults to :func:`~ckptwise.keep_all` for a writing manager.
             The newest checkpoint and pinned ones are always kept; the one this manager
-            restored is kept until a newer checkpoint has committed.
+            restored is kept until a newer checkpoint has committed and verifies.
         rng: also save and restore Python, numpy, torch (and CUDA) RNG states.
         codec: how new objects are encoded: ``"auto"`` (the default: byte-grouped zstd for
             float tensors where the measured encode and write rates say it makes the save
@@ -303,8 +303,6 @@ class CheckpointManager(ManagerReads):
             started = time.perf_counter()
             if self._owns_run:
                 self._branch_off(step, now)
-            if self.resumed_from is not None and step > self.resumed_from:
-                self._protect_resumed = False  # a newer checkpoint: retention decides again
             if self.ranks is None:
                 self._lock.check()  # fenced: never commit next to a writer that took over
                 assert snap is not None
@@ -317,8 +315,14 @@ class CheckpointManager(ManagerReads):
                     extra=extra,
                     time=now.timestamp(),
                 )
+                self._release_resume_point(step)
                 self.prune(now=now)
             else:
+
+                def after_commit() -> None:  # on rank 0, once every rank's part is durable
+                    self._release_resume_point(step)
+                    self.prune(now=now)
+
                 ours = Manifest(
                     step=step,
                     time=now.timestamp(),
@@ -332,7 +336,7 @@ class CheckpointManager(ManagerReads):
                     self._store,
                     ours,
                     lambda: capture(entries),
-                    after_commit=lambda: self.prune(now=now),
+                    after_commit=after_commit,
                 )
             self.bytes_written += info.new_bytes
             if self._owns_run:
@@ -344,6 +348,29 @@ class CheckpointManager(ManagerReads):
         self._decider.finished_save(self.clock() - now)
         self._finish(info)
         return info
+
+    def _release_resume_point(self, step: int) -> None:
+        """Once a checkpoint newer than the one restored has committed and verifies, let
+        retention decide about the restored one again.
+
+        The restored checkpoint is the one known to load; until a newer one is known to
+        verify too, it is kept whatever the policy says. Reading the new checkpoint back
+        costs one read of it, once per resumed run; afterwards ``keep_last(2)`` means two
+        checkpoints again, not three.
+        """
+        if not self._protect_resumed or self.resumed_from is None or step <= self.resumed_from:
+            return
+        problems = self._store.verify([step])
+        if problems:
+            log.warning(
+                "step %d does not verify after its commit (%s); keeping step %d, which this run "
+                "resumed from",
+                step,
+                problems[0],
+                self.resumed_from,
+            )
+            return
+        self._protect_resumed = False
 
     def _branch_off(self, step: int, now: datetime) -> None:
         """Before saving ``step``, move the run's checkpoints of later steps to a branch.
@@ -484,7 +511,7 @@ class CheckpointManager(ManagerReads):
 
         Continuing means: metric history and trigger bookkeeping are those saved with the
         checkpoint, wall-clock triggers count from now, and the checkpoint is kept until a
-        newer one has committed. Restoring an older step than the run's newest and saving
+        newer one has committed and verifies. Restoring an older step than the run's newest and saving
         from there sets the later checkpoints aside as a branch (see :meth:`Run.branches`).
         """
         restored = self.run.restore(
