@@ -511,8 +511,9 @@ class CheckpointManager(ManagerReads):
 
         Continuing means: metric history and trigger bookkeeping are those saved with the
         checkpoint, wall-clock triggers count from now, and the checkpoint is kept until a
-        newer one has committed and verifies. Restoring an older step than the run's newest and saving
-        from there sets the later checkpoints aside as a branch (see :meth:`Run.branches`).
+        newer one has committed and verifies. Restoring an older step than the run's newest
+        and saving from there sets the later checkpoints aside as a branch (see
+        :meth:`Run.branches`).
         """
         restored = self.run.restore(
             state, step=step, strict=strict, rng=self.rng, ranks=self.ranks, rank=_process_rank()
