@@ -5,9 +5,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${CKPTWISE_VENV:-.venv}
 export PYTHONHASHSEED=0 CUBLAS_WORKSPACE_CONFIG=:4096:8
-"$VENV/bin/ruff" check src tests bench examples
-"$VENV/bin/ruff" format --check src tests bench examples
-"$VENV/bin/mypy" src tests examples
+"$VENV/bin/ruff" check src tests bench examples scripts
+"$VENV/bin/ruff" format --check src tests bench examples scripts
+"$VENV/bin/mypy" src tests examples scripts
 run_pytest() {
   # pytest exits 5 when it collects no test: a failure here, never a pass.
   set +e
