@@ -408,6 +408,14 @@ class FsspecBackend:
     def _abs(self, path: str) -> str:
         return f"{self.root}/{path}" if path else self.root
 
+    def _fresh(self, path: str) -> str:
+        """The absolute path, with fsspec's listing cache for it dropped: another process
+        (a writer, ``ckptwise pin``) may have created or deleted the file since this
+        process last listed its folder, and s3fs answers ``info`` from that listing."""
+        full = self._abs(path)
+        self.fs.invalidate_cache(full)
+        return full
+
     @contextlib.contextmanager
     def _wrap(self, action: str, path: str) -> Iterator[None]:
         try:
@@ -428,23 +436,24 @@ class FsspecBackend:
 
     def read_bytes(self, path: str) -> bytes:
         with self._wrap("read", path):
-            data: bytes = self.fs.cat_file(self._abs(path))
+            data: bytes = self.fs.cat_file(self._fresh(path))
             return data
 
     def read_into(self, path: str, buffer: memoryview) -> int:
         view = buffer.cast("B")
         with self._wrap("read", path):
             # a ranged read: never more than the buffer holds, whatever the file's size
-            data = self.fs.cat_file(self._abs(path), start=0, end=len(view)) if view else b""
+            full = self._fresh(path)
+            data = self.fs.cat_file(full, start=0, end=len(view)) if view else b""
             if not view:
-                self.fs.info(self._abs(path))  # still not found when missing
+                self.fs.info(full)  # still not found when missing
         n = min(len(data), len(view))
         view[:n] = data[:n]
         return n
 
     def size(self, path: str) -> int:
         with self._wrap("stat", path):
-            info = self.fs.info(self._abs(path))
+            info = self.fs.info(self._fresh(path))
         if info.get("type") != "file":
             raise CorruptCheckpointError(
                 f"{self.url}/{path} is a {info.get('type')}, not a file; remove it"
@@ -453,10 +462,10 @@ class FsspecBackend:
 
     def exists(self, path: str) -> bool:
         with self._wrap("stat", path):
-            return bool(self.fs.isfile(self._abs(path)))
+            return bool(self.fs.isfile(self._fresh(path)))
 
     def list_files(self, prefix: str) -> list[str]:
-        base = self._abs(prefix)
+        base = self._fresh(prefix)
         with self._wrap("list", prefix):
             if not self.fs.exists(base):
                 return []
@@ -470,8 +479,9 @@ class FsspecBackend:
 
     def delete(self, path: str) -> None:
         with self._wrap("delete", path):
-            if self.fs.exists(self._abs(path)):
-                self.fs.rm_file(self._abs(path))
+            full = self._fresh(path)
+            if self.fs.exists(full):
+                self.fs.rm_file(full)
 
     def free_bytes(self) -> int | None:
         return None

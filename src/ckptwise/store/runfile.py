@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ckptwise.errors import CheckpointError, CheckpointNotFoundError, StorageError
-from ckptwise.store.backend import Backend, FsspecBackend, LocalBackend
+from ckptwise.store.backend import Backend, LocalBackend
 from ckptwise.store.layout import manifest_path
 
 __all__ = [
@@ -91,14 +91,8 @@ def _is_step(value: Any) -> bool:
 
 
 def read_fresh(backend: Backend, path: str) -> bytes | None:
-    """The file's bytes as the store holds them now, or ``None`` when it does not exist.
-
-    fsspec filesystems keep listings in a cache, and s3fs answers even a read from it (a
-    file another process created after the listing reads as missing), so the cache entries
-    on the way to ``path`` are dropped first.
-    """
-    if isinstance(backend, FsspecBackend):
-        backend.fs.invalidate_cache(f"{backend.root}/{path}")
+    """The file's bytes as the store holds them now, or ``None`` when it does not exist
+    (every backend read bypasses listing caches, see :class:`FsspecBackend`)."""
     try:
         return backend.read_bytes(path)
     except CheckpointNotFoundError:
