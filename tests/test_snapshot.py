@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,3 +104,14 @@ def test_stateful_mismatch_is_reported() -> None:
     snap = capture({"model": torch.nn.Linear(2, 2)})
     with pytest.raises(cw.CheckpointError, match="now holds a int"):
         apply({"model": 3}, snap.tree, snap.tensors)
+
+
+def test_an_object_that_refuses_its_saved_state_is_a_config_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    with cw.CheckpointManager(tmp_path, save=cw.every(1)) as m:
+        m.save(1, {"model": torch.nn.Linear(4, 2)})
+    with pytest.raises(cw.ConfigError, match="'model' \\(Linear\\) refused") as err:
+        cw.open_run(tmp_path).restore({"model": torch.nn.Linear(8, 2)})
+    assert "size mismatch" in str(err.value)
+    assert isinstance(err.value.__cause__, RuntimeError)

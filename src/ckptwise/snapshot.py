@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptwise.errors import CheckpointError, CorruptCheckpointError, SnapshotError
+from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError, SnapshotError
 
 __all__ = [
     "RNG_KEY",
@@ -212,6 +212,10 @@ def apply(
     when shape and dtype match (so references held elsewhere see the restored values) and
     replaced otherwise; plain values are replaced in ``state``. With ``strict``, a key of
     ``state`` that the checkpoint lacks is an error.
+
+    Raises:
+        ConfigError: an object's ``load_state_dict`` refused what was saved for it (a model
+            or optimizer built differently); entries before it are already loaded.
     """
     missing = [k for k in state if k not in tree]
     if missing and strict:
@@ -229,7 +233,17 @@ def apply(
                     f"{where} saved {key!r} from an object with load_state_dict(), but the "
                     f"state now holds a {type(value).__name__}"
                 )
-            value.load_state_dict(saved)
+            try:
+                value.load_state_dict(saved)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # the object's own refusal, e.g. torch's size mismatch
+                raise ConfigError(
+                    f"{where}: {key!r} ({type(value).__name__}) refused the state saved for it "
+                    f"({type(exc).__name__}: {exc}); build the object as the one that was "
+                    "saved (same model, same parameters in the optimizer), or leave it out of "
+                    "the state passed to restore"
+                ) from exc
         elif (
             isinstance(value, torch.Tensor)
             and isinstance(saved, torch.Tensor)
