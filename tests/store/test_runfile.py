@@ -245,3 +245,12 @@ def test_an_unreadable_run_json_is_reported_once_and_replaced() -> None:
     assert out.stderr.count("run record") == 1, out.stderr
     assert "Permission denied" in out.stderr
     assert "kept {4: ['last 1', 'newest']}" in out.stdout
+
+
+def test_a_huge_planted_run_record_is_not_read_and_never_stops_training(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_bytes(b" " * (runfile.MAX_RECORD_BYTES + 1))
+    with cw.CheckpointManager(tmp_path, save=cw.every(1), keep=cw.keep_last(1)) as m:
+        for step in (1, 2, 3):
+            m.step(step, {"w": torch.full((4,), float(step))})
+        assert m.run.steps() == [3]
+    assert json.loads((tmp_path / "run.json").read_text())["kept"] == {"3": ["last 1", "newest"]}

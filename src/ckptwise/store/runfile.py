@@ -90,10 +90,25 @@ def _is_step(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_fresh(backend: Backend, path: str) -> bytes | None:
-    """The file's bytes as the store holds them now, or ``None`` when it does not exist
-    (every backend read bypasses listing caches, see :class:`FsspecBackend`)."""
+#: The largest pin, tombstone, lock or run record read: they hold a few hundred bytes, and
+#: a planted huge file must not be read into memory.
+MAX_RECORD_BYTES = 1 << 20
+
+
+def read_fresh(backend: Backend, path: str, *, limit: int = MAX_RECORD_BYTES) -> bytes | None:
+    """The small file's bytes as the store holds them now, or ``None`` when it does not
+    exist (every backend read bypasses listing caches, see :class:`FsspecBackend`).
+
+    Raises:
+        StorageError: the file is larger than ``limit`` bytes (nothing is read).
+    """
     try:
+        size = backend.size(path)
+        if size > limit:
+            raise StorageError(
+                f"{backend.url}/{path} holds {size} bytes, more than the {limit} a ckptwise "
+                "record can; it was not written by ckptwise: remove it"
+            )
         return backend.read_bytes(path)
     except CheckpointNotFoundError:
         return None
@@ -136,9 +151,10 @@ def read_run_state(backend: Backend) -> dict[str, Any]:
         special = _special_file(backend)
         if special is not None:
             raise StorageError(f"it is {special}")
-        data = json.loads(backend.read_bytes(RUN_FILE))
-    except CheckpointNotFoundError:
-        return {}
+        raw = read_fresh(backend, RUN_FILE)
+        if raw is None:
+            return {}
+        data = json.loads(raw)
     except (StorageError, ValueError, RecursionError) as exc:
         # ValueError: not JSON or not UTF-8; RecursionError: nested too deep to parse
         _warn_once(
@@ -275,7 +291,7 @@ def pin(backend: Backend, step: int) -> None:
     """
     if not _is_step(step):
         raise CheckpointNotFoundError(f"step {step!r} is not a step number; pin a step >= 0")
-    if _read(backend, manifest_path(step)) is None:
+    if not backend.exists(manifest_path(step)):
         raise CheckpointNotFoundError(
             f"no committed checkpoint at step {step} in {backend.url}: nothing to pin "
             "(`ckptwise ls` lists the steps)"
@@ -284,9 +300,7 @@ def pin(backend: Backend, step: int) -> None:
         return  # already pinned; rewriting it could only race another pinner
     token = uuid.uuid4().hex
     _write_pin(backend, step, token)
-    if _read(backend, _tombstone_path(step)) is None and (
-        _read(backend, manifest_path(step)) is not None
-    ):
+    if _read(backend, _tombstone_path(step)) is None and backend.exists(manifest_path(step)):
         return
     # the writer may have decided to delete the step before it could see the pin
     if _pin_token(_read(backend, pin_path(step))) == token:
