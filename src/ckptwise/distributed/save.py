@@ -47,7 +47,7 @@ class _Report:
     step: int
     names: dict[str, ObjectUse]
     shards: dict[str, Shard]
-    new: dict[str, int]  # object id -> raw bytes, for objects this rank's index lacks
+    new: dict[str, int]  # object id -> raw bytes: objects to write (unknown, or damaged)
     tree: dict[str, Any]
 
 
@@ -69,7 +69,9 @@ def _assign(reports: list[_Report], store: CheckpointStore) -> list[set[str]]:
     """For each rank, the new objects it writes: each once, by the least loaded holder.
 
     Rank 0's index decides what is stored (it alone prunes; the others re-read the run
-    after every save, so their plans agree with it).
+    after every save, so their plans agree with it), except that an object some rank
+    planned although it is stored is written again by that rank: its check of the stored
+    copy failed, and the live bytes repair it (see :meth:`CheckpointStore.plan`).
     """
     steps = {report.step for report in reports}
     if len(steps) > 1:
@@ -85,7 +87,9 @@ def _assign(reports: list[_Report], store: CheckpointStore) -> list[set[str]]:
         used.update(oid for oid, _, _ in report.names.values())
         for oid in report.new:  # only a rank that planned an object can write it
             holders.setdefault(oid, []).append(rank)
-    to_write = {oid: holders.get(oid, []) for oid in used if store.known(oid) is None}
+    to_write = {
+        oid: holders.get(oid, []) for oid in used if store.known(oid) is None or oid in holders
+    }
     unplanned = [oid for oid, writers in to_write.items() if not writers]
     if unplanned:
         raise CheckpointError(
