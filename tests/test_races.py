@@ -1,5 +1,5 @@
-"""Races between real processes: pins against a pruning writer, writers starting together,
-and a writer whose lock file is deleted under it.
+"""Races between real processes: pins and readers against a pruning writer, writers
+starting together, and a writer whose lock file is deleted under it.
 
 ``CKPTWISE_RACE_COUNT`` sets how many pins / trials each test makes (default: a few, so CI
 spends seconds); run by hand with a few hundred to hunt rare interleavings::
@@ -166,6 +166,50 @@ def test_every_pin_reported_done_keeps_its_checkpoint(
     assert lost_checkpoints == []
     assert lost_pins == []
     assert final.verify(sorted(set(pinned))) == []  # their objects survived the collection
+
+
+# -- (a') readers against a writer that saves and prunes every step ------------------------
+
+READ_WRITER = WRITER.replace("keep=cw.keep_last(1)", "keep=cw.keep_last(2)")
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_readers_never_see_a_prune_half_way(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """``ls`` and ``verify`` (through :class:`cw.Run`) while another process saves and
+    prunes every step, until COUNT steps were seen: every listing is readable and every
+    verification clean."""
+    import json
+
+    url, options = _where(kind, tmp_path, request.getfixturevalue("s3") if kind == "s3" else None)
+    assert "keep_last(2)" in READ_WRITER
+    stop = tmp_path / "stop"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", READ_WRITER, url, str(stop), json.dumps(options)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    problems: list[str] = []
+    seen: set[int] = set()
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "saving"
+        rounds, deadline = 0, time.monotonic() + 300
+        # until the writer has saved (and pruned) COUNT steps while this process read
+        while len(seen) < COUNT and time.monotonic() < deadline:
+            rounds += 1
+            run = cw.open_run(url, storage_options=options)
+            problems += [f"unreadable {path}: {why}" for path, why in run.unreadable.items()]
+            seen |= {info.step for info in run.checkpoints()}
+            problems += [str(problem) for problem in run.verify()]
+    finally:
+        stop.touch()
+        out, _ = writer.communicate(timeout=120)
+    assert writer.returncode == 0, out
+    print(f"\n[{kind}] {rounds} rounds over steps {min(seen)}..{max(seen)}; writer {out.strip()}")
+    assert problems == []
+    assert len(seen) >= COUNT  # the readers really ran while the writer saved and pruned
 
 
 # -- (b) writers started at the same instant -----------------------------------------------
