@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,58 +24,18 @@ import pytest
 import ckptwise as cw
 from ckptwise.store import open_backend
 from ckptwise.store.layout import CHECKPOINTS, manifest_step
+from s3_server import moto_s3
 
 pytestmark = pytest.mark.integration
 
 COUNT = int(os.environ.get("CKPTWISE_RACE_COUNT", "20"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, Any]]:
     """A moto S3 server on loopback, and the storage options that reach it."""
-    port = _free_port()
-    server = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(server), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "moto_server exited"
-                assert time.monotonic() < deadline, "moto_server did not start"
-                time.sleep(0.1)
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            region_name="us-east-1",
-        ).create_bucket(Bucket="races")
-        yield {
-            "key": "test",
-            "secret": "test",
-            "endpoint_url": endpoint,
-            "client_kwargs": {"region_name": "us-east-1"},
-        }
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with moto_s3("races") as options:
+        yield options
 
 
 def _where(kind: str, tmp_path: Path, s3: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
