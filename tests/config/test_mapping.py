@@ -16,6 +16,7 @@ import yaml
 import ckptwise as cw
 from ckptwise.config import Policy, policy_from_config
 from ckptwise.errors import ConfigError
+from ckptwise.policy import after
 from policy_support import all_of, any_of, keep_any
 
 # -- 2. the example and the short forms ----------------------------------------------
@@ -314,7 +315,7 @@ CONFIG_ERRORS: list[tuple[str, dict[str, Any], str]] = [
         {"save": {"evry": 1000}},
         r"save\.evry: unknown trigger; allowed: every, at_steps, schedule, geometric, "
         r"every_duration, overhead_budget, optimal_interval, on_improvement, on_signal, "
-        r"on_file, final, never, any, all",
+        r"on_file, final, never, after, any, all",
     ),
     (
         "unknown-parameter",
@@ -351,7 +352,8 @@ CONFIG_ERRORS: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown-section",
         {"save": {"every": 10}, "kep": {"last": 3}},
-        r"kep: unknown section; a policy config has 'save' and 'keep'",
+        r"kep: unknown section; a policy config has save, keep, content, codec, deltas, "
+        r"async_save, on_busy, rng",
     ),
     ("missing-best-metric", {"keep": {"best": {"n": 2}}}, r"keep\.best: best needs 'metric'"),
     ("missing-best-n", {"keep": {"best": {"metric": "x"}}}, r"keep\.best: best needs 'n'"),
@@ -409,7 +411,8 @@ CONFIG_ERRORS: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown-retention",
         {"keep": {"newest": 3}},
-        r"keep\.newest: unknown retention policy; allowed: last, best, every, within, budget, all",
+        r"keep\.newest: unknown retention policy; allowed: last, best, every, within, budget, "
+        r"all, any",
     ),
     (
         "flag-not-true",
@@ -474,3 +477,35 @@ def test_config_errors_name_the_key_and_what_is_allowed(
 def test_config_error_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown trigger"):
         policy_from_config({"save": {"evry": 1}})
+
+
+# -- after: the run-wide warm-up -----------------------------------------------------------------
+
+
+def test_after_beside_triggers_holds_them_all_back() -> None:
+    policy = policy_from_config(
+        {"save": {"after": 2000, "every": 1000, "on_improvement": "eval_loss", "on_signal": True}}
+    )
+    assert policy.save == after(
+        2000, any_of(cw.every(1000), cw.on_improvement("eval_loss"), cw.on_signal())
+    )
+
+
+def test_after_inside_a_list_holds_back_only_its_own_mapping() -> None:
+    policy = policy_from_config({"save": {"any": [{"after": 50, "every": 10}, {"final": True}]}})
+    assert policy.save == any_of(after(50, cw.every(10)), cw.on_final())
+
+
+@pytest.mark.parametrize(
+    ("config", "pattern"),
+    [
+        ({"save": {"after": 2000}}, r"save\.after: give the triggers it holds back beside it"),
+        ({"save": {"after": "soon", "every": 5}}, r"save\.after: 'soon' is not an integer"),
+        ({"save": {"after": -5, "every": 5}}, r"save\.after: after\(start\) must be an integer"),
+        ({"save": {"after": 5, "evry": 5}}, r"save\.evry: unknown trigger"),
+        ({"keep": {"after": 5, "last": 2}}, r"keep\.after: 'after' is a save trigger"),
+    ],
+)
+def test_after_errors_name_the_key(config: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        policy_from_config(config)

@@ -10,7 +10,7 @@ import pytest
 import ckptwise as cw
 from ckptwise.config import Policy, parse_keep, parse_save, policy_from_config
 from ckptwise.errors import ConfigError
-from ckptwise.policy import RetentionPolicy, Trigger
+from ckptwise.policy import RetentionPolicy, Trigger, after
 from policy_support import all_of, any_of, keep_any
 
 # -- 5. the one-line form --------------------------------------------------------------------
@@ -167,21 +167,21 @@ def test_parse_keep(text: str, expected: RetentionPolicy) -> None:
 
 ONE_LINE_ERRORS: list[tuple[Callable[[str], object], str, str]] = [
     (parse_save, "evry(1000)", r"unknown policy 'evry'; allowed: every, at_steps"),
-    (parse_save, "every(10) | keep_last(3)", r"unknown policy 'keep_last'"),
+    (parse_save, "every(10) | keep_last(3)", r"'keep_last' is a retention policy"),
     (parse_keep, "first(3)", r"unknown policy 'first'; allowed: last, best, every"),
     (parse_save, "every(1, 2, 3)", r"every takes at most 2 positional values"),
     (parse_save, "final(1)", r"final takes at most 0 positional values"),
     (parse_keep, "last(3, 4)", r"last takes at most 1 positional values"),
     (parse_save, "every(1000", r"expected ',' or '\)'"),
-    (parse_save, "every(1000,", r"expected more, found the end"),
-    (parse_save, "(every(10) | final", r"expected \), found the end"),
+    (parse_save, "every(1000,", r"expected a value, found the end"),
+    (parse_save, "(every(10) | final", r"expected '\)', found the end"),
     (parse_save, "every(10))", r"unexpected '\)'"),
     (parse_save, "every(10) final", r"unexpected 'final'"),
-    (parse_save, "at_steps([1, 2)", r"found the end"),
-    (parse_save, "schedule({0: 2000)", r"found the end"),
-    (parse_keep, "(last(3)", r"expected \), found the end"),
-    (parse_save, "", r"expected more, found the end"),
-    (parse_save, "every(10) |", r"expected more, found the end"),
+    (parse_save, "at_steps([1, 2)", r"expected ',' or '\]', found '\)'"),
+    (parse_save, "schedule({0: 2000)", r"expected ',' or '\}', found '\)'"),
+    (parse_keep, "(last(3)", r"expected '\)', found the end"),
+    (parse_save, "", r"expected a policy name, found the end"),
+    (parse_save, "every(10) |", r"expected a policy name, found the end"),
     (parse_keep, "last(3) & best(1, eval_loss)", r"retention policies combine with '\|' only"),
     (parse_save, "every(10) ; final", r"cannot read .* at position"),
 ]
@@ -214,3 +214,113 @@ def test_one_line_value_errors_name_the_parameter() -> None:
         parse_keep("budget(lots)")
     with pytest.raises(ConfigError, match=r"save\.every\.speed: unknown parameter"):
         parse_save("every(10, speed=3)")
+
+
+# -- where the error is, and which form a misplaced policy belongs to ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "message", "caret"),
+    [
+        (parse_save, "every(1000", "expected ',' or ')', found the end", "          ^"),
+        (parse_save, "every(10) ; final", "cannot read '; final' at position 10", "          ^"),
+        (parse_save, "every(10) final", "unexpected 'final'", "          ^"),
+        (parse_save, "every(10) | evry(3)", "unknown policy 'evry'", "            ^"),
+        (parse_save, "at_steps([1, 2)", "expected ',' or ']'", "              ^"),
+        (parse_keep, "last(3) & best(1, x)", "combine with '|' only", "        ^"),
+        (parse_save, "every(1, 2, 3)", "every takes at most 2 positional values", "^"),
+    ],
+)
+def test_one_line_errors_point_at_the_position(
+    parse: Callable[[str], object], text: str, message: str, caret: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    first, quoted, pointer = str(info.value).split("\n")
+    assert first.startswith(f"in {text!r}: ")
+    assert message in first
+    assert quoted == f"    {text}"
+    assert pointer == f"    {caret}"
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "pattern"),
+    [
+        (parse_save, "last(3)", r"'last' is a retention policy, which goes under keep .* not save"),
+        (parse_save, "keep_best(1, loss)", r"'keep_best' is a retention policy"),
+        (parse_save, "every(5) | within(2h)", r"'within' is a retention policy"),
+        (parse_keep, "on_improvement(loss)", r"'on_improvement' is a save trigger, .* not keep"),
+        (parse_keep, "last(2) | final", r"'final' is a save trigger, which goes under save"),
+        (parse_keep, "after(10, last(2))", r"'after' is a save trigger"),
+    ],
+)
+def test_a_policy_of_the_other_kind_says_where_it_belongs(
+    parse: Callable[[str], object], text: str, pattern: str
+) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        parse(text)
+
+
+def test_every_is_both_a_trigger_and_a_retention_policy() -> None:
+    assert parse_save("every(10)") == cw.every(10)
+    assert parse_keep("every(10)") == cw.keep_every(10)
+
+
+@pytest.mark.parametrize(
+    ("parse", "source"), [(parse_save, "CKPTWISE_SAVE"), (parse_keep, "--keep")]
+)
+def test_errors_name_the_source_of_the_text(parse: Callable[..., object], source: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse("evry(10)", source=source)
+    assert str(info.value).startswith(f"{source}='evry(10)': in 'evry(10)': unknown")
+
+
+# -- after: the run-wide warm-up -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("after(2000, every(1000))", after(2000, cw.every(1000))),
+        (
+            "after(2000, every(1000) | on_improvement(eval_loss))",
+            after(2000, any_of(cw.every(1000), cw.on_improvement("eval_loss"))),
+        ),
+        (
+            "after(500, every(100)) | on_signal",
+            any_of(after(500, cw.every(100)), cw.on_signal()),
+        ),
+        (
+            "after(10, after(20, every(5)) | final)",
+            after(10, any_of(after(20, cw.every(5)), cw.on_final())),
+        ),
+        ("after(10, after(20, every(5)))", after(10, after(20, cw.every(5)))),
+        ("after(0, every(5) & final)", after(0, all_of(cw.every(5), cw.on_final()))),
+    ],
+)
+def test_parse_after(text: str, expected: Trigger) -> None:
+    assert parse_save(text) == expected
+
+
+def test_after_in_one_line_equals_the_config_form() -> None:
+    line = parse_save("after(2000, every(1000) | on_improvement(eval_loss))")
+    assert (
+        line
+        == policy_from_config(
+            {"save": {"after": 2000, "every": 1000, "on_improvement": "eval_loss"}}
+        ).save
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("after(x, every(1))", r"after\(start, triggers\) needs a step number, got 'x'"),
+        ("after(10)", r"expected ',', found '\)'"),
+        ("after(10, )", r"expected a policy name, found '\)'"),
+        ("after(-1, every(1))", r"after\(start\) must be an integer >= 0, got -1"),
+    ],
+)
+def test_after_errors(text: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        parse_save(text)

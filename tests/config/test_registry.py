@@ -29,7 +29,14 @@ from ckptwise.config import Policy, policy_from_config, to_config
 from ckptwise.config.registry import KEEP, SAVE, Param, Registry, Spec
 from ckptwise.config.values import read_int
 from ckptwise.errors import CheckpointError, ConfigError
-from ckptwise.policy import Decision, RetentionContext, RetentionPolicy, TrainingState, Trigger
+from ckptwise.policy import (
+    Decision,
+    RetentionContext,
+    RetentionPolicy,
+    TrainingState,
+    Trigger,
+    after,
+)
 from ckptwise.policy.triggers import Every, Never, OnFinal
 from policy_support import all_of, any_of, keep_any
 
@@ -144,6 +151,11 @@ COMBINATIONS: list[tuple[str, Callable[[Trigger], Trigger]]] = [
     ("(t&every)|file", lambda t: any_of(all_of(t, cw.every(3)), cw.on_file())),
     ("every&(t|never)", lambda t: all_of(cw.every(3), any_of(t, cw.never()))),
     ("(t&final)|(t&every)", lambda t: any_of(all_of(t, cw.on_final()), all_of(t, cw.every(9)))),
+    ("after(t)", lambda t: after(100, t)),
+    ("after(t|every)", lambda t: after(100, any_of(t, cw.every(7)))),
+    ("after(t)|final", lambda t: any_of(after(100, t), cw.on_final())),
+    ("after(after(t)|every)", lambda t: after(5, any_of(after(100, t), cw.every(7)))),
+    ("after(after(t))", lambda t: after(5, after(100, t))),
 ]
 # -- 1. round trips --------------------------------------------------------------------------
 
@@ -270,6 +282,7 @@ TRIGGER_TREES = st.recursive(
     lambda children: st.one_of(
         st.lists(children, min_size=2, max_size=3).map(lambda ts: any_of(*ts)),
         st.lists(children, min_size=2, max_size=3).map(lambda ts: all_of(*ts)),
+        st.tuples(st.integers(0, 5000), children).map(lambda p: after(*p)),
     ),
     max_leaves=8,
 )
@@ -400,3 +413,18 @@ def test_the_tables_of_the_old_module_still_read_with_a_warning() -> None:
     assert aliases["keep_last"] == "last"
     with pytest.raises(AttributeError, match="no attribute 'NOPE'"):
         ckptwise.config.NOPE  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_after_is_written_beside_the_triggers_it_holds_back() -> None:
+    save = after(2000, any_of(cw.every(1000), cw.on_improvement("eval_loss")))
+    assert to_config(save)["save"] == {
+        "after": 2000,
+        "every": {"interval": 1000, "start": 0},
+        "on_improvement": {"metric": "eval_loss", "mode": "min", "min_delta": 0.0, "patience": 0},
+    }
+    # an `after` item beside other triggers is never merged into their mapping
+    mixed = any_of(after(10, cw.every(5)), cw.on_final())
+    assert to_config(mixed)["save"] == {
+        "any": [{"after": 10, "every": {"interval": 5, "start": 0}}, {"final": True}]
+    }
+    assert_round_trips(save=mixed)

@@ -5,11 +5,13 @@ every policy module shares; :mod:`~ckptwise.policy.state` the values policies re
 """
 
 from ckptwise.policy.base import (
+    After,
     AllOf,
     AnyOf,
     KeepAny,
     RetentionPolicy,
     Trigger,
+    after,
     check_retention,
     check_trigger,
     walk,
@@ -56,6 +58,7 @@ from ckptwise.policy.triggers import (
 )
 
 __all__ = [
+    "After",
     "AllOf",
     "AnyOf",
     "ContentPolicy",
@@ -72,6 +75,7 @@ __all__ = [
     "TrainingState",
     "Trigger",
     "Variant",
+    "after",
     "at_steps",
     "check_retention",
     "check_trigger",

@@ -2,7 +2,7 @@
 argument checks.
 
 Triggers (:class:`Trigger`) combine with ``|`` into :class:`AnyOf` and with ``&`` into
-:class:`AllOf`; retention policies (:class:`RetentionPolicy`) combine with ``|`` into
+:class:`AllOf`, and :func:`after` holds any of them back until a step; retention policies (:class:`RetentionPolicy`) combine with ``|`` into
 :class:`KeepAny`. A policy class gets the operators by inheriting :class:`TriggerOps` or
 :class:`RetentionOps`; every operand is checked with :func:`check_trigger` or
 :func:`check_retention`, so ``cw.every(10) | 5`` fails where it is written.
@@ -18,6 +18,7 @@ from ckptwise.errors import ConfigError
 from ckptwise.policy.state import Decision, Request, RetentionContext, TrainingState
 
 __all__ = [
+    "After",
     "AllOf",
     "AnyOf",
     "KeepAny",
@@ -27,6 +28,7 @@ __all__ = [
     "RetentionPolicy",
     "Trigger",
     "TriggerOps",
+    "after",
     "check_mode",
     "check_retention",
     "check_trigger",
@@ -208,6 +210,42 @@ class AllOf(TriggerOps):
         return Decision(True, tuple(reasons), frozenset(requests))
 
 
+@dataclass(frozen=True)
+class After(TriggerOps):
+    """Lets ``trigger`` save only from step ``start`` on: the run-wide warm-up.
+
+    Before ``start`` it passes on only the decisions that must never be lost: a save of the
+    step marked final (``manager.step(..., final=True)``) and a save that answers an outside
+    request (``on_signal``, ``on_file``); every other decision of ``trigger`` becomes "no".
+    From ``start`` on it is ``trigger`` itself.
+    """
+
+    start: int
+    trigger: Trigger
+
+    def __post_init__(self) -> None:
+        non_negative_int("after(start)", self.start)
+        check_trigger(self.trigger)
+
+    def decide(self, state: TrainingState) -> Decision:
+        decision = self.trigger.decide(state)
+        if state.step >= self.start or not decision.save:
+            return decision
+        if state.final or decision.requests:
+            return decision
+        return Decision.no()
+
+
+def after(start: int, trigger: Trigger) -> After:
+    """No saves of ``trigger`` before step ``start``, except the final one and those a signal
+    or request file asks for.
+
+    ``after(2000, every(1000) | on_improvement("eval_loss"))`` first saves at step 2000
+    (``start=`` of :func:`~ckptwise.every` applies to that one trigger only).
+    """
+    return After(start, trigger)
+
+
 def merge_kept(into: Kept, more: Mapping[int, tuple[str, ...]]) -> None:
     """Add the steps of ``more`` to ``into``, appending reasons ``into`` lacks."""
     for step, reasons in more.items():
@@ -238,9 +276,12 @@ class KeepAny(RetentionOps):
 
 
 def walk(trigger: Trigger) -> Iterator[Trigger]:
-    """Every leaf trigger inside ``trigger`` (through ``|`` and ``&``), depth first."""
+    """Every leaf trigger inside ``trigger`` (through ``|``, ``&`` and :func:`after`), depth
+    first."""
     if isinstance(trigger, (AnyOf, AllOf)):
         for inner in trigger.triggers:
             yield from walk(inner)
+    elif isinstance(trigger, After):
+        yield from walk(trigger.trigger)
     else:
         yield trigger

@@ -5,10 +5,10 @@ Every trigger is a frozen dataclass with one method, :meth:`Trigger.decide`, tha
 :class:`~ckptwise.policy.state.Decision`. Triggers never read a clock, touch a file or talk to
 other ranks: the manager passes all of that in, so a trigger's test is a plain table.
 
->>> import ckptwise as cw
->>> policy = cw.every(1000, start=200) | cw.on_improvement("eval_loss")
+>>> from ckptwise.policy import TrainingState, after, every, on_improvement
+>>> policy = after(200, every(1000) | on_improvement("eval_loss"))
 >>> from datetime import UTC, datetime
->>> policy.decide(cw.TrainingState(step=1000, now=datetime.now(UTC))).reasons
+>>> policy.decide(TrainingState(step=1000, now=datetime.now(UTC))).reasons
 ('every(1000)',)
 """
 
@@ -80,7 +80,8 @@ class Every(TriggerOps):
 def every(interval: int, *, start: int = 0) -> Every:
     """Save at multiples of ``interval`` (as ``save_steps`` does), none before ``start``.
 
-    ``start`` skips the useless early saves: ``every(1000, start=2000)`` first saves at 2000.
+    ``every(1000, start=2000)`` first saves at 2000. ``start`` holds back this trigger only;
+    to hold back every trigger of the run, wrap them: ``after(2000, every(1000) | ...)``.
     """
     return Every(interval, start)
 

@@ -3,21 +3,22 @@
 The order is: ``save``/``keep`` passed to ``attach``, else a ``config`` mapping or file, else
 :class:`CkptwiseArguments` (command-line flags) or the ``CKPTWISE_*`` environment
 variables, else the ``Trainer``'s own ``save_strategy``/``save_steps``/``save_total_limit``
-turned into the equivalent ckptwise policy.
+turned into the equivalent ckptwise policy. A config file also sets the manager's options
+(``content``, ``codec``, ``deltas``, ``async_save``, ``on_busy``, ``rng``): the returned
+:class:`~ckptwise.config.Policy` hands them over with :meth:`~ckptwise.config.Policy.manager_options`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ckptwise.config import Policy, parse_keep, parse_save, policy_from_config
 from ckptwise.errors import ConfigError
+from ckptwise.integrations._common import Metric, policy_metric
 from ckptwise.policy import (
     KeepAny,
-    KeepBest,
-    OnImprovement,
     RetentionPolicy,
     Trigger,
     every,
@@ -26,7 +27,6 @@ from ckptwise.policy import (
     keep_last,
     on_final,
     on_improvement,
-    walk,
 )
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
 ]
 
 Weights = Literal["all", "trainable"]
-Metric = tuple[str, Literal["min", "max"]]
 
 
 @dataclass
@@ -68,25 +67,57 @@ class CkptwiseArguments:
     ckptwise_weights: str = field(
         default="all", metadata={"help": "'all', or 'trainable' to leave frozen weights out."}
     )
+    #: whether the settings came from the environment (errors then name the variable);
+    #: not a command-line flag (``HfArgumentParser`` skips fields that are not in ``__init__``)
+    from_environment: bool = field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def from_env(cls) -> CkptwiseArguments:
         """The settings from ``CKPTWISE_*`` environment variables."""
         env = os.environ
-        return cls(
+        options = cls(
             ckptwise_config=env.get("CKPTWISE_CONFIG"),
             ckptwise_save=env.get("CKPTWISE_SAVE"),
             ckptwise_keep=env.get("CKPTWISE_KEEP"),
             ckptwise_dir=env.get("CKPTWISE_DIR"),
             ckptwise_weights=env.get("CKPTWISE_WEIGHTS", "all"),
         )
+        options.from_environment = True
+        return options
+
+    def source(self, name: str) -> str:
+        """Where the setting ``name`` (``"save"``) came from, as an error names it:
+        ``CKPTWISE_SAVE``, or the flag ``--ckptwise_save``."""
+        return f"CKPTWISE_{name.upper()}" if self.from_environment else f"--ckptwise_{name}"
 
     def weights(self, override: str | None = None) -> Weights:
         """Which weights a checkpoint holds: ``override`` if given, else the setting."""
         chosen = override or self.ckptwise_weights
         if chosen not in ("all", "trainable"):
-            raise ConfigError(f"weights must be 'all' or 'trainable', got {chosen!r}")
+            where = "weights=" if override else f"{self.source('weights')}="
+            raise ConfigError(f"{where}{chosen!r}: weights must be 'all' or 'trainable'")
         return "trainable" if chosen == "trainable" else "all"
+
+    def policy(self) -> Policy:
+        """The policy these settings give: the config file's, with ``save``/``keep``
+        replaced by the one-line settings where those are given. Errors name the setting."""
+        policy = Policy()
+        if self.ckptwise_config:
+            try:
+                policy = policy_from_config(self.ckptwise_config)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{self.source('config')}={self.ckptwise_config!r}: {exc}"
+                ) from exc
+        if self.ckptwise_save:
+            policy = replace(
+                policy, save=parse_save(self.ckptwise_save, source=self.source("save"))
+            )
+        if self.ckptwise_keep:
+            policy = replace(
+                policy, keep=parse_keep(self.ckptwise_keep, source=self.source("keep"))
+            )
+        return policy
 
 
 def _metric_name(args: Any) -> Metric | None:
@@ -147,29 +178,11 @@ def resolve_policy(
     if config is not None:
         return policy_from_config(config)
     if options.ckptwise_config or options.ckptwise_save or options.ckptwise_keep:
-        policy = (
-            policy_from_config(options.ckptwise_config) if options.ckptwise_config else Policy()
-        )
-        return Policy(
-            parse_save(options.ckptwise_save) if options.ckptwise_save else policy.save,
-            parse_keep(options.ckptwise_keep) if options.ckptwise_keep else policy.keep,
-        )
+        return options.policy()
     return policy_from_training_args(args)
 
 
 def best_metric(policy: Policy, args: Any) -> Metric | None:
     """The metric "best" means: ``metric_for_best_model``, else the policy's ``keep_best``,
     else its ``on_improvement``."""
-    from_args = _metric_name(args)
-    if from_args is not None:
-        return from_args
-    if policy.keep is not None:
-        parts = policy.keep.policies if isinstance(policy.keep, KeepAny) else (policy.keep,)
-        for part in parts:
-            if isinstance(part, KeepBest):
-                return part.metric, part.mode
-    if policy.save is not None:
-        for trigger in walk(policy.save):
-            if isinstance(trigger, OnImprovement):
-                return trigger.metric, trigger.mode
-    return None
+    return _metric_name(args) or policy_metric(policy.save, policy.keep)
