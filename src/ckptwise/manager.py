@@ -196,14 +196,16 @@ class CheckpointManager(ManagerReads):
         config: Mapping[str, Any] | str | os.PathLike[str],
         **kwargs: Any,
     ) -> CheckpointManager:
-        """A manager whose policies come from a config mapping or a YAML/TOML/JSON file.
+        """A manager whose policies and options come from a config mapping or a
+        YAML/TOML/JSON file (``save``, ``keep``, ``content``, ``codec``, ``deltas``,
+        ``async_save``, ``on_busy``, ``rng``); keyword arguments given here win over the file.
 
         >>> manager = cw.CheckpointManager.from_config("runs/exp1", "policy.yaml")  # doctest: +SKIP
         """
         from ckptwise.config import policy_from_config
 
         policy = policy_from_config(config)
-        return cls(root, save=policy.save, keep=policy.keep, **kwargs)
+        return cls(root, **{**policy.manager_options(), **kwargs})
 
     # -- saving ----------------------------------------------------------------------------
 
