@@ -5,9 +5,16 @@ included). Compressed, the store's worker threads encode some objects while othe
 written, so the save costs about ``max(n / (p * E), n / (r * W))`` (``E``: the codec's
 measured encode rate on one core, ``p``: cores the encoders can use, ``r``: the measured
 ratio for that element width). With ``codec="auto"`` the planner picks the byte-grouped
-codec for float tensors exactly when that is smaller, and says why in the manifest
-(``ckptwise show`` prints it). On a local disk that writes faster than the cores encode,
-that means raw; on a slow or remote store, compression.
+codec for float tensors exactly when that is clearly smaller (by :data:`MARGIN`), and says
+why in the manifest (``ckptwise show`` prints it). On a local disk that writes faster than
+the cores encode, that means raw; on a slow or remote store, compression.
+
+Every rate is measured on this run, never assumed: the first save of a run is raw (it
+measures how fast the store writes); before the planner first considers compressing, it
+times the codec on a few MiB of weight-like data on this machine as it is loaded now, and
+counts ``p`` as the cores this process may use that the load average leaves idle. A guess
+that proves wrong (the machine got busier) costs one save: each compressed object re-measures
+the encode rate, and each commit the write rate and the idle cores.
 
 Deltas (``deltas=K``) are a request for fewer bytes, which the planner does not second-guess:
 with ``"bytegroup"`` every new object is tried as a delta, with ``"auto"`` every float tensor
@@ -18,13 +25,15 @@ picks for the object whole. Raw and zstd runs cannot store deltas (a delta is by
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ckptwise.store.codecs import BYTEGROUP, LOSSLESS, RAW
+from ckptwise.store.codecs import BYTEGROUP, LOSSLESS, RAW, get_codec
 
-__all__ = ["AUTO", "DELTA_MODES", "MODES", "CodecPlanner"]
+__all__ = ["AUTO", "DELTA_MODES", "MODES", "CodecPlanner", "idle_cores", "measure_encode_rate"]
 
 #: The planner's own mode: choose per object (see the module docstring).
 AUTO = "auto"
@@ -35,26 +44,75 @@ DELTA_MODES = frozenset({AUTO, BYTEGROUP})
 
 #: Objects smaller than this are never compressed: the saving is noise.
 MIN_COMPRESS = 1 << 16
-#: Starting guesses, replaced by measurements after the first compressed objects.
+#: Compression must be predicted this much faster than raw (0.9: 10 %), so that a
+#: measurement's noise never makes a save slower.
+MARGIN = 0.9
+#: At most this many cores encode at once (the store's writer threads).
+MAX_PARALLEL = 4
+#: Ratios until the run's own compressed objects are measured (bf16, fp32, fp64 weights).
 GUESS_RATIO = {2: 1.45, 4: 1.18, 8: 1.08}
-GUESS_ENCODE_RATE = 300e6
-GUESS_REMOTE_WRITE_RATE = 100e6
+#: How much weight-like data the encode rate is first measured on.
+CALIBRATION_BYTES = 1 << 21
 
 
 def _ewma(old: float | None, new: float, weight: float = 0.5) -> float:
     return new if old is None else weight * new + (1 - weight) * old
 
 
+def idle_cores() -> int:
+    """Cores this process may run on (its CPU affinity) that the load average leaves idle,
+    counting this process's own busy thread as not in the way; at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        busy = 0.0
+    return max(1, min(cores, int(cores - max(0.0, busy - 1.0) + 0.5)))
+
+
+def measure_encode_rate(nbytes: int = CALIBRATION_BYTES) -> float:
+    """Bytes per second the byte-grouped codec encodes on one core, measured now on
+    ``nbytes`` of weight-like bf16 values (normal, scale 0.02: what model weights hold)."""
+    import numpy as np
+
+    values = np.random.default_rng(0).standard_normal(nbytes // 2, dtype=np.float32) * 0.02
+    bf16 = (values.view(np.uint32) >> 16).astype(np.uint16)
+    raw = memoryview(bf16.tobytes())
+    codec = get_codec(BYTEGROUP)
+    started = time.perf_counter()
+    codec.encode(raw, itemsize=2)
+    return len(raw) / max(time.perf_counter() - started, 1e-6)
+
+
 @dataclass
 class CodecPlanner:
-    """Per-store state of the codec decision; ``mode`` is ``"auto"`` or a codec name."""
+    """Per-store state of the codec decision; ``mode`` is ``"auto"`` or a codec name.
+
+    ``parallel`` is the cores the encoders can use (``None``: :func:`idle_cores`, counted
+    when the encode rate is first measured and again at every commit).
+    """
 
     mode: str = RAW
     remote: bool = False
     write_rate: float | None = None
     encode_rate: float | None = None
     ratios: dict[int, float] = field(default_factory=dict)
-    parallel: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 4)))
+    parallel: int | None = None
+    #: measures the encode rate when the run has not yet compressed anything
+    calibrate: Callable[[], float] = field(default=measure_encode_rate, repr=False)
+
+    def __post_init__(self) -> None:
+        self._count_cores = self.parallel is None
+
+    @property
+    def cores(self) -> int:
+        """The cores the encoders can use (see ``parallel``)."""
+        if self.parallel is None:
+            self.parallel = min(idle_cores(), MAX_PARALLEL)
+        return self.parallel
 
     def choose(self, dtype: torch.dtype, nbytes: int) -> tuple[str, str]:
         """The codec for a new object, and the reason."""
@@ -65,20 +123,22 @@ class CodecPlanner:
             return RAW, unfit
         write = self.write_rate
         if write is None:
-            if not self.remote:
-                return RAW, "first save to this store: measuring how fast it writes"
-            write = GUESS_REMOTE_WRITE_RATE
-        encode = self.encode_rate or GUESS_ENCODE_RATE
+            return RAW, "first save to this store: measuring how fast it writes"
+        if self.encode_rate is None:
+            self.encode_rate = self.calibrate()
+            if self._count_cores:
+                self.parallel = None  # counted now, under the load of this moment
+        encode, cores = self.encode_rate, self.cores
         ratio = self.ratios.get(dtype.itemsize, GUESS_RATIO.get(dtype.itemsize, 1.05))
         raw_time = 1 / write
-        packed_time = max(1 / (encode * self.parallel), 1 / (ratio * write))
+        packed_time = max(1 / (encode * cores), 1 / (ratio * write))
         rates = (
-            f"encodes {encode / 1e6:.0f} MB/s per core x {self.parallel} at {ratio:.2f}x, "
+            f"encodes {encode / 1e6:.0f} MB/s per core x {cores} at {ratio:.2f}x, "
             f"store writes {write / 1e6:.0f} MB/s"
         )
-        if packed_time < raw_time:
+        if packed_time < MARGIN * raw_time:
             return BYTEGROUP, f"pays: {rates}"
-        return RAW, f"would slow the save: {rates}"
+        return RAW, f"would not make the save clearly faster: {rates}"
 
     def tries_delta(self, dtype: torch.dtype, nbytes: int) -> bool:
         """Whether a new object is worth trying as a delta, when the run has deltas on."""
@@ -90,6 +150,8 @@ class CodecPlanner:
         """Fold in one commit's object writes (bytes on disk, wall seconds)."""
         if nbytes >= MIN_COMPRESS and seconds > 0:
             self.write_rate = _ewma(self.write_rate, nbytes / seconds)
+        if self._count_cores:
+            self.parallel = None  # counted again when next needed
 
     def observed_encode(self, itemsize: int, raw: int, stored: int, seconds: float) -> None:
         """Fold in one compressed object (raw and stored bytes, encode seconds)."""
