@@ -4,10 +4,14 @@ model (nothing downloaded): saved steps, retention, resume after kill -9, bytes,
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ import peft
 import pytest
 import torch
 from minicpmv_tiny import CPMTrainer, MiniCPMVLike, SyntheticImageText, build_model
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 import ckptwise as cw
 from ckptwise.integrations.transformers import (
@@ -27,6 +31,8 @@ from ckptwise.integrations.transformers import (
 pytestmark = pytest.mark.integration
 
 SCRIPT = Path(__file__).parents[2] / "examples" / "finetune_minicpmv.py"
+#: what a run folder holds (docs/FORMAT.md); anything else was left behind by someone
+RUN_FILES = {"ckptwise.lock", "run.json", "checkpoints", "objects", "pins", "pruning", "branches"}
 
 
 def make_trainer(out: Path, **overrides: Any) -> CPMTrainer:
@@ -73,6 +79,7 @@ def test_eval_metrics_of_the_same_step_drive_on_improvement(tmp_path: Path) -> N
         tmp_path / "run",
         save=cw.on_improvement("eval_loss"),
         keep=cw.keep_best(1, "eval_loss"),
+        final=False,
     )
     trainer.train()
     evals = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
@@ -124,7 +131,115 @@ def test_policy_from_the_command_line_and_the_environment(
 
     monkeypatch.setenv("CKPTWISE_SAVE", "at_steps([2, 4])")
     trainer = make_trainer(tmp_path / "out2", max_steps=6)
-    assert [s for s, _ in _trained(attach(trainer), trainer)] == [2, 4]
+    assert _trained(attach(trainer), trainer) == [
+        (2, ("at_steps",)),
+        (4, ("at_steps",)),
+        (6, ("final",)),
+    ]
+
+
+def test_the_last_step_of_training_is_saved_unless_final_is_false(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path / "out", max_steps=5, eval_strategy="no")
+    callback = attach(trainer, tmp_path / "a", save=cw.every(2), keep=cw.keep_last(2))
+    trainer.train()
+    assert callback.saved == [(2, ("every(2)",)), (4, ("every(2)",)), (5, ("final",))]
+    assert [c.step for c in callback.manager.checkpoints()] == [4, 5]
+
+    class StopAt3(TrainerCallback):  # as EarlyStoppingCallback stops a run
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            control.should_training_stop = state.global_step == 3
+            return control
+
+    trainer = make_trainer(tmp_path / "out", max_steps=5, eval_strategy="no")
+    trainer.add_callback(StopAt3())
+    callback = attach(trainer, tmp_path / "b", save=cw.every(2), keep=cw.keep_all())
+    trainer.train()
+    assert callback.saved == [(2, ("every(2)",)), (3, ("final",))]
+    assert callback.manager.run.load(3)["trainer_state"]["global_step"] == 3
+
+    trainer = make_trainer(tmp_path / "out", max_steps=3, eval_strategy="no")
+    callback = attach(trainer, tmp_path / "c", save=cw.every(2), final=False)
+    trainer.train()
+    assert [c.step for c in callback.manager.checkpoints()] == [2]
+
+
+def test_training_releases_the_run_and_attach_again_in_the_same_process_works(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    policy: dict[str, Any] = {"save": cw.every(2), "keep": cw.keep_last(2)}
+    first = make_trainer(tmp_path / "out", max_steps=2, eval_strategy="no")
+    with caplog.at_level(logging.INFO, logger="ckptwise"):
+        callback = attach(first, run, **policy)
+    assert f"ckptwise ls {run}" in caplog.text  # where the checkpoints go, and how to look
+    first.train()
+    # the lock is released: any writer may take the run now
+    cw.CheckpointManager(run, save=cw.every(1)).close()
+    assert [c.step for c in callback.manager.checkpoints()] == [2]  # closed, still reads
+
+    # a new Trainer attached to the same run while the first (and its callback) live on
+    second = make_trainer(tmp_path / "out", max_steps=4, eval_strategy="no")
+    again = attach(second, run, **policy)
+    second.train(resume_from_checkpoint=again.resume_checkpoint())
+    assert again.saved == [(4, ("every(2)",))]
+
+    # attached twice before training: the first attach's manager is closed for the second
+    third = make_trainer(tmp_path / "out", max_steps=6, eval_strategy="no")
+    unused = attach(third, run, **policy)
+    fourth = make_trainer(tmp_path / "out", max_steps=6, eval_strategy="no")
+    latest = attach(fourth, run, **policy)
+    with pytest.raises(cw.CheckpointError, match="closed"):
+        unused.manager.save(99, {})
+    fourth.train(resume_from_checkpoint=latest.resume_checkpoint())
+    assert latest.saved == [(6, ("every(2)",))]
+
+    # the same trainer trains on: its callback opens a new manager
+    fourth.args.max_steps = 8
+    fourth.train(resume_from_checkpoint=latest.resume_checkpoint())
+    assert latest.saved[-1] == (8, ("every(2)",))
+    assert [c.step for c in latest.manager.checkpoints()] == [6, 8]
+    cw.CheckpointManager(run, save=cw.every(1)).close()
+
+
+@pytest.mark.parametrize("where", ["folder", "memory"])
+def test_train_and_resume_leave_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The resume folder is removed, from the run folder or (remote runs) the temp dir."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    # torch's compiler cache folder is torch's own, not something ckptwise creates
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    run = str(tmp_path / "run") if where == "folder" else f"memory://hf-{uuid.uuid4().hex}"
+    policy: dict[str, Any] = {"save": cw.every(2), "keep": cw.keep_last(2)}
+    trainer = make_trainer(tmp_path / "out", max_steps=2, eval_strategy="no")
+    attach(trainer, run, **policy)
+    trainer.train()
+    trainer = make_trainer(tmp_path / "out", max_steps=4, eval_strategy="no")
+    callback = attach(trainer, run, **policy)
+    folder = callback.resume_checkpoint()
+    assert folder is not None
+    assert Path(folder).is_dir()
+    if where == "memory":
+        assert Path(folder).is_relative_to(temp)
+    trainer.train(resume_from_checkpoint=folder)
+    assert callback.saved == [(4, ("every(2)",))]
+    assert not Path(folder).exists()
+    assert list(temp.iterdir()) == []
+    assert list((tmp_path / "out").iterdir()) == []
+    if where == "memory":
+        return
+    assert set(os.listdir(run)) <= RUN_FILES
+    # resumed, then training failed before its first step: the next resume removes it
+    trainer = make_trainer(tmp_path / "out", max_steps=6, eval_strategy="no")
+    callback = attach(trainer, run, **policy)
+    folder = callback.resume_checkpoint()
+    assert folder is not None
+    callback = attach(trainer, run, **policy)
+    assert callback.resume_checkpoint() is not None
+    assert not Path(folder).exists()
 
 
 def _trained(callback: Any, trainer: CPMTrainer) -> list[tuple[int, tuple[str, ...]]]:
@@ -203,9 +318,7 @@ def test_kill_9_after_a_save_then_resume_matches_an_uninterrupted_run(tmp_path: 
     summary_a = json.loads((tmp_path / "a.json").read_text())
     summary_b = json.loads((tmp_path / "b.json").read_text())
     assert summary_a["weights_digest"] == summary_b["weights_digest"]
-    assert not (tmp_path / "b" / "ckptwise" / "hf-resume").exists() or not any(
-        (tmp_path / "b" / "ckptwise" / "hf-resume").iterdir()
-    )
+    assert set(os.listdir(tmp_path / "b" / "ckptwise")) <= RUN_FILES
 
 
 def test_ten_saves_write_under_a_third_of_what_the_trainer_writes(tmp_path: Path) -> None:

@@ -15,10 +15,14 @@ because ``Trainer`` decides how far to fast-forward the data, when to put the RN
 how to load weights (plain, sharded, peft adapters, DeepSpeed) *before* any callback runs;
 its folder layout has been stable from 4.x to 5.x, so its own resume code is the most robust
 way to continue exactly. The folder is deleted once training runs again.
+
+The run goes to ``OUTPUT_DIR/ckptwise`` unless told otherwise (``attach`` logs where, at
+INFO); the command line reads it there: ``ckptwise ls OUTPUT_DIR/ckptwise``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -26,6 +30,7 @@ from typing import Any
 from transformers import Trainer
 
 from ckptwise.errors import ConfigError
+from ckptwise.integrations._common import open_manager
 from ckptwise.integrations.transformers.arguments import (
     CkptwiseArguments,
     Weights,
@@ -34,7 +39,6 @@ from ckptwise.integrations.transformers.arguments import (
     resolve_policy,
 )
 from ckptwise.integrations.transformers.callback import CheckpointCallback
-from ckptwise.manager import CheckpointManager
 from ckptwise.policy import RetentionPolicy, Trigger
 
 __all__ = ["CheckpointCallback", "CkptwiseArguments", "attach", "policy_from_training_args"]
@@ -51,6 +55,7 @@ def attach(
     config: Any = None,
     args: CkptwiseArguments | None = None,
     weights: Weights | None = None,
+    final: bool = True,
     **manager_options: Any,
 ) -> CheckpointCallback:
     """Hand ``trainer``'s checkpointing to ckptwise; returns the callback it added.
@@ -58,8 +63,15 @@ def attach(
     The policy comes from ``save``/``keep``, else ``config`` (a mapping or file), else
     ``args`` or the ``CKPTWISE_*`` environment variables, else the trainer's own
     ``save_strategy``/``save_steps``/``save_total_limit``. ``root`` defaults to
-    ``args.ckptwise_dir`` or ``OUTPUT_DIR/ckptwise``. ``weights="trainable"`` leaves frozen
-    parameters out of checkpoints (they come from the base model on resume and export).
+    ``args.ckptwise_dir`` or ``OUTPUT_DIR/ckptwise`` (logged at INFO). ``weights="trainable"``
+    leaves frozen parameters out of checkpoints (they come from the base model on resume and
+    export). ``final=False`` saves only what the policy says; by default the last step of
+    training is saved too, as the ``Trainer``'s own checkpointing does.
+
+    The callback holds the run's lock until training ends. Attaching again to the same run
+    in this process closes the earlier callback's manager first (a notebook may rebuild its
+    trainer and attach again); another process writing to the run raises
+    :class:`~ckptwise.RunLockedError`.
     """
     if getattr(trainer, "is_fsdp_enabled", False):
         raise ConfigError(
@@ -75,7 +87,16 @@ def attach(
             "stored once anyway (dedup), so weights='all' costs them only at the first save"
         )
     run = root or options.ckptwise_dir or os.path.join(str(trainer.args.output_dir), "ckptwise")
-    manager = CheckpointManager(run, save=policy.save, keep=policy.keep, **manager_options)
+    reopen = functools.partial(
+        open_manager, run, save=policy.save, keep=policy.keep, **manager_options
+    )
+    manager = reopen()
+    if manager.ranks is None or manager.ranks.coordinator:
+        log.info(
+            "ckptwise saves this Trainer's checkpoints in %s (list them: ckptwise ls %s)",
+            manager.run.url,
+            manager.run.url,
+        )
     trainer.args.save_strategy = "no"
     if getattr(trainer.args, "load_best_model_at_end", False):
         log.warning(
@@ -84,7 +105,12 @@ def attach(
         )
         trainer.args.load_best_model_at_end = False
     callback = CheckpointCallback(
-        trainer, manager, weights=chosen, best=best_metric(policy, trainer.args)
+        trainer,
+        manager,
+        weights=chosen,
+        best=best_metric(policy, trainer.args),
+        final=final,
+        reopen=reopen,
     )
     trainer.add_callback(callback)
     return callback

@@ -5,6 +5,9 @@ It answers ``control.should_save`` with "no" at every step (including the forced
 which saves the model, optimizer, LR scheduler, grad scaler, RNG states and
 ``TrainerState`` through the policies. Resuming goes through the ``Trainer``'s own folder
 layout (see :mod:`.folder`); create the callback with :func:`ckptwise.integrations.transformers.attach`.
+
+The callback closes its manager when training ends (releasing the run's lock) and opens a
+new one when training starts again, so a process may train, attach and train again.
 """
 
 from __future__ import annotations
@@ -13,16 +16,15 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ckptwise.errors import ConfigError
-from ckptwise.formats import resume_scratch
+from ckptwise.integrations._common import Metric, is_closed, remove_scratch, scratch_folder
 from ckptwise.integrations.transformers.arguments import Weights
 from ckptwise.integrations.transformers.deepspeed import (
     EngineFiles,
@@ -77,7 +79,17 @@ class CheckpointCallback(TrainerCallback):
 
     Metrics are collected for each step from ``on_log`` (``loss``, ``learning_rate``, ...)
     and ``on_evaluate`` (``eval_*``); the save decision is taken once the last of them has
-    arrived, so ``on_improvement("eval_loss")`` sees the evaluation of the very step.
+    arrived, so ``on_improvement("eval_loss")`` sees the evaluation of the very step. With
+    ``final`` (the default) the last step of training is saved (reason ``"final"``) when
+    the policy did not save it, as the ``Trainer``'s own checkpointing does at ``max_steps``.
+
+    Attributes:
+        manager: the run's :class:`~ckptwise.CheckpointManager`. It holds the run's lock
+            from ``attach`` until training ends, when the callback closes it; a closed
+            manager still reads (``callback.manager.checkpoints()``, ``.run``, ``.pin()``
+            needs none). Training again, or :meth:`resume_checkpoint`, opens a new one
+            (``reopen``), which is then ``callback.manager``.
+        saved: every save this callback made, as ``(step, reasons)``.
     """
 
     def __init__(
@@ -86,7 +98,9 @@ class CheckpointCallback(TrainerCallback):
         manager: CheckpointManager,
         *,
         weights: Weights = "all",
-        best: tuple[str, Literal["min", "max"]] | None = None,
+        best: Metric | None = None,
+        final: bool = True,
+        reopen: Callable[[], CheckpointManager] | None = None,
     ) -> None:
         if weights not in ("all", "trainable"):
             raise ConfigError(f"weights must be 'all' or 'trainable', got {weights!r}")
@@ -94,18 +108,40 @@ class CheckpointCallback(TrainerCallback):
         self.manager = manager
         self.weights = weights
         self.best = best
-        #: every save this callback made: (step, reasons)
+        self.final = final
+        self._reopen = reopen
         self.saved: list[tuple[int, tuple[str, ...]]] = []
         self._pending: int | None = None
         self._metrics: dict[str, float] = {}
         self._evaluations_left = 0
         self._resume_dir: Path | None = None
+        self._last_saved: int | None = None
+        self._trained = False
+
+    def _open_manager(self) -> CheckpointManager:
+        """The manager, reopened if training ended (and closed it) since it was created."""
+        if is_closed(self.manager):
+            if self._reopen is None:
+                raise ConfigError(
+                    f"the CheckpointManager of {self.manager.run.url} is closed; create the "
+                    "callback with ckptwise.integrations.transformers.attach(), which reopens "
+                    "it when training starts again"
+                )
+            self.manager = self._reopen()
+            self._last_saved = None
+        return self.manager
 
     # -- Trainer events --------------------------------------------------------------------
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._open_manager()
+        self._trained = False
+        return control
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         control.should_save = False
         self._cleanup_resume_dir()
+        self._trained = True
         self._pending = state.global_step
         self._metrics = {}
         self._evaluations_left = self._eval_sets() if control.should_evaluate else 0
@@ -135,10 +171,14 @@ class CheckpointCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self._pending == state.global_step:
-            self._decide(state)
-        self.manager.wait()
-        self._cleanup_resume_dir()
+        try:
+            if self._pending == state.global_step:
+                self._decide(state)
+            if self._trained:  # also when training stopped early (EarlyStoppingCallback)
+                self._save_final(state.global_step)
+        finally:
+            self._cleanup_resume_dir()
+            self.manager.close()  # waits for a save in flight, releases the run's lock
         return control
 
     # -- saving ----------------------------------------------------------------------------
@@ -183,17 +223,31 @@ class CheckpointCallback(TrainerCallback):
         self._pending = None
         final = bool(state.max_steps) and step >= state.max_steps
         decision = self.manager.step(step, self.state(), metrics=self._metrics, final=final)
-        if decision.save:
+        if decision.save and step not in self.manager.skipped:
             self.saved.append((step, decision.reasons))
+            self._last_saved = step
+        if final:
+            self._save_final(step)
+
+    def _save_final(self, step: int) -> None:
+        """Save the last step of training unless it is saved already (every rank agrees:
+        the decisions and the step restored are the same on all of them)."""
+        if not self.final or step in (self._last_saved, self.manager.resumed_from):
+            return
+        self.manager.save(step, self.state(), metrics=self._metrics, reasons=("final",))
+        self.saved.append((step, ("final",)))
+        self._last_saved = step
 
     # -- resuming --------------------------------------------------------------------------
 
     def resume_checkpoint(self, step: int | None = None) -> str | None:
         """Write the newest verified checkpoint as a ``Trainer`` folder; ``None`` if none.
 
-        Pass the result to ``trainer.train(resume_from_checkpoint=...)``.
+        Pass the result to ``trainer.train(resume_from_checkpoint=...)``. The folder is
+        removed once training has taken its first step (or ends).
         """
-        found = self.manager.resume_values(step)
+        self._cleanup_resume_dir()
+        found = self._open_manager().resume_values(step)
         if found is None:
             return None
         step, values = found
@@ -212,7 +266,7 @@ class CheckpointCallback(TrainerCallback):
         # rank 0's (ranks that do not synchronise)
         shared = ranks is not None and deepspeed
         mine = not shared or rank == 0
-        scratch = str(resume_scratch(self.manager.run.url, "hf-resume")) if mine else ""
+        scratch = str(scratch_folder(self.manager.run.url, "hf-resume")) if mine else ""
         if shared:
             assert ranks is not None
             scratch = ranks.broadcast(scratch)
@@ -237,9 +291,8 @@ class CheckpointCallback(TrainerCallback):
         return saved if self.weights == "all" else full_weights(self.trainer.model, saved)
 
     def _cleanup_resume_dir(self) -> None:
-        if self._resume_dir is not None:
-            shutil.rmtree(self._resume_dir, ignore_errors=True)
-            self._resume_dir = None
+        remove_scratch(self._resume_dir)
+        self._resume_dir = None
 
     # -- exporting -------------------------------------------------------------------------
 
