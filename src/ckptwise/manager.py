@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -49,7 +48,7 @@ from ckptwise.policy import (
     plan_retention,
 )
 from ckptwise.records import CheckpointInfo
-from ckptwise.report import report
+from ckptwise.report import metered
 from ckptwise.run import RestoreWarning, Run
 from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState, SnapshotCopier, capture
 from ckptwise.store import CheckpointStore, Manifest, RunLock, open_backend, runfile
@@ -302,7 +301,6 @@ class CheckpointManager(ManagerReads):
         extra = {**self._decider.to_json(), "variant": variant.to_json()}
 
         def job() -> CheckpointInfo:
-            started = time.perf_counter()
             if self._owns_run:
                 self._branch_off(step, now)
             if self.ranks is None:
@@ -341,11 +339,13 @@ class CheckpointManager(ManagerReads):
                     after_commit=after_commit,
                 )
             self.bytes_written += info.new_bytes
-            if self._owns_run:
-                report("saved step", step, info.new_bytes, time.perf_counter() - started)
             return info
 
-        info = self._writer.write(job, step=step)
+        total = sum(t.nbytes for t in tensors.values())
+        shown = metered(
+            job, f"saving step {step}", f"saved step {step}", total, show=self._owns_run
+        )
+        info = self._writer.write(shown, step=step)
         # what training felt: the whole save when synchronous, the copy when asynchronous
         self._decider.finished_save(self.clock() - now)
         self._finish(info)
