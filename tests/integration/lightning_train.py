@@ -1,6 +1,6 @@
 """A tiny Lightning run used by the tests as a real subprocess (and in-process).
 
-``python lightning_train.py RUN --steps 40 --losses OUT [--resume] [--step-sleep S]`` trains
+``python lightning_train.py RUN --steps 40 --losses OUT [--resume] [--no-final]`` trains
 an MLP with dropout through ``ckptwise.integrations.lightning.CheckpointCallback``, appending
 each step's loss (as an exact hex float) to OUT, one JSON line per step. Under ``torchrun``
 with ``--ddp`` it trains with Lightning's ``ddp`` strategy (with ``--fsdp``, its
@@ -94,6 +94,7 @@ def run(
     val_every: int = 5,
     ddp: bool = False,
     fsdp: bool = False,
+    **callback_options: Any,
 ) -> CheckpointCallback:
     torch.manual_seed(0)
     rank = 0
@@ -117,7 +118,9 @@ def run(
             "use_distributed_sampler": False,
         }
     model = Tiny(losses, step_sleep, shard=fsdp)
-    callback = CheckpointCallback(root, save=save or cw.every(5), keep=keep or cw.keep_last(2))
+    callback = CheckpointCallback(
+        root, save=save or cw.every(5), keep=keep or cw.keep_last(2), **callback_options
+    )
     trainer = L.Trainer(
         max_steps=steps,
         callbacks=[callback],
@@ -146,6 +149,7 @@ def main() -> None:
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--no-final", action="store_true", help="do not save the last step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     run(
@@ -156,6 +160,7 @@ def main() -> None:
         step_sleep=args.step_sleep,
         ddp=args.ddp,
         fsdp=args.fsdp,
+        final=not args.no_final,
     )
 
 

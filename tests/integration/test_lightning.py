@@ -13,7 +13,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from lightning_train import Tiny, loaders, run
+from safetensors.torch import load_file
 
 import ckptwise as cw
 from ckptwise.integrations.lightning import CheckpointCallback
@@ -21,6 +23,8 @@ from ckptwise.integrations.lightning import CheckpointCallback
 pytestmark = pytest.mark.integration
 
 SCRIPT = Path(__file__).with_name("lightning_train.py")
+#: what a run folder holds (docs/FORMAT.md); anything else was left behind by someone
+RUN_FILES = {"ckptwise.lock", "run.json", "checkpoints", "objects", "pins", "pruning", "branches"}
 
 
 def test_saves_follow_the_policy_and_retention(tmp_path: Path) -> None:
@@ -41,6 +45,7 @@ def test_validation_metrics_of_the_step_drive_on_improvement(tmp_path: Path) -> 
         save=cw.on_improvement("val_loss"),
         keep=cw.keep_all(),
         val_every=5,
+        final=False,
     )
     saved = [s for s, _ in callback.saved]
     assert saved
@@ -48,6 +53,82 @@ def test_validation_metrics_of_the_step_drive_on_improvement(tmp_path: Path) -> 
     values = [c.metrics["val_loss"] for c in callback.manager.checkpoints()]
     assert values == sorted(values, reverse=True)  # each save improved on the one before
     assert saved[0] == 5
+
+
+def test_the_last_step_is_saved_unless_final_is_false(tmp_path: Path) -> None:
+    """As the README's example: every(7) over 30 steps ends with 28 and 30, not 21 and 28."""
+    callback = run(str(tmp_path / "a"), 30, save=cw.every(7), keep=cw.keep_last(2))
+    assert [s for s, _ in callback.saved] == [7, 14, 21, 28, 30]
+    assert callback.saved[-1][1] == ("final",)
+    assert [c.step for c in callback.manager.checkpoints()] == [28, 30]
+    resumed = callback.manager.run.load(30)["lightning"]
+    assert resumed["global_step"] == 30
+
+    callback = run(str(tmp_path / "b"), 30, save=cw.every(7), keep=cw.keep_last(2), final=False)
+    assert [c.step for c in callback.manager.checkpoints()] == [21, 28]
+
+    # resumed at its last step and trained no further: nothing new to save
+    callback = run(str(tmp_path / "a"), 30, save=cw.every(7), keep=cw.keep_last(2), resume=True)
+    assert callback.saved == []
+
+
+def test_best_model_score_path_and_export_like_model_checkpoint(tmp_path: Path) -> None:
+    callback = run(
+        str(tmp_path / "run"), 20, save=cw.every(5), keep=cw.keep_all(), monitor="val_loss"
+    )
+    values = {c.step: c.metrics["val_loss"] for c in callback.manager.checkpoints()}
+    best = min(values, key=values.__getitem__)
+    assert callback.best_model_score == values[best]
+    assert callback.best_model_path == str(tmp_path / "run" / "checkpoints" / f"{best:012d}.json")
+    assert Path(callback.best_model_path).is_file()
+
+    saved = callback.manager.run.load(best)["lightning"]["state_dict"]
+    weights = load_file(callback.export_best(tmp_path / "best"))
+    assert weights.keys() == Tiny().state_dict().keys()
+    for name, tensor in saved.items():
+        assert torch.equal(weights[name], tensor), name
+    model = Tiny.load_from_checkpoint(callback.export_best(tmp_path / "ckpt", format="ckpt"))
+    for name, tensor in saved.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    # another recorded metric, ranked the other way
+    losses = {c.step: c.metrics["loss"] for c in callback.manager.checkpoints()}
+    worst = max(losses, key=losses.__getitem__)
+    path = callback.export_best(tmp_path / "worst", metric="loss", mode="max", format="ckpt")
+    assert path.name == f"step-{worst}.ckpt"
+
+
+def test_the_best_metric_comes_from_the_policy_or_is_missing_clearly(tmp_path: Path) -> None:
+    keep = cw.keep_last(1) | cw.keep_best(1, "val_loss")
+    callback = CheckpointCallback(tmp_path / "a", save=cw.every(5), keep=keep)
+    assert callback.best == ("val_loss", "min")
+    assert callback.best_model_score is None  # nothing saved yet
+    assert callback.best_model_path == ""
+    callback.manager.close()
+
+    callback = CheckpointCallback(tmp_path / "b", save=cw.every(5))
+    assert callback.best is None
+    assert callback.best_model_score is None
+    with pytest.raises(cw.ConfigError, match="monitor="):
+        callback.export_best(tmp_path / "out")
+    callback.manager.close()
+    with pytest.raises(cw.ConfigError, match="needs the metric"):
+        CheckpointCallback(tmp_path / "c", save=cw.every(5), mode="max")
+
+
+def test_fit_releases_the_run_and_a_new_callback_in_the_same_process_works(
+    tmp_path: Path,
+) -> None:
+    root = str(tmp_path / "run")
+    first = run(root, 10)
+    cw.CheckpointManager(root, save=cw.every(1)).close()  # fit's end released the lock
+    idle = CheckpointCallback(root, save=cw.every(5))  # created, never used: holds the lock
+    second = run(root, 20, resume=True)  # while both earlier callbacks are alive
+    assert [s for s, _ in second.saved] == [15, 20]
+    first.manager.run.refresh()  # closed, it still reads (what it listed last, until refreshed)
+    assert [c.step for c in first.manager.checkpoints()] == [15, 20]
+    with pytest.raises(cw.CheckpointError, match="closed"):
+        idle.manager.save(99, {})
+    assert set(os.listdir(root)) <= RUN_FILES
 
 
 def test_lightning_checkpointing_or_a_counting_sampler_is_refused(tmp_path: Path) -> None:
@@ -62,7 +143,7 @@ def test_lightning_checkpointing_or_a_counting_sampler_is_refused(tmp_path: Path
     train, val = loaders()
     with pytest.raises(cw.ConfigError, match="enable_checkpointing=False"):
         trainer.fit(Tiny(), train, val)
-    callback.manager.close()
+    cw.CheckpointManager(tmp_path / "a", save=cw.every(1)).close()  # the failed fit let go
 
     callback = CheckpointCallback(tmp_path / "b", save=cw.every(5))
     trainer = L.Trainer(
@@ -135,7 +216,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path: Path) -> None:
     a, b = losses(tmp_path / "a.l"), losses(tmp_path / "b.l")
     assert sorted(a) == list(range(1, 41))
     assert a == b
-    assert not list((tmp_path / "b" / "lightning-resume").glob("*.ckpt"))
+    assert set(os.listdir(tmp_path / "b")) <= RUN_FILES
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -159,7 +240,7 @@ def test_several_processes_under_torchrun_resume_each_rank_exactly(
         return {d["step"]: d["loss"] for d in lines}
 
     torchrun(tmp_path / "a", tmp_path / "a.jsonl", "--steps", "20")
-    torchrun(tmp_path / "b", tmp_path / "b.jsonl", "--steps", "12")  # saves 5 and 10
+    torchrun(tmp_path / "b", tmp_path / "b.jsonl", "--steps", "12", "--no-final")  # 5, 10
     manifest = cw.open_run(tmp_path / "b").manifest(10)
     assert manifest.world_size == 2
     sharded = [entry for entry in manifest.entries() if getattr(entry, "shard", None)]
