@@ -3,6 +3,7 @@ always; off with ``CKPTWISE_PROGRESS=0``."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -50,7 +51,8 @@ class Terminal:
         return b"".join(self._chunks).decode("utf-8", "replace")
 
     def close(self) -> None:
-        self.stream.close()
+        with contextlib.suppress(OSError):  # a terminal closed under the stream: EIO
+            self.stream.close()
         os.close(self.master)
 
 
