@@ -12,8 +12,13 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
+
 
 __all__ = ["copy_hf_metadata", "resume_scratch", "write_safetensors"]
 

@@ -23,9 +23,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from ckptwise.archive import archive_copy
 from ckptwise.distributed.ranks import Failure, Ranks
@@ -44,6 +42,11 @@ from ckptwise.snapshot import RNG_KEY, RngState, apply, capture, rebuild
 from ckptwise.store import CheckpointStore, Manifest, Problem, TensorEntry, open_backend, runfile
 from ckptwise.store.branch import BranchBackend, check_branch_name
 from ckptwise.usage import TensorChange, Usage, diff_manifests, usage_of
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
 
 __all__ = [
     "Loaded",

@@ -19,12 +19,15 @@ import math
 import random
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError, SnapshotError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+else:
+    from ckptwise._lazy import np, torch
 
 __all__ = [
     "RNG_KEY",

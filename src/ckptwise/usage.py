@@ -10,11 +10,14 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ckptwise.store import Manifest, TensorEntry
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
 
 __all__ = ["CheckpointUsage", "TensorChange", "Usage", "diff_manifests", "usage_of"]
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptwise.errors import CheckpointError, ConfigError, StorageError
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
+else:
+    from ckptwise._lazy import dist, torch
 
 __all__ = ["DEFAULT_TIMEOUT", "Failure", "Ranks"]
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, MutableMapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptwise.distributed.shards import chunk_of, copy_overlap, is_sharded, local_part, pieces_of
 from ckptwise.errors import CorruptCheckpointError
 from ckptwise.store import CheckpointStore, Manifest, TensorEntry
 from ckptwise.store.manifest import DTYPES
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
 
 __all__ = ["prime_optimizers", "read_rank", "sharded_names"]
 

@@ -12,10 +12,14 @@ also decides file layout and request batching, which the store does its own way)
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ckptwise.store.manifest import Shard, TensorEntry
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
 
 __all__ = ["chunk_of", "copy_overlap", "is_sharded", "local_part", "pieces_of"]
 

@@ -23,14 +23,18 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-import torch
 import zstandard
 
 from ckptwise.errors import ConfigError, CorruptCheckpointError, SnapshotError
 from ckptwise.store.layout import byte_view
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+else:
+    from ckptwise._lazy import np, torch
 
 __all__ = [
     "BYTEGROUP",
@@ -285,8 +289,15 @@ class XorBytegroupCodec:
 
 _Q8_HEADER = struct.Struct("<4sBBHQ")  # magic, version, dtype code, block, element count
 _Q8_MAGIC = b"CKQ8"
-_Q8_DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16, 3: torch.float64}
-_Q8_CODES = {v: k for k, v in _Q8_DTYPES.items()}
+_Q8_DTYPES = {0: "float32", 1: "bfloat16", 2: "float16", 3: "float64"}
+
+
+def _q8_code(dtype: torch.dtype) -> int | None:
+    """The q8 header's code for ``dtype``; ``None`` for a dtype q8 does not quantize."""
+    for code, name in _Q8_DTYPES.items():
+        if getattr(torch, name) == dtype:
+            return code
+    return None
 
 
 @dataclass(frozen=True)
@@ -318,7 +329,7 @@ class Q8Codec:
 
     def quantize(self, tensor: torch.Tensor) -> Quantized:
         """Quantize a float tensor (any shape, any device)."""
-        if tensor.dtype not in _Q8_CODES:
+        if _q8_code(tensor.dtype) is None:
             raise SnapshotError(
                 f"q8 quantizes float32, bfloat16, float16 or float64 tensors, not {tensor.dtype}"
                 "; leave this tensor out of lossy="
@@ -343,7 +354,7 @@ class Q8Codec:
         scales = blocks.abs().amax(dim=1) / 127.0
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
         q = torch.round(blocks / safe[:, None]).clamp(-127, 127).to(torch.int8)
-        header = _Q8_HEADER.pack(_Q8_MAGIC, 1, _Q8_CODES[values.dtype], self.block, count)
+        header = _Q8_HEADER.pack(_Q8_MAGIC, 1, _q8_code(values.dtype), self.block, count)
         body = scales.numpy().tobytes() + q.reshape(-1)[:count].numpy().tobytes()
         return header + zstandard.ZstdCompressor(level=3).compress(body)
 
@@ -354,7 +365,8 @@ class Q8Codec:
             magic, version, code, block, count = _Q8_HEADER.unpack_from(stored)
         except struct.error as exc:
             raise CorruptCheckpointError(f"q8 object is truncated: {exc}") from exc
-        dtype = _Q8_DTYPES.get(code)
+        name = _Q8_DTYPES.get(code)
+        dtype = None if name is None else getattr(torch, name)
         if magic != _Q8_MAGIC or version != 1 or dtype is None or block < 1:
             raise CorruptCheckpointError("not a q8 object")
         return dtype, block, count

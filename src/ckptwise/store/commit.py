@@ -30,9 +30,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
-
-import torch
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ckptwise.errors import (
     CheckpointError,
@@ -56,6 +54,11 @@ from ckptwise.store.layout import (
 from ckptwise.store.manifest import Manifest, TensorEntry, dtype_name, encode_manifest
 from ckptwise.store.planner import CodecPlanner
 from ckptwise.store.reader import Reader
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
 
 __all__ = [
     "FILE_OVERHEAD",

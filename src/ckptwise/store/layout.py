@@ -13,10 +13,14 @@ from __future__ import annotations
 import re
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
-import torch
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
 
 __all__ = [
     "CHECKPOINTS",

@@ -13,24 +13,31 @@ number fits what reads it. Whatever is wrong raises :class:`FormatError` (or
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import blake3
-import torch
 
 from ckptwise.errors import CorruptCheckpointError, FormatError, SnapshotError
 from ckptwise.store.backend import Backend
 from ckptwise.store.codecs import DELTA, LOSSY, RAW, readable
 
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
+
 __all__ = [
     "DTYPES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "ITEMSIZES",
     "MAX_DEPTH",
     "MAX_MANIFEST_BYTES",
     "Manifest",
@@ -65,25 +72,57 @@ _TIMES = (-62_135_596_800.0, 253_402_300_799.0)
 #: numpy scalar dtypes a tree may name (bool, ints, floats, complex, unicode)
 _NP_SCALAR = re.compile(r"^[<>|=]?(b1|[iu][1248]|f(2|4|8|16)|c(8|16|32)|U[0-9]{1,6})$")
 
-#: Every dtype the format can hold, by its stable on-disk name.
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
-    if hasattr(torch, _name):
-        DTYPES[_name] = getattr(torch, _name)
-_NAMES = {v: k for k, v in DTYPES.items()}
+#: Every dtype the format can hold, by its stable on-disk name, with its size in bytes.
+#: Reading a manifest needs only this table, so listing a run never imports torch.
+ITEMSIZES: Mapping[str, int] = MappingProxyType(
+    {
+        "float64": 8,
+        "float32": 4,
+        "float16": 2,
+        "bfloat16": 2,
+        "complex64": 8,
+        "complex128": 16,
+        "int64": 8,
+        "int32": 4,
+        "int16": 2,
+        "int8": 1,
+        "uint8": 1,
+        "bool": 1,
+        "float8_e4m3fn": 1,
+        "float8_e5m2": 1,
+        "uint16": 2,
+        "uint32": 4,
+        "uint64": 8,
+    }
+)
+
+
+class _TorchDtypes(Mapping[str, "torch.dtype"]):
+    """The torch dtype of each name in :data:`ITEMSIZES` that this torch has, looked up on
+    first use (importing torch takes seconds)."""
+
+    @functools.cached_property
+    def _table(self) -> dict[str, torch.dtype]:
+        return {name: getattr(torch, name) for name in ITEMSIZES if hasattr(torch, name)}
+
+    def __getitem__(self, name: str) -> torch.dtype:
+        return self._table[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+#: The torch dtype of every on-disk dtype name.
+DTYPES: Mapping[str, torch.dtype] = _TorchDtypes()
+
+
+@functools.cache
+def _dtype_names() -> dict[torch.dtype, str]:
+    return {v: k for k, v in DTYPES.items()}
+
 
 _OBJECT_ID = re.compile(r"^[0-9a-f]{64}$")
 
@@ -91,7 +130,7 @@ _OBJECT_ID = re.compile(r"^[0-9a-f]{64}$")
 def dtype_name(dtype: torch.dtype) -> str:
     """The on-disk name of ``dtype``; :class:`SnapshotError` for dtypes the format lacks."""
     try:
-        return _NAMES[dtype]
+        return _dtype_names()[dtype]
     except KeyError:
         raise SnapshotError(
             f"tensors of dtype {dtype} cannot be stored; convert them to one of "
@@ -375,14 +414,14 @@ def _entry(name: Any, raw: Any, where: str, codecs: frozenset[str]) -> TensorEnt
             where, f"tensor {name!r} has object id {_short(obj)}, not a 64-digit hex digest"
         )
     dtype = raw.get("dtype")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZES:
         raise _fail(where, f"tensor {name!r} has unknown dtype {_short(dtype)}")
     shape = raw.get("shape")
     if not isinstance(shape, list) or len(shape) > 64:
         raise _fail(where, f"tensor {name!r} has shape {_short(shape)}, not a list of dimensions")
     dims = tuple(_int(d, f"a dimension of {name!r}", where) for d in shape)
     nbytes = _int(raw.get("nbytes"), f"nbytes of {name!r}", where)
-    expected = math.prod(dims) * DTYPES[dtype].itemsize
+    expected = math.prod(dims) * ITEMSIZES[dtype]
     if nbytes != expected:
         raise _fail(where, f"tensor {name!r} says {nbytes} bytes but its shape needs {expected}")
     codec = raw.get("codec", RAW)
@@ -473,7 +512,7 @@ def _bases(
 #: tensor names a state tree refers to, each with whether it is read back as a numpy array
 _Refs = list[tuple[str, bool]]
 #: dtypes numpy has (an ``ndarray`` node's tensor must have one)
-_NUMPY_DTYPES = frozenset(DTYPES) - {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
+_NUMPY_DTYPES = frozenset(ITEMSIZES) - {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
 
 
 def _scalar_key(node: Any) -> bool:

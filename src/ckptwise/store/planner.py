@@ -28,10 +28,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ckptwise.store.codecs import BYTEGROUP, LOSSLESS, RAW, get_codec
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
 
 __all__ = ["AUTO", "DELTA_MODES", "MODES", "CodecPlanner", "idle_cores", "measure_encode_rate"]
 

@@ -11,8 +11,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ckptwise.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptwise.store.backend import Backend
@@ -20,6 +19,11 @@ from ckptwise.store.codecs import RAW, decode, decoded_size
 from ckptwise.store.index import Index
 from ckptwise.store.layout import byte_view, manifest_path, object_id, object_path
 from ckptwise.store.manifest import DTYPES, TensorEntry, load_manifest
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
 
 __all__ = ["READERS", "SLACK", "Problem", "Reader"]
 

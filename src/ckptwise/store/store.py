@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import timedelta
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptwise.errors import ConfigError
 from ckptwise.records import CheckpointInfo
@@ -30,6 +28,11 @@ from ckptwise.store.index import Index
 from ckptwise.store.manifest import MAX_CHAIN, Manifest, TensorEntry
 from ckptwise.store.planner import AUTO, DELTA_MODES, MODES, CodecPlanner
 from ckptwise.store.reader import Problem, Reader
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
 
 __all__ = ["CheckpointStore"]
 
