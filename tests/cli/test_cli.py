@@ -73,11 +73,17 @@ def test_console_script_runs_as_a_module(run_dir: Path) -> None:
     assert "ok" in proc.stdout
 
 
-def test_missing_run_is_a_clear_error(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["verify", str(tmp_path / "nope")])
-    assert result.exit_code == 1
-    assert "holds no ckptwise run" in result.output
+def test_an_empty_run_lists_nothing_but_its_verify_is_no_pass(tmp_path: Path) -> None:
     cw.CheckpointManager(tmp_path / "empty", save=cw.every(5)).close()  # a run never saved
     empty = CliRunner().invoke(cli, ["ls", str(tmp_path / "empty"), "--json"])
     assert empty.exit_code == 0
     assert json.loads(empty.output)["checkpoints"] == []
+    verify = CliRunner().invoke(cli, ["verify", str(tmp_path / "empty")])
+    assert verify.exit_code == 1
+    assert "has no committed checkpoint to verify: nothing was checked" in verify.output
+    assert "ok" not in verify.output
+    as_json = CliRunner().invoke(cli, ["verify", str(tmp_path / "empty"), "--json"])
+    assert as_json.exit_code == 1
+    doc = json.loads(as_json.stdout)
+    assert (doc["ok"], doc["checked_steps"]) == (False, [])
+    assert "nothing was checked" in doc["error"]

@@ -50,7 +50,7 @@ def test_minicpm_v_like_trainer_schedule(tmp_path: Path) -> None:
     assert doc["peak_bytes_on_disk"] == 220 * 10**9
     assert sorted(map(int, doc["kept"])) == list(range(1000, 10_001, 1000))
     assert doc["policy"] == {
-        "save": {"every": {"interval": 1000, "start": 0}},
+        "save": {"every": {"interval": 1000, "start": 0}, "final": True},
         "keep": {"last": 10},
     }
     assert doc["save_seconds"] == 10 * 300
@@ -108,3 +108,49 @@ def test_pin_and_unpin_from_the_command_line(run_dir: Path) -> None:
         assert CliRunner().invoke(cli, ["unpin", str(run_dir), "1"]).exit_code == 1
         manager.step(3, {"w": torch.full((2,), 3.0)})
         assert [c.step for c in manager.checkpoints()] == [3]
+
+
+def test_save_steps_saves_the_last_step_as_trainer_does(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["simulate", "--save-steps", "4", "--save-total-limit", "2", "--steps", "10", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [(s["step"], s["reasons"]) for s in doc["saves"]] == [
+        (4, ["every(4)"]),
+        (8, ["every(4)"]),
+        (10, ["final"]),
+    ]
+    assert sorted(map(int, doc["kept"])) == [8, 10]
+    assert doc["warnings"] == []
+
+
+def test_a_metric_trigger_without_metrics_can_never_fire(tmp_path: Path) -> None:
+    config = tmp_path / "policy.yaml"
+    config.write_text(
+        "save:\n  on_improvement: {metric: eval_loss}\nkeep:\n  best: {n: 1, metric: eval_loss}\n"
+    )
+    result = CliRunner().invoke(cli, ["simulate", "--config", str(config), "--steps", "20"])
+    assert result.exit_code == 0, result.output
+    assert "on_improvement(eval_loss) can never fire: no --metrics trace reports 'eval_loss'" in (
+        result.stderr
+    )
+    assert "keep_best(1, eval_loss) keeps nothing" in result.stderr
+    assert "0 saves over 20 steps" in result.stdout
+    trace = tmp_path / "metrics.csv"
+    trace.write_text("step,loss\n5,0.5\n10,0.4\n")
+    other = CliRunner().invoke(
+        cli,
+        ["simulate", "--config", str(config), "--steps", "20", "--metrics", str(trace), "--json"],
+    )
+    assert other.exit_code == 0, other.output
+    assert json.loads(other.stdout)["warnings"] == [
+        "on_improvement(eval_loss) can never fire: the --metrics CSV has no 'eval_loss' column",
+        "keep_best(1, eval_loss) keeps nothing: the --metrics CSV has no 'eval_loss' column",
+    ]
+    trace.write_text("step,eval_loss\n5,0.5\n10,0.4\n")
+    fires = CliRunner().invoke(
+        cli, ["simulate", "--config", str(config), "--steps", "20", "--metrics", str(trace)]
+    )
+    assert fires.stderr == ""
+    assert "2 saves over 20 steps" in fires.stdout

@@ -115,3 +115,88 @@ def test_archive_reports_what_it_quantized(tmp_path: Path) -> None:
     assert "optimizer/state/0/exp_avg: lossy q8: max abs error" in out
     assert "archived step 1" in out
     assert "verified 1 checkpoint(s)" in invoke("verify", str(tmp_path / "archive"))
+
+
+def _ranked_run(root: Path, save: cw.Trigger, keep: cw.RetentionPolicy) -> Path:
+    """Accuracy peaks at step 2 (max), loss bottoms out at step 3 (min)."""
+    with cw.CheckpointManager(root, save=save, keep=keep) as manager:
+        for step, acc, loss in ((1, 0.5, 0.9), (2, 0.9, 0.6), (3, 0.7, 0.3), (4, 0.6, 0.4)):
+            manager.step(
+                step,
+                {"model": {"w": torch.full((4,), float(step))}},
+                metrics={"eval_acc": acc, "eval_loss": loss},
+            )
+    return root
+
+
+def _exported_step(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["export", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["step"], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("save", "keep", "best"),
+    [
+        (cw.every(1), cw.keep_best(2, "eval_acc", mode="max"), 2),
+        (cw.every(1), cw.keep_best(2, "eval_loss"), 3),
+        (cw.on_improvement("eval_acc", mode="max") | cw.every(4), cw.keep_all(), 2),
+        (cw.on_improvement("eval_loss") | cw.every(4), cw.keep_all(), 3),
+    ],
+)
+def test_export_best_ranks_by_the_runs_own_policy(
+    tmp_path: Path, save: cw.Trigger, keep: cw.RetentionPolicy, best: int
+) -> None:
+    root = _ranked_run(tmp_path / "run", save, keep)
+    step, warned = _exported_step(str(root), str(tmp_path / "out"), "--step", "best")
+    assert step == best
+    assert warned == ""
+    # an explicit --metric and --mode still win
+    step, _ = _exported_step(
+        str(root), str(tmp_path / "o2"), "--step", "best", "--metric", "eval_loss", "--mode", "max"
+    )
+    infos = cw.open_run(root).checkpoints()
+    assert step == max(infos, key=lambda info: info.metrics["eval_loss"]).step
+
+
+def test_export_best_says_when_the_direction_is_a_guess(tmp_path: Path) -> None:
+    # keep_best(2) of two checkpoints: nothing tells whether lower or higher is better
+    with cw.CheckpointManager(
+        tmp_path / "run", save=cw.every(1), keep=cw.keep_best(2, "eval_acc", mode="max")
+    ) as manager:
+        for step, acc in ((1, 0.2), (2, 0.8)):
+            manager.step(step, {"model": {"w": torch.zeros(2)}}, metrics={"eval_acc": acc})
+    step, warned = _exported_step(str(tmp_path / "run"), str(tmp_path / "out"), "--step", "best")
+    assert step == 1
+    assert "does not record whether lower or higher is better" in warned
+    assert "pass --mode max" in warned
+
+
+def test_a_misspelt_metric_lists_what_the_run_recorded(run: Path, tmp_path: Path) -> None:
+    bad = CliRunner().invoke(
+        cli, ["export", str(run), str(tmp_path / "x"), "--step", "best", "--metric", "eval_los"]
+    )
+    assert bad.exit_code == 2
+    assert "no checkpoint recorded the metric 'eval_los'" in bad.stderr
+    assert "the run recorded: eval_loss" in bad.stderr
+    assert "did you mean 'eval_loss'?" in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_hf_warns_when_the_folder_cannot_load(run: Path, tmp_path: Path) -> None:
+    bare = CliRunner().invoke(cli, ["export", str(run), str(tmp_path / "hf"), "--format", "hf"])
+    assert bare.exit_code == 0, bare.output
+    assert "has no config.json (no --config-from)" in bare.stderr
+    assert "from_pretrained cannot load it" in bare.stderr
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    empty = tmp_path / "no_config"
+    empty.mkdir()
+    (empty / "tokenizer.json").write_text("{}")
+    args = ["export", str(run), str(tmp_path / "hf2"), "--format", "hf", "--config-from"]
+    partial = CliRunner().invoke(cli, [*args, str(empty)])
+    assert f"{empty} has no config.json" in partial.stderr
+    assert (tmp_path / "hf2" / "tokenizer.json").exists()
+    (empty / "config.json").write_text('{"model_type": "x"}')
+    whole = CliRunner().invoke(cli, [*args, str(empty)])
+    assert whole.exit_code == 0
+    assert whole.stderr == ""

@@ -1,13 +1,27 @@
-"""What the commands share: opening a run for reading, and printing sizes."""
+"""What the commands share: opening a run for reading, printing JSON, sizes and warnings."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
 
 import click
 
 from ckptwise.errors import CheckpointError
 from ckptwise.run import Run, open_run
 
-__all__ = ["human_size", "open_cli_run"]
+__all__ = ["RUN_FILES", "echo_json", "human_size", "open_cli_run", "warn"]
+
+#: What a run's folder holds (docs/FORMAT.md): a folder with none of these is no run.
+RUN_FILES = frozenset({"checkpoints", "objects", "run.json", "ckptwise.lock", "pins", "branches"})
+#: How many subfolders are looked into for a run one level down.
+_LOOK_INTO = 50
+_WHERE_RUNS_ARE = (
+    "pass the folder given to CheckpointManager (a Trainer's attach() writes to "
+    "output_dir/ckptwise)"
+)
 
 
 def human_size(n: int) -> str:
@@ -20,15 +34,70 @@ def human_size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
+def echo_json(doc: Any) -> None:
+    """Print ``doc`` as the command's one JSON document on stdout."""
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, so ``--json`` output stays one document."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def open_cli_run(run: str) -> Run:
-    """The run at ``run`` for reading; a usage error when the folder holds no run."""
+    """The run at ``run`` for reading; a usage error naming the fix when no run is there
+    (a missing folder, an unrelated one, or the folder above a run)."""
+    names = _names_in(run)
+    if names is None:
+        raise click.ClickException(f"no ckptwise run here: {run} does not exist; {_WHERE_RUNS_ARE}")
+    if not names & RUN_FILES:
+        below = [child for child in _subfolders(run, names) if _holds_run(child)]
+        hint = f"did you mean {' or '.join(below)}?" if below else _WHERE_RUNS_ARE
+        raise click.ClickException(
+            f"no ckptwise run here: {run} holds no checkpoints/, objects/ or run.json; {hint}"
+        )
     try:
-        opened = open_run(run)
-        if not opened.exists():
-            raise click.ClickException(
-                f"{run} holds no ckptwise run (no checkpoints/ or objects/ in it); "
-                "pass the folder given to CheckpointManager"
-            )
+        return open_run(run)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    return opened
+
+
+def _is_url(run: str) -> bool:
+    return "://" in run and not run.startswith("file://")
+
+
+def _names_in(run: str) -> set[str] | None:
+    """The names directly inside the folder ``run`` (a path or URL); ``None`` when there is
+    no folder there."""
+    try:
+        if _is_url(run):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(run)
+            if not fs.isdir(path):
+                return None
+            return {str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+        with os.scandir(run.removeprefix("file://") or ".") as entries:
+            return {entry.name for entry in entries}
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except Exception as exc:  # any backend's error: the user needs its words
+        raise click.ClickException(f"cannot list {run}: {exc}") from exc
+
+
+def _holds_run(folder: str) -> bool:
+    """Whether ``folder`` holds a run (a folder that cannot be listed does not)."""
+    try:
+        return bool((_names_in(folder) or set()) & RUN_FILES)
+    except click.ClickException:
+        return False
+
+
+def _subfolders(run: str, names: set[str]) -> list[str]:
+    """Folders directly inside ``run`` that may hold a run, ``ckptwise`` (where the framework
+    adapters write) first."""
+    ordered = sorted(names, key=lambda name: (name != "ckptwise", name))[:_LOOK_INTO]
+    if _is_url(run):
+        return [f"{run.rstrip('/')}/{name}" for name in ordered]
+    root = Path(run.removeprefix("file://"))
+    return [str(root / name) for name in ordered if (root / name).is_dir()]

@@ -9,22 +9,21 @@ training process checks before it deletes that step.
 
 from __future__ import annotations
 
-import json
 import sys
 from datetime import datetime
 from typing import Any
 
 try:
     import click
-    from rich.console import Console
-    from rich.table import Table
+    import rich  # noqa: F401  (checked here: the tables need it)
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise SystemExit(
         f"the ckptwise command line needs its extra ({exc.name} is missing): "
         "pip install 'ckptwise[cli]'"
     ) from exc
 
-from ckptwise.cli.common import human_size, open_cli_run
+from ckptwise.cli.common import echo_json, human_size, open_cli_run
+from ckptwise.cli.ranking import run_ranking, unknown_metric
 from ckptwise.cli.simulate_cmd import simulate_command
 from ckptwise.cli.storage import (
     archive_command,
@@ -33,6 +32,7 @@ from ckptwise.cli.storage import (
     export_command,
     show_command,
 )
+from ckptwise.cli.table import Column, print_table
 from ckptwise.errors import CheckpointError
 
 __all__ = ["cli", "main"]
@@ -41,14 +41,24 @@ __all__ = ["cli", "main"]
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckptwise")
 def cli() -> None:
-    """Inspect, verify and manage ckptwise checkpoint runs."""
+    """Inspect, verify and manage ckptwise checkpoint runs.
+
+    RUN is the folder (or fsspec URL) given to CheckpointManager; a Trainer's attach() writes
+    to OUTPUT_DIR/ckptwise. Every command takes --json: one JSON document on stdout.
+    """
 
 
 @cli.command("ls")
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--branch", help="List a branch of checkpoints a rollback set aside instead.")
-def ls_command(run: str, as_json: bool, branch: str | None) -> None:
+@click.option(
+    "--metrics",
+    "extra_metrics",
+    metavar="A,B",
+    help="Also show these recorded metrics (the one the run's policy ranks by is shown).",
+)
+def ls_command(run: str, as_json: bool, branch: str | None, extra_metrics: str | None) -> None:
     """List the committed checkpoints of RUN (a folder or fsspec URL)."""
     opened = open_cli_run(run)
     branches = opened.branches()
@@ -60,8 +70,15 @@ def ls_command(run: str, as_json: bool, branch: str | None) -> None:
         branches = {}
     kept = opened.kept()
     pins = opened.pins()
+    infos = opened.checkpoints()
+    ranking = run_ranking(opened, infos)
+    shown = [m.strip() for m in (extra_metrics or "").split(",") if m.strip()]
+    for metric in shown:
+        problem = unknown_metric(metric, infos)
+        if problem is not None:
+            raise click.BadParameter(problem, param_hint="--metrics")
     rows: list[dict[str, Any]] = []
-    for info in opened.checkpoints():
+    for info in infos:
         why = list(kept.get(info.step, []))
         if info.step in pins and "pinned" not in why:
             why.append("pinned")
@@ -77,52 +94,62 @@ def ls_command(run: str, as_json: bool, branch: str | None) -> None:
                 "kept_because": why,
             }
         )
+    physical = opened.physical_bytes()
     if as_json:
-        doc = {
-            "run": run,
-            "checkpoints": rows,
-            "physical_bytes": opened.physical_bytes(),
-            "unreadable": opened.unreadable,
-            "branches": branches,
-        }
-        click.echo(json.dumps(doc, indent=2, default=str))
+        echo_json(
+            {
+                "run": run,
+                "checkpoints": rows,
+                "ranked_by": None
+                if ranking is None
+                else {"metric": ranking.metric, "policy": ranking.policy, "mode": ranking.mode},
+                "physical_bytes": physical,
+                "unreadable": opened.unreadable,
+                "branches": branches,
+            }
+        )
         return
-    table = Table(title=f"{run}: {len(rows)} checkpoint(s)")
-    columns = (
-        "step",
-        "time",
-        "saved because",
-        "holds",
-        "metrics",
-        "bytes",
-        "written",
-        "kept because",
-    )
-    for column in columns:
-        table.add_column(
-            column, justify="right" if column in ("step", "bytes", "written") else "left"
-        )
-    for row in rows:
-        table.add_row(
-            str(row["step"]),
-            datetime.fromisoformat(row["time"]).strftime("%Y-%m-%d %H:%M:%S"),
-            ", ".join(row["reasons"]),
-            row["holds"],
-            ", ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()),
-            human_size(row["logical_bytes"]),
-            human_size(row["new_bytes"]),
-            ", ".join(row["kept_because"]),
-        )
-    console = Console()
-    console.print(table)
-    console.print(f"on disk: {human_size(opened.physical_bytes())} (each object counted once)")
+    metrics = ([ranking.metric] if ranking else []) + [
+        m for m in shown if not ranking or m != ranking.metric
+    ]
+    when, title_when = _times([info.time for info in infos])
+    slim = any(row["holds"] != "full" for row in rows)  # else "what it holds" says nothing
+    columns = [Column("step", numeric=True), Column("time"), Column("saved because", wrap=True)]
+    columns += [Column("holds")] if slim else []
+    columns += [Column(m, numeric=True) for m in metrics]
+    columns += [Column("bytes", numeric=True), Column("kept because", wrap=True)]
+    table: list[list[str]] = []
+    for row, time in zip(rows, when, strict=True):
+        cells = [str(row["step"]), time, ", ".join(row["reasons"])]
+        cells += [row["holds"]] if slim else []
+        cells += [_number(row["metrics"].get(m)) for m in metrics]
+        cells += [human_size(row["logical_bytes"]), ", ".join(row["kept_because"])]
+        table.append(cells)
+    print_table(f"{run}: {len(rows)} checkpoint(s){title_when}", columns, table)
+    click.echo(f"on disk: {human_size(physical)} (each object counted once)")
+    if ranking is not None:
+        click.echo(f"ranked by {ranking.describe()}")
     for path, problem in opened.unreadable.items():
-        console.print(f"[red]unreadable manifest[/red] {path}: {problem}")
+        click.echo(f"unreadable manifest {path}: {problem}")
     for name, steps in branches.items():
-        console.print(
+        click.echo(
             f"branch {name}: step(s) {', '.join(map(str, steps))}, set aside when training "
             f"went back (list them with: ckptwise ls {run} --branch {name})"
         )
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _times(times: list[datetime]) -> tuple[list[str], str]:
+    """Each time in local time, as short as the run allows (the date once, in the title,
+    when every checkpoint is from the same day); and the title's part."""
+    local = [t.astimezone() for t in times]
+    days = {t.date() for t in local}
+    if len(days) == 1:
+        return [t.strftime("%H:%M:%S") for t in local], f", saved {days.pop().isoformat()}"
+    return [t.strftime("%Y-%m-%d %H:%M") for t in local], ""
 
 
 @cli.command("verify")
@@ -130,52 +157,61 @@ def ls_command(run: str, as_json: bool, branch: str | None) -> None:
 @click.option("--step", "steps", type=int, multiple=True, help="Only these steps (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def verify_command(run: str, steps: tuple[int, ...], as_json: bool) -> None:
-    """Check every object of RUN against its checksum; exit 1 if any fails."""
+    """Check every object of RUN against its checksum; exit 1 if any fails or none is there."""
     opened = open_cli_run(run)
     try:
         problems = opened.verify(list(steps) or None)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
     checked = list(steps) if steps else opened.steps()
+    empty = (
+        f"{run} has no committed checkpoint to verify: nothing was checked" if not checked else None
+    )
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "run": run,
-                    "checked_steps": checked,
-                    "ok": not problems,
-                    "problems": [
-                        {"step": p.step, "tensor": p.tensor, "message": p.message} for p in problems
-                    ],
-                },
-                indent=2,
-            )
+        echo_json(
+            {
+                "run": run,
+                "checked_steps": checked,
+                "ok": not problems and not empty,
+                "problems": [
+                    {"step": p.step, "tensor": p.tensor, "message": p.message} for p in problems
+                ],
+                **({"error": empty} if empty else {}),
+            }
         )
     else:
         for problem in problems:
             click.echo(f"FAIL {problem}", err=True)
-        status = "ok" if not problems else f"{len(problems)} problem(s)"
-        click.echo(f"verified {len(checked)} checkpoint(s) in {run}: {status}")
-    sys.exit(1 if problems else 0)
+        if empty:
+            click.echo(f"Error: {empty}", err=True)
+        else:
+            status = "ok" if not problems else f"{len(problems)} problem(s)"
+            click.echo(f"verified {len(checked)} checkpoint(s) in {run}: {status}")
+    sys.exit(1 if problems or empty else 0)
 
 
 @cli.command("pin")
 @click.argument("run")
 @click.argument("step", type=int)
-def pin_command(run: str, step: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def pin_command(run: str, step: int, as_json: bool) -> None:
     """Keep STEP of RUN whatever the retention policy says (until `ckptwise unpin`)."""
     opened = open_cli_run(run)
     try:
         opened.pin(step)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
+    if as_json:
+        echo_json({"run": run, "step": step, "pinned": True, "pins": sorted(opened.pins())})
+        return
     click.echo(f"pinned step {step} of {run}: no writer deletes it until `ckptwise unpin`")
 
 
 @cli.command("unpin")
 @click.argument("run")
 @click.argument("step", type=int)
-def unpin_command(run: str, step: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def unpin_command(run: str, step: int, as_json: bool) -> None:
     """Let the retention policy decide about STEP of RUN again (at the next save)."""
     opened = open_cli_run(run)
     try:
@@ -184,6 +220,9 @@ def unpin_command(run: str, step: int) -> None:
         opened.unpin(step)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
+    if as_json:
+        echo_json({"run": run, "step": step, "pinned": False, "pins": sorted(opened.pins())})
+        return
     click.echo(f"unpinned step {step} of {run}")
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 import ckptwise as cw
-from ckptwise.cli.common import human_size
+from ckptwise.cli.common import human_size, warn
 from ckptwise.config import (
     Policy,
     parse_bytes,
@@ -19,7 +19,7 @@ from ckptwise.config import (
     to_config,
 )
 from ckptwise.errors import CheckpointError
-from ckptwise.policy import RetentionPolicy, Trigger
+from ckptwise.policy import KeepAny, KeepBest, OnImprovement, RetentionPolicy, Trigger, walk
 from ckptwise.simulate import simulate
 
 __all__ = ["simulate_command"]
@@ -64,7 +64,8 @@ def _policy(
     if keep:
         policy = Policy(policy.save, parse_keep(keep))
     if save_steps is not None:
-        policy = Policy(cw.every(save_steps), policy.keep)
+        # as TrainingArguments(save_steps=N) under attach(): the last step is saved too
+        policy = Policy(cw.every(save_steps) | cw.on_final(), policy.keep)
     if save_total_limit is not None:
         policy = Policy(policy.save, cw.keep_last(save_total_limit))
     if policy.save is None:
@@ -72,6 +73,41 @@ def _policy(
             "give a save policy: --config FILE, --save 'every(1000)' or --save-steps 1000"
         )
     return policy.save, policy.keep
+
+
+def _unmet_metrics(
+    save: Trigger, keep: RetentionPolicy | None, metrics: dict[int, dict[str, float]] | None
+) -> list[str]:
+    """What the policy reads that the metrics trace never reports, in words."""
+    reported = {name for values in (metrics or {}).values() for name in values}
+
+    def missing(metric: str) -> str:
+        if metrics is None:
+            return (
+                f"no --metrics trace reports {metric!r} (pass --metrics FILE.csv with the "
+                f"columns step,{metric},...)"
+            )
+        return f"the --metrics CSV has no {metric!r} column"
+
+    out = [
+        f"{trigger.reason} can never fire: {missing(trigger.metric)}"
+        for trigger in walk(save)
+        if isinstance(trigger, OnImprovement) and trigger.metric not in reported
+    ]
+    out += [
+        f"keep_best({policy.n}, {policy.metric}) keeps nothing: {missing(policy.metric)}"
+        for policy in _retention_leaves(keep)
+        if isinstance(policy, KeepBest) and policy.metric not in reported
+    ]
+    return out
+
+
+def _retention_leaves(keep: RetentionPolicy | None) -> list[RetentionPolicy]:
+    if keep is None:
+        return []
+    if isinstance(keep, KeepAny):
+        return [leaf for inner in keep.policies for leaf in _retention_leaves(inner)]
+    return [keep]
 
 
 def _human_seconds(seconds: float) -> str:
@@ -100,7 +136,7 @@ def _parse_option(kind: str, value: str | None, parse: Any) -> Any:
 )
 @click.option("--save", "save", help="Save policy, one-line form: 'every(1000) | on_signal'.")
 @click.option("--keep", "keep", help="Retention, one-line form: 'last(3) | best(1, eval_loss)'.")
-@click.option("--save-steps", type=int, help="As Trainer's --save_steps: every(N).")
+@click.option("--save-steps", type=int, help="As Trainer's --save_steps: every(N) | on_final().")
 @click.option("--save-total-limit", type=int, help="As Trainer's --save_total_limit: last(N).")
 @click.option("--steps", type=int, required=True, help="Length of the run in steps.")
 @click.option("--step-time", default="1s", show_default=True, help="Time per step, e.g. 1.2s.")
@@ -142,6 +178,9 @@ def simulate_command(
     size = _parse_option("--checkpoint-bytes", checkpoint_bytes, parse_bytes)
     mtbf_td = _parse_option("--mtbf", mtbf, parse_duration)
     metrics = _read_metrics(metrics_csv) if metrics_csv else None
+    unmet = _unmet_metrics(save_policy, keep_policy, metrics)
+    for message in unmet:
+        warn(message)
     try:
         result = simulate(
             save_policy,
@@ -156,6 +195,7 @@ def simulate_command(
         raise click.ClickException(str(exc)) from exc
     doc = result.to_json()
     doc["policy"] = to_config(save_policy, keep_policy)
+    doc["warnings"] = unmet
     if mtbf_td is not None:
         failures = result.wall_seconds / mtbf_td.total_seconds()
         doc["expected_failures"] = failures

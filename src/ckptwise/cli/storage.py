@@ -9,17 +9,16 @@ much; ``export`` writes plain safetensors or a Hugging Face style folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from ckptwise.cli.common import human_size, open_cli_run
+from ckptwise.cli.common import echo_json, human_size, open_cli_run, warn
+from ckptwise.cli.ranking import recorded_metrics, run_ranking, unknown_metric
+from ckptwise.cli.table import Column, print_table
 from ckptwise.errors import CheckpointError
 from ckptwise.formats import copy_hf_metadata, write_safetensors
 from ckptwise.run import Run, open_run
@@ -39,33 +38,68 @@ def _which_checkpoint(command: F) -> F:
             click.option(
                 "--step", default="latest", show_default=True, help="A step, 'best' or 'latest'."
             ),
-            click.option("--metric", help="The metric 'best' is judged by (e.g. eval_loss)."),
             click.option(
-                "--mode", type=click.Choice(["min", "max"]), default="min", show_default=True
+                "--metric",
+                help="The metric 'best' is judged by (default: the one the run's keep_best or "
+                "on_improvement ranks by).",
             ),
+            click.option(
+                "--mode",
+                type=click.Choice(["min", "max"]),
+                help="Lower (min) or higher (max) is better (default: as the run's policy "
+                "ranked, else min).",
+            ),
+            click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text."),
         )
     ):
         command = decorator(command)
     return command
 
 
-def _resolve(opened: Run, step: str, metric: str | None, mode: str) -> int:
-    if step == "best" and not metric:
-        raise click.BadParameter("--step best needs --metric (e.g. --metric eval_loss)")
+def _resolve(opened: Run, step: str, metric: str | None, mode: str | None) -> int:
+    """The step ``--step`` names; ``best`` by ``--metric`` or, without it, by the metric
+    the run's own policy ranks by."""
+    if step != "best":
+        try:
+            return opened.resolve(step)
+        except CheckpointError as exc:
+            raise click.ClickException(str(exc)) from exc
+    infos = opened.checkpoints()
+    ranking = run_ranking(opened, infos)
+    if metric is None:
+        if ranking is None:
+            recorded = ", ".join(recorded_metrics(infos)) or "none"
+            raise click.UsageError(
+                "--step best needs --metric: the run has no keep_best or on_improvement to "
+                f"rank by (its checkpoints recorded: {recorded})"
+            )
+        metric = ranking.metric
+        if mode is None and ranking.mode is None:
+            warn(
+                f"ranking by {metric}, the metric of the run's {ranking.policy}; the run does "
+                "not record whether lower or higher is better: assuming lower (pass --mode max "
+                "otherwise)"
+            )
+    problem = unknown_metric(metric, infos)
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="--metric")
+    if mode is None:
+        same = ranking is not None and ranking.metric == metric
+        mode = (ranking.mode if same and ranking is not None else None) or "min"
     try:
-        return opened.resolve(step, metric=metric, mode="max" if mode == "max" else "min")
+        return opened.resolve("best", metric=metric, mode="max" if mode == "max" else "min")
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
 @click.command("show")
 @click.argument("run")
-@click.option("--step", default="latest", show_default=True, help="A step, or 'latest'.")
+@click.option("--step", default="latest", show_default=True, help="A step, 'best' or 'latest'.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def show_command(run: str, step: str, as_json: bool) -> None:
     """List the tensors of one checkpoint: dtype, shape, bytes, codec and why."""
     opened = open_cli_run(run)
-    chosen = _resolve(opened, step, None, "min")
+    chosen = _resolve(opened, step, None, None)
     try:
         manifest = opened.manifest(chosen)
     except CheckpointError as exc:
@@ -85,25 +119,34 @@ def show_command(run: str, step: str, as_json: bool) -> None:
         for name, e in manifest.tensors.items()
     ]
     if as_json:
-        click.echo(json.dumps({"run": run, "step": chosen, "tensors": rows}, indent=2))
+        echo_json({"run": run, "step": chosen, "tensors": rows})
         return
-    table = Table(title=f"{run}, step {chosen}: {len(rows)} tensors")
-    for column in ("tensor", "dtype", "shape", "bytes", "stored", "codec", "why"):
-        table.add_column(column, justify="right" if column in ("bytes", "stored") else "left")
+    columns = [
+        Column("tensor", wrap=True),
+        Column("dtype"),
+        Column("shape"),
+        Column("bytes", numeric=True),
+        Column("stored", numeric=True),
+        Column("codec"),
+        Column("why", wrap=True),
+    ]
+    table = []
     for row in rows:
         stored = human_size(row["stored_bytes"])
         if row["stored_by_step"] != chosen:
             stored = f"(step {row['stored_by_step']})"
-        table.add_row(
-            row["name"],
-            row["dtype"],
-            "x".join(map(str, row["shape"])) or "scalar",
-            human_size(row["bytes"]),
-            stored,
-            row["codec"],
-            row["why"],
+        table.append(
+            [
+                row["name"],
+                row["dtype"],
+                "x".join(map(str, row["shape"])) or "scalar",
+                human_size(row["bytes"]),
+                stored,
+                row["codec"],
+                row["why"],
+            ]
         )
-    Console().print(table)
+    print_table(f"{run}, step {chosen}: {len(rows)} tensors", columns, table)
 
 
 @click.command("du")
@@ -123,22 +166,23 @@ def du_command(run: str, as_json: bool) -> None:
         "saved_by_compression": usage.saved_by_compression,
     }
     if as_json:
-        click.echo(json.dumps({"run": run, "checkpoints": rows, "total": totals}, indent=2))
+        echo_json({"run": run, "checkpoints": rows, "total": totals})
         return
-    table = Table(title=f"{run}: {len(rows)} checkpoint(s)")
-    for column in ("step", "logical", "written", "only here", "shared"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(
+    columns = [
+        Column(name, numeric=True) for name in ("step", "logical", "written", "only here", "shared")
+    ]
+    table = [
+        [
             str(r["step"]),
             human_size(r["logical_bytes"]),
             human_size(r["written_bytes"]),
             human_size(r["exclusive_bytes"]),
             human_size(r["shared_bytes"]),
-        )
-    console = Console()
-    console.print(table)
-    console.print(
+        ]
+        for r in rows
+    ]
+    print_table(f"{run}: {len(rows)} checkpoint(s)", columns, table)
+    click.echo(
         f"logical {human_size(logical)} -> {human_size(unique_raw)} after dedup "
         f"(saved {human_size(totals['saved_by_dedup'])}) -> {human_size(physical)} on disk after "
         f"compression (saved {human_size(totals['saved_by_compression'])})"
@@ -159,7 +203,7 @@ def diff_command(run: str, a: int, b: int, show_all: bool, as_json: bool) -> Non
         raise click.ClickException(str(exc)) from exc
     rows = [{k: v for k, v in dataclasses.asdict(c).items() if v is not None} for c in changes]
     if as_json:
-        click.echo(json.dumps({"run": run, "a": a, "b": b, "tensors": rows}, indent=2))
+        echo_json({"run": run, "a": a, "b": b, "tensors": rows})
         return
     counts = Counter(r["status"] for r in rows)
     for r in rows:
@@ -200,7 +244,8 @@ def export_command(
     out: str,
     step: str,
     metric: str | None,
-    mode: str,
+    mode: str | None,
+    as_json: bool,
     fmt: str,
     key: str,
     config_from: str | None,
@@ -209,6 +254,8 @@ def export_command(
     opened = open_cli_run(run)
     chosen = _resolve(opened, step, metric, mode)
     metadata_from = config_from if fmt == "hf" else None
+    if config_from is not None and fmt != "hf":
+        warn("--config-from is used with --format hf only; no config was copied")
     try:
         if key == "model" and "deepspeed" in opened.manifest(chosen).tree:
             path = _export_deepspeed(opened, chosen, out, metadata_from)
@@ -216,6 +263,17 @@ def export_command(
             path = opened.export(chosen, out, key=key, config_from=metadata_from)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
+    if fmt == "hf" and not (Path(out) / "config.json").exists():
+        where = f"{config_from} has no config.json" if config_from else "no --config-from"
+        warn(
+            f"{out} has no config.json ({where}), so from_pretrained cannot load it; pass "
+            "--config-from MODEL_DIR, the folder holding the model's config.json and "
+            "tokenizer files"
+        )
+    if as_json:
+        files = sorted(p.name for p in Path(out).iterdir() if p.is_file())
+        echo_json({"run": run, "step": chosen, "format": fmt, "path": str(path), "files": files})
+        return
     click.echo(f"exported step {chosen} to {path}")
 
 
@@ -246,7 +304,13 @@ def _export_deepspeed(opened: Run, step: int, out: str, config_from: str | None)
     help="Quantize float tensors whose names start with this (repeatable).",
 )
 def archive_command(
-    run: str, out: str, step: str, metric: str | None, mode: str, prefixes: tuple[str, ...]
+    run: str,
+    out: str,
+    step: str,
+    metric: str | None,
+    mode: str | None,
+    as_json: bool,
+    prefixes: tuple[str, ...],
 ) -> None:
     """Copy one checkpoint to a new run OUT, optimizer state quantized to int8 (lossy)."""
     opened = open_cli_run(run)
@@ -257,9 +321,21 @@ def archive_command(
         raise click.ClickException(str(exc)) from exc
     manifest = open_run(out).manifest(chosen)
     lossy = {n: e.note for n, e in manifest.tensors.items() if e.lossy}
+    original = sum(e.nbytes for e in manifest.tensors.values())
+    if as_json:
+        echo_json(
+            {
+                "run": run,
+                "step": chosen,
+                "out": out,
+                "stored_bytes": info.new_bytes,
+                "tensor_bytes": original,
+                "lossy": lossy,
+            }
+        )
+        return
     for name, note in lossy.items():
         click.echo(f"{name}: {note}")
-    original = sum(e.nbytes for e in manifest.tensors.values())
     click.echo(
         f"archived step {chosen} to {out}: {human_size(info.new_bytes)} for "
         f"{human_size(original)} of tensors, {len(lossy)} of them lossy"
