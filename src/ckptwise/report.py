@@ -29,6 +29,7 @@ __all__ = [
     "REPORT_AFTER_SECONDS",
     "Transfer",
     "advance",
+    "bars_wanted",
     "metered",
     "report",
     "set_progress",

@@ -212,7 +212,7 @@ def test_a_run_json_that_cannot_be_read_or_written_never_stops_training(
 
 
 UNREADABLE = """
-import logging, os, sys, numpy.random, torch, ckptwise as cw
+import logging, os, sys, numpy.random, torch, ckptwise as cw, ckptwise.manager, ckptwise.run
 if os.geteuid() == 0:  # root reads anything: act as an ordinary user, imports done
     os.setgid(65534)
     os.setuid(65534)

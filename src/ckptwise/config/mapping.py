@@ -24,7 +24,14 @@ from ckptwise.errors import CheckpointError, ConfigError
 from ckptwise.policy.base import After, AllOf, AnyOf, KeepAny, RetentionPolicy, Trigger
 from ckptwise.policy.content import ContentPolicy
 
-__all__ = ["Policy", "keep_from_data", "policy_from_config", "save_from_data", "to_config"]
+__all__ = [
+    "Policy",
+    "keep_from_data",
+    "policy_from_config",
+    "save_from_data",
+    "to_config",
+    "unknown_policy",
+]
 
 #: the sections of a policy config
 SECTIONS = ("save", "keep", *OPTIONS)

@@ -33,7 +33,14 @@ from ckptwise.policy.content import (
     weights_only,
 )
 
-__all__ = ["OPTIONS", "dump_content", "dump_options", "read_content", "read_options"]
+__all__ = [
+    "OPTIONS",
+    "dump_content",
+    "dump_options",
+    "read_content",
+    "read_options",
+    "read_variant",
+]
 
 _VARIANTS: dict[str, Callable[..., Variant]] = {
     "full": lambda: full(),
