@@ -181,7 +181,26 @@ def test_read_only_manager_cannot_write(run_dir: Path) -> None:
         reader.save(1, {"x": 1})
     with pytest.raises(cw.ConfigError, match="read-only"):
         reader.prune()
-    assert not reader.step(1, {"x": 1}).save
+    with pytest.raises(cw.ConfigError, match=r"read-only .* never saves; pass save=\.\.\."):
+        reader.step(1, {"x": 1})
+    assert not run_dir.exists()  # and it wrote nothing, not even a lock
+
+
+def test_a_manager_given_only_retention_saves_as_the_trainer_does(
+    run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with cw.CheckpointManager(run_dir, keep=cw.keep_last(2)) as manager:
+        assert "given keep= but no save=: saving every(500) | on_final()" in caplog.text
+        decisions = {s: manager.step(s, {"w": torch.ones(1) * s}) for s in (1, 499, 500, 501)}
+        assert [s for s, d in decisions.items() if d.save] == [500]
+        final = manager.step(503, {"w": torch.ones(1)}, final=True)
+        assert final.save
+        assert final.reasons == ("final",)
+        assert steps_of(manager) == [500, 503]
+    with cw.CheckpointManager(run_dir, save=cw.never(), keep=cw.keep_last(2)) as manager:
+        assert not manager.step(1000, {"w": torch.ones(1)}, final=True).save  # asked for
+        manager.save(1000, {"w": torch.ones(1)})  # saves only when told
+        assert steps_of(manager) == [503, 1000]
 
 
 def test_export_writes_plain_safetensors(run_dir: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ckptwise as cw
-from ckptwise.snapshot import RngState, apply, capture, rebuild
+from ckptwise.snapshot import RngState, apply, capture, check_fits, rebuild, tensor_names
 
 
 def round_trip(state: dict[str, Any]) -> dict[str, Any]:
@@ -106,12 +106,46 @@ def test_stateful_mismatch_is_reported() -> None:
         apply({"model": 3}, snap.tree, snap.tensors)
 
 
+class _Picky:
+    """A stateful object of the user's own that refuses some states."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"size": self.size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["size"] != self.size:
+            raise RuntimeError(f"size {state['size']} saved, this one has {self.size}")
+
+
 def test_an_object_that_refuses_its_saved_state_is_a_config_error_naming_it(
     tmp_path: Path,
 ) -> None:
     with cw.CheckpointManager(tmp_path, save=cw.every(1)) as m:
-        m.save(1, {"model": torch.nn.Linear(4, 2)})
-    with pytest.raises(cw.ConfigError, match="'model' \\(Linear\\) refused") as err:
-        cw.open_run(tmp_path).restore({"model": torch.nn.Linear(8, 2)})
-    assert "size mismatch" in str(err.value)
+        m.save(1, {"picky": _Picky(4)})
+    with pytest.raises(cw.ConfigError, match="'picky' \\(_Picky\\) refused") as err:
+        cw.open_run(tmp_path).restore({"picky": _Picky(8)})
+    assert "size 4 saved, this one has 8" in str(err.value)
     assert isinstance(err.value.__cause__, RuntimeError)
+
+
+def test_a_module_that_does_not_fit_is_refused_before_anything_is_loaded() -> None:
+    snap = capture({"model": torch.nn.Linear(4, 2), "ema": torch.ones(2)})
+    model, ema = torch.nn.Linear(8, 2), torch.zeros(2)
+    weight = model.weight.detach().clone()
+    with pytest.raises(cw.ConfigError, match=r"'weight' saved as \(2, 4\) float32") as err:
+        apply({"ema": ema, "model": model}, snap.tree, snap.tensors, where="here")
+    assert str(err.value).startswith("here does not fit the state passed to restore")
+    assert torch.equal(ema, torch.zeros(2))  # the entry before it was not loaded either
+    assert torch.equal(model.weight, weight)
+
+
+def test_the_check_needs_only_shapes_and_dtypes() -> None:
+    snap = capture({"model": torch.nn.Linear(4, 2), "noise": np.zeros(3, dtype=np.float32)})
+    meta = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in snap.tensors.items()}
+    check_fits({"model": torch.nn.Linear(4, 2), "noise": None}, snap.tree, meta)
+    with pytest.raises(cw.ConfigError, match=r"'bias' saved as \(2,\) float32.*float64"):
+        check_fits({"model": torch.nn.Linear(4, 2).double()}, snap.tree, meta)
+    assert tensor_names(snap.tree, ["model"]) == {"model/weight", "model/bias"}

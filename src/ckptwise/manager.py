@@ -42,9 +42,11 @@ from ckptwise.policy import (
     Variant,
     check_retention,
     check_trigger,
+    every,
     full,
     keep_all,
     never,
+    on_final,
     plan_retention,
 )
 from ckptwise.records import CheckpointInfo
@@ -57,6 +59,10 @@ from ckptwise.writer import AsyncWriter, SyncWriter, Writer
 __all__ = ["RNG_KEY", "CheckpointManager", "RestoreWarning"]
 
 log = logging.getLogger("ckptwise")
+
+
+#: how often a manager given ``keep=`` but no ``save=`` saves: the ``Trainer``'s default
+DEFAULT_SAVE_STEPS = 500
 
 
 def _utcnow() -> datetime:
@@ -73,11 +79,17 @@ class CheckpointManager(ManagerReads):
 
     With ``save`` or ``keep`` given, the manager writes: it takes the run's lock (released
     by :meth:`close`), cleans debris a crash left and prunes after every commit. With
-    neither, it only reads (as :func:`ckptwise.open_run` does), without taking the lock.
+    neither, it only reads (as :func:`ckptwise.open_run` does), without taking the lock;
+    its :meth:`step` then raises, since it could never save.
 
     Args:
         root: a local folder or an fsspec URL (``s3://bucket/run``, ``memory://run``).
-        save: when to save (triggers composed with ``|`` / ``&``); none saves nothing.
+        save: when to save (triggers composed with ``|`` / ``&``). Given ``keep`` but no
+            ``save``, the manager saves as the ``Trainer`` does by default,
+            ``every(500) | on_final()``, and logs a warning saying so: whoever sets only
+            retention expects saves to happen, and a writing manager that never saves would
+            lose the run without a word. ``save=cw.never()`` saves only on explicit
+            :meth:`save` calls.
         content: what each save holds; by default everything. E.g.
             ``cw.full_every(5000, otherwise=cw.weights_only())`` makes the saves between
             full ones slim. Only full checkpoints can be restored into a training state.
@@ -125,6 +137,15 @@ class CheckpointManager(ManagerReads):
         process_group: Any = None,
         dist_timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
+        if save is None and keep is not None:
+            save = every(DEFAULT_SAVE_STEPS) | on_final()
+            log.warning(
+                "CheckpointManager(%r) was given keep= but no save=: saving every(%d) | "
+                "on_final(), as the Trainer does by default (pass save=... to choose; "
+                "step(..., final=True) marks the last step)",
+                os.fspath(root),
+                DEFAULT_SAVE_STEPS,
+            )
         if save is not None:
             check_trigger(save)
         if keep is not None:
@@ -221,8 +242,19 @@ class CheckpointManager(ManagerReads):
         ``metrics`` are the values reported at this step (e.g. ``{"eval_loss": 0.4}``);
         ``final=True`` marks the last step, for :func:`~ckptwise.on_final`. Returns the
         decision, whose ``reasons`` say which triggers fired.
+
+        Raises:
+            ConfigError: the manager is read-only (no ``save=`` or ``keep=``): it could
+                never save, and a loop calling it would lose its checkpoints silently.
         """
         self._check_open()
+        if not self.writable:
+            raise ConfigError(
+                "step() was called on a read-only CheckpointManager (created with no save= or "
+                "keep= policy), which never saves; pass save=... (e.g. save=cw.every(1000) | "
+                "cw.on_final()) to CheckpointManager to write checkpoints, or read the run "
+                "with cw.open_run(root)"
+            )
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be an integer >= 0, got {step!r}")
         self._finish(self._writer.poll())
@@ -506,10 +538,21 @@ class CheckpointManager(ManagerReads):
         return self.run.best_step(metric, mode)
 
     def restore(
-        self, state: MutableMapping[str, Any], *, step: int | None = None, strict: bool = True
+        self,
+        state: MutableMapping[str, Any],
+        *,
+        step: int | None = None,
+        strict: bool = True,
+        missing: Literal["start", "error"] = "start",
     ) -> int:
         """Load the newest checkpoint that verifies into ``state``, continue this run from
-        it, and return its step; 0 when the run has none (see :meth:`Run.restore`).
+        it, and return its step; with none, 0, or with ``missing="error"``
+        :class:`~ckptwise.CheckpointNotFoundError` (see :meth:`Run.restore`, which also says
+        how a state that does not fit the checkpoint is refused, leaving it unchanged).
+
+        The saved RNG states are restored too (unless the manager has ``rng=False``): this
+        resumes training, whereas ``cw.open_run(root).restore(state)`` (for evaluation)
+        leaves them alone unless asked.
 
         Continuing means: metric history and trigger bookkeeping are those saved with the
         checkpoint, wall-clock triggers count from now, and the checkpoint is kept until a
@@ -518,7 +561,13 @@ class CheckpointManager(ManagerReads):
         :meth:`Run.branches`).
         """
         restored = self.run.restore(
-            state, step=step, strict=strict, rng=self.rng, ranks=self.ranks, rank=_process_rank()
+            state,
+            step=step,
+            strict=strict,
+            rng=self.rng,
+            missing=missing,
+            ranks=self.ranks,
+            rank=_process_rank(),
         )
         if restored in self._store.steps():  # 0 also means "nothing to restore"
             self._adopt(restored)
@@ -534,7 +583,9 @@ class CheckpointManager(ManagerReads):
         rank = _process_rank() if self.ranks is None else self.ranks.rank
         loaded = self.run.read(step, full_only=True, rank=rank, ranks=self.ranks)
         if loaded is None:
+            log.info("no full checkpoint in %s to resume from; starting from scratch", self.run.url)
             return None
+        log.info("resuming from step %d of %s", loaded.step, self.run.url)
         self._adopt(loaded.step)
         return loaded.step, loaded.values(rng=True)
 

@@ -16,10 +16,11 @@ read API; what it computes lives elsewhere (:mod:`ckptwise.usage`,
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ckptwise.archive import archive_copy
 from ckptwise.distributed.ranks import Failure, Ranks
-from ckptwise.distributed.restore import prime_optimizers, read_rank, sharded_names
+from ckptwise.distributed.restore import (
+    damaged_object,
+    placeholders,
+    prime_optimizers,
+    read_rank,
+    sharded_names,
+)
 from ckptwise.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -38,9 +45,19 @@ from ckptwise.formats import copy_hf_metadata, write_safetensors
 from ckptwise.policy import KeepBest, RetentionContext, Variant
 from ckptwise.records import CheckpointInfo
 from ckptwise.report import report
-from ckptwise.snapshot import RNG_KEY, RngState, apply, capture, rebuild
+from ckptwise.snapshot import (
+    RNG_KEY,
+    RngState,
+    apply,
+    capture,
+    fit_problems,
+    misfit_message,
+    rebuild,
+    tensor_names,
+)
 from ckptwise.store import CheckpointStore, Manifest, Problem, TensorEntry, open_backend, runfile
 from ckptwise.store.branch import BranchBackend, check_branch_name
+from ckptwise.store.layout import CHECKPOINTS
 from ckptwise.usage import TensorChange, Usage, diff_manifests, usage_of
 
 if TYPE_CHECKING:
@@ -60,6 +77,8 @@ __all__ = [
     "open_run",
 ]
 
+log = logging.getLogger("ckptwise")
+
 Mode = Literal["min", "max"]
 #: what names one checkpoint: a step, ``"latest"`` or ``"best"`` (or their text)
 StepSpec = int | str | None
@@ -70,7 +89,9 @@ _CORRUPT = frozenset({"CorruptCheckpointError", "FormatError"})
 
 
 class RestoreWarning(UserWarning):
-    """A checkpoint was skipped during restore because it failed verification."""
+    """Something about a restore the caller should know: a checkpoint skipped because it
+    fails verification, saved entries the state left out, a change in the number of
+    processes, a run holding only checkpoints that cannot resume training."""
 
 
 def _variant(manifest: Manifest) -> Variant:
@@ -250,6 +271,21 @@ class Run:
         calling), the ranks agree: a checkpoint counts as verified only if it verified on
         every rank.
         """
+        return self._read(step, into=into, full_only=full_only, rank=rank, ranks=ranks)
+
+    def _read(
+        self,
+        step: int | None,
+        *,
+        into: Mapping[str, torch.Tensor] | None,
+        full_only: bool,
+        rank: int,
+        ranks: Ranks | None,
+        prepare: Callable[[Manifest], Collection[str] | None] | None = None,
+    ) -> Loaded | None:
+        """:meth:`read`; ``prepare`` is called with each candidate's manifest before any of
+        its tensors is read: it raises to stop the read (on every rank), and returns the
+        names of the tensors to read (``None``: all of them)."""
         for path, why in self.unreadable.items():
             warnings.warn(
                 f"skipping unreadable manifest {path}: {why}", RestoreWarning, stacklevel=3
@@ -262,7 +298,8 @@ class Run:
             failure: Exception | None = None
             tensors: dict[str, torch.Tensor] = {}
             try:
-                tensors = read_rank(self._store, manifest, rank=rank, into=into)
+                names = None if prepare is None else prepare(manifest)
+                tensors = read_rank(self._store, manifest, rank=rank, into=into, names=names)
             except Exception as exc:
                 if ranks is None and not isinstance(exc, CorruptCheckpointError):
                     raise
@@ -324,41 +361,99 @@ class Run:
         *,
         step: int | None = None,
         strict: bool = True,
-        rng: bool = True,
+        rng: bool = False,
+        missing: Literal["start", "error"] = "start",
         ranks: Ranks | None = None,
         rank: int | None = None,
     ) -> int:
         """Load the newest full checkpoint that verifies into ``state``; returns its step.
 
-        Returns 0 when the run has no checkpoint (so ``range(start + 1, ...)`` starts a
-        fresh run). A checkpoint that fails verification is skipped with a
-        :class:`RestoreWarning`; with an explicit ``step`` the failure raises
-        :class:`~ckptwise.CorruptCheckpointError`. ``rng`` also puts back the saved Python,
-        numpy, torch and CUDA RNG states.
+        The whole state is checked against the checkpoint before anything is written into
+        it (see :mod:`ckptwise.mismatch`): modules' keys, shapes and dtypes, optimizers'
+        parameter groups and per-parameter state shapes, plain tensors' shapes and dtypes.
+        A state that does not fit raises one :class:`~ckptwise.ConfigError` naming the
+        checkpoint, every entry and key that differs, and the fix; the state is unchanged.
+        ``strict`` means every entry of ``state`` must be in the checkpoint (torch's
+        convention); saved entries that ``state`` leaves out are named in a
+        :class:`RestoreWarning`, and their tensors are not read.
+
+        With no checkpoint to restore, ``missing="start"`` returns 0 (so
+        ``range(start + 1, ...)`` starts a fresh run) and ``missing="error"`` raises
+        :class:`~ckptwise.CheckpointNotFoundError` naming the folder (and a run one folder
+        down, such as a Trainer's ``output_dir/ckptwise``, when there is one). Which step
+        was restored, or that none was, is logged at INFO on the ``ckptwise`` logger.
+
+        A checkpoint that fails verification is skipped with a :class:`RestoreWarning`; with
+        an explicit ``step`` the failure raises :class:`~ckptwise.CorruptCheckpointError`.
+        ``rng=True`` also puts back the saved Python, numpy, torch and CUDA RNG states. It is
+        off here, so reading a checkpoint for evaluation leaves the process's generators
+        alone; the manager's restore, which resumes training, turns it on.
 
         In a multi-process job every rank calls this with ``ranks`` (the manager passes its
         own): each restores its own part, on the same or another number of ranks, and all
-        restore the same step. Without ``ranks``, ``rank`` picks whose per-rank state (RNG,
-        data position) a multi-process checkpoint gives back (rank 0's by default).
+        restore the same step, or all raise. Without ``ranks``, ``rank`` picks whose
+        per-rank state (RNG, data position) a multi-process checkpoint gives back (rank 0's
+        by default).
 
-        Tensors are read straight into the state's own memory where they fit, so a restore
-        that raises may leave the state partly overwritten.
+        Tensors are read straight into the state's own memory where they fit, once the check
+        has passed. Bytes that fail verification while being read may still leave such
+        tensors overwritten: the fallback to an older checkpoint then overwrites them again,
+        and if no checkpoint verifies the state must be rebuilt.
         """
+        if missing not in ("start", "error"):
+            raise ConfigError(
+                f"missing= must be 'start' (return 0 when there is no checkpoint) or 'error', "
+                f"got {missing!r}"
+            )
         started = time.perf_counter()
         entries = {**state, RNG_KEY: RngState()} if rng else dict(state)
+        rank = ranks.rank if ranks is not None else rank or 0
+
+        def prepare(manifest: Manifest, say: bool = True) -> set[str]:
+            """Check ``state`` against one checkpoint; the names of the tensors it needs."""
+            mine = rank if rank < manifest.world_size else 0
+            tree = manifest.tree_of(mine)
+            names = tensor_names(tree, entries)
+            where = f"checkpoint at step {manifest.step} of {self.url}"
+            found, blamed = fit_problems(state, tree, placeholders(manifest, mine), strict=strict)
+            if found:
+                # blame the state only if the checkpoint holds what its manifest says: one
+                # object that does is proof enough (another damaged one is found by the read)
+                damage = damaged_object(self._store, manifest, mine, blamed[:1])
+                if damage is not None:
+                    raise CorruptCheckpointError(f"step {manifest.step}, {damage}")
+                raise ConfigError(misfit_message(where, found))
+            if not say:
+                return names
+            log.info(
+                "restoring step %d of %s: %s%s",
+                manifest.step,
+                self.url,
+                ", ".join(repr(k) for k in state if k in tree) or "nothing",
+                " and the RNG states" if rng and RNG_KEY in tree else "",
+            )
+            return names
+
         # the live tensors are captured under the names they were saved with and alias the
         # live memory, so the read fills them in place
         live = capture(entries).tensors
         if ranks is not None:
-            newest = self._candidates(step, full_only=True)[:1]
-            missing = newest and sharded_names(self.manifest(newest[0])) - live.keys()
-            if missing and prime_optimizers(state):
-                live = capture(entries).tensors  # sharded optimizer state to read into
-        rank = ranks.rank if ranks is not None else rank or 0
-        loaded = self.read(step, into=live, full_only=True, rank=rank, ranks=ranks)
+            newest = ranks.broadcast(self._candidates(step, full_only=True)[:1])
+            if newest:
+                manifest = self.manifest(newest[0])
+                # checked before optimizers are primed: a state that does not fit stays as is
+                _on_every_rank(
+                    ranks, lambda: prepare(manifest, say=False), f"checking step {newest[0]}"
+                )
+                if sharded_names(manifest) - live.keys() and prime_optimizers(state):
+                    live = capture(entries).tensors  # sharded optimizer state to read into
+        loaded = self._read(
+            step, into=live, full_only=True, rank=rank, ranks=ranks, prepare=prepare
+        )
         if loaded is None:
+            self._nothing_to_restore(missing)
             return 0
-        where = f"checkpoint at step {loaded.step}"
+        where = f"checkpoint at step {loaded.step} of {self.url}"
         saved_by, now_on = loaded.manifest.world_size, 1 if ranks is None else ranks.size
         if saved_by != now_on:
             warnings.warn(
@@ -372,9 +467,50 @@ class Run:
         apply(state, tree, loaded.tensors, strict=strict, where=where)
         if rng and RNG_KEY in tree:
             apply({RNG_KEY: RngState()}, tree, loaded.tensors, where=where)
+        left = [k for k in tree if k not in state and k != RNG_KEY]
+        if left:
+            warnings.warn(
+                f"{where} also holds {', '.join(map(repr, left))}, which were not restored "
+                "(the state passed to restore() has no entry for them); add them to the state "
+                "to restore them",
+                RestoreWarning,
+                stacklevel=2,
+            )
         seconds = time.perf_counter() - started
         report("restored step", loaded.step, loaded.manifest.logical_bytes, seconds)
         return loaded.step
+
+    def _nothing_to_restore(self, missing: str) -> None:
+        """Raise (``missing="error"``) or log that the run has no checkpoint to restore,
+        saying why, and naming a run one folder down when there is one."""
+        steps = self.steps()
+        if steps:
+            why = (
+                f"run {self.url} holds only weights-only checkpoints (steps "
+                f"{', '.join(map(str, steps))}), which cannot resume training"
+            )
+        elif self.unreadable:
+            why = (
+                f"no checkpoint of {self.url} can be read ({len(self.unreadable)} unreadable "
+                f"manifest(s); `ckptwise verify {self.url}` lists them)"
+            )
+        elif self.exists():
+            why = f"run {self.url} has no committed checkpoint yet"
+        else:
+            why = f"{self.url} holds no ckptwise run"
+        below = [] if steps else _runs_below(self._store.backend)
+        if below:
+            why += f"; did you mean {' or '.join(below)}?"
+        if missing == "error":
+            raise CheckpointNotFoundError(
+                f"nothing to restore: {why}. Pass the run's folder (the one holding "
+                f"{CHECKPOINTS}/), or missing='start' to start from scratch when there is none"
+            )
+        if steps:
+            warnings.warn(
+                f"nothing restored: {why}; starting from scratch", RestoreWarning, stacklevel=3
+            )
+        log.info("nothing to restore: %s; starting from scratch", why)
 
     def verify(self, steps: list[int] | None = None) -> list[Problem]:
         """Check every object of ``steps`` (all by default) against its checksum; empty when
@@ -493,3 +629,31 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({self.url!r}, steps={self.steps()})"
+
+
+def _on_every_rank(ranks: Ranks, action: Callable[[], object], what: str) -> None:
+    """Run ``action`` on every rank; if it raised on any, raise on all (never on some only,
+    which would leave the others waiting in the next collective)."""
+    error: Exception | None = None
+    try:
+        action()
+    except Exception as exc:
+        error = exc
+    mine = None if error is None else Failure.of(ranks.rank, error)
+    failures = [f for f in ranks.all_gather(mine) if f is not None]
+    if failures:
+        raise failures[0].error(what) from error
+
+
+def _runs_below(backend: object, most: int = 3) -> list[str]:
+    """Runs in the folders right inside a local folder, such as the ``ckptwise`` run
+    inside a Trainer's ``output_dir`` (remote stores are not listed: that costs)."""
+    root = getattr(backend, "root", None)
+    if not isinstance(root, str) or not os.path.isdir(root):
+        return []
+    try:
+        with os.scandir(root) as entries:
+            folders = sorted(e.path for e in entries if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+    return [f for f in folders if os.path.isdir(os.path.join(f, CHECKPOINTS))][:most]

@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError, SnapshotError
+from ckptwise.mismatch import Saved, is_stateful, problems
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,7 +38,11 @@ __all__ = [
     "SnapshotCopier",
     "apply",
     "capture",
+    "check_fits",
+    "fit_problems",
+    "misfit_message",
     "rebuild",
+    "tensor_names",
 ]
 
 log = logging.getLogger("ckptwise")
@@ -53,12 +58,6 @@ class Snapshot:
 
     tensors: dict[str, torch.Tensor]
     tree: dict[str, Any]
-
-
-def _is_stateful(value: object) -> bool:
-    return callable(getattr(value, "state_dict", None)) and callable(
-        getattr(value, "load_state_dict", None)
-    )
 
 
 class _Encoder:
@@ -144,23 +143,23 @@ def capture(state: Mapping[str, Any]) -> Snapshot:
                 f"state keys must be non-empty strings without '/', got {key!r}; "
                 "e.g. {'model': model, 'optimizer': optimizer}"
             )
-        if _is_stateful(value):
+        if is_stateful(value):
             tree[key] = {"kind": "stateful", "state": encoder.encode(value.state_dict(), key)}
         else:
             tree[key] = {"kind": "value", "value": encoder.encode(value, key)}
     return Snapshot(encoder.tensors, tree)
 
 
-def _decode(node: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
+def _decode(node: Any, tensors: Mapping[str, torch.Tensor], where: str, arrays: bool = True) -> Any:
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
     if isinstance(node, list):
-        return [_decode(v, tensors, where) for v in node]
+        return [_decode(v, tensors, where, arrays) for v in node]
     if not isinstance(node, dict):
         raise CorruptCheckpointError(f"{where}: unexpected node {node!r} in the state tree")
     tag = node.get(TAG)
     if tag is None:
-        return {k: _decode(v, tensors, where) for k, v in node.items()}
+        return {k: _decode(v, tensors, where, arrays) for k, v in node.items()}
     if tag in ("tensor", "ndarray"):
         name = node.get("name")
         if not isinstance(name, str) or name not in tensors:
@@ -168,7 +167,7 @@ def _decode(node: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
                 f"{where}: the state tree names tensor {name!r}, which is missing"
             )
         t = tensors[name]
-        return t.numpy().copy() if tag == "ndarray" else t
+        return t.numpy().copy() if tag == "ndarray" and arrays else t
     if tag == "float":
         text = node.get("value")
         if text not in ("nan", "inf", "-inf"):
@@ -176,29 +175,103 @@ def _decode(node: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
         return float(text)
     if tag == "npscalar":
         try:
-            return np.dtype(node["dtype"]).type(_decode(node["value"], tensors, where))
+            return np.dtype(node["dtype"]).type(_decode(node["value"], tensors, where, arrays))
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(f"{where}: bad numpy scalar {node!r}") from exc
     if tag == "tuple":
-        return tuple(_decode(v, tensors, where) for v in node.get("items", []))
+        return tuple(_decode(v, tensors, where, arrays) for v in node.get("items", []))
     if tag == "dict":
         out = {}
         for pair in node.get("items", []):
             if not isinstance(pair, list) or len(pair) != 2:
                 raise CorruptCheckpointError(f"{where}: bad dict item {pair!r}")
-            out[_decode(pair[0], tensors, where)] = _decode(pair[1], tensors, where)
+            out[_decode(pair[0], tensors, where, arrays)] = _decode(pair[1], tensors, where, arrays)
         return out
     raise CorruptCheckpointError(
         f"{where}: unknown node type {tag!r}; it may be written by a newer ckptwise"
     )
 
 
-def rebuild(tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], key: str) -> Any:
-    """The saved value (for stateful entries: the state dict) of one top-level key."""
+def rebuild(
+    tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], key: str, *, arrays: bool = True
+) -> Any:
+    """The saved value (for stateful entries: the state dict) of one top-level key.
+
+    ``arrays=False`` leaves saved numpy arrays as the tensors that hold them (so ``tensors``
+    may be meta tensors that only carry shapes and dtypes).
+    """
     node = tree[key]
     if not isinstance(node, dict) or node.get("kind") not in ("stateful", "value"):
         raise CorruptCheckpointError(f"state entry {key!r} is malformed")
-    return _decode(node.get("state" if node["kind"] == "stateful" else "value"), tensors, key)
+    value = node.get("state" if node["kind"] == "stateful" else "value")
+    return _decode(value, tensors, key, arrays)
+
+
+def tensor_names(tree: Mapping[str, Any], keys: Iterable[str]) -> set[str]:
+    """The names of the tensors the entries ``keys`` of a saved tree place."""
+    names: set[str] = set()
+    stack = [tree[k] for k in keys if k in tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if node.get(TAG) in ("tensor", "ndarray") and isinstance(node.get("name"), str):
+                names.add(node["name"])
+            else:
+                stack.extend(node.values())
+    return names
+
+
+def fit_problems(
+    state: Mapping[str, Any],
+    tree: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+) -> tuple[list[str], list[str]]:
+    """Every way the saved ``tree`` does not fit ``state`` (see :mod:`ckptwise.mismatch`),
+    one line each, and the names of the saved tensors whose shape or dtype disagrees;
+    ``tensors`` need only carry shapes and dtypes."""
+    saved: dict[str, Saved] = {}
+    for key in state:
+        if key in tree:
+            value = rebuild(tree, tensors, key, arrays=False)  # checks the node's form
+            saved[key] = (tree[key]["kind"], value)
+    blamed: list[Any] = []
+    found = problems(
+        state, {**dict.fromkeys(tree, ("", None)), **saved}, strict=strict, blamed=blamed
+    )
+    named = {id(t): name for name, t in tensors.items()}
+    return found, sorted({named[id(t)] for t in blamed if id(t) in named})
+
+
+def misfit_message(where: str, found: list[str]) -> str:
+    """The one error message for a state that does not fit ``where``."""
+    lines = "\n".join(f"  - {line}" for line in found)
+    return (
+        f"{where} does not fit the state passed to restore, which was left unchanged:\n"
+        f"{lines}\nBuild each object as the one that was saved (the same model, dtype and "
+        "optimizer over the same parameters), or leave the entry out of the state"
+    )
+
+
+def check_fits(
+    state: Mapping[str, Any],
+    tree: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    where: str = "checkpoint",
+) -> None:
+    """Raise unless the saved ``tree`` loads into ``state`` (see :func:`fit_problems`).
+
+    Raises:
+        ConfigError: one error naming every entry, key and shape that does not fit.
+    """
+    found, _ = fit_problems(state, tree, tensors, strict=strict)
+    if found:
+        raise ConfigError(misfit_message(where, found))
 
 
 def apply(
@@ -209,33 +282,24 @@ def apply(
     strict: bool = True,
     where: str = "checkpoint",
 ) -> None:
-    """Load a captured tree back into ``state``.
+    """Load a captured tree back into ``state``, after :func:`check_fits` passed.
 
     Objects with ``load_state_dict`` get their saved state dict; tensors are copied in place
-    when shape and dtype match (so references held elsewhere see the restored values) and
-    replaced otherwise; plain values are replaced in ``state``. With ``strict``, a key of
-    ``state`` that the checkpoint lacks is an error.
+    (so references held elsewhere see the restored values); other values are replaced in
+    ``state``, as is a tensor where a non-tensor placeholder stood. With ``strict``, a key
+    of ``state`` that the checkpoint lacks is an error.
 
     Raises:
-        ConfigError: an object's ``load_state_dict`` refused what was saved for it (a model
-            or optimizer built differently); entries before it are already loaded.
+        ConfigError: the checkpoint does not fit the state (nothing is loaded then), or an
+            object the check cannot see into (a scheduler, your own class) refused what was
+            saved for it; entries before it are already loaded.
     """
-    missing = [k for k in state if k not in tree]
-    if missing and strict:
-        raise CheckpointError(
-            f"{where} has no entry for {', '.join(map(repr, missing))} (it has "
-            f"{', '.join(map(repr, tree))}); pass strict=False to restore only what it holds"
-        )
+    check_fits(state, tree, tensors, strict=strict, where=where)
     for key, value in state.items():
         if key not in tree:
             continue
         saved = rebuild(tree, tensors, key)
         if tree[key]["kind"] == "stateful":
-            if not _is_stateful(value):
-                raise CheckpointError(
-                    f"{where} saved {key!r} from an object with load_state_dict(), but the "
-                    f"state now holds a {type(value).__name__}"
-                )
             try:
                 value.load_state_dict(saved)
             except CheckpointError:
@@ -247,19 +311,12 @@ def apply(
                     "saved (same model, same parameters in the optimizer), or leave it out of "
                     "the state passed to restore"
                 ) from exc
-        elif (
-            isinstance(value, torch.Tensor)
-            and isinstance(saved, torch.Tensor)
-            and value.shape == saved.shape
-            and value.dtype == saved.dtype
-        ):
-            with torch.no_grad():
-                value.copy_(saved)
+        elif isinstance(value, torch.Tensor) and isinstance(saved, torch.Tensor):
+            if saved is not value:  # not read straight into it
+                with torch.no_grad():
+                    value.copy_(saved)
         else:
             state[key] = saved
-    for key in tree:
-        if key not in state:
-            log.debug("%s holds %r, which the state passed to restore() lacks", where, key)
 
 
 class RngState:

@@ -15,22 +15,69 @@ from collections.abc import Collection, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from ckptwise.distributed.shards import chunk_of, copy_overlap, is_sharded, local_part, pieces_of
-from ckptwise.errors import CorruptCheckpointError
+from ckptwise.errors import CheckpointError, CorruptCheckpointError
 from ckptwise.store import CheckpointStore, Manifest, TensorEntry
+from ckptwise.store.codecs import RAW, decoded_size
+from ckptwise.store.layout import object_path
 from ckptwise.store.manifest import DTYPES
+from ckptwise.store.reader import SLACK
 
 if TYPE_CHECKING:
     import torch
 else:
     from ckptwise._lazy import torch
 
-__all__ = ["prime_optimizers", "read_rank", "sharded_names"]
+__all__ = ["damaged_object", "placeholders", "prime_optimizers", "read_rank", "sharded_names"]
 
 
 def sharded_names(manifest: Manifest) -> set[str]:
     """Names of the tensors saved as chunks of a sharded tensor."""
     views = [manifest.view(r) for r in range(manifest.world_size)]
     return {n for view in views for n, e in view.items() if e.shard is not None}
+
+
+def placeholders(manifest: Manifest, rank: int) -> dict[str, torch.Tensor]:
+    """Meta tensors of the shape and dtype of each tensor ``rank`` restores (a sharded one's
+    whole shape, as a live ``DTensor`` reports it), to check a state against before
+    anything is read."""
+    view = manifest.view(rank if rank < manifest.world_size else 0)
+    return {
+        name: torch.empty(
+            entry.shape if entry.shard is None else entry.shard.shape,
+            dtype=DTYPES[entry.dtype],
+            device="meta",
+        )
+        for name, entry in view.items()
+    }
+
+
+def damaged_object(
+    store: CheckpointStore, manifest: Manifest, rank: int, names: Collection[str]
+) -> str | None:
+    """What is wrong with the first object of ``names`` (in ``rank``'s view) whose size
+    contradicts its entry, or ``None``. A raw object is only sized; an encoded one is read
+    (never decoded) for the size its header records.
+
+    A manifest may describe shapes its objects do not hold (damage that only the objects
+    reveal): before a restore blames the live state for not fitting, this tells a damaged
+    checkpoint, to fall back from, from a state built differently.
+    """
+    view = manifest.view(rank if rank < manifest.world_size else 0)
+    for name in sorted(set(names) & view.keys()):
+        entry = view[name]
+        path = object_path(entry.object)
+        try:
+            size = store.backend.size(path)
+            if entry.codec != RAW and size <= entry.stored_bytes + SLACK:
+                size = decoded_size(entry.codec, store.backend.read_bytes(path))
+        except (CheckpointError, OSError) as exc:
+            return f"tensor {name!r}: object {entry.object} cannot be read ({exc})"
+        if size != entry.nbytes:
+            return (
+                f"tensor {name!r}: object {entry.object} holds {size} bytes, its entry says "
+                f"{entry.nbytes}"
+            )
+    return None
 
 
 def read_rank(
