@@ -11,18 +11,24 @@ processes:
    schedule, to compare the bytes each writes.
 
     python examples/demo.py [--workdir DIR]
+
+Without ``--workdir`` everything goes to a new temporary folder that is removed at the end
+(about 35 MB); ``--workdir DIR`` keeps the runs there to look at (``ckptwise ls DIR/run/ckptwise``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +59,9 @@ POLICY = [
     "--ckptwise_keep",
     "last(2) | best(1, eval_loss)",
 ]
+#: what the demo writes in its work folder (and removes from a given one before it starts)
+OUTPUTS = ("run", "reference", "best", "trainer", "ckptwise", "torchinductor")
+RUNNING: list[subprocess.Popen[str]] = []
 
 
 def launch(out: Path, *extra: str) -> subprocess.Popen[str]:
@@ -68,7 +77,9 @@ def launch(out: Path, *extra: str) -> subprocess.Popen[str]:
         f"{out}.json",
         *extra,
     ]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    RUNNING.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen[str]) -> None:
@@ -91,13 +102,42 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+@contextmanager
+def work_folder(given: str | None) -> Iterator[Path]:
+    """The folder the runs go to: ``given`` (cleared of an earlier demo's outputs, kept at
+    the end) or a temporary one, removed at the end however the demo ends."""
+    work = Path(given) if given else Path(tempfile.mkdtemp(prefix="ckptwise-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:
+        shutil.rmtree(work / name, ignore_errors=True)
+        for suffix in (".json", ".losses"):
+            (work / f"{name}{suffix}").unlink(missing_ok=True)
+    # the training processes' torch compiler cache goes there too, not to the temp folder
+    env_before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "torchinductor"))
+    try:
+        yield work
+    finally:
+        for proc in RUNNING:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        if env_before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        if not given:
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"removed {work} (pass --workdir DIR to keep the runs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", help="where runs go (default: a new temporary folder)")
+    parser.add_argument("--workdir", help="where runs go and stay (default: a temporary folder)")
     args = parser.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="ckptwise-demo-"))
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    with work_folder(args.workdir) as work:
+        demo(work)
+
+
+def demo(work: Path) -> None:
     run, reference = work / "run", work / "reference"
 
     print(
