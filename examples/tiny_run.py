@@ -7,6 +7,8 @@ improves, plus the final step -- and keeps the last 2 plus the best 1. The run s
 and training finishes; the losses after resuming match an uninterrupted run bit for bit.
 
     python examples/tiny_run.py [--out runs/tiny]
+
+Without ``--out`` the runs go to a temporary folder removed at the end.
 """
 
 from __future__ import annotations
@@ -112,13 +114,22 @@ def train(run: Path, until: int, *, log: bool) -> dict[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=None, help="run folder to keep (default: a temp dir)")
+    parser.add_argument("--out", default=None, help="folder to keep the runs in (default: none)")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ckptwise-demo-"))
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        demo(base)
+    finally:
+        if not args.out:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def demo(base: Path) -> None:
     run, reference = base / "run", base / "reference"
+    for folder in (run, reference):  # an earlier demo's, when --out is given again
+        shutil.rmtree(folder, ignore_errors=True)
 
     print(f"training to step {STOP_AT}, then stopping as if preempted (run folder: {run})")
     first = train(run, STOP_AT, log=True)
