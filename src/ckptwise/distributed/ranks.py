@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ckptwise.errors import CheckpointError, ConfigError, StorageError
+from ckptwise.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    FormatError,
+    RunLockedError,
+    SnapshotError,
+    StorageError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +40,21 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 T = TypeVar("T")
 
 
+#: the ckptwise error classes a failure keeps when it is raised on every rank
+_KEPT: dict[str, type[CheckpointError]] = {
+    cls.__name__: cls
+    for cls in (
+        CheckpointNotFoundError,
+        ConfigError,
+        CorruptCheckpointError,
+        FormatError,
+        RunLockedError,
+        SnapshotError,
+        StorageError,
+    )
+}
+
+
 @dataclass(frozen=True)
 class Failure:
     """What went wrong on one rank, in a form every rank can raise."""
@@ -45,9 +69,11 @@ class Failure:
         return cls(rank, kind, f"{type(exc).__name__}: {exc}")
 
     def error(self, what: str) -> CheckpointError:
-        """The error to raise on every rank: a storage failure stays a StorageError."""
+        """The error to raise on every rank, of the failing rank's class when it was a
+        ckptwise error (a full disk stays a StorageError, a state that does not fit the
+        checkpoint a ConfigError), else a CheckpointError."""
         text = f"{what} failed on rank {self.rank}: {self.message}"
-        return StorageError(text) if self.kind == "StorageError" else CheckpointError(text)
+        return _KEPT.get(self.kind, CheckpointError)(text)
 
 
 class Ranks:
