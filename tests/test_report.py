@@ -185,3 +185,18 @@ def test_a_terminal_that_fails_never_fails_the_transfer(terminal: Terminal) -> N
         _move(transfer, 10**6)
         transfer.finish(10**6)
     assert transfer.done == 10**6
+
+
+def test_saves_and_reads_count_every_byte_of_the_state(tmp_path: Path) -> None:
+    from ckptwise.store import CheckpointStore, LocalBackend
+
+    store = CheckpointStore(LocalBackend(tmp_path))
+    tensors = {"a": torch.zeros(1000), "b": torch.ones(500), "a2": torch.zeros(1000)}
+    total = sum(t.nbytes for t in tensors.values())
+    for step in (1, 2):  # the second save writes nothing: every object is reused
+        with Transfer("saving", total, show=False) as transfer:
+            store.commit(step, tensors)
+        assert transfer.done == total  # written, reused, or "a"'s object again (as "a2")
+    with Transfer("restoring", show=False) as transfer:
+        store.load_tensors(2)
+    assert transfer.done == total

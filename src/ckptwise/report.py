@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Protocol, TypeVar
 
 __all__ = [
     "ENV",
@@ -31,7 +31,6 @@ __all__ = [
     "advance",
     "bars_wanted",
     "metered",
-    "report",
     "set_progress",
 ]
 
@@ -254,14 +253,3 @@ def metered(
         return info
 
     return run
-
-
-def report(what: str, step: int, nbytes: int, seconds: float, **_: Any) -> None:
-    """The line at the end of a save or restore that had no :class:`Transfer`: logged, and
-    printed to stderr when it took long and stderr is a terminal."""
-    rate = f"{nbytes / 1e6 / seconds:.0f} MB/s" if seconds > 0 else "-"
-    line = f"{what} {step}: {_mb(nbytes)} in {seconds:.1f} s ({rate})"
-    log.info("%s", line)
-    if seconds >= REPORT_AFTER_SECONDS and bars_wanted(sys.stderr):
-        with contextlib.suppress(Exception):
-            sys.stderr.write(f"ckptwise: {line}\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import warnings
 from collections.abc import Callable, Collection, Mapping, MutableMapping
 from dataclasses import dataclass, replace
@@ -44,7 +43,7 @@ from ckptwise.errors import (
 from ckptwise.formats import copy_hf_metadata, write_safetensors
 from ckptwise.policy import KeepBest, RetentionContext, Variant
 from ckptwise.records import CheckpointInfo
-from ckptwise.report import report
+from ckptwise.report import Transfer
 from ckptwise.snapshot import (
     RNG_KEY,
     RngState,
@@ -405,7 +404,6 @@ class Run:
                 f"missing= must be 'start' (return 0 when there is no checkpoint) or 'error', "
                 f"got {missing!r}"
             )
-        started = time.perf_counter()
         entries = {**state, RNG_KEY: RngState()} if rng else dict(state)
         rank = ranks.rank if ranks is not None else rank or 0
 
@@ -447,37 +445,38 @@ class Run:
                 )
                 if sharded_names(manifest) - live.keys() and prime_optimizers(state):
                     live = capture(entries).tensors  # sharded optimizer state to read into
-        loaded = self._read(
-            step, into=live, full_only=True, rank=rank, ranks=ranks, prepare=prepare
-        )
-        if loaded is None:
-            self._nothing_to_restore(missing)
-            return 0
-        where = f"checkpoint at step {loaded.step} of {self.url}"
-        saved_by, now_on = loaded.manifest.world_size, 1 if ranks is None else ranks.size
-        if saved_by != now_on:
-            warnings.warn(
-                f"{where} was saved by {saved_by} process(es) and is restored on {now_on}: "
-                "sharded tensors are resharded; per-rank entries (RNG states, data positions) "
-                f"are those of rank {rank if rank < saved_by else 0}",
-                RestoreWarning,
-                stacklevel=2,
+        with Transfer("restoring", show=ranks is None or ranks.coordinator) as transfer:
+            loaded = self._read(
+                step, into=live, full_only=True, rank=rank, ranks=ranks, prepare=prepare
             )
-        tree = loaded.tree
-        apply(state, tree, loaded.tensors, strict=strict, where=where)
-        if rng and RNG_KEY in tree:
-            apply({RNG_KEY: RngState()}, tree, loaded.tensors, where=where)
-        left = [k for k in tree if k not in state and k != RNG_KEY]
-        if left:
-            warnings.warn(
-                f"{where} also holds {', '.join(map(repr, left))}, which were not restored "
-                "(the state passed to restore() has no entry for them); add them to the state "
-                "to restore them",
-                RestoreWarning,
-                stacklevel=2,
-            )
-        seconds = time.perf_counter() - started
-        report("restored step", loaded.step, loaded.manifest.logical_bytes, seconds)
+            if loaded is None:
+                self._nothing_to_restore(missing)
+                return 0
+            transfer.total = loaded.manifest.logical_bytes
+            where = f"checkpoint at step {loaded.step} of {self.url}"
+            saved_by, now_on = loaded.manifest.world_size, 1 if ranks is None else ranks.size
+            if saved_by != now_on:
+                warnings.warn(
+                    f"{where} was saved by {saved_by} process(es) and is restored on {now_on}: "
+                    "sharded tensors are resharded; per-rank entries (RNG states, data positions) "
+                    f"are those of rank {rank if rank < saved_by else 0}",
+                    RestoreWarning,
+                    stacklevel=2,
+                )
+            tree = loaded.tree
+            apply(state, tree, loaded.tensors, strict=strict, where=where)
+            if rng and RNG_KEY in tree:
+                apply({RNG_KEY: RngState()}, tree, loaded.tensors, where=where)
+            left = [k for k in tree if k not in state and k != RNG_KEY]
+            if left:
+                warnings.warn(
+                    f"{where} also holds {', '.join(map(repr, left))}, which were not restored "
+                    "(the state passed to restore() has no entry for them); add them to the state "
+                    "to restore them",
+                    RestoreWarning,
+                    stacklevel=2,
+                )
+            transfer.finish(loaded.manifest.logical_bytes, f"restored step {loaded.step}")
         return loaded.step
 
     def _nothing_to_restore(self, missing: str) -> None:

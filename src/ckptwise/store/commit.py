@@ -38,6 +38,7 @@ from ckptwise.errors import (
     CorruptCheckpointError,
     StorageError,
 )
+from ckptwise.report import advance
 from ckptwise.store.backend import Backend
 from ckptwise.store.codecs import DELTA, LOSSLESS, Q8, Q8_CODEC, RAW, XOR_CODEC, get_codec
 from ckptwise.store.index import Index
@@ -333,6 +334,9 @@ class Committer:
                 if previous is not None and self.planner.tries_delta(tensor.dtype, len(raw)):
                     base = self._delta_base(previous.get(name), dtype, shape)
                 new[oid] = NewObject(raw, dtype, shape, itemsize, codec, note, base)
+        # what needs no writing is done as far as the progress of the save goes (writes
+        # count the rest)
+        advance(sum(t.nbytes for t in tensors.values()) - sum(len(j.raw) for j in new.values()))
         return CommitPlan(names, reused, new)
 
     def _still_good(self, known: TensorEntry, name: str) -> bool:
@@ -426,6 +430,7 @@ class Committer:
             encoded = self._encode(oid, job)
             encode_seconds += _time.perf_counter() - t0
             stored = self.backend.write_atomic(object_path(oid), [encoded.data])
+            advance(len(job.raw))  # the progress of the save in flight, if one is shown
             entry = TensorEntry(
                 object=oid,
                 dtype=job.dtype,

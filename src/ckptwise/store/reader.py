@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckptwise.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ckptwise.report import advance
 from ckptwise.store.backend import Backend
 from ckptwise.store.codecs import RAW, decode, decoded_size
 from ckptwise.store.index import Index
@@ -88,6 +89,7 @@ class Reader:
             out = self.read_raw(entry, target)
         except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
             raise CorruptCheckpointError(f"step {step}, tensor {name!r}: {exc}") from exc
+        advance(entry.nbytes)  # the progress of the restore in flight, if one is shown
         if target is not None and into is not None:
             return into
         return out.view(dtype).reshape(entry.shape)
