@@ -614,6 +614,12 @@ class CheckpointManager(ManagerReads):
             self._decider.close()
             self._lock.release()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: the manager still reads, but saves no more
+        and no longer holds the run's lock."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(

@@ -252,3 +252,13 @@ def test_several_processes_under_torchrun_resume_each_rank_exactly(
         assert straight == resumed, rank
     # the ranks saw different data, and each resumed its own position in it
     assert read(tmp_path / "a.jsonl.rank0") != read(tmp_path / "a.jsonl.rank1")
+
+
+def test_a_policy_file_sets_the_managers_options_too(tmp_path: Path) -> None:
+    config = {"save": {"every": 5}, "keep": {"last": 2}, "codec": "zstd", "rng": False}
+    callback = CheckpointCallback(tmp_path / "run", config=config)
+    callback.manager.save(1, {"w": torch.zeros(4096)})
+    callback.manager.close()
+    manifest = cw.open_run(tmp_path / "run").manifest(1)
+    assert manifest.tensors["w"].codec == "zstd"  # "auto" would store a first save raw
+    assert "__rng__" not in (manifest.tree or {})

@@ -50,7 +50,7 @@ def _run_key(root: str | os.PathLike[str]) -> str:
 
 def is_closed(manager: CheckpointManager) -> bool:
     """Whether ``manager`` was closed (it still reads, but saves no more)."""
-    return bool(getattr(manager, "_closed", False))
+    return manager.closed
 
 
 def open_manager(root: str | os.PathLike[str], **options: Any) -> CheckpointManager:

@@ -123,6 +123,8 @@ class CheckpointCallback(Callback):
         if save is None and keep is None and config is not None:
             policy = policy_from_config(config)
             save, keep = policy.save, policy.keep
+            # the file's manager options (codec, deltas, async_save, ...); arguments win
+            manager_options = {**policy.options(), **manager_options}
         if save is None:
             raise ConfigError(
                 "CheckpointCallback needs a save policy: save=cw.every(1000) (or config=...)"
@@ -145,7 +147,7 @@ class CheckpointCallback(Callback):
         self.saved: list[tuple[int, tuple[str, ...]]] = []
         self._pending: int | None = None
         self._loops: dict[str, Any] = {}
-        self._metrics: dict[str, float] = {}
+        self._metrics: dict[str, Any] = {}
         self._resume: dict[str, Any] | None = None
         self._resume_dir: Path | None = None
         self._last_saved: int | None = None
@@ -199,7 +201,11 @@ class CheckpointCallback(Callback):
         # only the (small) loop counters on every step; the rest when a save happens
         self._loops = trainer._checkpoint_connector._get_loops_state_dict()
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        self._metrics = coerce_metrics({"loss": loss}, strict=False) if loss is not None else {}
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # kept as a tensor: the manager reads it (a device sync) only when a policy needs it
+            self._metrics = {"loss": loss.detach()}
+        else:
+            self._metrics = coerce_metrics({"loss": loss}, strict=False) if loss is not None else {}
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking and self._pending is not None:

@@ -87,9 +87,8 @@ def attach(
             "stored once anyway (dedup), so weights='all' costs them only at the first save"
         )
     run = root or options.ckptwise_dir or os.path.join(str(trainer.args.output_dir), "ckptwise")
-    reopen = functools.partial(
-        open_manager, run, save=policy.save, keep=policy.keep, **manager_options
-    )
+    # a policy file's manager options (codec, deltas, async_save, ...); arguments win
+    reopen = functools.partial(open_manager, run, **{**policy.manager_options(), **manager_options})
     manager = reopen()
     if manager.ranks is None or manager.ranks.coordinator:
         log.info(
