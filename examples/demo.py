@@ -3,7 +3,7 @@
 It runs ``finetune_minicpmv.py`` (a ``Trainer`` subclass, frozen LLM, ~6 % trainable) as real
 processes:
 
-1. with a ckptwise policy -- skip the early steps, save every 10 from step 20, plus whenever
+1. with a ckptwise policy -- no saves before step 20, then every 10 steps, plus whenever
    ``eval_loss`` improves, plus the final step; keep the last 2 and the best 1 -- and kills
    it with SIGKILL after the save at step 30, then resumes it in a new process;
 2. the same run uninterrupted, to show the resumed losses match bit for bit;
@@ -55,7 +55,7 @@ COMMON = [
 ]
 POLICY = [
     "--ckptwise_save",
-    "every(10, start=20) | on_improvement(eval_loss) | final",
+    "after(20, every(10) | on_improvement(eval_loss) | final)",
     "--ckptwise_keep",
     "last(2) | best(1, eval_loss)",
 ]
@@ -144,7 +144,7 @@ def demo(work: Path) -> None:
         f"MiniCPM-V-shaped fine-tune (vpm + resampler train, llm frozen), {STEPS} steps, in {work}"
     )
     print(
-        "policy: save every(10, start=20) | on_improvement(eval_loss) | final;"
+        "policy: save after(20, every(10) | on_improvement(eval_loss) | final);"
         " keep last(2) | best(1, eval_loss)\n"
     )
 

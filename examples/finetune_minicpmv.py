@@ -3,7 +3,7 @@
 
     python examples/finetune_minicpmv.py --output_dir out --max_steps 60 \\
         --eval_strategy steps --eval_steps 10 --logging_steps 1 \\
-        --ckptwise_save "every(10, start=20) | on_improvement(eval_loss)" \\
+        --ckptwise_save "after(20, every(10) | on_improvement(eval_loss))" \\
         --ckptwise_keep "last(2) | best(1, eval_loss)"
 
 ``--use_ckptwise false`` runs the ``Trainer``'s own ``save_steps``/``save_total_limit``
