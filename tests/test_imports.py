@@ -58,7 +58,7 @@ def test_the_lazy_namespace_is_the_modules_own() -> None:
         cw.no_such_name  # noqa: B018
 
 
-def test_ls_and_du_of_a_run_import_no_torch(tmp_path: Path) -> None:
+def test_ls_du_and_verify_of_a_run_import_no_torch(tmp_path: Path) -> None:
     """Through the real console entry, with Python's own import log (``-X importtime``)."""
     root = tmp_path / "run"
     save = cw.every(1) | cw.on_improvement("eval_loss")
@@ -67,14 +67,16 @@ def test_ls_and_du_of_a_run_import_no_torch(tmp_path: Path) -> None:
             manager.step(
                 step, {"w": torch.full((4,), float(step))}, metrics={"eval_loss": 1 / step}
             )
-    for command in (["--help"], ["ls", str(root)], ["du", str(root)], ["ls", str(root), "--json"]):
+    commands = (["--help"], ["ls", str(root)], ["du", str(root)], ["verify", str(root)])
+    for command in (*commands, ["ls", str(root), "--json"]):
         proc = _python("-X", "importtime", "-m", "ckptwise", *command)
         assert proc.returncode == 0, proc.stderr
         imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()]
         assert "ckptwise.cli.main" in imported  # the log is there
-        assert not [m for m in imported if m.split(".")[0] in ("torch", "numpy")], command
+        banned = ("torch",) if command[0] == "verify" else ("torch", "numpy")
+        assert not [m for m in imported if m.split(".")[0] in banned], command
     # and the log does show torch when a command needs it
-    proc = _python("-X", "importtime", "-m", "ckptwise", "verify", str(root))
+    proc = _python("-X", "importtime", "-m", "ckptwise", "diff", str(root), "2", "3")
     assert proc.returncode == 0, proc.stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()]
     assert [m for m in imported if m.split(".")[0] == "torch"]

@@ -282,9 +282,8 @@ class XorBytegroupCodec:
                 f"the delta's base holds {len(base)} bytes, expected {len(out)}"
             )
         self._grouped.decode(stored, out, itemsize=itemsize)
-        if len(out):  # torch.frombuffer refuses empty buffers
-            target = torch.frombuffer(out, dtype=torch.uint8)
-            torch.bitwise_xor(target, torch.frombuffer(base, dtype=torch.uint8), out=target)
+        target = np.frombuffer(out, dtype=np.uint8)  # writes through to ``out``
+        np.bitwise_xor(target, np.frombuffer(base, dtype=np.uint8), out=target)
 
 
 _Q8_HEADER = struct.Struct("<4sBBHQ")  # magic, version, dtype code, block, element count

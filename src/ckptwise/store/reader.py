@@ -8,7 +8,7 @@ stored size (plus :data:`SLACK`), and its header must claim exactly the tensor's
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,7 +19,7 @@ from ckptwise.store.backend import Backend
 from ckptwise.store.codecs import RAW, decode, decoded_size
 from ckptwise.store.index import Index
 from ckptwise.store.layout import byte_view, manifest_path, object_id, object_path
-from ckptwise.store.manifest import DTYPES, TensorEntry, load_manifest
+from ckptwise.store.manifest import DTYPES, ITEMSIZES, TensorEntry, load_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -99,6 +99,25 @@ class Reader:
 
         ``out``, when given, is a flat uint8 CPU tensor of the raw size to read into.
         """
+        tensor = out
+
+        def room(nbytes: int) -> memoryview:
+            nonlocal tensor
+            tensor = _allocate(nbytes) if tensor is None else tensor
+            return byte_view(tensor)
+
+        self._read_verified(entry, room)
+        assert tensor is not None
+        return tensor
+
+    def check(self, entry: TensorEntry) -> None:
+        """Read and verify one object (and its delta chain) into plain memory: what
+        ``verify`` does, without torch."""
+        self._read_verified(entry, lambda nbytes: memoryview(_room(nbytes)))
+
+    def _read_verified(self, entry: TensorEntry, room: Callable[[int], memoryview]) -> None:
+        """Read an object's raw bytes into ``room(nbytes)`` (asked for once its size is
+        checked), decoding its delta chain, and check them against its address."""
         path = object_path(entry.object)
         self.reads += 1
         try:
@@ -106,8 +125,7 @@ class Reader:
             if entry.codec == RAW:
                 if size != entry.nbytes:
                     raise CorruptCheckpointError(f"holds {size} bytes, expected {entry.nbytes}")
-                out = _allocate(entry.nbytes) if out is None else out
-                view = byte_view(out)
+                view = room(entry.nbytes)
                 # straight from the file into the tensor: no staging copy
                 got = self.backend.read_into(path, view)
                 if got != entry.nbytes:
@@ -126,10 +144,12 @@ class Reader:
                     raise CorruptCheckpointError(
                         f"decodes to {claimed} bytes, the tensor has {entry.nbytes}"
                     )
-                base = byte_view(self.read_raw(entry.ancestor(0))) if entry.bases else None
-                out = _allocate(entry.nbytes) if out is None else out
-                view = byte_view(out)
-                itemsize = DTYPES[entry.dtype].itemsize
+                base = None
+                if entry.bases:  # the base into plain memory: it is only read from
+                    base = memoryview(_room(entry.nbytes))
+                    self._read_verified(entry.ancestor(0), _given(base))
+                view = room(entry.nbytes)
+                itemsize = ITEMSIZES[entry.dtype]
                 decode(entry.codec, stored, view, itemsize=itemsize, base=base)
         except CheckpointNotFoundError as exc:
             raise CorruptCheckpointError(f"object {entry.object} is missing") from exc
@@ -139,7 +159,6 @@ class Reader:
             raise CorruptCheckpointError(
                 f"object {entry.object} fails its checksum (its bytes changed on disk)"
             )
-        return out
 
     def load_tensors(
         self,
@@ -190,7 +209,12 @@ class Reader:
                     continue
                 checked.add(entry.object)
                 try:
-                    self.read_tensor(entry, step=step, name=name)
+                    try:
+                        self.check(entry)
+                    except CorruptCheckpointError as exc:
+                        raise CorruptCheckpointError(
+                            f"step {step}, tensor {name!r}: {exc}"
+                        ) from exc
                 except CorruptCheckpointError as exc:
                     if self._pruned(step):
                         log.info("step %d was pruned while it was being verified; skipped", step)
@@ -213,6 +237,22 @@ class Reader:
         held = self.index.manifest(step)
         objects = {e.object for e in now.entries()}
         return now.time != held.time or objects != {e.object for e in held.entries()}
+
+
+def _given(view: memoryview) -> Callable[[int], memoryview]:
+    """A ``room`` for :meth:`Reader._read_verified` that is ``view``, already allocated."""
+    return lambda nbytes: view
+
+
+def _room(nbytes: int) -> bytearray:
+    """Plain memory for an object's raw bytes; a size no memory holds is a clear error."""
+    try:
+        return bytearray(nbytes)
+    except MemoryError as exc:
+        raise CheckpointError(
+            f"cannot allocate {nbytes} bytes to read a tensor into: {exc}; check the run on a "
+            "machine with more memory"
+        ) from exc
 
 
 def _allocate(nbytes: int) -> torch.Tensor:
