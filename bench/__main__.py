@@ -1,10 +1,11 @@
-"""``python -m bench``: the storage, save-speed (stall) and several-process benchmarks."""
+"""``python -m bench``: the storage, save-speed (stall), several-process and command-line
+start-up benchmarks."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import distributed, stall, storage
+from bench import cli, distributed, stall, storage
 
 
 def main() -> int:
@@ -13,6 +14,8 @@ def main() -> int:
     stall.main([])
     print("\n" + "=" * 100 + "\n")
     distributed.main([])
+    print("\n" + "=" * 100 + "\n")
+    cli.main([])
     return code
 
 
