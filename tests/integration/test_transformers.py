@@ -106,6 +106,15 @@ def test_default_policy_mirrors_the_trainer_arguments(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "ckptwise" / "checkpoints").is_dir()
 
 
+def test_retention_alone_saves_as_the_training_arguments_say(tmp_path: Path) -> None:
+    from ckptwise.integrations.transformers.arguments import resolve_policy
+
+    args = TrainingArguments(output_dir=str(tmp_path), save_steps=7, use_cpu=True)
+    policy = resolve_policy(args, None, cw.keep_last(1), None, CkptwiseArguments())
+    assert policy.save == cw.every(7) | cw.on_final()
+    assert policy.keep == cw.keep_last(1)
+
+
 def test_policy_from_the_command_line_and_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

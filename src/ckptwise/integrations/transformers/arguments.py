@@ -172,8 +172,17 @@ def resolve_policy(
     config: Any,
     options: CkptwiseArguments,
 ) -> Policy:
-    """The policy of a run, from the first source that gives one (see the module doc)."""
+    """The policy of a run, from the first source that gives one (see the module doc).
+
+    Retention alone (``keep=`` without ``save=``) saves as the script's own
+    ``--save_steps``/``--save_strategy`` say.
+    """
     if save is not None or keep is not None:
+        if save is None:
+            try:
+                save = policy_from_training_args(args).save
+            except ConfigError:
+                pass  # no equivalent: the manager's Trainer-like default, which it announces
         return Policy(save, keep)
     if config is not None:
         return policy_from_config(config)
