@@ -10,6 +10,7 @@ turned into the equivalent ckptwise policy. A config file also sets the manager'
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -179,10 +180,9 @@ def resolve_policy(
     """
     if save is not None or keep is not None:
         if save is None:
-            try:
+            # without an equivalent, the manager's Trainer-like default (which it announces)
+            with contextlib.suppress(ConfigError):
                 save = policy_from_training_args(args).save
-            except ConfigError:
-                pass  # no equivalent: the manager's Trainer-like default, which it announces
         return Policy(save, keep)
     if config is not None:
         return policy_from_config(config)
