@@ -13,7 +13,6 @@ import pytest
 import ckptwise as cw
 from ckptwise.integrations._common import (
     _HOST,
-    is_closed,
     open_manager,
     policy_metric,
     scratch_folder,
@@ -27,9 +26,9 @@ def test_opening_a_run_again_in_this_process_closes_the_earlier_manager(
     first = open_manager("run", save=cw.every(1))
     other = open_manager(tmp_path / "other", save=cw.every(1))
     second = open_manager(tmp_path / "run", save=cw.every(1))  # the same folder, absolute
-    assert is_closed(first)
-    assert not is_closed(other)
-    assert not is_closed(second)
+    assert first.closed
+    assert not other.closed
+    assert not second.closed
     with pytest.raises(cw.RunLockedError):  # a manager opened by anything else still waits
         cw.CheckpointManager(tmp_path / "run", save=cw.every(1))
     second.close()

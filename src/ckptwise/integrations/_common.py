@@ -26,7 +26,6 @@ from ckptwise.policy import KeepAny, KeepBest, OnImprovement, RetentionPolicy, T
 
 __all__ = [
     "Metric",
-    "is_closed",
     "open_manager",
     "policy_metric",
     "remove_scratch",
@@ -48,11 +47,6 @@ def _run_key(root: str | os.PathLike[str]) -> str:
     return text.rstrip("/") if "://" in text else os.path.realpath(text)
 
 
-def is_closed(manager: CheckpointManager) -> bool:
-    """Whether ``manager`` was closed (it still reads, but saves no more)."""
-    return manager.closed
-
-
 def open_manager(root: str | os.PathLike[str], **options: Any) -> CheckpointManager:
     """A new writing manager of ``root``, after closing the one this process opened there
     through this function earlier and still holds (its adapter reopens one when it trains
@@ -61,7 +55,7 @@ def open_manager(root: str | os.PathLike[str], **options: Any) -> CheckpointMana
     with _opened_lock:
         earlier = _opened.pop(key, None)
     previous = earlier() if earlier is not None else None
-    if previous is not None and not is_closed(previous):
+    if previous is not None and not previous.closed:
         log.info(
             "closing the CheckpointManager an earlier adapter opened on %s in this process, "
             "so this one can take the run's lock",

@@ -48,7 +48,6 @@ from ckptwise.data import ResumableSampler
 from ckptwise.errors import ConfigError
 from ckptwise.integrations._common import (
     Metric,
-    is_closed,
     open_manager,
     policy_metric,
     remove_scratch,
@@ -153,7 +152,7 @@ class CheckpointCallback(Callback):
         self._last_saved: int | None = None
 
     def _open_manager(self) -> CheckpointManager:
-        if is_closed(self.manager):
+        if self.manager.closed:
             self.manager = self._reopen()
             self._last_saved = None
         return self.manager

@@ -114,9 +114,6 @@ def read_fresh(backend: Backend, path: str, *, limit: int = MAX_RECORD_BYTES) ->
         return None
 
 
-_read = read_fresh
-
-
 # -- run.json ------------------------------------------------------------------------------
 
 
@@ -232,7 +229,7 @@ def record_kept(backend: Backend, kept: Mapping[int, Iterable[str]]) -> None:
     legacy = _legacy_pins(state)
     try:
         for step in sorted(legacy):
-            if _read(backend, pin_path(step)) is None:
+            if read_fresh(backend, pin_path(step)) is None:
                 _write_pin(backend, step, uuid.uuid4().hex)
         fields = {k: v for k, v in state.items() if k not in ("format", "version", "pins")}
         write_run_state(backend, {**fields, "kept": kept_field(kept)})
@@ -296,14 +293,14 @@ def pin(backend: Backend, step: int) -> None:
             f"no committed checkpoint at step {step} in {backend.url}: nothing to pin "
             "(`ckptwise ls` lists the steps)"
         )
-    if _read(backend, pin_path(step)) is not None:
+    if read_fresh(backend, pin_path(step)) is not None:
         return  # already pinned; rewriting it could only race another pinner
     token = uuid.uuid4().hex
     _write_pin(backend, step, token)
-    if _read(backend, _tombstone_path(step)) is None and backend.exists(manifest_path(step)):
+    if read_fresh(backend, _tombstone_path(step)) is None and backend.exists(manifest_path(step)):
         return
     # the writer may have decided to delete the step before it could see the pin
-    if _pin_token(_read(backend, pin_path(step))) == token:
+    if _pin_token(read_fresh(backend, pin_path(step))) == token:
         backend.delete(pin_path(step))
     raise CheckpointNotFoundError(
         f"step {step} of {backend.url} is being deleted by the writer's retention, so it "
@@ -350,7 +347,7 @@ def delete_unpinned(
 
 def _pinned(backend: Backend, step: int) -> bool:
     try:
-        return _read(backend, pin_path(step)) is not None
+        return read_fresh(backend, pin_path(step)) is not None
     except CheckpointError as exc:  # a pin we cannot read still counts
         log.warning("treating step %d as pinned: %s", step, exc)
         return True

@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ckptwise.errors import ConfigError
-from ckptwise.integrations._common import Metric, is_closed, remove_scratch, scratch_folder
+from ckptwise.integrations._common import Metric, remove_scratch, scratch_folder
 from ckptwise.integrations.transformers.arguments import Weights
 from ckptwise.integrations.transformers.deepspeed import (
     EngineFiles,
@@ -120,7 +120,7 @@ class CheckpointCallback(TrainerCallback):
 
     def _open_manager(self) -> CheckpointManager:
         """The manager, reopened if training ended (and closed it) since it was created."""
-        if is_closed(self.manager):
+        if self.manager.closed:
             if self._reopen is None:
                 raise ConfigError(
                     f"the CheckpointManager of {self.manager.run.url} is closed; create the "
