@@ -147,6 +147,10 @@ class Decider:
         """Record what the save cost the training loop."""
         self.progress.finished_save(cost)
 
+    def waited_for_save(self, extra: timedelta) -> None:
+        """Record what training waited for the last save after it returned."""
+        self.progress.add_cost(extra)
+
     def to_json(self) -> dict[str, Any]:
         """The history a checkpoint stores, so a resumed run decides as this one would."""
         return self.progress.to_json()

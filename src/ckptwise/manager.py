@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ckptwise.compat import ManagerReads
+from ckptwise.copying import SnapshotCopier, optimizers_in
 from ckptwise.decider import Decider
 from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Ranks
 from ckptwise.distributed.save import commit_across_ranks
@@ -52,7 +53,7 @@ from ckptwise.policy import (
 from ckptwise.records import CheckpointInfo
 from ckptwise.report import metered
 from ckptwise.run import RestoreWarning, Run
-from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState, SnapshotCopier, capture
+from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState, capture
 from ckptwise.store import CheckpointStore, Manifest, RunLock, open_backend, runfile
 from ckptwise.writer import AsyncWriter, SyncWriter, Writer
 
@@ -258,6 +259,8 @@ class CheckpointManager(ManagerReads):
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be an integer >= 0, got {step!r}")
         self._finish(self._writer.poll())
+        if self._copier is not None and (waited := self._copier.take_waited()):
+            self._decider.waited_for_save(timedelta(seconds=waited))
         values = coerce_metrics(metrics)
         verdict = self._decider.decide(step, values, final=final)
         decision = verdict.decision
@@ -327,12 +330,17 @@ class CheckpointManager(ManagerReads):
         # cannot be captured then fails the save on every rank instead of falling out of step
         snap = capture(entries) if self.ranks is None else None
         tensors = {} if snap is None else snap.tensors
+        pending = None
         if self._copier is not None:
-            tensors = self._copier.copy(tensors)
+            # what an optimizer's next step() overwrites is copied while training goes on
+            pending = self._copier.start(
+                tensors, step=step, optimizers=optimizers_in(state.values())
+            )
         self._decider.started_save(step, now, reasons)
         extra = {**self._decider.to_json(), "variant": variant.to_json()}
 
         def job() -> CheckpointInfo:
+            copies = tensors if pending is None else pending.result()
             if self._owns_run:
                 self._branch_off(step, now)
             if self.ranks is None:
@@ -340,7 +348,7 @@ class CheckpointManager(ManagerReads):
                 assert snap is not None
                 info = self._store.commit(
                     step,
-                    tensors,
+                    copies,
                     tree=snap.tree,
                     metrics=values,
                     reasons=reasons,
@@ -348,13 +356,13 @@ class CheckpointManager(ManagerReads):
                     time=now.timestamp(),
                 )
                 self._release_resume_point(step)
-                self.prune(now=now)
+                self._prune(now)
             else:
 
                 def after_commit() -> None:  # on rank 0, once every rank's part is durable
                     # no read-back here: the other ranks wait for rank 0 within a timeout
                     self._release_resume_point(step, verify=False)
-                    self.prune(now=now)
+                    self._prune(now)
 
                 ours = Manifest(
                     step=step,
@@ -475,10 +483,18 @@ class CheckpointManager(ManagerReads):
         """Apply the retention policy to the committed checkpoints and delete the rest.
 
         In a multi-process job only rank 0 prunes; on the other ranks this does nothing.
+        A save still writing in the background commits first (its objects are not yet
+        named by a manifest, so pruning beside it could collect them).
         """
         self._check_open()
         if not self.writable:
             raise ConfigError("this manager was opened read-only; pass keep=... to prune")
+        if self._writer.busy:
+            self._finish(self._writer.wait())
+        return self._prune(self.clock() if now is None else now)
+
+    def _prune(self, now: datetime) -> RetentionPlan:
+        """:meth:`prune`, on whichever thread commits."""
         if not self._owns_run:
             return RetentionPlan()
         backend = self._store.backend
@@ -487,7 +503,7 @@ class CheckpointManager(ManagerReads):
         plan = plan_retention(
             self.keep_policy,
             self._store.checkpoints(),
-            now=self.clock() if now is None else now,
+            now=now,
             pinned=self.run.pins(),
             resumed_from=self.resumed_from if self._protect_resumed else None,
             object_bytes=self._store.object_bytes(),
@@ -562,6 +578,8 @@ class CheckpointManager(ManagerReads):
         and saving from there sets the later checkpoints aside as a branch (see
         :meth:`Run.branches`).
         """
+        if self._writer.busy:  # a background save still reads the live tensors
+            self._finish(self._writer.wait())
         restored = self.run.restore(
             state,
             step=step,
@@ -611,6 +629,8 @@ class CheckpointManager(ManagerReads):
         try:
             self._finish(self._writer.wait())
             self._writer.close()
+            if self._copier is not None:
+                self._copier.close()
         finally:
             self._closed = True
             self._decider.close()

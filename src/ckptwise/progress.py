@@ -157,6 +157,12 @@ class Progress:
         """Record how long the save took (as the training loop felt it)."""
         self.costs.append(cost)
 
+    def add_cost(self, extra: timedelta) -> None:
+        """Add to the last save's cost what training waited for it afterwards (an
+        optimizer step waiting for the end of a background copy)."""
+        if self.costs:
+            self.costs[-1] += extra
+
     def to_json(self) -> dict[str, Any]:
         """What a checkpoint stores so that :meth:`restore_json` can continue the run."""
         return {

@@ -35,7 +35,6 @@ __all__ = [
     "ModelWeights",
     "RngState",
     "Snapshot",
-    "SnapshotCopier",
     "apply",
     "capture",
     "check_fits",
@@ -390,76 +389,3 @@ class ModelWeights:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(dict(state), strict=not self.trainable_only)
-
-
-def _identity(tensor: torch.Tensor) -> tuple[Any, ...]:
-    """What must be equal for a tensor to hold the same values as when it was last copied:
-    the same memory, view and dtype, and no in-place write since (torch's version counter)."""
-    return (
-        tensor.untyped_storage().data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        tensor.dtype,
-        tensor.device,
-        tensor._version,
-    )
-
-
-class SnapshotCopier:
-    """Copies a snapshot's tensors to private CPU memory so training can go on at once.
-
-    A tensor whose memory, view and version counter are unchanged since the previous copy
-    (a frozen vision tower, say) is not copied again: the previous copy is reused. The
-    source tensor is kept referenced meanwhile, so its memory cannot be reused by another
-    tensor and mistaken for it. Writes through ``.data`` bypass the version counter; a
-    state mutated that way must be saved with ``async_save=False``. CUDA tensors are copied
-    into pinned memory with non-blocking copies, then synchronised once. Buffers are reused
-    from one save to the next, so the caller must not start a new copy while the previous
-    one is still being written (the manager keeps at most one save in flight).
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
-        #: bytes copied by the last call (what changed), and bytes reused
-        self.copied_bytes = 0
-        self.reused_bytes = 0
-
-    def copy(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Private copies of ``tensors`` (changed ones copied, unchanged ones reused)."""
-        out: dict[str, torch.Tensor] = {}
-        cache: dict[str, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
-        copied = reused = 0
-        cuda = False
-        for name, tensor in tensors.items():
-            source = tensor.detach()
-            key = _identity(source)
-            hit = self._cache.get(name)
-            if hit is not None and hit[0] == key:
-                out[name] = hit[2]
-                cache[name] = hit
-                reused += hit[2].nbytes
-                continue
-            if (
-                hit is not None
-                and hit[2].shape == source.shape
-                and hit[2].dtype == source.dtype
-                and hit[2].is_pinned() == (source.device.type == "cuda")
-            ):
-                # the previous save is written by now (one in flight): reuse its buffer, which
-                # spares the page faults of fresh memory -- most of a copy's cost on the CPU
-                target = hit[2]
-            elif source.device.type == "cuda":
-                target = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
-            else:
-                target = torch.empty(source.shape, dtype=source.dtype)
-            cuda = cuda or source.device.type == "cuda"
-            target.copy_(source, non_blocking=source.device.type == "cuda")
-            out[name] = target
-            cache[name] = (key, source, target)
-            copied += target.nbytes
-        if cuda:
-            torch.cuda.synchronize()
-        self._cache = cache
-        self.copied_bytes, self.reused_bytes = copied, reused
-        return out

@@ -1,0 +1,387 @@
+"""Private copies of a snapshot's tensors for a background save, taken while training goes on.
+
+:class:`SnapshotCopier` splits a snapshot in two. Tensors that only an optimizer's ``step()``
+writes in place (its parameters and states) are copied on a copy thread while the next
+forward and backward run, and that optimizer's next ``step()`` waits, through a pre-step
+hook, for the part of the copy it would overwrite. Every other tensor (buffers written in
+forward, an EMA model, anything no hook can see) is copied before the save returns.
+
+The checkpoint holds exactly the state as it was when the save was called: a tensor written
+in place some other way before its background copy finished is caught by torch's version
+counter and fails the save (never a silently mixed checkpoint). Writes through ``.data``
+bypass that counter; a state mutated that way must be saved with ``async_save=False``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ckptwise.errors import SnapshotError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
+
+__all__ = ["PendingCopy", "SnapshotCopier", "optimizers_in"]
+
+#: how deep wrappers (accelerate's ``AcceleratedOptimizer``, Lightning's
+#: ``LightningOptimizer``) are unwrapped through their ``.optimizer`` attribute
+_MAX_WRAPPERS = 8
+
+View = tuple[Any, ...]
+
+
+def _view(tensor: torch.Tensor) -> View:
+    """Which memory a tensor reads: storage, offset, shape, strides, dtype and device."""
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+        tensor.device,
+    )
+
+
+def _identity(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What must be equal for a tensor to hold the same values as when it was last copied:
+    the same memory, view and dtype, and no in-place write since (torch's version counter)."""
+    return (*_view(tensor), tensor._version)
+
+
+def _hookable(optimizer: Any) -> bool:
+    """Whether ``optimizer.step()`` runs torch's pre-step hooks (``Optimizer.__init__`` ran)."""
+    return (
+        isinstance(optimizer, torch.optim.Optimizer)
+        and "_optimizer_step_pre_hooks" in vars(optimizer)
+        and bool(getattr(type(optimizer).step, "hooked", False))
+    )
+
+
+def optimizers_in(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
+    """The torch optimizers among ``values`` whose ``step()`` a pre-step hook can guard.
+
+    Wrappers are followed through ``.optimizer`` to the optimizer whose own ``step()`` does
+    the writes. Anything else (a DeepSpeed engine's optimizer, a hand-written one) is not
+    returned, so its tensors are copied before the save returns.
+    """
+    found: dict[int, torch.optim.Optimizer] = {}
+    for value in values:
+        current = value
+        for _ in range(_MAX_WRAPPERS):
+            if _hookable(current):
+                found.setdefault(id(current), current)
+            inner = getattr(current, "optimizer", None)
+            if inner is None or inner is current or not isinstance(inner, torch.optim.Optimizer):
+                break
+            current = inner
+    return list(found.values())
+
+
+@dataclass
+class _Copy:
+    """One tensor to copy: its name, the source as it was at the save, and the target."""
+
+    name: str
+    source: torch.Tensor
+    identity: tuple[Any, ...]
+    target: torch.Tensor
+
+
+def _fill(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy ``source`` into ``target`` on the calling (copy) thread.
+
+    Contiguous CPU tensors are copied as bytes by numpy, on this thread alone: torch's copy
+    would start a parallel region of its own beside training's and oversubscribe the cores.
+    """
+    if (
+        source.device.type == "cpu"
+        and source.is_contiguous()
+        and target.is_contiguous()
+        and source.nbytes > 0
+    ):
+        dst = target.view(-1).view(torch.uint8).numpy()
+        src = source.view(-1).view(torch.uint8).numpy()
+        dst[...] = src  # numpy releases the GIL for a plain byte copy
+    else:
+        target.copy_(source, non_blocking=source.device.type == "cuda")
+
+
+@dataclass
+class PendingCopy:
+    """A snapshot whose guarded tensors are still being copied on the copy thread.
+
+    ``groups[i]`` holds the tensors the ``i``-th guarded optimizer writes (a parameter two
+    optimizers share goes with the first); ``waits`` maps an optimizer to the group its
+    ``step()`` waits for, groups being copied in order.
+    """
+
+    step: int
+    out: dict[str, torch.Tensor]
+    groups: list[list[_Copy]]
+    waits: dict[int, int]
+    copied_bytes: int
+    reused_bytes: int
+    _done: list[threading.Event] = field(default_factory=list)
+    _gpu_done: list[Any] = field(default_factory=list)
+    _start_event: Any = None
+    _future: Future[None] | None = None
+
+    def __post_init__(self) -> None:
+        self._done = [threading.Event() for _ in self.groups]
+        self._gpu_done = [None] * len(self.groups)
+
+    @property
+    def deferred(self) -> bool:
+        """Whether any tensor is copied in the background."""
+        return any(self.groups)
+
+    def run(self) -> None:
+        """Copy every group in order (on the copy thread), then check no source changed."""
+        stream = None
+        try:
+            cuda = any(c.source.device.type == "cuda" for g in self.groups for c in g)
+            if cuda:
+                stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+                if self._start_event is not None:
+                    stream.wait_event(self._start_event)
+            for i, group in enumerate(self.groups):
+                try:
+                    if stream is not None:
+                        with torch.cuda.stream(stream):
+                            for c in group:
+                                _fill(c.target, c.source)
+                            self._gpu_done[i] = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                            self._gpu_done[i].record(stream)
+                    else:
+                        for c in group:
+                            _fill(c.target, c.source)
+                finally:
+                    self._done[i].set()
+            if stream is not None:
+                stream.synchronize()
+        finally:
+            for event in self._done:  # never leave a step() waiting
+                event.set()
+        self._check_unchanged()
+
+    def _check_unchanged(self) -> None:
+        changed = [c.name for g in self.groups for c in g if c.source._version != c.identity[-1]]
+        if changed:
+            shown = ", ".join(changed[:5]) + (
+                f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            )
+            raise SnapshotError(
+                f"step {self.step} was not saved: {shown} was written in place after the save "
+                "began and before its background copy finished, by something other than the "
+                "optimizer's step() (which waits for the copy); move that write after the next "
+                "optimizer.step(), or save with async_save=False"
+            )
+
+    def wait_for(self, optimizer: Any) -> float:
+        """Block until the copy no longer needs what ``optimizer.step()`` overwrites;
+        returns the seconds waited."""
+        index = self.waits.get(id(optimizer))
+        if index is None:
+            return 0.0
+        started = time.perf_counter()
+        self._done[index].wait()
+        gpu = self._gpu_done[index]
+        if gpu is not None:  # the step's kernels run after the copy's, without a CPU stall
+            torch.cuda.current_stream().wait_event(gpu)
+        return time.perf_counter() - started
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The private copies, once all are taken (raising :class:`SnapshotError` when a
+        source changed under the copy)."""
+        if self._future is not None:
+            self._future.result()
+        return self.out
+
+
+class _StepGuard:
+    """Pre-step hooks that make each optimizer wait for its share of the pending copy."""
+
+    def __init__(self) -> None:
+        self._hooks: dict[int, tuple[weakref.ref[Any], Any]] = {}
+        self.pending: PendingCopy | None = None
+        #: seconds ``step()`` calls spent waiting for copies, not yet reported
+        self.waited = 0.0
+
+    def watch(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        for optimizer in optimizers:
+            hooked = self._hooks.get(id(optimizer))
+            if hooked is not None and hooked[0]() is optimizer:
+                continue
+            handle = optimizer.register_step_pre_hook(self._before_step)
+            self._hooks[id(optimizer)] = (weakref.ref(optimizer), handle)
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        pending = self.pending
+        if pending is not None:
+            self.waited += pending.wait_for(optimizer)
+        return
+
+    def take_waited(self) -> float:
+        waited, self.waited = self.waited, 0.0
+        return waited
+
+    def close(self) -> None:
+        for _, handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self.pending = None
+
+
+class SnapshotCopier:
+    """Copies a snapshot's tensors to private CPU memory so training can go on at once.
+
+    A tensor whose memory, view and version counter are unchanged since the previous copy
+    (a frozen vision tower, say) is not copied again: the previous copy is reused. The
+    source tensor is kept referenced meanwhile, so its memory cannot be reused by another
+    tensor and mistaken for it. Buffers are reused from one save to the next, so a new copy
+    must not start before the previous one is written (the manager keeps one save in
+    flight). CUDA tensors go to pinned memory on a side stream, ordered after the kernels
+    that produced them.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
+        self._guard = _StepGuard()
+        self._pool: ThreadPoolExecutor | None = None
+        #: bytes copied by the last call (what changed), and bytes reused
+        self.copied_bytes = 0
+        self.reused_bytes = 0
+
+    @property
+    def pending(self) -> PendingCopy | None:
+        """The copy still running, if any."""
+        return self._guard.pending
+
+    def take_waited(self) -> float:
+        """Seconds optimizer steps spent waiting for copies since the last call."""
+        return self._guard.take_waited()
+
+    def _target(self, name: str, source: torch.Tensor) -> torch.Tensor:
+        hit = self._cache.get(name)
+        if (
+            hit is not None
+            and hit[2].shape == source.shape
+            and hit[2].dtype == source.dtype
+            and hit[2].is_pinned() == (source.device.type == "cuda")
+        ):
+            # the previous save is written by now (one in flight): reuse its buffer, which
+            # spares the page faults of fresh memory -- most of a copy's cost on the CPU
+            return hit[2]
+        return torch.empty(
+            source.shape, dtype=source.dtype, pin_memory=source.device.type == "cuda"
+        )
+
+    def start(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        step: int,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+    ) -> PendingCopy:
+        """Copy what no optimizer guards now; start copying the rest in the background.
+
+        ``optimizers`` (see :func:`optimizers_in`) are the ones whose next ``step()`` will
+        wait for the copy of their parameters and states. With none, everything is copied
+        before this returns.
+        """
+        if self.pending is not None:
+            self.pending.result()  # the manager waits before a new save; this is a guard
+        order: dict[View, int] = {}  # view -> index of the optimizer whose step writes it
+        for index, optimizer in enumerate(optimizers):
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    order.setdefault(_view(param.detach()), index)
+                    for value in optimizer.state.get(param, {}).values():
+                        if isinstance(value, torch.Tensor):
+                            order.setdefault(_view(value.detach()), index)
+        out: dict[str, torch.Tensor] = {}
+        cache: dict[str, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
+        now: list[_Copy] = []
+        later: list[list[_Copy]] = [[] for _ in optimizers]
+        copied = reused = 0
+        for name, tensor in tensors.items():
+            source = tensor.detach()
+            identity = _identity(source)
+            hit = self._cache.get(name)
+            if hit is not None and hit[0] == identity:
+                out[name] = hit[2]
+                cache[name] = hit
+                reused += hit[2].nbytes
+                continue
+            target = self._target(name, source)
+            out[name] = target
+            cache[name] = (identity, source, target)
+            copied += target.nbytes
+            owner = order.get(identity[:-1])
+            (now if owner is None else later[owner]).append(_Copy(name, source, identity, target))
+        # groups are copied in order, so waiting for group k covers the earlier ones too,
+        # where a parameter optimizer k shares with an earlier optimizer was put
+        waits = {
+            id(optimizer): index
+            for index, optimizer in enumerate(optimizers)
+            if any(later[: index + 1])
+        }
+        pending = PendingCopy(step, out, later, waits, copied, reused)
+        self.copied_bytes, self.reused_bytes = copied, reused
+        self._copy_now(now)
+        if not pending.deferred:
+            self._cache = cache
+            return pending
+        if any(c.source.device.type == "cuda" for g in later for c in g):
+            pending._start_event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            pending._start_event.record()
+        # the hooks see the pending copy before anything else can call step()
+        self._guard.watch([o for o in optimizers if id(o) in pending.waits])
+        self._guard.pending = pending
+        self._cache = {}  # forgotten until the background copy is known good
+        if self._pool is None:
+            # normal priority: a step() may wait for this thread (unlike the writer's)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptwise-copy")
+
+        def run() -> None:
+            try:
+                pending.run()
+            finally:
+                if self._guard.pending is pending:
+                    self._guard.pending = None
+            self._cache = cache
+
+        pending._future = self._pool.submit(run)
+        return pending
+
+    def _copy_now(self, copies: list[_Copy]) -> None:
+        """Copy tensors no hook guards before the save returns (on the caller's thread)."""
+        cuda = False
+        for c in copies:
+            cuda = cuda or c.source.device.type == "cuda"
+            c.target.copy_(c.source, non_blocking=c.source.device.type == "cuda")
+        if cuda:
+            torch.cuda.synchronize()
+
+    def copy(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Private copies of ``tensors``, all taken before this returns."""
+        return self.start(tensors, step=-1).result()
+
+    def close(self) -> None:
+        """Wait for a copy in flight, remove the hooks and stop the copy thread."""
+        try:
+            if self.pending is not None:
+                self.pending.result()
+        finally:
+            self._guard.close()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
