@@ -14,7 +14,7 @@ from ckptwise.records import CheckpointInfo
 from ckptwise.store import CheckpointStore, RunLock, open_backend
 
 if TYPE_CHECKING:
-    from ckptwise.run import Loaded
+    from ckptwise.restoring import Loaded
 
 __all__ = ["archive_copy"]
 

@@ -1,0 +1,355 @@
+"""Restore planning: which checkpoint a read or restore takes, and whether the state fits it.
+
+Checkpoints are tried newest first; one whose bytes fail verification is skipped with a
+:class:`RestoreWarning` (on every rank of a multi-process job together) and the next older
+one is tried. Before a restore writes into a live state, the state is checked against the
+checkpoint as a whole (see :mod:`ckptwise.mismatch`), so a state that does not fit is left
+untouched. :class:`~ckptwise.run.Run` offers this as ``read`` and ``restore``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Collection, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from ckptwise.distributed.ranks import Failure, Ranks
+from ckptwise.distributed.restore import (
+    damaged_object,
+    placeholders,
+    prime_optimizers,
+    read_rank,
+    sharded_names,
+)
+from ckptwise.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+)
+from ckptwise.policy import Variant
+from ckptwise.report import Transfer
+from ckptwise.snapshot import (
+    RNG_KEY,
+    RngState,
+    apply,
+    capture,
+    fit_problems,
+    misfit_message,
+    rebuild,
+    tensor_names,
+)
+from ckptwise.store import CheckpointStore, Manifest
+from ckptwise.store.layout import CHECKPOINTS
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckptwise._lazy import torch
+
+__all__ = [
+    "Loaded",
+    "RestoreWarning",
+    "candidates",
+    "read_first_good",
+    "restore_state",
+    "variant_of",
+]
+
+log = logging.getLogger("ckptwise")
+
+#: failures that make a restore fall back to an older checkpoint (the bytes are bad)
+_CORRUPT = frozenset({"CorruptCheckpointError", "FormatError"})
+
+
+class RestoreWarning(UserWarning):
+    """Something about a restore the caller should know: a checkpoint skipped because it
+    fails verification, saved entries the state left out, a change in the number of
+    processes, a run holding only checkpoints that cannot resume training."""
+
+
+def variant_of(manifest: Manifest) -> Variant:
+    """What a checkpoint holds, from the manager's bookkeeping (full when it says nothing)."""
+    return Variant.from_json(manifest.extra.get("variant"))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checkpoint read and verified: its step, manifest and tensors by name."""
+
+    step: int
+    manifest: Manifest
+    tensors: Mapping[str, torch.Tensor]
+    #: whose part of a multi-process checkpoint was read
+    rank: int = 0
+
+    @property
+    def tree(self) -> dict[str, Any]:
+        """The state tree of the rank read (rank 0's for a rank the checkpoint lacked)."""
+        return self.manifest.tree_of(self.rank if self.rank < self.manifest.world_size else 0)
+
+    def values(self, *, rng: bool = False) -> dict[str, Any]:
+        """Every saved entry rebuilt (state dicts, tensors, JSON values); RNG states under
+        ``"__rng__"`` only with ``rng=True``."""
+        tree = self.tree
+        return {k: rebuild(tree, self.tensors, k) for k in tree if rng or k != RNG_KEY}
+
+
+def candidates(store: CheckpointStore, step: int | None, *, full_only: bool) -> list[int]:
+    """The steps a read tries, newest first (only ``step`` when given).
+
+    ``full_only`` leaves out slim (weights-only) checkpoints; an explicit ``step`` that is
+    one raises :class:`~ckptwise.CheckpointError`.
+    """
+    if step is not None:
+        if full_only:
+            kind = variant_of(store.manifest(step)).kind
+            if kind != "full":
+                raise CheckpointError(
+                    f"step {step} holds {kind} only and cannot resume training; "
+                    "load() or export() it, or restore a full checkpoint"
+                )
+        return [step]
+    steps = sorted(store.steps(), reverse=True)
+    if not full_only:
+        return steps
+    return [s for s in steps if variant_of(store.manifest(s)).kind == "full"]
+
+
+def read_first_good(
+    store: CheckpointStore,
+    step: int | None,
+    *,
+    into: Mapping[str, torch.Tensor] | None,
+    full_only: bool,
+    rank: int,
+    ranks: Ranks | None,
+    prepare: Callable[[Manifest], Collection[str] | None] | None = None,
+    stacklevel: int = 1,
+) -> Loaded | None:
+    """The newest checkpoint that verifies (or exactly ``step``), read and verified; ``None``
+    when there is none to try (see :meth:`ckptwise.Run.read` for the arguments).
+
+    ``prepare`` is called with each candidate's manifest before any of its tensors is read:
+    it raises to stop the read (on every rank), and returns the names of the tensors to
+    read (``None``: all of them). ``stacklevel`` places the warnings as
+    :func:`warnings.warn` would for the caller.
+    """
+    for path, why in dict(store.broken).items():
+        warnings.warn(
+            f"skipping unreadable manifest {path}: {why}",
+            RestoreWarning,
+            stacklevel=stacklevel + 1,
+        )
+    tried = candidates(store, step, full_only=full_only)
+    if ranks is not None:
+        tried = ranks.broadcast(tried)
+    for candidate in tried:
+        manifest = store.manifest(candidate)
+        failure: Exception | None = None
+        tensors: dict[str, torch.Tensor] = {}
+        try:
+            names = None if prepare is None else prepare(manifest)
+            tensors = read_rank(store, manifest, rank=rank, into=into, names=names)
+        except Exception as exc:
+            if ranks is None and not isinstance(exc, CorruptCheckpointError):
+                raise
+            failure = exc
+        if ranks is not None:
+            # every rank must take the same path: fall back together, or raise together
+            mine = None if failure is None else Failure.of(rank, failure)
+            failures = [f for f in ranks.all_gather(mine) if f is not None]
+            if any(f.kind not in _CORRUPT for f in failures):
+                first = next(f for f in failures if f.kind not in _CORRUPT)
+                raise first.error(f"reading step {candidate}") from failure
+            if failures and failure is None:
+                failure = CorruptCheckpointError(f"rank {failures[0].rank}: {failures[0].message}")
+        if failure is None:
+            return Loaded(candidate, manifest, tensors, rank)
+        if step is not None:
+            raise failure
+        warnings.warn(
+            f"checkpoint at step {candidate} fails verification ({failure}); "
+            "falling back to an older one",
+            RestoreWarning,
+            stacklevel=stacklevel + 1,
+        )
+    if tried:
+        raise CorruptCheckpointError(
+            f"no checkpoint in {store.backend.url} verifies (tried steps "
+            f"{', '.join(map(str, tried))}); run `ckptwise verify` for details"
+        )
+    return None
+
+
+def restore_state(
+    store: CheckpointStore,
+    state: MutableMapping[str, Any],
+    *,
+    step: int | None,
+    strict: bool,
+    rng: bool,
+    missing: Literal["start", "error"],
+    ranks: Ranks | None,
+    rank: int | None,
+    stacklevel: int = 1,
+) -> int:
+    """Load the newest full checkpoint that verifies into ``state``; returns its step (0 when
+    there is none and ``missing="start"``). :meth:`ckptwise.Run.restore` documents the
+    arguments; ``stacklevel`` places the warnings as :func:`warnings.warn` would for the
+    caller.
+    """
+    if missing not in ("start", "error"):
+        raise ConfigError(
+            f"missing= must be 'start' (return 0 when there is no checkpoint) or 'error', "
+            f"got {missing!r}"
+        )
+    url = store.backend.url
+    entries = {**state, RNG_KEY: RngState()} if rng else dict(state)
+    rank = ranks.rank if ranks is not None else rank or 0
+
+    def prepare(manifest: Manifest, say: bool = True) -> set[str]:
+        """Check ``state`` against one checkpoint; the names of the tensors it needs."""
+        mine = rank if rank < manifest.world_size else 0
+        tree = manifest.tree_of(mine)
+        names = tensor_names(tree, entries)
+        where = f"checkpoint at step {manifest.step} of {url}"
+        found, blamed = fit_problems(state, tree, placeholders(manifest, mine), strict=strict)
+        if found:
+            # blame the state only if the checkpoint holds what its manifest says: one
+            # object that does is proof enough (another damaged one is found by the read)
+            damage = damaged_object(store, manifest, mine, blamed[:1])
+            if damage is not None:
+                raise CorruptCheckpointError(f"step {manifest.step}, {damage}")
+            raise ConfigError(misfit_message(where, found))
+        if not say:
+            return names
+        log.info(
+            "restoring step %d of %s: %s%s",
+            manifest.step,
+            url,
+            ", ".join(repr(k) for k in state if k in tree) or "nothing",
+            " and the RNG states" if rng and RNG_KEY in tree else "",
+        )
+        return names
+
+    # the live tensors are captured under the names they were saved with and alias the
+    # live memory, so the read fills them in place
+    live = capture(entries).tensors
+    if ranks is not None:
+        newest = ranks.broadcast(candidates(store, step, full_only=True)[:1])
+        if newest:
+            manifest = store.manifest(newest[0])
+            # checked before optimizers are primed: a state that does not fit stays as is
+            _on_every_rank(
+                ranks, lambda: prepare(manifest, say=False), f"checking step {newest[0]}"
+            )
+            if sharded_names(manifest) - live.keys() and prime_optimizers(state):
+                live = capture(entries).tensors  # sharded optimizer state to read into
+    with Transfer("restoring", show=ranks is None or ranks.coordinator) as transfer:
+        loaded = read_first_good(
+            store,
+            step,
+            into=live,
+            full_only=True,
+            rank=rank,
+            ranks=ranks,
+            prepare=prepare,
+            stacklevel=stacklevel + 1,
+        )
+        if loaded is None:
+            _nothing_to_restore(store, missing, stacklevel=stacklevel + 1)
+            return 0
+        transfer.total = loaded.manifest.logical_bytes
+        where = f"checkpoint at step {loaded.step} of {url}"
+        saved_by, now_on = loaded.manifest.world_size, 1 if ranks is None else ranks.size
+        if saved_by != now_on:
+            warnings.warn(
+                f"{where} was saved by {saved_by} process(es) and is restored on {now_on}: "
+                "sharded tensors are resharded; per-rank entries (RNG states, data positions) "
+                f"are those of rank {rank if rank < saved_by else 0}",
+                RestoreWarning,
+                stacklevel=stacklevel + 1,
+            )
+        tree = loaded.tree
+        apply(state, tree, loaded.tensors, strict=strict, where=where)
+        if rng and RNG_KEY in tree:
+            apply({RNG_KEY: RngState()}, tree, loaded.tensors, where=where)
+        left = [k for k in tree if k not in state and k != RNG_KEY]
+        if left:
+            warnings.warn(
+                f"{where} also holds {', '.join(map(repr, left))}, which were not restored "
+                "(the state passed to restore() has no entry for them); add them to the state "
+                "to restore them",
+                RestoreWarning,
+                stacklevel=stacklevel + 1,
+            )
+        transfer.finish(loaded.manifest.logical_bytes, f"restored step {loaded.step}")
+    return loaded.step
+
+
+def _nothing_to_restore(store: CheckpointStore, missing: str, *, stacklevel: int) -> None:
+    """Raise (``missing="error"``) or log that the run has no checkpoint to restore,
+    saying why, and naming a run one folder down when there is one."""
+    url = store.backend.url
+    steps = store.steps()
+    if steps:
+        why = (
+            f"run {url} holds only weights-only checkpoints (steps "
+            f"{', '.join(map(str, steps))}), which cannot resume training"
+        )
+    elif broken := dict(store.broken):
+        why = (
+            f"no checkpoint of {url} can be read ({len(broken)} unreadable "
+            f"manifest(s); `ckptwise verify {url}` lists them)"
+        )
+    elif store.backend.list_files(""):
+        why = f"run {url} has no committed checkpoint yet"
+    else:
+        why = f"{url} holds no ckptwise run"
+    below = [] if steps else _runs_below(store.backend)
+    if below:
+        why += f"; did you mean {' or '.join(below)}?"
+    if missing == "error":
+        raise CheckpointNotFoundError(
+            f"nothing to restore: {why}. Pass the run's folder (the one holding "
+            f"{CHECKPOINTS}/), or missing='start' to start from scratch when there is none"
+        )
+    if steps:
+        warnings.warn(
+            f"nothing restored: {why}; starting from scratch",
+            RestoreWarning,
+            stacklevel=stacklevel + 1,
+        )
+    log.info("nothing to restore: %s; starting from scratch", why)
+
+
+def _on_every_rank(ranks: Ranks, action: Callable[[], object], what: str) -> None:
+    """Run ``action`` on every rank; if it raised on any, raise on all (never on some only,
+    which would leave the others waiting in the next collective)."""
+    error: Exception | None = None
+    try:
+        action()
+    except Exception as exc:
+        error = exc
+    mine = None if error is None else Failure.of(ranks.rank, error)
+    failures = [f for f in ranks.all_gather(mine) if f is not None]
+    if failures:
+        raise failures[0].error(what) from error
+
+
+def _runs_below(backend: object, most: int = 3) -> list[str]:
+    """Runs in the folders right inside a local folder, such as the ``ckptwise`` run
+    inside a Trainer's ``output_dir`` (remote stores are not listed: that costs)."""
+    root = getattr(backend, "root", None)
+    if not isinstance(root, str) or not os.path.isdir(root):
+        return []
+    try:
+        with os.scandir(root) as entries:
+            folders = sorted(e.path for e in entries if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+    return [f for f in folders if os.path.isdir(os.path.join(f, CHECKPOINTS))][:most]
