@@ -29,6 +29,10 @@ def archive_copy(
 ) -> CheckpointInfo:
     """Commit ``loaded`` (read from the run at ``source``) as the only checkpoint of a new
     run at ``out``, storing float tensors named with a prefix in ``lossy`` as blockwise int8.
+
+    Only floating-point tensors of more than one element are quantized: scalars such as
+    Adam's ``step`` and integer bookkeeping are counters, not values that tolerate error,
+    and quantizing one element saves nothing. They are copied exactly.
     """
     manifest = loaded.manifest
     if manifest.world_size > 1:
@@ -53,7 +57,11 @@ def archive_copy(
             reasons=manifest.reasons,
             extra={**manifest.extra, "archive": {"from": source, "lossy": list(lossy)}},
             time=manifest.time,
-            lossy=[n for n in loaded.tensors if n.startswith(lossy)],
+            lossy=[
+                name
+                for name, tensor in loaded.tensors.items()
+                if name.startswith(lossy) and tensor.is_floating_point() and tensor.numel() > 1
+            ],
         )
     finally:
         lock.release()

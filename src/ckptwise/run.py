@@ -393,9 +393,10 @@ class Run:
     ) -> CheckpointInfo:
         """Copy one checkpoint into a new run at ``out``, quantizing some tensors (lossy).
 
-        Float tensors whose names start with a prefix in ``lossy`` (by default the optimizer
-        state: Adam moments) are stored as blockwise int8, in the spirit of Check-N-Run and
-        ExCP; every other tensor is copied exactly with ``codec``. Each lossy entry's note
+        Float tensors of more than one element whose names start with a prefix in ``lossy``
+        (by default the optimizer state: Adam moments) are stored as blockwise int8, in the
+        spirit of Check-N-Run and ExCP; every other tensor (Adam's ``step`` counters, integer
+        and one-element tensors too) is copied exactly with ``codec``. Each lossy entry's note
         records its maximum and relative error. The copy restores like any checkpoint (with
         the quantized optimizer state); this run is untouched. Opt-in only: nothing lossy
         ever happens in a training run's own saves.
