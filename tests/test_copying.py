@@ -206,7 +206,8 @@ def test_accelerate_wrapped_optimizer_is_guarded(run_dir: Path, gate: Gate) -> N
     model = nn.Linear(8, 8)
     inner = torch.optim.AdamW(model.parameters(), lr=0.1)
     wrapped = accelerate.Accelerator(cpu=True).prepare(inner)
-    assert wrapped is not inner and wrapped.optimizer is inner
+    assert wrapped is not inner
+    assert wrapped.optimizer is inner
     state = {"model": model, "optimizer": wrapped}
     model(torch.randn(2, 8)).sum().backward()
     wrapped.step()
@@ -235,18 +236,24 @@ def test_close_removes_the_hooks(run_dir: Path) -> None:
     train(state)  # no hook left to call into a closed manager
 
 
-def test_time_an_optimizer_step_waits_counts_as_save_cost(run_dir: Path, gate: Gate) -> None:
+def test_steps_slowed_by_a_background_save_count_as_its_cost(run_dir: Path, gate: Gate) -> None:
     state = net_state()
-    train(state)
-    with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
-        manager.step(1, state)
-        timer = threading.Timer(0.3, gate.open.set)
-        timer.start()
-        train(state)  # waits about 0.3 s in optimizer.step()
-        manager.wait()
-        manager.step(2, state)
+    with cw.CheckpointManager(run_dir, save=cw.every(5), async_save=True, rng=False) as manager:
+        for step in range(1, 6):  # four quiet steps give the baseline; step 5 saves
+            train(state)
+            manager.step(step, state)
         costs = manager._decider.progress.costs
-        assert costs[0].total_seconds() >= 0.25
+        assert costs[-1].total_seconds() < 0.9
+        timer = threading.Timer(1.0, gate.open.set)
+        timer.start()
+        train(state)  # waits about 1 s in optimizer.step() for the copy
+        manager.wait()
+        manager.step(6, state)
+        charged = costs[-1]
+        assert charged.total_seconds() >= 0.9
+        train(state)
+        manager.step(7, state)  # quiet again: nothing more is charged
+        assert costs[-1] == charged
 
 
 def test_exit_without_close_finishes_copy_and_write(tmp_path: Path) -> None:

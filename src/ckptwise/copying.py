@@ -15,7 +15,6 @@ bypass that counter; a state mutated that way must be saved with ``async_save=Fa
 from __future__ import annotations
 
 import threading
-import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -185,18 +184,15 @@ class PendingCopy:
                 "optimizer.step(), or save with async_save=False"
             )
 
-    def wait_for(self, optimizer: Any) -> float:
-        """Block until the copy no longer needs what ``optimizer.step()`` overwrites;
-        returns the seconds waited."""
+    def wait_for(self, optimizer: Any) -> None:
+        """Block until the copy no longer needs what ``optimizer.step()`` overwrites."""
         index = self.waits.get(id(optimizer))
         if index is None:
-            return 0.0
-        started = time.perf_counter()
+            return
         self._done[index].wait()
         gpu = self._gpu_done[index]
         if gpu is not None:  # the step's kernels run after the copy's, without a CPU stall
             torch.cuda.current_stream().wait_event(gpu)
-        return time.perf_counter() - started
 
     def result(self) -> dict[str, torch.Tensor]:
         """The private copies, once all are taken (raising :class:`SnapshotError` when a
@@ -212,8 +208,6 @@ class _StepGuard:
     def __init__(self) -> None:
         self._hooks: dict[int, tuple[weakref.ref[Any], Any]] = {}
         self.pending: PendingCopy | None = None
-        #: seconds ``step()`` calls spent waiting for copies, not yet reported
-        self.waited = 0.0
 
     def watch(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         for optimizer in optimizers:
@@ -226,12 +220,8 @@ class _StepGuard:
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         pending = self.pending
         if pending is not None:
-            self.waited += pending.wait_for(optimizer)
+            pending.wait_for(optimizer)
         return
-
-    def take_waited(self) -> float:
-        waited, self.waited = self.waited, 0.0
-        return waited
 
     def close(self) -> None:
         for _, handle in self._hooks.values():
@@ -264,10 +254,6 @@ class SnapshotCopier:
     def pending(self) -> PendingCopy | None:
         """The copy still running, if any."""
         return self._guard.pending
-
-    def take_waited(self) -> float:
-        """Seconds optimizer steps spent waiting for copies since the last call."""
-        return self._guard.take_waited()
 
     def _target(self, name: str, source: torch.Tensor) -> torch.Tensor:
         hit = self._cache.get(name)

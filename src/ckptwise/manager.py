@@ -33,6 +33,7 @@ from ckptwise.decider import Decider
 from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Ranks
 from ckptwise.distributed.save import commit_across_ranks
 from ckptwise.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from ckptwise.felt import Felt
 from ckptwise.metrics import coerce_metrics
 from ckptwise.policy import (
     ContentPolicy,
@@ -192,6 +193,7 @@ class CheckpointManager(ManagerReads):
         self.run = Run(self._store)
         self._writer: Writer = AsyncWriter() if async_save else SyncWriter()
         self._copier = SnapshotCopier() if async_save else None
+        self._felt = Felt()
         self._after_commit: list[Callable[[], None]] = []
         #: steps whose save was skipped because the previous one was still writing
         self.skipped: list[int] = []
@@ -258,9 +260,19 @@ class CheckpointManager(ManagerReads):
             )
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be an integer >= 0, got {step!r}")
+        # a background save slows the steps it runs beside: that counts as its cost too
+        felt = self._felt.arrived(self.clock().timestamp(), busy=self._writer.busy)
+        if felt:
+            self._decider.waited_for_save(timedelta(seconds=felt))
+        try:
+            return self._step(step, state, metrics, final)
+        finally:
+            self._felt.left(self.clock().timestamp())
+
+    def _step(
+        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None, final: bool
+    ) -> Decision:
         self._finish(self._writer.poll())
-        if self._copier is not None and (waited := self._copier.take_waited()):
-            self._decider.waited_for_save(timedelta(seconds=waited))
         values = coerce_metrics(metrics)
         verdict = self._decider.decide(step, values, final=final)
         decision = verdict.decision
@@ -387,8 +399,11 @@ class CheckpointManager(ManagerReads):
             job, f"saving step {step}", f"saved step {step}", total, show=self._owns_run
         )
         info = self._writer.write(shown, step=step)
-        # what training felt: the whole save when synchronous, the copy when asynchronous
+        # what training felt: the whole save when synchronous; when asynchronous, what
+        # step() took now and what the steps run beside the save lose (see Felt)
         self._decider.finished_save(self.clock() - now)
+        if self._writer.busy:
+            self._felt.saved()
         self._finish(info)
         return info
 
