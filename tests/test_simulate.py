@@ -98,6 +98,43 @@ def test_expected_loss_is_about_half_an_interval() -> None:
     assert never.expected_loss_seconds == pytest.approx(500)
 
 
+def test_lost_steps_count_training_steps_not_save_time() -> None:
+    """Saves of 30 s after steps 5, 10 and 12 of 1 s each: the steps done since the newest
+    committed checkpoint, averaged over the 102 s, come to 387 step-seconds (worked by hand:
+    12.5 + 150 while step 5 trains and saves, 12.5 + 150 for step 10, 2 + 60 for step 12)."""
+    result = simulate(
+        cw.every(5) | cw.on_final(),
+        steps=12,
+        step_time=timedelta(seconds=1),
+        save_cost=timedelta(seconds=30),
+    )
+    assert result.wall_seconds == 102
+    assert result.expected_loss_steps == pytest.approx(387 / 102)
+    assert result.to_json()["expected_loss_per_failure_steps"] == pytest.approx(387 / 102)
+
+
+@pytest.mark.parametrize(
+    ("save", "step_time", "save_cost"),
+    [
+        (cw.every(5) | cw.on_final(), 1, 30),
+        (cw.every(5), 1, 3600),
+        (cw.never(), 1, 30),
+        (cw.every(1), 0, 30),  # all of the time is saving
+        (cw.every(3), 0.01, 0),
+    ],
+)
+def test_lost_steps_never_exceed_the_run(
+    save: cw.Trigger, step_time: float, save_cost: float
+) -> None:
+    result = simulate(
+        save,
+        steps=12,
+        step_time=timedelta(seconds=step_time),
+        save_cost=timedelta(seconds=save_cost),
+    )
+    assert 0 <= result.expected_loss_steps <= 12
+
+
 def test_bad_length_is_a_config_error() -> None:
     with pytest.raises(cw.ConfigError, match="steps must be a positive integer, got 0"):
         simulate(cw.every(10), steps=0)

@@ -35,7 +35,11 @@ class SimulationResult:
     save_seconds: float
     wall_seconds: float
     expected_loss_seconds: float
+    #: mean step time (``wall_seconds`` also counts the saves)
     step_seconds: float
+    #: expected training steps lost by one failure at a uniformly random moment: those done
+    #: since the step of the newest committed checkpoint (never more than ``steps``)
+    expected_loss_steps: float = 0.0
     #: (step, bytes on disk) after each commit and again after each prune
     timeline: list[tuple[int, int]] = field(default_factory=list)
     save_windows: list[tuple[float, float]] = field(default_factory=list)  # (start, end)
@@ -44,11 +48,6 @@ class SimulationResult:
     def overhead(self) -> float:
         """Fraction of wall time spent saving."""
         return self.save_seconds / self.wall_seconds if self.wall_seconds else 0.0
-
-    @property
-    def expected_loss_steps(self) -> float:
-        """Expected work lost by one failure at a uniformly random moment, in steps."""
-        return self.expected_loss_seconds / self.step_seconds if self.step_seconds else 0.0
 
     def overhead_between(self, start: float, end: float) -> float:
         """Fraction of the wall-time window ``[start, end)`` spent saving."""
@@ -111,6 +110,8 @@ def simulate(
     timeline: list[tuple[int, int]] = [(0, 0)]
     windows: list[tuple[float, float]] = []
     commits: list[tuple[float, float]] = []  # (commit time, time of the state it holds)
+    committed: list[tuple[float, int]] = []  # (commit time, step it holds)
+    done_area = 0.0  # integral over time of the steps done (a step counts as it progresses)
     written = peak = on_disk = 0
     kept: dict[int, tuple[str, ...]] = {}
     total_step_seconds = 0.0
@@ -118,6 +119,7 @@ def simulate(
         seconds = step_time_of(step).total_seconds()
         elapsed += seconds
         total_step_seconds += seconds
+        done_area += seconds * (step - 0.5)
         now = start + timedelta(seconds=elapsed)
         values = dict(metrics.get(step, {}))
         state = progress.state(step, now, metrics=values, requests=frozenset(), final=step == steps)
@@ -130,6 +132,8 @@ def simulate(
         progress.started_save(step, now, decision.reasons)
         windows.append((elapsed, elapsed + cost))
         commits.append((elapsed + cost, elapsed))
+        committed.append((elapsed + cost, step))
+        done_area += cost * step
         elapsed += cost
         progress.finished_save(timedelta(seconds=cost))
         oid = f"step-{step}"
@@ -171,6 +175,7 @@ def simulate(
         wall_seconds=elapsed,
         expected_loss_seconds=_expected_loss(commits, elapsed),
         step_seconds=total_step_seconds / steps,
+        expected_loss_steps=_expected_lost_steps(done_area, committed, elapsed),
         timeline=timeline,
         save_windows=windows,
     )
@@ -188,3 +193,21 @@ def _expected_loss(commits: list[tuple[float, float]], total: float) -> float:
         ref, since = state_time, commit
     area += ((total - ref) ** 2 - (since - ref) ** 2) / 2
     return area / total
+
+
+def _expected_lost_steps(
+    done_area: float, committed: list[tuple[float, int]], total: float
+) -> float:
+    """Mean over a uniformly random failure time of the steps done since the step of the
+    newest committed checkpoint (0 before the first commit). Saves take time but no steps,
+    so this is not the lost time over the step time.
+
+    ``done_area`` is the integral over the run of the steps done so far; the newest
+    committed step is a step function of time, changing at each commit.
+    """
+    if total <= 0:
+        return 0.0
+    kept_area = 0.0
+    for (at, step), (until, _) in zip(committed, [*committed[1:], (total, 0)], strict=False):
+        kept_area += step * (until - at)
+    return (done_area - kept_area) / total

@@ -154,3 +154,9 @@ def test_a_metric_trigger_without_metrics_can_never_fire(tmp_path: Path) -> None
     )
     assert fires.stderr == ""
     assert "2 saves over 20 steps" in fires.stdout
+
+
+def test_lost_work_is_at_most_the_length_of_the_run() -> None:
+    result = CliRunner().invoke(cli, ["simulate", "--save-steps", "5", "--steps", "12"])
+    assert result.exit_code == 0, result.output
+    assert "expected work lost per failure: 36.7 s (~4 steps)" in result.output
