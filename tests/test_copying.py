@@ -332,3 +332,36 @@ def test_copier_without_optimizers_copies_everything_at_once() -> None:
     t.add_(1)
     assert torch.equal(pending.result()["t"], torch.arange(10.0))
     copier.close()
+
+
+def test_untracked_entries_are_copied_afresh_every_save() -> None:
+    """An owner that writes through ``.data`` (DeepSpeed) leaves the version counter alone:
+    its tensors must never be served from the previous copy."""
+    copier = SnapshotCopier()
+    w = torch.zeros(8)
+    assert torch.equal(copier.start({"ds/w": w}, step=1, untracked=["ds"]).result()["ds/w"], w)
+    w.data.add_(1)  # invisible to w._version
+    assert torch.equal(copier.start({"ds/w": w}, step=2, untracked=["ds"]).result()["ds/w"], w)
+    stale = copier.start({"other/w": w}, step=3).result()["other/w"]
+    w.data.add_(1)
+    again = copier.start({"other/w": w}, step=4).result()["other/w"]
+    assert again is stale  # what the version counter cannot see, reuse cannot either
+    copier.close()
+
+
+def test_a_copy_that_does_not_fit_in_memory_is_taken_synchronously(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ckptwise.manager as manager_module
+
+    state = net_state()
+    train(state)
+    monkeypatch.setattr(manager_module, "available_memory", lambda: 1024)
+    with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
+        with caplog.at_level("WARNING", logger="ckptwise"):
+            info = manager.step(1, state)
+        assert info.save
+        assert cw.open_run(run_dir).steps() == [1]  # committed before step() returned
+        assert "saved synchronously" in caplog.text
+        assert manager._copier is not None
+        assert manager._copier.pending is None

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 else:
     from ckptwise._lazy import torch
 
-__all__ = ["PendingCopy", "SnapshotCopier", "optimizers_in"]
+__all__ = ["PendingCopy", "SnapshotCopier", "available_memory", "optimizers_in"]
 
 #: how deep wrappers (accelerate's ``AcceleratedOptimizer``, Lightning's
 #: ``LightningOptimizer``) are unwrapped through their ``.optimizer`` attribute
@@ -53,6 +53,19 @@ def _identity(tensor: torch.Tensor) -> tuple[Any, ...]:
     """What must be equal for a tensor to hold the same values as when it was last copied:
     the same memory, view and dtype, and no in-place write since (torch's version counter)."""
     return (*_view(tensor), tensor._version)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says can be allocated without swapping (Linux's
+    ``MemAvailable``); ``None`` where that is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _hookable(optimizer: Any) -> bool:
@@ -270,19 +283,32 @@ class SnapshotCopier:
             source.shape, dtype=source.dtype, pin_memory=source.device.type == "cuda"
         )
 
+    def new_bytes(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        """Bytes of memory a copy of ``tensors`` would allocate (buffers are reused)."""
+        total = 0
+        for name, tensor in tensors.items():
+            hit = self._cache.get(name)
+            if hit is None or hit[2].shape != tensor.shape or hit[2].dtype != tensor.dtype:
+                total += tensor.nbytes
+        return total
+
     def start(
         self,
         tensors: Mapping[str, torch.Tensor],
         *,
         step: int,
         optimizers: Sequence[torch.optim.Optimizer] = (),
+        untracked: Iterable[str] = (),
     ) -> PendingCopy:
         """Copy what no optimizer guards now; start copying the rest in the background.
 
         ``optimizers`` (see :func:`optimizers_in`) are the ones whose next ``step()`` will
         wait for the copy of their parameters and states. With none, everything is copied
-        before this returns.
+        before this returns. Tensors under the state keys ``untracked`` are always copied
+        afresh: their owner writes them without bumping the version counter (DeepSpeed
+        updates its 16-bit weights through ``.data``).
         """
+        fresh = tuple(untracked)
         if self.pending is not None:
             self.pending.result()  # the manager waits before a new save; this is a guard
         order: dict[View, int] = {}  # view -> index of the optimizer whose step writes it
@@ -302,7 +328,8 @@ class SnapshotCopier:
             source = tensor.detach()
             identity = _identity(source)
             hit = self._cache.get(name)
-            if hit is not None and hit[0] == identity:
+            volatile = any(name == key or name.startswith(f"{key}/") for key in fresh)
+            if hit is not None and hit[0] == identity and not volatile:
                 out[name] = hit[2]
                 cache[name] = hit
                 reused += hit[2].nbytes

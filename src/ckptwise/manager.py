@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ckptwise.compat import ManagerReads
-from ckptwise.copying import SnapshotCopier, optimizers_in
+from ckptwise.copying import SnapshotCopier, available_memory, optimizers_in
 from ckptwise.decider import Decider
 from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Ranks
 from ckptwise.distributed.save import commit_across_ranks
@@ -107,9 +107,13 @@ class CheckpointManager(ManagerReads):
             a restore reads at most ``deltas`` objects per tensor (needs a byte-grouping
             codec: ``"bytegroup"`` or ``"auto"``).
         clock: the time source given to policies; tests pass a fake clock.
-        async_save: take a private copy of what changed and return; hashing, encoding,
-            writing and pruning run on a background thread (at most one save in flight).
-            Its errors are raised by the next ``step()``, ``wait()`` or ``close()``.
+        async_save: save in the background: ``step()`` returns at once; what the
+            optimizers overwrite is copied while the next forward and backward run (their
+            next ``step()`` waits for it), everything else before ``step()`` returns, and
+            hashing, encoding, writing and pruning run on a background thread (at most one
+            save in flight). Errors are raised by the next ``step()``, ``wait()`` or
+            ``close()``. A save whose copy would not fit in the memory available is taken
+            synchronously, with a warning. Not supported with several processes.
         on_busy: with ``async_save``, what a new save does while one is still writing:
             ``"wait"`` for it, or ``"skip"`` (recorded in :attr:`skipped`).
         storage_options: passed to fsspec for URLs (credentials, endpoint).
@@ -193,6 +197,7 @@ class CheckpointManager(ManagerReads):
         self.run = Run(self._store)
         self._writer: Writer = AsyncWriter() if async_save else SyncWriter()
         self._copier = SnapshotCopier() if async_save else None
+        self._warned_memory = False
         self._felt = Felt()
         self._after_commit: list[Callable[[], None]] = []
         #: steps whose save was skipped because the previous one was still writing
@@ -343,10 +348,16 @@ class CheckpointManager(ManagerReads):
         snap = capture(entries) if self.ranks is None else None
         tensors = {} if snap is None else snap.tensors
         pending = None
-        if self._copier is not None:
+        writer = self._writer
+        if self._copier is not None and not self._copy_fits(step, tensors):
+            writer = SyncWriter()
+        elif self._copier is not None:
             # what an optimizer's next step() overwrites is copied while training goes on
             pending = self._copier.start(
-                tensors, step=step, optimizers=optimizers_in(state.values())
+                tensors,
+                step=step,
+                optimizers=optimizers_in(entries.values()),
+                untracked=[k for k, v in entries.items() if getattr(v, "untracked_writes", False)],
             )
         self._decider.started_save(step, now, reasons)
         extra = {**self._decider.to_json(), "variant": variant.to_json()}
@@ -398,14 +409,34 @@ class CheckpointManager(ManagerReads):
         shown = metered(
             job, f"saving step {step}", f"saved step {step}", total, show=self._owns_run
         )
-        info = self._writer.write(shown, step=step)
+        info = writer.write(shown, step=step)
         # what training felt: the whole save when synchronous; when asynchronous, what
         # step() took now and what the steps run beside the save lose (see Felt)
         self._decider.finished_save(self.clock() - now)
-        if self._writer.busy:
+        if writer.busy:
             self._felt.saved()
         self._finish(info)
         return info
+
+    def _copy_fits(self, step: int, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the private copy of an async save fits in the memory available now
+        (keeping a tenth of it for training); warns once when it does not."""
+        assert self._copier is not None
+        needed = self._copier.new_bytes(tensors)
+        free = available_memory()
+        if free is None or needed <= 0.9 * free:
+            return True
+        if not self._warned_memory:
+            log.warning(
+                "step %d is saved synchronously: its background copy needs %.1f GiB more "
+                "memory and %.1f GiB are available; save less (content=cw.trainable_only() "
+                "for frozen backbones) or pass async_save=False to silence this",
+                step,
+                needed / 2**30,
+                free / 2**30,
+            )
+            self._warned_memory = True
+        return False
 
     def _release_resume_point(self, step: int, *, verify: bool = True) -> None:
         """Once a checkpoint newer than the one restored has committed and verifies, let

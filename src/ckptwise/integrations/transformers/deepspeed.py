@@ -188,6 +188,10 @@ class EngineFiles:
     :func:`write_engine_files`).
     """
 
+    #: DeepSpeed writes its 16-bit weights through ``.data``, which torch's version counter
+    #: does not see: an async save must copy them afresh every time (see ckptwise.copying)
+    untracked_writes = True
+
     def __init__(self, engine: Any, step: int) -> None:
         self.engine = engine
         self.step = step
