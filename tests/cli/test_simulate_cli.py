@@ -160,3 +160,12 @@ def test_lost_work_is_at_most_the_length_of_the_run() -> None:
     result = CliRunner().invoke(cli, ["simulate", "--save-steps", "5", "--steps", "12"])
     assert result.exit_code == 0, result.output
     assert "expected work lost per failure: 36.7 s (~4 steps)" in result.output
+
+
+def test_a_zero_mtbf_is_a_usage_error() -> None:
+    result = CliRunner().invoke(
+        cli, ["simulate", "--save-steps", "5", "--steps", "12", "--mtbf", "0s"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--mtbf" in result.output
+    assert "longer than 0" in result.output

@@ -177,6 +177,11 @@ def simulate_command(
     cost_td = _parse_option("--save-cost", save_cost, parse_duration)
     size = _parse_option("--checkpoint-bytes", checkpoint_bytes, parse_bytes)
     mtbf_td = _parse_option("--mtbf", mtbf, parse_duration)
+    if mtbf_td is not None and mtbf_td.total_seconds() <= 0:
+        raise click.BadParameter(
+            f"the mean time between failures must be longer than 0, got {mtbf!r}; e.g. '3h'",
+            param_hint="--mtbf",
+        )
     metrics = _read_metrics(metrics_csv) if metrics_csv else None
     unmet = _unmet_metrics(save_policy, keep_policy, metrics)
     for message in unmet:
