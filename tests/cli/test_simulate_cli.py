@@ -169,3 +169,13 @@ def test_a_zero_mtbf_is_a_usage_error() -> None:
     assert result.exit_code == 2, result.output
     assert "--mtbf" in result.output
     assert "longer than 0" in result.output
+
+
+def test_a_metrics_csv_may_have_blank_lines_and_a_byte_order_mark(tmp_path: Path) -> None:
+    """As spreadsheets and hand edits leave them: a UTF-8 BOM, a blank line, a last newline."""
+    trace = tmp_path / "trace.csv"
+    trace.write_bytes(b"\xef\xbb\xbfstep,eval_loss\r\n5,0.5\r\n\r\n10,0.4\r\n\r\n")
+    args = ["simulate", "--save", "on_improvement(eval_loss)", "--steps", "12", "--json"]
+    result = CliRunner().invoke(cli, [*args, "--metrics", str(trace)])
+    assert result.exit_code == 0, result.output
+    assert [s["step"] for s in json.loads(result.stdout)["saves"]] == [5, 10]

@@ -27,16 +27,19 @@ __all__ = ["simulate_command"]
 
 def _read_metrics(path: str) -> dict[int, dict[str, float]]:
     """A CSV whose first column is the step and whose other columns are metrics; empty
-    cells mean "not reported at this step"."""
+    cells mean "not reported at this step", blank lines are skipped."""
     import csv
 
     out: dict[int, dict[str, float]] = {}
-    with open(path, newline="") as f:
+    # utf-8-sig: a spreadsheet's CSV starts with a byte order mark
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header or header[0].strip().lower() != "step":
             raise click.BadParameter("the first column of the metrics CSV must be 'step'")
         for line, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
             try:
                 step = int(row[0])
                 values = {
