@@ -179,3 +179,9 @@ def test_a_metrics_csv_may_have_blank_lines_and_a_byte_order_mark(tmp_path: Path
     result = CliRunner().invoke(cli, [*args, "--metrics", str(trace)])
     assert result.exit_code == 0, result.output
     assert [s["step"] for s in json.loads(result.stdout)["saves"]] == [5, 10]
+
+
+def test_a_run_that_never_saves_says_it_keeps_nothing() -> None:
+    result = CliRunner().invoke(cli, ["simulate", "--save", "every(100)", "--steps", "12"])
+    assert result.exit_code == 0, result.output
+    assert "0 saves over 12 steps:\nkept at the end: nothing\n" in result.output

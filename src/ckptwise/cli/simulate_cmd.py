@@ -222,9 +222,8 @@ def simulate_command(
         click.echo(f"  step {step:>8}  {', '.join(reasons)}")
     if len(result.saves) > len(shown):
         click.echo(f"  ... and {len(result.saves) - len(shown)} more (--json lists all)")
-    click.echo(
-        "kept at the end: " + ", ".join(f"{s} ({', '.join(r)})" for s, r in result.kept.items())
-    )
+    kept = ", ".join(f"{s} ({', '.join(r)})" for s, r in result.kept.items())
+    click.echo(f"kept at the end: {kept or 'nothing'}")
     click.echo(
         f"bytes written: {human_size(result.bytes_written)}; peak on disk: "
         f"{human_size(result.peak_bytes)}; on disk at the end: "
