@@ -185,3 +185,12 @@ def test_a_run_that_never_saves_says_it_keeps_nothing() -> None:
     result = CliRunner().invoke(cli, ["simulate", "--save", "every(100)", "--steps", "12"])
     assert result.exit_code == 0, result.output
     assert "0 saves over 12 steps:\nkept at the end: nothing\n" in result.output
+
+
+def test_a_bad_option_value_is_named_once() -> None:
+    result = CliRunner().invoke(
+        cli, ["simulate", "--save-steps", "5", "--steps", "12", "--step-time", "-1s"]
+    )
+    assert result.exit_code == 2
+    assert "--step-time: '-1s' is not a duration" in result.output
+    assert result.output.count("--step-time") == 1, result.output

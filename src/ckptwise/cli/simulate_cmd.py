@@ -127,7 +127,7 @@ def _parse_option(kind: str, value: str | None, parse: Any) -> Any:
     try:
         return parse(value, where=kind)
     except CheckpointError as exc:
-        raise click.BadParameter(str(exc), param_hint=kind) from exc
+        raise click.BadParameter(str(exc)) from exc  # the message names the option
 
 
 @click.command("simulate")
