@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'ckptwise[cli]'"
     ) from exc
 
-from ckptwise.cli.common import echo_json, human_size, open_cli_run
+from ckptwise.cli.common import echo_json, human_size, open_cached_run, open_cli_run
 from ckptwise.cli.ranking import run_ranking, unknown_metric
 from ckptwise.cli.simulate_cmd import simulate_command
 from ckptwise.cli.storage import (
@@ -58,9 +58,22 @@ def cli() -> None:
     metavar="A,B",
     help="Also show these recorded metrics (the one the run's policy ranks by is shown).",
 )
-def ls_command(run: str, as_json: bool, branch: str | None, extra_metrics: str | None) -> None:
+@click.option(
+    "--cache",
+    metavar="DIR",
+    help="The writer's local cache folder (cache=): also list what it has not uploaded "
+    "yet, and show where each checkpoint is durable (local, uploading, remote).",
+)
+def ls_command(
+    run: str, as_json: bool, branch: str | None, extra_metrics: str | None, cache: str | None
+) -> None:
     """List the committed checkpoints of RUN (a folder or fsspec URL)."""
-    opened = open_cli_run(run)
+    states: dict[int, str] | None = None
+    if cache is None:
+        opened = open_cli_run(run)
+    else:
+        opened, cached = open_cached_run(run, cache)
+        states = dict(cached.upload_states())
     branches = opened.branches()
     if branch is not None:
         try:
@@ -68,6 +81,7 @@ def ls_command(run: str, as_json: bool, branch: str | None, extra_metrics: str |
         except CheckpointError as exc:
             raise click.ClickException(str(exc)) from exc
         branches = {}
+        states = None  # uploads are tracked for the main line
     kept = opened.kept()
     pins = opened.pins()
     infos = opened.checkpoints()
@@ -94,6 +108,8 @@ def ls_command(run: str, as_json: bool, branch: str | None, extra_metrics: str |
                 "kept_because": why,
             }
         )
+        if states is not None:
+            rows[-1]["upload"] = states.get(info.step, "remote")
     physical = opened.physical_bytes()
     if as_json:
         echo_json(
@@ -117,13 +133,17 @@ def ls_command(run: str, as_json: bool, branch: str | None, extra_metrics: str |
     columns = [Column("step", numeric=True), Column("time"), Column("saved because", wrap=True)]
     columns += [Column("holds")] if slim else []
     columns += [Column(m, numeric=True) for m in metrics]
-    columns += [Column("bytes", numeric=True), Column("kept because", wrap=True)]
+    columns += [Column("bytes", numeric=True)]
+    columns += [Column("upload")] if states is not None else []
+    columns += [Column("kept because", wrap=True)]
     table: list[list[str]] = []
     for row, time in zip(rows, when, strict=True):
         cells = [str(row["step"]), time, ", ".join(row["reasons"])]
         cells += [row["holds"]] if slim else []
         cells += [_number(row["metrics"].get(m)) for m in metrics]
-        cells += [human_size(row["logical_bytes"]), ", ".join(row["kept_because"])]
+        cells += [human_size(row["logical_bytes"])]
+        cells += [row["upload"]] if states is not None else []
+        cells += [", ".join(row["kept_because"])]
         table.append(cells)
     print_table(f"{run}: {len(rows)} checkpoint(s){title_when}", columns, table)
     click.echo(f"on disk: {human_size(physical)} (each object counted once)")

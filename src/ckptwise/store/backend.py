@@ -12,17 +12,31 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
 
-from ckptwise.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from ckptwise.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    StorageError,
+)
+from ckptwise.store.retry import DEFAULT_RETRY, RetryPolicy, retrying
 
-__all__ = ["TMP_MARK", "Backend", "FsspecBackend", "LocalBackend", "open_backend"]
+__all__ = [
+    "TMP_MARK",
+    "Backend",
+    "FsspecBackend",
+    "LocalBackend",
+    "drop_cached",
+    "open_backend",
+]
 
 #: Infix of every temporary file name; anything carrying it is debris after a crash.
 TMP_MARK = ".tmp-"
 
 Buffer = bytes | bytearray | memoryview
+T = TypeVar("T")
 
 
 class Backend(Protocol):
@@ -69,6 +83,18 @@ class Backend(Protocol):
     def free_bytes(self) -> int | None:
         """Free space where the run lives, or ``None`` when the backend cannot tell."""
         ...
+
+
+def drop_cached(backend: Backend, path: str) -> bool:
+    """Stop reading ``path`` from a local cache in front of ``backend``, so the next read
+    fetches the copy kept for good; whether there was such a copy to fall back to.
+
+    For a reader that found the cached copy damaged (it fails its checksum): with ``True`` it
+    reads again. Backends without a cache (and a cached file not uploaded yet, the only
+    copy) answer ``False``.
+    """
+    drop = getattr(backend, "drop_cached", None)
+    return bool(drop(path)) if callable(drop) else False
 
 
 def _tmp_name(path: str) -> str:
@@ -391,9 +417,15 @@ class FsspecBackend:
     Object stores make a whole-file ``put`` atomic by themselves; for them a temporary name
     would only cost a copy, so files are written in place. ``sync`` is a no-op: a completed
     upload is durable.
+
+    Every call is repeated on transient errors (throttling, 5xx, lost connections) as
+    ``retry`` says (see :mod:`~ckptwise.store.retry`); other errors are raised at once.
+    ``storage_options`` go to fsspec and appear in no message.
     """
 
-    def __init__(self, url: str, **storage_options: Any) -> None:
+    def __init__(
+        self, url: str, *, retry: RetryPolicy = DEFAULT_RETRY, **storage_options: Any
+    ) -> None:
         import fsspec
 
         try:
@@ -404,6 +436,7 @@ class FsspecBackend:
             ) from exc
         self.root = root.rstrip("/")
         self.url = url
+        self.retry = retry
 
     def _abs(self, path: str) -> str:
         return f"{self.root}/{path}" if path else self.root
@@ -416,44 +449,58 @@ class FsspecBackend:
         self.fs.invalidate_cache(full)
         return full
 
-    @contextlib.contextmanager
-    def _wrap(self, action: str, path: str) -> Iterator[None]:
+    def _call(self, action: str, path: str, call: Callable[[], T]) -> T:
+        """``call()`` with retries, its errors wrapped: a missing file is
+        :class:`CheckpointNotFoundError`, any other failure :class:`StorageError`."""
+        where = f"{self.url}/{path}"
         try:
-            yield
+            return retrying(call, policy=self.retry, action=action, where=where)
+        except (StorageError, CheckpointNotFoundError):
+            raise
         except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"{self.url}/{path} does not exist") from exc
+            raise CheckpointNotFoundError(f"{where} does not exist") from exc
         except Exception as exc:
-            raise StorageError(f"could not {action} {self.url}/{path}: {exc}") from exc
+            raise StorageError(f"could not {action} {where}: {exc}") from exc
 
     def write_atomic(self, path: str, chunks: Iterable[Buffer], *, sync: bool = True) -> int:
         data = b"".join(memoryview(c).cast("B") for c in chunks)
-        with self._wrap("write", path):
-            self.fs.pipe_file(self._abs(path), data)
+        self._call("write", path, lambda: self.fs.pipe_file(self._abs(path), data))
         return len(data)
+
+    def put_file(self, path: str, local: str) -> None:
+        """Upload the local file ``local`` to ``path``, streamed from disk (s3fs sends a
+        large file in parts and shows it only once every part arrived)."""
+        self._call("upload", path, lambda: self.fs.put_file(local, self._abs(path)))
 
     def sync_dirs(self, dirs: Iterable[str]) -> None:
         return None
 
     def read_bytes(self, path: str) -> bytes:
-        with self._wrap("read", path):
+        def read() -> bytes:
             data: bytes = self.fs.cat_file(self._fresh(path))
             return data
 
+        return self._call("read", path, read)
+
     def read_into(self, path: str, buffer: memoryview) -> int:
         view = buffer.cast("B")
-        with self._wrap("read", path):
+
+        def read() -> bytes:
             # a ranged read: never more than the buffer holds, whatever the file's size
             full = self._fresh(path)
-            data = self.fs.cat_file(full, start=0, end=len(view)) if view else b""
             if not view:
                 self.fs.info(full)  # still not found when missing
+                return b""
+            data: bytes = self.fs.cat_file(full, start=0, end=len(view))
+            return data
+
+        data = self._call("read", path, read)
         n = min(len(data), len(view))
         view[:n] = data[:n]
         return n
 
     def size(self, path: str) -> int:
-        with self._wrap("stat", path):
-            info = self.fs.info(self._fresh(path))
+        info: dict[str, Any] = self._call("stat", path, lambda: self.fs.info(self._fresh(path)))
         if info.get("type") != "file":
             raise CorruptCheckpointError(
                 f"{self.url}/{path} is a {info.get('type')}, not a file; remove it"
@@ -461,15 +508,17 @@ class FsspecBackend:
         return int(info.get("size") or 0)
 
     def exists(self, path: str) -> bool:
-        with self._wrap("stat", path):
-            return bool(self.fs.isfile(self._fresh(path)))
+        return self._call("stat", path, lambda: bool(self.fs.isfile(self._fresh(path))))
 
     def list_files(self, prefix: str) -> list[str]:
-        base = self._fresh(prefix)
-        with self._wrap("list", prefix):
+        def find() -> list[str]:
+            base = self._fresh(prefix)
             if not self.fs.exists(base):
                 return []
-            found = self.fs.find(base)
+            found: list[str] = self.fs.find(base)
+            return found
+
+        found = self._call("list", prefix, find)
         strip = self.root.lstrip("/")
         out = []
         for p in found:
@@ -478,20 +527,60 @@ class FsspecBackend:
         return sorted(out)
 
     def delete(self, path: str) -> None:
-        with self._wrap("delete", path):
+        def remove() -> None:
             full = self._fresh(path)
             if self.fs.exists(full):
                 self.fs.rm_file(full)
+
+        self._call("delete", path, remove)
 
     def free_bytes(self) -> int | None:
         return None
 
 
-def open_backend(root: str | os.PathLike[str], **storage_options: Any) -> Backend:
-    """A :class:`LocalBackend` for plain paths and ``file://``, else an fsspec backend."""
+def open_backend(
+    root: str | os.PathLike[str],
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    cache_bytes: int | None = None,
+    retry: RetryPolicy | None = None,
+    **storage_options: Any,
+) -> Backend:
+    """A :class:`LocalBackend` for plain paths and ``file://``, else an fsspec backend.
+
+    With ``cache`` (a local folder, one per run) a remote run is written through a
+    :class:`~ckptwise.store.tiered.TieredBackend`: saves land in the cache and an uploader
+    copies them to ``root`` in the background, keeping at most ``cache_bytes`` of uploaded
+    files there (``None``: no bound). ``retry`` says how transient remote errors are
+    retried (:data:`~ckptwise.store.retry.DEFAULT_RETRY` when ``None``).
+
+    Raises:
+        ConfigError: ``cache`` given for a local run, or a bad ``cache_bytes``.
+        StorageError: the URL's filesystem cannot be opened.
+
+    >>> backend = open_backend("s3://bucket/run", cache="/scratch/run-cache")  # doctest: +SKIP
+    """
     text = os.fspath(root)
+    policy = DEFAULT_RETRY if retry is None else retry
+    local = text.startswith("file://") or "://" not in text
+    if cache is not None:
+        if local:
+            raise ConfigError(
+                f"cache={os.fspath(cache)!r} is for a remote run (an fsspec URL such as "
+                f"s3://bucket/run), but {text!r} is a local folder, written directly; drop "
+                "cache="
+            )
+        from ckptwise.store.tiered import TieredBackend
+
+        remote = FsspecBackend(text, retry=policy, **storage_options)
+        return TieredBackend(cache, remote, cache_bytes=cache_bytes)
+    if cache_bytes is not None:
+        raise ConfigError(
+            f"cache_bytes={cache_bytes!r} bounds a local cache, but no cache= was given; pass "
+            "cache=FOLDER with it, or drop it"
+        )
     if text.startswith("file://"):
         return LocalBackend(text[len("file://") :])
     if "://" in text:
-        return FsspecBackend(text, **storage_options)
+        return FsspecBackend(text, retry=policy, **storage_options)
     return LocalBackend(text)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 
 from ckptwise.errors import ConfigError, StorageError
-from ckptwise.store.backend import Backend, Buffer
+from ckptwise.store.backend import Backend, Buffer, drop_cached
 from ckptwise.store.layout import CHECKPOINTS
 
 __all__ = ["BRANCHES", "BranchBackend", "check_branch_name"]
@@ -83,3 +83,7 @@ class BranchBackend:
 
     def free_bytes(self) -> int | None:
         return None
+
+    def drop_cached(self, path: str) -> bool:
+        """See :func:`~ckptwise.store.backend.drop_cached`."""
+        return drop_cached(self.inner, self._map(path))

@@ -30,7 +30,7 @@ from ckptwise.errors import (
     StorageError,
 )
 from ckptwise.records import CheckpointInfo
-from ckptwise.store.backend import TMP_MARK, Backend
+from ckptwise.store.backend import TMP_MARK, Backend, drop_cached
 from ckptwise.store.branch import BRANCHES, check_branch_name
 from ckptwise.store.codecs import readable
 from ckptwise.store.layout import CHECKPOINTS, OBJECTS, manifest_path, manifest_step
@@ -50,8 +50,22 @@ def branch_manifest_path(name: str, step: int) -> str:
 
 def read_manifest(backend: Backend, path: str) -> Manifest:
     """Read and validate one manifest (see :func:`load_manifest`, which bounds its size);
-    :class:`FormatError` says what is wrong with it."""
-    return load_manifest(backend, path)
+    :class:`FormatError` says what is wrong with it.
+
+    A copy in a local cache that fails is dropped and the manifest read again from where it
+    is kept for good (see :func:`~ckptwise.store.backend.drop_cached`).
+    """
+    try:
+        return load_manifest(backend, path)
+    except CheckpointNotFoundError:
+        raise
+    except CheckpointError as exc:
+        if not drop_cached(backend, path):
+            raise
+        log.warning(
+            "manifest %s in the local cache: %s; reading it from %s", path, exc, backend.url
+        )
+        return load_manifest(backend, path)
 
 
 def _objects_of(entry: TensorEntry) -> Iterable[tuple[str, TensorEntry]]:
@@ -91,7 +105,6 @@ class Index:
         name it needs.
         """
         from ckptwise.store.layout import misnamed_manifest
-        from ckptwise.store.manifest import load_manifest
 
         with self.lock:
             self._manifests.clear()
@@ -109,7 +122,7 @@ class Index:
                         )
                     continue
                 try:
-                    manifest = load_manifest(self.backend, path)
+                    manifest = read_manifest(self.backend, path)
                     if manifest.step != step:
                         raise FormatError(f"manifest {path} says step {manifest.step}")
                 except CheckpointNotFoundError:

@@ -15,6 +15,15 @@ If the lock file is deleted under a live writer, a second writer can take the ru
 :meth:`RunLock.check` (called before every commit and deletion) notices: locally the path
 no longer leads to the locked file, remotely the record no longer carries this writer's
 token. The first writer then raises :class:`RunLockedError` instead of writing.
+
+A run written through a local cache (:class:`~ckptwise.store.tiered.TieredBackend`) is
+locked on its remote store, as if it were written directly, so two machines never both
+write one remote run. Taking the lock starts the cache's uploads (nothing is uploaded
+without the lock) with this lock's remote check as their fence: the uploader checks before
+each manifest upload and each remote deletion, so a writer whose lock was taken over
+publishes nothing remotely; :meth:`RunLock.check` then reports what the uploader found,
+without a network call on the save's path. Releasing the lock first finishes (for up to the
+backend's ``exit_timeout``) and stops the uploads.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Any
 from ckptwise.errors import RunLockedError, StorageError
 from ckptwise.store.backend import Backend, FsspecBackend, LocalBackend
 from ckptwise.store.runfile import read_fresh
+from ckptwise.store.tiered import TieredBackend
 
 __all__ = ["LOCK_FILE", "RunLock"]
 
@@ -42,6 +52,11 @@ _LOCAL_PROTOCOLS = {"file", "local"}
 _CREATE_PROTOCOLS = {"s3", "s3a", "memory"}
 # the in-memory filesystem's exclusive create is a check then a write: serialise it
 _memory_create = threading.Lock()
+
+
+def _locked(backend: Backend) -> Backend:
+    """The backend whose store holds the lock: a cached run's remote one."""
+    return backend.remote if isinstance(backend, TieredBackend) else backend
 
 
 def _holder_text(info: dict[str, Any]) -> str:
@@ -116,7 +131,7 @@ class RunLock:
         """
         if self._held:
             return
-        backend = self.backend
+        backend = _locked(self.backend)
         if isinstance(backend, LocalBackend | FsspecBackend) and (
             isinstance(backend, LocalBackend) or _protocols(backend) & _LOCAL_PROTOCOLS
         ):
@@ -131,6 +146,12 @@ class RunLock:
                 "folder, s3:// or memory://, or only read this run with cw.open_run()"
             )
         self._held = True
+        if isinstance(self.backend, TieredBackend):
+            try:
+                self.backend.start_uploads(fence=self._verify)
+            except BaseException:
+                self.release()
+                raise
 
     # -- local: flock ----------------------------------------------------------------------
 
@@ -283,11 +304,20 @@ class RunLock:
 
         Does nothing when this process never took the lock (a reader, or a rank other than
         0). Called before each commit and deletion, so a writer whose lock file was deleted
-        (and perhaps taken by another writer) stops instead of writing next to it.
+        (and perhaps taken by another writer) stops instead of writing next to it. A run
+        written through a cache is checked by its uploader before each manifest upload and
+        remote deletion; here, without a network call, this raises what the uploader found.
         """
         if not self._held:
             return
-        backend = self.backend
+        if isinstance(self.backend, TieredBackend):
+            self.backend.raise_if_fenced()
+            return
+        self._verify()
+
+    def _verify(self) -> None:
+        """:meth:`check`, asking the lock's store itself."""
+        backend = _locked(self.backend)
         if self._fd is not None:
             try:
                 now = os.stat(self._path, follow_symlinks=False)
@@ -313,7 +343,10 @@ class RunLock:
         """Give the lock up; safe to call twice."""
         if not self._held:
             return
+        if isinstance(self.backend, TieredBackend):
+            self.backend.detach()  # nothing may be sent once another writer can take the run
         self._held = False
+        backend = _locked(self.backend)
         if self._fd is not None:
             import fcntl
 
@@ -322,7 +355,7 @@ class RunLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
-        elif isinstance(self.backend, FsspecBackend):
+        elif isinstance(backend, FsspecBackend):
             with contextlib.suppress(StorageError):
-                if self._owns(self.backend):
-                    self.backend.delete(LOCK_FILE)
+                if self._owns(backend):
+                    backend.delete(LOCK_FILE)

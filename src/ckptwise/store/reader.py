@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ckptwise.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptwise.report import advance
-from ckptwise.store.backend import Backend
+from ckptwise.store.backend import Backend, drop_cached
 from ckptwise.store.codecs import RAW, decode, decoded_size
 from ckptwise.store.index import Index
 from ckptwise.store.layout import byte_view, manifest_path, object_id, object_path
@@ -117,7 +117,20 @@ class Reader:
 
     def _read_verified(self, entry: TensorEntry, room: Callable[[int], memoryview]) -> None:
         """Read an object's raw bytes into ``room(nbytes)`` (asked for once its size is
-        checked), decoding its delta chain, and check them against its address."""
+        checked), decoding its delta chain, and check them against its address.
+
+        A copy in a local cache that fails is dropped and the object read again from where
+        it is kept for good (see :func:`~ckptwise.store.backend.drop_cached`).
+        """
+        try:
+            self._read_once(entry, room)
+        except CorruptCheckpointError as exc:
+            if not drop_cached(self.backend, object_path(entry.object)):
+                raise
+            log.warning("%s in the local cache; reading it from %s", exc, self.backend.url)
+            self._read_once(entry, room)
+
+    def _read_once(self, entry: TensorEntry, room: Callable[[int], memoryview]) -> None:
         path = object_path(entry.object)
         self.reads += 1
         try:
