@@ -76,6 +76,9 @@ class Mode:
     async_save: bool = False
     #: "prune": most kills land just after retention starts deleting
     aim: Literal["save", "prune"] = "save"
+    #: the big tensor is written by an optimizer's step(), so an async save copies it while
+    #: the worker goes on and that step() waits for the copy (see ckptwise.copying)
+    overlap: bool = False
 
     def manager(self, root: Path, keep: cw.RetentionPolicy) -> cw.CheckpointManager:
         return cw.CheckpointManager(
@@ -93,6 +96,7 @@ MODES = {
     for m in (
         Mode("sync", "raw"),
         Mode("async", "raw", async_save=True),
+        Mode("async-overlap", "raw", async_save=True, overlap=True),
         Mode("zstd", "zstd"),
         Mode("bytegroup", "bytegroup"),
         Mode("auto", "auto"),
@@ -125,17 +129,44 @@ def expected(step: int) -> dict[str, Any]:
     }
 
 
+class Setter(torch.optim.Optimizer):
+    """An optimizer whose ``step()`` writes the next step's weights in place, as training's
+    optimizer would (so torch's pre-step hooks see the write)."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__([weights], {"lr": 0.0})
+        self.target: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        assert self.target is not None
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.copy_(self.target)
+
+
+def with_optimizer(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with a :class:`Setter` over its weights (for modes with ``overlap``)."""
+    return {**state, "optimizer": Setter(state["weights"])}
+
+
 def advance(state: dict[str, Any], step: int) -> None:
     """Turn ``state`` into :func:`expected` ``(step)`` in place, as training would."""
     new = expected(step)
-    state["weights"].copy_(new["weights"])
+    if "optimizer" in state:
+        state["optimizer"].target = new["weights"]
+        state["optimizer"].step()
+    else:
+        state["weights"].copy_(new["weights"])
     state["counter"].copy_(new["counter"])
     state["meta"] = new["meta"]
 
 
 def mismatch(values: Mapping[str, Any], step: int) -> str:
-    """What differs between ``values`` and the state at ``step``; empty when they are equal."""
+    """What differs between ``values`` and the state at ``step``; empty when they are equal
+    (an ``optimizer`` entry, which holds no tensors, is left out of the comparison)."""
     want = expected(step)
+    values = {k: v for k, v in values.items() if k != "optimizer"}
     if set(values) != set(want):
         return f"keys {sorted(values)} instead of {sorted(want)}"
     for key, value in want.items():
@@ -180,7 +211,7 @@ def worker(root: Path, mode: Mode) -> int:
     """Resume from the newest checkpoint and save every step until killed."""
     say("opening", 0)
     manager = mode.manager(root, Announced(cw.keep_last(2)))
-    state = expected(0)
+    state = with_optimizer(expected(0)) if mode.overlap else expected(0)
     start = manager.restore(state)
     if start and mismatch(state, start):
         say("bad-resume", start)
@@ -418,7 +449,7 @@ def check_writer(root: Path, mode: Mode, found: Findings) -> int | None:
             unreferenced = stored - set(manager.run.object_bytes())
             if unreferenced:
                 found.reopen.append(f"{len(unreferenced)} unreferenced object(s) left")
-            state = expected(0)
+            state = with_optimizer(expected(0)) if mode.overlap else expected(0)
             restored = manager.restore(state)
             if restored != newest:
                 found.reopen.append(f"restore() gave step {restored}, the newest is {newest}")
