@@ -56,6 +56,7 @@ from ckptwise.report import metered
 from ckptwise.run import RestoreWarning, Run
 from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState, capture
 from ckptwise.store import CheckpointStore, Manifest, RunLock, open_backend, runfile
+from ckptwise.store.tiered import TieredBackend, UploadState, upload_states
 from ckptwise.writer import AsyncWriter, SyncWriter, Writer
 
 __all__ = ["RNG_KEY", "CheckpointManager", "RestoreWarning"]
@@ -117,6 +118,15 @@ class CheckpointManager(ManagerReads):
         on_busy: with ``async_save``, what a new save does while one is still writing:
             ``"wait"`` for it, or ``"skip"`` (recorded in :attr:`skipped`).
         storage_options: passed to fsspec for URLs (credentials, endpoint).
+        cache: for a remote run (``s3://...``), a local folder (one per run) that saves are
+            written to; an uploader sends them to ``root`` in the background, objects before
+            the manifest that names them, so the network is never in a save's way and a
+            reader of the remote sees only whole checkpoints. Restores read the cache when
+            it holds a verified copy, else the remote. :meth:`close` waits for the uploads;
+            :meth:`upload_states` says which checkpoints are ``local``, ``uploading`` or
+            ``remote``. One process only.
+        cache_bytes: the most bytes of already uploaded files the cache keeps (least
+            recently used go first; files not yet uploaded are always kept).
         process_group: in a multi-process job (``torchrun``), the group whose ranks save
             together; by default the default group when ``torch.distributed`` is
             initialized. Every rank creates its manager with the same arguments: rank 0
@@ -140,6 +150,8 @@ class CheckpointManager(ManagerReads):
         on_busy: Literal["wait", "skip"] = "wait",
         clock: Callable[[], datetime] = _utcnow,
         storage_options: Mapping[str, Any] | None = None,
+        cache: str | os.PathLike[str] | None = None,
+        cache_bytes: int | None = None,
         process_group: Any = None,
         dist_timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
@@ -180,7 +192,15 @@ class CheckpointManager(ManagerReads):
         coordinator = self.ranks is None or self.ranks.coordinator
         # the lock and the run folder's upkeep belong to rank 0 alone
         self._owns_run = self.writable and coordinator
-        backend = open_backend(root, **dict(storage_options or {}))
+        if cache is not None and self.ranks is not None:
+            raise ConfigError(
+                "cache= is for one writing process: with several, rank 0 cannot know that the "
+                "other ranks' objects are uploaded before it uploads the manifest; drop cache= "
+                "(each rank then writes to the remote store directly)"
+            )
+        backend = open_backend(
+            root, cache=cache, cache_bytes=cache_bytes, **dict(storage_options or {})
+        )
         self._lock = RunLock(backend)
         if self._owns_run:
             self._lock.acquire()
@@ -677,10 +697,30 @@ class CheckpointManager(ManagerReads):
             self._writer.close()
             if self._copier is not None:
                 self._copier.close()
+            backend = self._store.backend
+            if isinstance(backend, TieredBackend) and self._owns_run:
+                backend.close()  # every upload done, before the lock lets another writer in
         finally:
             self._closed = True
             self._decider.close()
             self._lock.release()
+
+    def upload_states(self) -> dict[int, UploadState] | None:
+        """For a run written through a ``cache``: each checkpoint's upload state
+        (``"local"``, ``"uploading"`` or ``"remote"``); ``None`` for other runs."""
+        return upload_states(self._store.backend)
+
+    def flush_uploads(self, timeout: timedelta | None = None) -> None:
+        """Block until every checkpoint committed so far is durable remotely (with a
+        ``cache``; otherwise return at once).
+
+        Raises:
+            StorageError: an upload failed after its retries, or ``timeout`` passed.
+        """
+        self.wait()
+        backend = self._store.backend
+        if isinstance(backend, TieredBackend):
+            backend.flush(timeout)
 
     @property
     def closed(self) -> bool:
