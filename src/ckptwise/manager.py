@@ -136,7 +136,7 @@ class CheckpointManager(ManagerReads):
         rng: bool = True,
         codec: str = "auto",
         deltas: int | None = None,
-        async_save: bool = False,
+        async_save: bool | None = None,
         on_busy: Literal["wait", "skip"] = "wait",
         clock: Callable[[], datetime] = _utcnow,
         storage_options: Mapping[str, Any] | None = None,
@@ -172,6 +172,8 @@ class CheckpointManager(ManagerReads):
         #: the ranks of a multi-process job (``None`` for one process, and for a manager that
         #: only reads: creating the checkpoint's process group would need every rank)
         self.ranks = Ranks.detect(process_group, timeout=dist_timeout) if self.writable else None
+        if async_save is None:
+            async_save = self.ranks is None
         if self.ranks is not None and async_save:
             raise ConfigError(
                 "async_save=True is not supported in multi-process runs yet; pass "
