@@ -365,3 +365,41 @@ def test_a_copy_that_does_not_fit_in_memory_is_taken_synchronously(
         assert "saved synchronously" in caplog.text
         assert manager._copier is not None
         assert manager._copier.pending is None
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_what_a_fused_optimizer_writes_is_copied_again_at_every_save(
+    run_dir: Path, with_optimizer: bool
+) -> None:
+    """torch's fused kernels (the Trainer's default AdamW) leave the version counter alone:
+    reusing the previous copy would save the weights of the first save again. Also when the
+    save holds the model only (``weights_only()``), so no optimizer is in the state."""
+    model = nn.Linear(16, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+
+    def train_fused() -> None:
+        optimizer.zero_grad()
+        model(torch.randn(4, 16)).pow(2).mean().backward()
+        optimizer.step()
+
+    state: dict[str, Any] = {"model": model}
+    if with_optimizer:
+        state["optimizer"] = optimizer
+    train_fused()
+    with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
+        for step in (1, 2):
+            if step == 2:
+                version = model.weight._version
+                train_fused()
+                assert model.weight._version == version  # what made reuse unsafe
+            manager.step(step, state)
+            at_save = {k: v.clone() for k, v in model.state_dict().items()}
+            train_fused()  # right after step(), while the save may still be copying
+            manager.wait()
+            for name, tensor in cw.open_run(run_dir).load(step)["model"].items():
+                assert torch.equal(tensor, at_save[name]), (step, name)
+        if with_optimizer:
+            saved_state = cw.open_run(run_dir).load(2)["optimizer"]["state"][0]["exp_avg"]
+            assert not torch.equal(
+                saved_state, cw.open_run(run_dir).load(1)["optimizer"]["state"][0]["exp_avg"]
+            )
