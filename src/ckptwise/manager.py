@@ -39,6 +39,7 @@ from ckptwise.policy import (
     ContentPolicy,
     Decision,
     RetentionPlan,
+    Request,
     RetentionPolicy,
     Trigger,
     Variant,
@@ -202,6 +203,7 @@ class CheckpointManager(ManagerReads):
         self._warned_memory = False
         self._felt = Felt()
         self._after_commit: list[Callable[[], None]] = []
+        self._answering: frozenset[Request] = frozenset()  # by the save in flight
         #: steps whose save was skipped because the previous one was still writing
         self.skipped: list[int] = []
         #: bytes this manager's commits added to the store (new objects, after dedup)
@@ -281,7 +283,10 @@ class CheckpointManager(ManagerReads):
     ) -> Decision:
         self._finish(self._writer.poll())
         values = coerce_metrics(metrics)
-        verdict = self._decider.decide(step, values, final=final)
+        # a request is forgotten once the save answering it commits; until then it must not
+        # ask for another save at every step
+        answered = self._answering if self._writer.busy else frozenset()
+        verdict = self._decider.decide(step, values, final=final, answered=answered)
         decision = verdict.decision
         if not decision.save:
             return decision
@@ -292,6 +297,7 @@ class CheckpointManager(ManagerReads):
         consume = self._decider.on_commit(decision)
         if consume is not None:
             self._after_commit.append(consume)
+        self._answering = decision.requests
         self.save(
             step,
             state,
