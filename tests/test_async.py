@@ -182,3 +182,51 @@ def test_a_full_disk_raises_a_storage_error_on_both_paths(
         if async_save:
             assert "background save of step 1" in str(err.value)
             assert isinstance(err.value.__cause__, cw.StorageError)
+
+
+def test_deleting_a_branch_waits_for_the_save_in_flight(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Collecting the branch's objects beside a save would take the objects it has written
+    and not yet named in a manifest (as a prune would; both wait for it)."""
+    from ckptwise.store.commit import Committer
+
+    with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:
+        for step in (10, 20):
+            manager.save(step, {"w": torch.full((64,), float(step))})
+        manager.save(11, {"w": torch.full((64,), 11.0)})  # went back: 20 becomes a branch
+        manager.wait()
+        [name] = manager.run.branches()
+        publish, publishing = Committer.publish, threading.Event()
+
+        def late(self: Committer, manifest: Any) -> Any:
+            publishing.set()  # the new object is written, its manifest not yet
+            time.sleep(0.5)
+            return publish(self, manifest)
+
+        monkeypatch.setattr(Committer, "publish", late)
+        manager.save(12, {"w": torch.full((64,), 12.0)})
+        assert publishing.wait(5)
+        manager.delete_branch(name)
+        manager.wait()
+    run = cw.open_run(run_dir)
+    assert run.steps() == [10, 11, 12]
+    assert run.verify() == []
+    assert torch.equal(run.load(12)["w"], torch.full((64,), 12.0))
+
+
+def test_the_managers_run_waits_for_the_step_in_flight_when_asked_for_it(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowStore(monkeypatch, 0.3)
+    with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:
+        manager.step(1, {"model": {"w": torch.ones(4)}})
+        assert slow.started.wait(5)
+        assert manager.checkpoints() == []  # listings show what has committed
+        path = manager.run.export(1, tmp_path / "out")  # naming the step waits for it
+        assert path.is_file()
+        assert [c.step for c in manager.checkpoints()] == [1]
+        manager.step(2, {"model": {"w": torch.full((4,), 2.0)}})
+        found = manager.resume_values()  # resumes from the newest, as restore() does
+        assert found is not None
+        assert found[0] == 2

@@ -80,7 +80,6 @@ def test_restore_falls_back_past_a_corrupt_checkpoint(run_dir: Path) -> None:
         for step in (1, 2):
             train_step(state)
             manager.step(step, state)
-        manager.wait()
         expected_step1 = manager.run.load(1)["model"]
         head = manager.run.manifest(2).tensors["model/head.weight"].object
     path = run_dir / object_path(head)
@@ -101,7 +100,6 @@ def test_restore_falls_back_past_a_corrupt_checkpoint(run_dir: Path) -> None:
 def test_restore_raises_when_nothing_verifies(run_dir: Path) -> None:
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         manager.step(1, {"w": torch.ones(3)})
-        manager.wait()
         oid = manager.run.manifest(1).tensors["w"].object
     (run_dir / object_path(oid)).write_bytes(b"\0" * 12)
     with warnings.catch_warnings():
@@ -216,8 +214,7 @@ def test_export_writes_plain_safetensors(run_dir: Path, tmp_path: Path) -> None:
     train_step(state)
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         manager.step(1, state)
-        manager.wait()  # the run lists a checkpoint once committed
-        path = manager.run.export(1, tmp_path / "export")
+        path = manager.run.export(1, tmp_path / "export")  # waits for step 1 to commit
         with pytest.raises(cw.CheckpointError, match="no tensors under 'vision'"):
             manager.run.export(1, tmp_path / "x", key="vision")
     weights = load_file(str(path))
