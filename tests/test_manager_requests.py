@@ -137,9 +137,9 @@ def test_not_enough_disk_space_fails_the_save_and_keeps_the_rest(
         manager.step(1, {"w": torch.zeros(1000)})
         manager.wait()
         monkeypatch.setattr(LocalBackend, "free_bytes", lambda self: 1024)
+        manager.step(2, {"w": torch.ones(1000)})  # fails in the background
         with pytest.raises(cw.StorageError, match=r"not enough free space.*keep fewer"):
-            manager.step(2, {"w": torch.ones(1000)})
-            manager.wait()  # the background save's error, raised here
+            manager.wait()
         monkeypatch.undo()
         assert steps_of(manager) == [1]
         assert manager.run.verify() == []

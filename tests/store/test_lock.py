@@ -183,9 +183,9 @@ def test_a_writer_whose_lock_was_deleted_stops_writing(tmp_path: Path, remote: b
     else:
         (tmp_path / "run" / "ckptwise.lock").unlink()
     second = cw.CheckpointManager(url, save=cw.every(1), keep=cw.keep_last(1))
+    first.step(3, {"w": torch.full((2,), 3.0)})  # the fence refuses it in the background
     with pytest.raises(cw.RunLockedError, match="was deleted or replaced"):
-        first.step(3, {"w": torch.full((2,), 3.0)})
-        first.wait()  # the fence refuses the commit on the background thread
+        first.wait()
     first.unpin(1)
     with pytest.raises(cw.RunLockedError, match="was deleted or replaced"):
         first.prune()  # nor does it delete anything
