@@ -172,7 +172,7 @@ def test_a_parameter_shared_by_two_optimizers_holds_back_both(run_dir: Path, gat
     with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
         manager.step(1, state)
         before = shared.detach().clone()
-        (shared.sum() + own.sum()).backward()
+        torch.autograd.backward(shared.sum() + own.sum())
         threads = []
         for opt in (first, second):  # "c" owns only the parameter it shares with "a"
             stepper = threading.Thread(target=opt.step)
@@ -189,7 +189,7 @@ def test_a_parameter_shared_by_two_optimizers_holds_back_both(run_dir: Path, gat
 
 def test_wrapped_optimizers_are_found_and_unhookable_ones_copied_at_once() -> None:
     class Wrapper:  # as accelerate's and Lightning's wrappers do: .optimizer is the real one
-        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        def __init__(self, optimizer: Any) -> None:
             self.optimizer = optimizer
 
     class Handmade:  # an optimizer torch's hooks cannot see
