@@ -81,9 +81,9 @@ class Run:
 
     The run of a writing :class:`~ckptwise.CheckpointManager` (``manager.run``) waits for a
     save still writing in the background when asked for that very step (its manifest, load,
-    export, archive, pin): ``manager.step(n, state)`` then ``manager.run.export(n, out)``
-    exports step ``n``. Listings (``steps()``, ``checkpoints()``, ``"latest"``) show what
-    has committed and never wait.
+    restore, verify, export, archive, pin): ``manager.step(n, state)`` then
+    ``manager.run.export(n, out)`` exports step ``n``. Listings (``steps()``,
+    ``checkpoints()``, ``"latest"``) show what has committed and never wait.
     """
 
     def __init__(
@@ -295,6 +295,7 @@ class Run:
         tensors overwritten: the fallback to an older checkpoint then overwrites them again,
         and if no checkpoint verifies the state must be rebuilt.
         """
+        self._committed(step)
         return restore_state(
             self._store,
             state,
@@ -310,6 +311,8 @@ class Run:
     def verify(self, steps: list[int] | None = None) -> list[Problem]:
         """Check every object of ``steps`` (all by default) against its checksum; empty when
         all is well. Unreadable manifests are problems too."""
+        for step in steps or ():
+            self._committed(step)
         return self._store.verify(steps)
 
     # -- what it stores --------------------------------------------------------------------
