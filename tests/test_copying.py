@@ -367,17 +367,41 @@ def test_a_copy_that_does_not_fit_in_memory_is_taken_synchronously(
         assert manager._copier.pending is None
 
 
-@pytest.mark.parametrize("with_optimizer", [True, False])
-def test_what_a_fused_optimizer_writes_is_copied_again_at_every_save(
-    run_dir: Path, with_optimizer: bool
-) -> None:
-    """torch's fused kernels (the Trainer's default AdamW) leave the version counter alone:
-    reusing the previous copy would save the weights of the first save again. Also when the
-    save holds the model only (``weights_only()``), so no optimizer is in the state."""
-    model = nn.Linear(16, 16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+class KernelSGD(torch.optim.Optimizer):
+    """Writes its parameters and state as a custom kernel does: past the version counter."""
 
-    def train_fused() -> None:
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                moved = self.state[p].setdefault("moved", torch.zeros_like(p))
+                moved.data.add_(p.grad)
+                p.data.add_(p.grad, alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("kind", ["fused", "kernel", "torch"])
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_what_an_optimizer_writes_past_the_version_counter_is_copied_again(
+    run_dir: Path, with_optimizer: bool, kind: str
+) -> None:
+    """torch's fused kernels (the Trainer's default AdamW) and custom ones leave the version
+    counter alone: reusing the previous copy would save the first save's weights again. Also
+    when the save holds the model only (``weights_only()``), so no optimizer is in the state.
+    With torch's own unfused code, which bumps the counter, a frozen layer is still reused."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    model[0].requires_grad_(False)
+    if kind == "fused":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    elif kind == "kernel":
+        optimizer = KernelSGD(model.parameters(), lr=0.1)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+
+    def train() -> None:
         optimizer.zero_grad()
         model(torch.randn(4, 16)).pow(2).mean().backward()
         optimizer.step()
@@ -385,21 +409,24 @@ def test_what_a_fused_optimizer_writes_is_copied_again_at_every_save(
     state: dict[str, Any] = {"model": model}
     if with_optimizer:
         state["optimizer"] = optimizer
-    train_fused()
+    train()
     with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
         for step in (1, 2):
             if step == 2:
-                version = model.weight._version
-                train_fused()
-                assert model.weight._version == version  # what made reuse unsafe
+                version = model[1].weight._version
+                train()
+                assert (model[1].weight._version == version) == (kind != "torch")
             manager.step(step, state)
             at_save = {k: v.clone() for k, v in model.state_dict().items()}
-            train_fused()  # right after step(), while the save may still be copying
+            train()  # right after step(), while the save may still be copying
             manager.wait()
             for name, tensor in cw.open_run(run_dir).load(step)["model"].items():
                 assert torch.equal(tensor, at_save[name]), (step, name)
+        frozen = sum(p.nbytes for p in model[0].parameters())
+        assert (manager.last_copy[1] >= frozen) == (kind == "torch")
         if with_optimizer:
-            saved_state = cw.open_run(run_dir).load(2)["optimizer"]["state"][0]["exp_avg"]
-            assert not torch.equal(
-                saved_state, cw.open_run(run_dir).load(1)["optimizer"]["state"][0]["exp_avg"]
-            )
+            first, second = (cw.open_run(run_dir).load(s)["optimizer"]["state"] for s in (1, 2))
+            for one, two in zip(first.values(), second.values(), strict=True):
+                for key, value in one.items():
+                    if isinstance(value, torch.Tensor) and value.numel() > 1:
+                        assert not torch.equal(value, two[key]), key

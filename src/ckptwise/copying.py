@@ -10,8 +10,9 @@ The checkpoint holds exactly the state as it was when the save was called: a ten
 in place some other way before its background copy finished is caught by torch's version
 counter and fails the save (never a silently mixed checkpoint). Writes through ``.data``
 bypass that counter; a state mutated that way must be saved with ``async_save=False``.
-torch's fused optimizer kernels (``fused=True``, the ``Trainer``'s default AdamW) bypass it
-too: the tensors of a fused optimizer that stepped are copied afresh at every save.
+Optimizer kernels may bypass it too (torch's ``fused=True``, the ``Trainer``'s default
+AdamW; custom ones such as 8-bit optimizers'): the parameters and states of such an
+optimizer are copied again at every save once it has stepped.
 """
 
 from __future__ import annotations
@@ -71,12 +72,18 @@ def available_memory() -> int | None:
 
 
 def _unversioned(optimizers: Iterable[torch.optim.Optimizer]) -> set[View]:
-    """Views of the tensors written by the fused kernels of ``optimizers`` (``fused=True``
-    param groups), which update parameters and states without bumping the version counter."""
+    """Views of what ``optimizers`` may write without bumping torch's version counter.
+
+    Only torch.optim's own unfused code is known to bump it. Fused kernels (``fused=True``,
+    the ``Trainer``'s default AdamW) do not, nor need other classes' kernels (8-bit and
+    other custom optimizers): every parameter and state of such a param group counts.
+    """
     views: set[View] = set()
     for optimizer in optimizers:
+        module = type(optimizer).__module__
+        torch_own = module == "torch.optim" or module.startswith("torch.optim.")
         for group in optimizer.param_groups:
-            if not group.get("fused"):
+            if torch_own and not group.get("fused"):
                 continue
             for param in group["params"]:
                 views.add(_view(param.detach()))
@@ -275,8 +282,8 @@ class SnapshotCopier:
     """Copies a snapshot's tensors to private CPU memory so training can go on at once.
 
     A tensor whose memory, view and version counter are unchanged since the previous copy
-    (a frozen vision tower, say) is not copied again: the previous copy is reused, unless a
-    fused optimizer kernel, which leaves that counter alone, may have written it. The
+    (a frozen vision tower, say) is not copied again: the previous copy is reused, unless an
+    optimizer that stepped since may have written it (see :func:`_unversioned`). The
     source tensor is kept referenced meanwhile, so its memory cannot be reused by another
     tensor and mistaken for it. Buffers are reused from one save to the next, so a new copy
     must not start before the previous one is written (the manager keeps one save in
@@ -289,7 +296,7 @@ class SnapshotCopier:
         self._guard = _StepGuard()
         self._pool: ThreadPoolExecutor | None = None
         # every optimizer that stepped since the last copy, whether the state holds it or not
-        # (a weights-only save holds no optimizer), to find fused ones (see _unversioned)
+        # (a weights-only save holds no optimizer): see _unversioned
         self._stepped: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._step_hook: weakref.finalize[[], SnapshotCopier] | None = None
         #: bytes copied by the last call (what changed), and bytes reused
@@ -339,8 +346,9 @@ class SnapshotCopier:
         wait for the copy of their parameters and states. With none, everything is copied
         before this returns. Tensors under the state keys ``untracked`` are always copied
         afresh: their owner writes them without bumping the version counter (DeepSpeed
-        updates its 16-bit weights through ``.data``), and so are the parameters and states
-        of a fused optimizer that is among ``optimizers`` or stepped since the last copy.
+        updates its 16-bit weights through ``.data``), and so is what an optimizer among
+        ``optimizers`` or one that stepped since the last copy may write (see
+        :func:`_unversioned`).
         """
         fresh = tuple(untracked)
         if self.pending is not None:
