@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -77,6 +79,103 @@ class SlowStore:
             return real(store, *args, **kwargs)
 
         monkeypatch.setattr(CheckpointStore, "commit", slow)
+
+
+class HeldStore:
+    """Holds every commit back until :attr:`release` is set: a save stays in flight."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real = CheckpointStore.commit
+        self.release = threading.Event()
+
+        def held(store: CheckpointStore, *args: Any, **kwargs: Any) -> Any:
+            self.release.wait(timeout=30)  # a synchronous step() would be stuck here
+            return real(store, *args, **kwargs)
+
+        monkeypatch.setattr(CheckpointStore, "commit", held)
+
+
+def test_one_process_saves_in_the_background_by_default(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldStore(monkeypatch)
+    with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:  # no async_save
+        t0 = time.perf_counter()
+        manager.step(1, {"w": torch.ones(4)})
+        assert time.perf_counter() - t0 < 20  # returned before its commit
+        assert manager.checkpoints() == []
+        held.release.set()
+        manager.wait()
+        assert [c.step for c in manager.checkpoints()] == [1]
+    with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False, async_save=False) as manager:
+        manager.step(2, {"w": torch.ones(4)})
+        assert [c.step for c in manager.checkpoints()] == [1, 2]  # committed when it returned
+
+
+def test_a_request_answered_by_the_save_in_flight_asks_for_no_other(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldStore(monkeypatch)
+    save = cw.every(1000) | cw.on_file("SAVE_NOW")
+    with cw.CheckpointManager(run_dir, save=save, rng=False) as manager:
+        (run_dir / "SAVE_NOW").touch()
+        assert manager.step(1, {"w": torch.ones(4)}).save
+        assert not manager.step(2, {"w": torch.ones(4)}).save
+        assert (run_dir / "SAVE_NOW").exists()  # removed once the save is durable
+        held.release.set()
+        manager.wait()
+        assert not (run_dir / "SAVE_NOW").exists()
+        assert not manager.step(3, {"w": torch.ones(4)}).save
+    assert cw.open_run(run_dir).steps() == [1]
+
+
+SEVERAL_RANKS = """
+import json, sys, torch, torch.distributed as dist, ckptwise as cw
+dist.init_process_group("gloo")
+run, out = sys.argv[1], sys.argv[2]
+try:
+    cw.CheckpointManager(run, save=cw.every(1), async_save=True)
+    refused = ""
+except cw.ConfigError as exc:
+    refused = str(exc)
+manager = cw.CheckpointManager(run, save=cw.every(1), rng=False)  # no async_save
+manager.step(1, {"w": torch.full((4,), float(dist.get_rank()))})
+committed = cw.open_run(run).steps()  # as step() returned
+manager.close()
+rank = dist.get_rank()
+with open(f"{out}.{rank}", "w") as f:
+    json.dump({"committed": committed, "refused": refused}, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.integration
+def test_several_processes_save_synchronously_by_default(tmp_path: Path) -> None:
+    script = tmp_path / "ranks.py"
+    script.write_text(SEVERAL_RANKS)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "run"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads(Path(f"{out}.{rank}").read_text())
+        assert record["committed"] == [1]  # every rank's step() returned after the commit
+        assert "async_save=True is not supported in multi-process runs" in record["refused"]
 
 
 def test_skip_while_busy_records_the_skipped_steps(
@@ -182,3 +281,51 @@ def test_a_full_disk_raises_a_storage_error_on_both_paths(
         if async_save:
             assert "background save of step 1" in str(err.value)
             assert isinstance(err.value.__cause__, cw.StorageError)
+
+
+def test_deleting_a_branch_waits_for_the_save_in_flight(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Collecting the branch's objects beside a save would take the objects it has written
+    and not yet named in a manifest (as a prune would; both wait for it)."""
+    from ckptwise.store.commit import Committer
+
+    with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:
+        for step in (10, 20):
+            manager.save(step, {"w": torch.full((64,), float(step))})
+        manager.save(11, {"w": torch.full((64,), 11.0)})  # went back: 20 becomes a branch
+        manager.wait()
+        [name] = manager.run.branches()
+        publish, publishing = Committer.publish, threading.Event()
+
+        def late(self: Committer, manifest: Any) -> Any:
+            publishing.set()  # the new object is written, its manifest not yet
+            time.sleep(0.5)
+            return publish(self, manifest)
+
+        monkeypatch.setattr(Committer, "publish", late)
+        manager.save(12, {"w": torch.full((64,), 12.0)})
+        assert publishing.wait(5)
+        manager.delete_branch(name)
+        manager.wait()
+    run = cw.open_run(run_dir)
+    assert run.steps() == [10, 11, 12]
+    assert run.verify() == []
+    assert torch.equal(run.load(12)["w"], torch.full((64,), 12.0))
+
+
+def test_the_managers_run_waits_for_the_step_in_flight_when_asked_for_it(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowStore(monkeypatch, 0.3)
+    with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:
+        manager.step(1, {"model": {"w": torch.ones(4)}})
+        assert slow.started.wait(5)
+        assert manager.checkpoints() == []  # listings show what has committed
+        path = manager.run.export(1, tmp_path / "out")  # naming the step waits for it
+        assert path.is_file()
+        assert [c.step for c in manager.checkpoints()] == [1]
+        manager.step(2, {"model": {"w": torch.full((4,), 2.0)}})
+        found = manager.resume_values()  # resumes from the newest, as restore() does
+        assert found is not None
+        assert found[0] == 2

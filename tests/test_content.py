@@ -131,6 +131,7 @@ def test_slim_saves_between_full_ones_and_restore_skips_them(tmp_path: Path) -> 
         for step in range(1, 7):
             train_step(state, 64)
             manager.step(step, state)
+        manager.wait()
         infos = {c.step: c for c in manager.checkpoints()}
     assert {s: i.variant for s, i in infos.items()} == {
         1: "trainable/bfloat16",

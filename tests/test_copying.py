@@ -172,7 +172,7 @@ def test_a_parameter_shared_by_two_optimizers_holds_back_both(run_dir: Path, gat
     with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
         manager.step(1, state)
         before = shared.detach().clone()
-        (shared.sum() + own.sum()).backward()
+        torch.autograd.backward(shared.sum() + own.sum())
         threads = []
         for opt in (first, second):  # "c" owns only the parameter it shares with "a"
             stepper = threading.Thread(target=opt.step)
@@ -189,7 +189,7 @@ def test_a_parameter_shared_by_two_optimizers_holds_back_both(run_dir: Path, gat
 
 def test_wrapped_optimizers_are_found_and_unhookable_ones_copied_at_once() -> None:
     class Wrapper:  # as accelerate's and Lightning's wrappers do: .optimizer is the real one
-        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        def __init__(self, optimizer: Any) -> None:
             self.optimizer = optimizer
 
     class Handmade:  # an optimizer torch's hooks cannot see
@@ -365,3 +365,68 @@ def test_a_copy_that_does_not_fit_in_memory_is_taken_synchronously(
         assert "saved synchronously" in caplog.text
         assert manager._copier is not None
         assert manager._copier.pending is None
+
+
+class KernelSGD(torch.optim.Optimizer):
+    """Writes its parameters and state as a custom kernel does: past the version counter."""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                moved = self.state[p].setdefault("moved", torch.zeros_like(p))
+                moved.data.add_(p.grad)
+                p.data.add_(p.grad, alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("kind", ["fused", "kernel", "torch"])
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_what_an_optimizer_writes_past_the_version_counter_is_copied_again(
+    run_dir: Path, with_optimizer: bool, kind: str
+) -> None:
+    """torch's fused kernels (the Trainer's default AdamW) and custom ones leave the version
+    counter alone: reusing the previous copy would save the first save's weights again. Also
+    when the save holds the model only (``weights_only()``), so no optimizer is in the state.
+    With torch's own unfused code, which bumps the counter, a frozen layer is still reused."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    model[0].requires_grad_(False)
+    if kind == "fused":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    elif kind == "kernel":
+        optimizer = KernelSGD(model.parameters(), lr=0.1)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+
+    def train() -> None:
+        optimizer.zero_grad()
+        model(torch.randn(4, 16)).pow(2).mean().backward()
+        optimizer.step()
+
+    state: dict[str, Any] = {"model": model}
+    if with_optimizer:
+        state["optimizer"] = optimizer
+    train()
+    with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
+        for step in (1, 2):
+            if step == 2:
+                version = model[1].weight._version
+                train()
+                assert (model[1].weight._version == version) == (kind != "torch")
+            manager.step(step, state)
+            at_save = {k: v.clone() for k, v in model.state_dict().items()}
+            train()  # right after step(), while the save may still be copying
+            manager.wait()
+            for name, tensor in cw.open_run(run_dir).load(step)["model"].items():
+                assert torch.equal(tensor, at_save[name]), (step, name)
+        frozen = sum(p.nbytes for p in model[0].parameters())
+        assert (manager.last_copy[1] >= frozen) == (kind == "torch")
+        if with_optimizer:
+            first, second = (cw.open_run(run_dir).load(s)["optimizer"]["state"] for s in (1, 2))
+            for one, two in zip(first.values(), second.values(), strict=True):
+                for key, value in one.items():
+                    if isinstance(value, torch.Tensor) and value.numel() > 1:
+                        assert not torch.equal(value, two[key]), key

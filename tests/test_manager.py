@@ -41,6 +41,7 @@ def test_policies_decide_saves_and_retention(run_dir: Path) -> None:
             60: ("every(10)",),
             70: ("every(10)", "final"),
         }
+        manager.wait()  # the save of step 70 commits (and prunes) in the background
         assert steps_of(manager) == [30, 60, 70]
         assert manager.last_plan is not None
         assert manager.last_plan.keep[30] == ("best 1 eval_loss",)
@@ -141,10 +142,12 @@ def test_pinned_and_resumed_from_checkpoints_are_kept(run_dir: Path) -> None:
         assert manager.last_plan.keep == {2: ("resumed from",), 3: ("last 1", "newest")}
         assert steps_of(manager) == [2, 3]
         manager.step(4, {"v": torch.tensor(4)})
+        manager.wait()
         assert steps_of(manager) == [4]  # then retention decides about it again
         manager.pin(4)
         for step in (5, 6):
             manager.step(step, {"v": torch.tensor(step)})
+        manager.wait()
         assert steps_of(manager) == [4, 6]
         assert manager.last_plan.keep == {4: ("pinned",), 6: ("last 1", "newest")}
         manager.unpin(4)
@@ -162,6 +165,7 @@ def test_frozen_half_is_stored_once_across_ten_checkpoints(run_dir: Path) -> Non
         for step in range(1, 11):
             train_step(state, width)
             manager.step(step, state)
+        manager.wait()
         infos = manager.checkpoints()
     on_disk = sum(p.stat().st_size for p in (run_dir / "objects").rglob("*") if p.is_file())
     logical = sum(i.logical_bytes for i in infos)
@@ -196,10 +200,12 @@ def test_a_manager_given_only_retention_saves_as_the_trainer_does(
         final = manager.step(503, {"w": torch.ones(1)}, final=True)
         assert final.save
         assert final.reasons == ("final",)
+        manager.wait()
         assert steps_of(manager) == [500, 503]
     with cw.CheckpointManager(run_dir, save=cw.never(), keep=cw.keep_last(2)) as manager:
         assert not manager.step(1000, {"w": torch.ones(1)}, final=True).save  # asked for
         manager.save(1000, {"w": torch.ones(1)})  # saves only when told
+        manager.wait()
         assert steps_of(manager) == [503, 1000]
 
 
@@ -208,7 +214,7 @@ def test_export_writes_plain_safetensors(run_dir: Path, tmp_path: Path) -> None:
     train_step(state)
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         manager.step(1, state)
-        path = manager.run.export(1, tmp_path / "export")
+        path = manager.run.export(1, tmp_path / "export")  # waits for step 1 to commit
         with pytest.raises(cw.CheckpointError, match="no tensors under 'vision'"):
             manager.run.export(1, tmp_path / "x", key="vision")
     weights = load_file(str(path))
@@ -242,6 +248,7 @@ def test_unsaveable_state_fails_without_committing(run_dir: Path) -> None:
 def test_tensor_metrics_and_nan_are_accepted(run_dir: Path) -> None:
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         manager.step(1, {"x": 1}, metrics={"loss": torch.tensor(0.5), "bad": math.nan})
+        manager.wait()
         info = manager.checkpoints()[0]
         assert info.metrics["loss"] == 0.5
         assert math.isnan(info.metrics["bad"])
@@ -262,6 +269,7 @@ def test_in_memory_run_through_the_manager() -> None:
         for step in range(1, 5):
             train_step(state)
             manager.step(step, state)
+        manager.wait()
         assert steps_of(manager) == [4]
     fresh = make_state(seed=9)
     assert cw.CheckpointManager(url).restore(fresh) == 4

@@ -64,8 +64,9 @@ def test_request_file_saves_once_and_is_removed(run_dir: Path) -> None:
         assert not manager.step(1, {"x": 1}).save
         (run_dir / "SAVE_NOW").touch()
         assert manager.step(2, {"x": 2}).reasons == ("on_file(SAVE_NOW)",)
-        assert not (run_dir / "SAVE_NOW").exists()
-        assert not manager.step(3, {"x": 3}).save
+        assert not manager.step(3, {"x": 3}).save  # answered, even while still in flight
+        manager.wait()
+        assert not (run_dir / "SAVE_NOW").exists()  # removed once the save is durable
     assert steps_of(cw.CheckpointManager(run_dir)) == [2]
 
 
@@ -134,13 +135,16 @@ def test_not_enough_disk_space_fails_the_save_and_keeps_the_rest(
 ) -> None:
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         manager.step(1, {"w": torch.zeros(1000)})
+        manager.wait()
         monkeypatch.setattr(LocalBackend, "free_bytes", lambda self: 1024)
+        manager.step(2, {"w": torch.ones(1000)})  # fails in the background
         with pytest.raises(cw.StorageError, match=r"not enough free space.*keep fewer"):
-            manager.step(2, {"w": torch.ones(1000)})
+            manager.wait()
         monkeypatch.undo()
         assert steps_of(manager) == [1]
         assert manager.run.verify() == []
         manager.step(2, {"w": torch.zeros(1000)})  # nothing new to write: no space needed
+        manager.wait()
         assert steps_of(manager) == [1, 2]
 
 
@@ -152,6 +156,7 @@ def test_keep_budget_counts_deduplicated_bytes(run_dir: Path) -> None:
     ) as manager:
         for step in range(1, 8):
             manager.step(step, {"frozen": frozen, "head": torch.full((1024,), float(step))})
+        manager.wait()
         assert steps_of(manager) == [5, 6, 7]
 
 
@@ -161,4 +166,5 @@ def test_manager_from_a_policy_file(run_dir: Path, tmp_path: Path) -> None:
     with cw.CheckpointManager.from_config(run_dir, policy, rng=False) as manager:
         saved = [s for s in range(1, 9) if manager.step(s, {"x": s}).save]
         assert saved == [4, 6, 8]
+        manager.wait()
         assert steps_of(manager) == [8]

@@ -242,6 +242,7 @@ for line in sys.stdin:
     step = int(line)
     try:
         manager.step(step, {"w": torch.full((4,), float(step))})
+        manager.wait()  # committed, or refused by the fence on the background thread
         print("saved", step, flush=True)
     except cw.RunLockedError as exc:
         print("refused", step, exc, flush=True)

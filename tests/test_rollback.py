@@ -67,11 +67,13 @@ def test_a_step_earlier_than_the_newest_is_never_deleted_by_its_own_save(tmp_pat
     with cw.CheckpointManager(tmp_path, save=cw.every(1), keep=cw.keep_last(2)) as m:
         decision = m.step(5, state_at(5))  # a step counter that restarted
         assert decision.save
+        m.wait()
         assert m.run.steps() == [5]
         assert m.run.branches()
         assert sum(map(len, m.run.branches().values())) == 3
         m.step(6, state_at(6))
         m.step(7, state_at(7))
+        m.wait()
         assert m.run.steps() == [6, 7]
     assert cw.open_run(tmp_path).verify() == []
 
@@ -80,6 +82,7 @@ def test_deleting_a_branch_frees_only_what_it_alone_held(tmp_path: Path) -> None
     saved_run(tmp_path, [10, 20, 30])
     with cw.CheckpointManager(tmp_path, save=cw.every(1), keep=cw.keep_all()) as m:
         m.save(11, state_at(11))
+        m.wait()  # the later checkpoints move to a branch as step 11 commits
         [name] = m.run.branches()
         before = on_disk(tmp_path)
         held = m.run.physical_bytes()
@@ -138,9 +141,11 @@ def test_a_pin_goes_with_its_checkpoint_into_the_branch(tmp_path: Path) -> None:
     cw.open_run(tmp_path).pin(20)
     with cw.CheckpointManager(tmp_path, save=cw.every(1), keep=cw.keep_last(1)) as m:
         m.save(11, state_at(11))
+        m.wait()
         assert m.pinned() == set()  # step 20 of the new line is not pinned by the old pin
         for step in range(12, 22):
             m.step(step, state_at(step))
+        m.wait()
         assert m.run.steps() == [21]
         assert list(m.run.branches().values()) == [
             [20, 30]

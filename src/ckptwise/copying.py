@@ -10,6 +10,9 @@ The checkpoint holds exactly the state as it was when the save was called: a ten
 in place some other way before its background copy finished is caught by torch's version
 counter and fails the save (never a silently mixed checkpoint). Writes through ``.data``
 bypass that counter; a state mutated that way must be saved with ``async_save=False``.
+Optimizer kernels may bypass it too (torch's ``fused=True``, the ``Trainer``'s default
+AdamW; custom ones such as 8-bit optimizers'): the parameters and states of such an
+optimizer are copied again at every save once it has stepped.
 """
 
 from __future__ import annotations
@@ -66,6 +69,28 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _unversioned(optimizers: Iterable[torch.optim.Optimizer]) -> set[View]:
+    """Views of what ``optimizers`` may write without bumping torch's version counter.
+
+    Only torch.optim's own unfused code is known to bump it. Fused kernels (``fused=True``,
+    the ``Trainer``'s default AdamW) do not, nor need other classes' kernels (8-bit and
+    other custom optimizers): every parameter and state of such a param group counts.
+    """
+    views: set[View] = set()
+    for optimizer in optimizers:
+        module = type(optimizer).__module__
+        torch_own = module == "torch.optim" or module.startswith("torch.optim.")
+        for group in optimizer.param_groups:
+            if torch_own and not group.get("fused"):
+                continue
+            for param in group["params"]:
+                views.add(_view(param.detach()))
+                for value in optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor):
+                        views.add(_view(value.detach()))
+    return views
 
 
 def _hookable(optimizer: Any) -> bool:
@@ -243,11 +268,22 @@ class _StepGuard:
         self.pending = None
 
 
+def _recorder(stepped: weakref.WeakSet[torch.optim.Optimizer]) -> Any:
+    """A global post-step hook adding each optimizer that steps to ``stepped`` (the hook
+    holds no reference to the copier, which may be collected without ``close()``)."""
+
+    def record(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        stepped.add(optimizer)
+
+    return record
+
+
 class SnapshotCopier:
     """Copies a snapshot's tensors to private CPU memory so training can go on at once.
 
     A tensor whose memory, view and version counter are unchanged since the previous copy
-    (a frozen vision tower, say) is not copied again: the previous copy is reused. The
+    (a frozen vision tower, say) is not copied again: the previous copy is reused, unless an
+    optimizer that stepped since may have written it (see :func:`_unversioned`). The
     source tensor is kept referenced meanwhile, so its memory cannot be reused by another
     tensor and mistaken for it. Buffers are reused from one save to the next, so a new copy
     must not start before the previous one is written (the manager keeps one save in
@@ -259,6 +295,10 @@ class SnapshotCopier:
         self._cache: dict[str, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
         self._guard = _StepGuard()
         self._pool: ThreadPoolExecutor | None = None
+        # every optimizer that stepped since the last copy, whether the state holds it or not
+        # (a weights-only save holds no optimizer): see _unversioned
+        self._stepped: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._step_hook: weakref.finalize[[], SnapshotCopier] | None = None
         #: bytes copied by the last call (what changed), and bytes reused
         self.copied_bytes = 0
         self.reused_bytes = 0
@@ -306,11 +346,20 @@ class SnapshotCopier:
         wait for the copy of their parameters and states. With none, everything is copied
         before this returns. Tensors under the state keys ``untracked`` are always copied
         afresh: their owner writes them without bumping the version counter (DeepSpeed
-        updates its 16-bit weights through ``.data``).
+        updates its 16-bit weights through ``.data``), and so is what an optimizer among
+        ``optimizers`` or one that stepped since the last copy may write (see
+        :func:`_unversioned`).
         """
         fresh = tuple(untracked)
         if self.pending is not None:
             self.pending.result()  # the manager waits before a new save; this is a guard
+        if self._step_hook is None:
+            # from the first copy on: before it nothing is cached that a step could make stale
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            handle = register_optimizer_step_post_hook(_recorder(self._stepped))
+            self._step_hook = weakref.finalize(self, handle.remove)
+        unversioned = _unversioned([*optimizers, *self._stepped])
         order: dict[View, int] = {}  # view -> index of the optimizer whose step writes it
         for index, optimizer in enumerate(optimizers):
             for group in optimizer.param_groups:
@@ -328,7 +377,9 @@ class SnapshotCopier:
             source = tensor.detach()
             identity = _identity(source)
             hit = self._cache.get(name)
-            volatile = any(name == key or name.startswith(f"{key}/") for key in fresh)
+            volatile = identity[:-1] in unversioned or any(
+                name == key or name.startswith(f"{key}/") for key in fresh
+            )
             if hit is not None and hit[0] == identity and not volatile:
                 out[name] = hit[2]
                 cache[name] = hit
@@ -352,6 +403,7 @@ class SnapshotCopier:
         self._copy_now(now)
         if not pending.deferred:
             self._cache = cache
+            self._stepped.clear()  # steps from here on make this copy stale
             return pending
         if any(c.source.device.type == "cuda" for g in later for c in g):
             pending._start_event = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -360,6 +412,7 @@ class SnapshotCopier:
         self._guard.watch([o for o in optimizers if id(o) in pending.waits])
         self._guard.pending = pending
         self._cache = {}  # forgotten until the background copy is known good
+        self._stepped.clear()
         if self._pool is None:
             # normal priority: a step() may wait for this thread (unlike the writer's)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptwise-copy")
@@ -395,6 +448,9 @@ class SnapshotCopier:
                 self.pending.result()
         finally:
             self._guard.close()
+            if self._step_hook is not None:
+                self._step_hook()
+                self._step_hook = None
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None

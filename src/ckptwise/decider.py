@@ -72,9 +72,18 @@ class Decider:
         self.progress = Progress(clock())
         self._remote: frozenset[Request] = frozenset()  # other ranks' requests, on rank 0
 
-    def decide(self, step: int, metrics: Mapping[str, float], *, final: bool) -> Verdict:
+    def decide(
+        self,
+        step: int,
+        metrics: Mapping[str, float],
+        *,
+        final: bool,
+        answered: frozenset[Request] = frozenset(),
+    ) -> Verdict:
         """The verdict for ``step``; ``metrics`` join the history after it is taken.
 
+        ``answered`` are requests a save still in flight answers: they stay pending (a
+        request is forgotten once its save is durable) but ask for no other save.
         With several ranks, a rank whose policies raise still joins the step's collective
         (saying so), and every rank raises: none waits for a rank that left.
         """
@@ -82,7 +91,7 @@ class Decider:
         requests: frozenset[Request] = frozenset()
         decision, variant, failure = Decision.no(), full(), None
         try:
-            requests = self.monitor.poll() if self.monitor is not None else frozenset()
+            requests = self.monitor.poll() - answered if self.monitor is not None else frozenset()
             training = self.progress.state(
                 step, now, metrics=metrics, requests=requests | self._remote, final=final
             )

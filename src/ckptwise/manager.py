@@ -38,6 +38,7 @@ from ckptwise.metrics import coerce_metrics
 from ckptwise.policy import (
     ContentPolicy,
     Decision,
+    Request,
     RetentionPlan,
     RetentionPolicy,
     Trigger,
@@ -112,9 +113,13 @@ class CheckpointManager(ManagerReads):
             optimizers overwrite is copied while the next forward and backward run (their
             next ``step()`` waits for it), everything else before ``step()`` returns, and
             hashing, encoding, writing and pruning run on a background thread (at most one
-            save in flight). Errors are raised by the next ``step()``, ``wait()`` or
-            ``close()``. A save whose copy would not fit in the memory available is taken
-            synchronously, with a warning. Not supported with several processes.
+            save in flight). A checkpoint is listed once it has committed (:meth:`wait`
+            blocks until then; ``manager.run`` waits when asked for that very step). Errors
+            are raised by the next ``step()``, ``save()``, ``prune()``, ``restore()``,
+            ``wait()`` or ``close()``. A save whose copy would not fit in the memory
+            available is taken synchronously, with a warning. Not supported with several
+            processes. ``None`` (the default): in the background for one process,
+            synchronously with several; ``False``: always synchronously.
         on_busy: with ``async_save``, what a new save does while one is still writing:
             ``"wait"`` for it, or ``"skip"`` (recorded in :attr:`skipped`).
         storage_options: passed to fsspec for URLs (credentials, endpoint).
@@ -146,7 +151,7 @@ class CheckpointManager(ManagerReads):
         rng: bool = True,
         codec: str = "auto",
         deltas: int | None = None,
-        async_save: bool = False,
+        async_save: bool | None = None,
         on_busy: Literal["wait", "skip"] = "wait",
         clock: Callable[[], datetime] = _utcnow,
         storage_options: Mapping[str, Any] | None = None,
@@ -184,6 +189,8 @@ class CheckpointManager(ManagerReads):
         #: the ranks of a multi-process job (``None`` for one process, and for a manager that
         #: only reads: creating the checkpoint's process group would need every rank)
         self.ranks = Ranks.detect(process_group, timeout=dist_timeout) if self.writable else None
+        if async_save is None:
+            async_save = self.ranks is None
         if self.ranks is not None and async_save:
             raise ConfigError(
                 "async_save=True is not supported in multi-process runs yet; pass "
@@ -214,12 +221,14 @@ class CheckpointManager(ManagerReads):
             self._lock.release()
             raise
         #: the read-only view of this run (listing, loading, verifying, exporting)
-        self.run = Run(self._store)
+        self.run = Run(self._store, settle=self._settle)
         self._writer: Writer = AsyncWriter() if async_save else SyncWriter()
         self._copier = SnapshotCopier() if async_save else None
         self._warned_memory = False
         self._felt = Felt()
         self._after_commit: list[Callable[[], None]] = []
+        self._answering: frozenset[Request] = frozenset()  # by the save in flight
+        self._saving: int | None = None  # its step
         #: steps whose save was skipped because the previous one was still writing
         self.skipped: list[int] = []
         #: bytes this manager's commits added to the store (new objects, after dedup)
@@ -299,7 +308,10 @@ class CheckpointManager(ManagerReads):
     ) -> Decision:
         self._finish(self._writer.poll())
         values = coerce_metrics(metrics)
-        verdict = self._decider.decide(step, values, final=final)
+        # a request is forgotten once the save answering it commits; until then it must not
+        # ask for another save at every step
+        answered = self._answering if self._writer.busy else frozenset()
+        verdict = self._decider.decide(step, values, final=final, answered=answered)
         decision = verdict.decision
         if not decision.save:
             return decision
@@ -310,6 +322,7 @@ class CheckpointManager(ManagerReads):
         consume = self._decider.on_commit(decision)
         if consume is not None:
             self._after_commit.append(consume)
+        self._answering = decision.requests
         self.save(
             step,
             state,
@@ -429,6 +442,7 @@ class CheckpointManager(ManagerReads):
         shown = metered(
             job, f"saving step {step}", f"saved step {step}", total, show=self._owns_run
         )
+        self._saving = step
         info = writer.write(shown, step=step)
         # what training felt: the whole save when synchronous; when asynchronous, what
         # step() took now and what the steps run beside the save lose (see Felt)
@@ -457,6 +471,12 @@ class CheckpointManager(ManagerReads):
             )
             self._warned_memory = True
         return False
+
+    def _settle(self, step: int) -> None:
+        """Before :attr:`run` reads ``step``: wait for its save if it is the one in flight (a
+        read naming the step just saved means it; listings show committed steps only)."""
+        if self._writer.busy and step == self._saving:
+            self.wait()
 
     def _release_resume_point(self, step: int, *, verify: bool = True) -> None:
         """Once a checkpoint newer than the one restored has committed and verifies, let
@@ -516,13 +536,16 @@ class CheckpointManager(ManagerReads):
 
     def delete_branch(self, name: str) -> None:
         """Delete a branch of abandoned checkpoints (see :meth:`Run.branches`) and the
-        objects only it referenced."""
+        objects only it referenced. A save still writing in the background commits first,
+        as for :meth:`prune`."""
         self._check_open()
         if not self._owns_run:
             raise ConfigError(
                 "only the writing manager (rank 0 of a job) deletes branches; open "
                 "CheckpointManager(root, keep=...) to delete one"
             )
+        if self._writer.busy:  # collecting garbage beside it would take its new objects
+            self._finish(self._writer.wait())
         if name not in self._store.branches():
             have = ", ".join(sorted(self._store.branches())) or "none"
             raise CheckpointNotFoundError(
@@ -666,6 +689,8 @@ class CheckpointManager(ManagerReads):
         newest full checkpoint that verifies, and continues this run from it; ``None``
         when there is none.
         """
+        if self._writer.busy:  # resume from the newest checkpoint, as restore() does
+            self._finish(self._writer.wait())
         rank = _process_rank() if self.ranks is None else self.ranks.rank
         loaded = self.run.read(step, full_only=True, rank=rank, ranks=self.ranks)
         if loaded is None:

@@ -18,7 +18,7 @@ in :mod:`ckptwise.usage`, :mod:`ckptwise.distributed.restore`, :mod:`ckptwise.ar
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,10 +77,20 @@ def open_run(
 
 
 class Run:
-    """The committed checkpoints of one run, for reading. Create it with :func:`open_run`."""
+    """The committed checkpoints of one run, for reading. Create it with :func:`open_run`.
 
-    def __init__(self, store: CheckpointStore) -> None:
+    The run of a writing :class:`~ckptwise.CheckpointManager` (``manager.run``) waits for a
+    save still writing in the background when asked for that very step (its manifest, load,
+    restore, verify, export, archive, pin): ``manager.step(n, state)`` then
+    ``manager.run.export(n, out)`` exports step ``n``. Listings (``steps()``,
+    ``checkpoints()``, ``"latest"``) show what has committed and never wait.
+    """
+
+    def __init__(
+        self, store: CheckpointStore, *, settle: Callable[[int], None] | None = None
+    ) -> None:
         self._store = store
+        self._settle = settle
 
     @property
     def url(self) -> str:
@@ -104,10 +114,17 @@ class Run:
     def manifest(self, step: int) -> Manifest:
         """The manifest of a committed step: its tensors (object, dtype, shape, codec, ...),
         metrics, reasons and the manager's bookkeeping."""
+        self._committed(step)
         return self._store.manifest(step)
+
+    def _committed(self, step: int | None) -> None:
+        """Before reading ``step``: let the writing manager finish saving it (see the class)."""
+        if self._settle is not None and step is not None:
+            self._settle(step)
 
     def info(self, step: int) -> CheckpointInfo:
         """The summary of one committed step (as :meth:`checkpoints` lists it)."""
+        self._committed(step)
         return replace(self._store.info(step), variant=variant_of(self.manifest(step)).label)
 
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -215,6 +232,7 @@ class Run:
         calling), the ranks agree: a checkpoint counts as verified only if it verified on
         every rank.
         """
+        self._committed(step)
         return read_first_good(
             self._store,
             step,
@@ -277,6 +295,7 @@ class Run:
         tensors overwritten: the fallback to an older checkpoint then overwrites them again,
         and if no checkpoint verifies the state must be rebuilt.
         """
+        self._committed(step)
         return restore_state(
             self._store,
             state,
@@ -292,6 +311,8 @@ class Run:
     def verify(self, steps: list[int] | None = None) -> list[Problem]:
         """Check every object of ``steps`` (all by default) against its checksum; empty when
         all is well. Unreadable manifests are problems too."""
+        for step in steps or ():
+            self._committed(step)
         return self._store.verify(steps)
 
     # -- what it stores --------------------------------------------------------------------
@@ -340,6 +361,7 @@ class Run:
             CheckpointNotFoundError: the step has no checkpoint, or the writer's retention
                 is deleting it right now (pin a newer step).
         """
+        self._committed(step)
         runfile.pin(self._store.backend, step)
 
     def unpin(self, step: int) -> None:

@@ -20,6 +20,7 @@ def test_pin_of_a_step_the_writer_is_deleting_fails_with_the_reason(run_dir: Pat
     with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_last(2)) as manager:
         for step in (1, 2):
             manager.step(step, {"w": torch.full((2,), float(step))})
+        manager.wait()
         # the writer's retention marks a step it is about to delete with a tombstone
         (run_dir / "pruning").mkdir()
         (run_dir / "pruning" / "000000000001").write_text("{}")

@@ -98,8 +98,10 @@ def test_one_line_policies_and_bad_input(tmp_path: Path) -> None:
 def test_pin_and_unpin_from_the_command_line(run_dir: Path) -> None:
     with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_last(1)) as manager:
         manager.step(1, {"w": torch.zeros(2)})
+        manager.wait()  # a step can be pinned once committed
         assert CliRunner().invoke(cli, ["pin", str(run_dir), "1"]).exit_code == 0
         manager.step(2, {"w": torch.ones(2)})  # the writer re-reads pins before pruning
+        manager.wait()
         assert [c.step for c in manager.checkpoints()] == [1, 2]
         missing = CliRunner().invoke(cli, ["pin", str(run_dir), "9"])
         assert missing.exit_code == 1
@@ -107,6 +109,7 @@ def test_pin_and_unpin_from_the_command_line(run_dir: Path) -> None:
         assert CliRunner().invoke(cli, ["unpin", str(run_dir), "1"]).exit_code == 0
         assert CliRunner().invoke(cli, ["unpin", str(run_dir), "1"]).exit_code == 1
         manager.step(3, {"w": torch.full((2,), 3.0)})
+        manager.wait()
         assert [c.step for c in manager.checkpoints()] == [3]
 
 

@@ -20,6 +20,7 @@ import os, sys, torch, ckptwise as cw
 from ckptwise.store.commit import Committer
 m = cw.CheckpointManager(sys.argv[1], save=cw.every(1))
 m.step(1, {"w": torch.zeros(1000)})
+m.wait()  # step 1 is durable; step 2's background commit dies
 real = Committer.write_objects
 def crash(self, new):
     real(self, new)

@@ -32,6 +32,7 @@ def test_save_restore_verify_and_prune_on_s3(s3: dict[str, Any]) -> None:
         for step in range(1, 5):
             train_step(state, 32)
             manager.step(step, state)
+        manager.wait()
         assert [c.step for c in manager.checkpoints()] == [3, 4]
         assert manager.run.verify() == []
     fresh = make_state(32, freeze=True, seed=9)
@@ -49,6 +50,7 @@ def test_lock_and_corruption_on_s3(s3: dict[str, Any]) -> None:
         cw.CheckpointManager(url, save=cw.every(1), storage_options=s3)
     first.step(1, {"w": torch.arange(100.0)})
     first.step(2, {"w": torch.arange(100.0) * 2})
+    first.wait()
     oid = first.run.manifest(2).tensors["w"].object
     first.close()
     fs = s3fs.S3FileSystem(**s3)

@@ -306,6 +306,8 @@ def test_kill_9_after_a_save_then_resume_matches_an_uninterrupted_run(tmp_path: 
     assert straight.returncode == 0, err
 
     victim = run_script(tmp_path / "b", *policy, sleep=0.15)
+    # saves commit in the background: step 15 counts once its manifest is there (the commit),
+    # not when step() returned; kill -9 then loses at most the save in flight
     manifest = tmp_path / "b" / "ckptwise" / "checkpoints" / "000000000015.json"
     deadline = time.monotonic() + 240
     while not manifest.exists():
@@ -327,6 +329,7 @@ def test_kill_9_after_a_save_then_resume_matches_an_uninterrupted_run(tmp_path: 
     summary_a = json.loads((tmp_path / "a.json").read_text())
     summary_b = json.loads((tmp_path / "b.json").read_text())
     assert summary_a["weights_digest"] == summary_b["weights_digest"]
+    assert [s["step"] for s in summary_b["saves"]] == [20, 25, 30]  # resumed from 15
     assert set(os.listdir(tmp_path / "b" / "ckptwise")) <= RUN_FILES
 
 

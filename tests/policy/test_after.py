@@ -106,6 +106,7 @@ def test_a_manager_with_after_saves_from_start_on_and_the_final_step(tmp_path: P
                 metrics={"eval_loss": 10.0 - step * 0.1} if step % 5 == 0 else None,
                 final=step == 35,
             )
+        manager.wait()
         steps = [c.step for c in manager.checkpoints()]
     # improvements at 5, 10, 15 and every(10) at 10 are held back; from 20 on all count
     assert steps == [20, 25, 30, 35]

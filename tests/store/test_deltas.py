@@ -50,6 +50,7 @@ def test_bases_outlive_the_checkpoints_that_stored_them(tmp_path: Path) -> None:
     ) as manager:
         for step, w in enumerate(values, start=1):
             manager.step(step, {"w": w})
+        manager.wait()
         assert [c.step for c in manager.checkpoints()] == [6]
         entry = manager.run.manifest(6).tensors["w"]
         assert len(entry.bases) == 5

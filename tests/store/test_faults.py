@@ -254,19 +254,37 @@ def test_a_failed_commit_leaves_the_step_whole_or_absent(
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIONS))
-@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize(
+    ("code", "async_save"),
+    [
+        *(pytest.param(code, True, id=errno.errorcode[code]) for code in ERRNOS),
+        pytest.param(errno.EIO, False, id="EIO-sync"),
+    ],
+)
 def test_a_failed_save_and_prune_through_the_manager_loses_nothing(
-    runs: Path, faults: Faults, code: int, kind: str
+    runs: Path, faults: Faults, code: int, kind: str, async_save: bool
 ) -> None:
+    """Through the default, background save (its failure raised by ``wait()``), and once
+    through the synchronous one."""
     options = OPTIONS[kind]
     template = prepared(runs, options)
     managers: dict[Path, cw.CheckpointManager] = {}
 
     def operation(root: Path) -> Callable[[], object]:
         manager = managers[root] = cw.CheckpointManager(
-            root, save=cw.every(1), keep=cw.keep_last(2), rng=False, **options
+            root,
+            save=cw.every(1),
+            keep=cw.keep_last(2),
+            rng=False,
+            async_save=async_save,
+            **options,
         )
-        return lambda: manager.step(3, tensors_at(3))
+
+        def save() -> None:
+            manager.step(3, tensors_at(3))
+            manager.wait()
+
+        return save
 
     def after(root: Path, failed: bool) -> None:
         # keep_last(2) may have pruned step 1, wholly or not at all

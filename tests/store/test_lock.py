@@ -172,8 +172,10 @@ def test_a_writer_whose_lock_was_deleted_stops_writing(tmp_path: Path, remote: b
     url = f"memory://fenced-{os.getpid()}" if remote else str(tmp_path / "run")
     first = cw.CheckpointManager(url, save=cw.every(1), keep=cw.keep_last(1))
     first.step(1, {"w": torch.ones(2)})
+    first.wait()
     first.pin(1)
     first.step(2, {"w": torch.full((2,), 2.0)})
+    first.wait()
     if remote:
         import fsspec
 
@@ -181,13 +183,15 @@ def test_a_writer_whose_lock_was_deleted_stops_writing(tmp_path: Path, remote: b
     else:
         (tmp_path / "run" / "ckptwise.lock").unlink()
     second = cw.CheckpointManager(url, save=cw.every(1), keep=cw.keep_last(1))
+    first.step(3, {"w": torch.full((2,), 3.0)})  # the fence refuses it in the background
     with pytest.raises(cw.RunLockedError, match="was deleted or replaced"):
-        first.step(3, {"w": torch.full((2,), 3.0)})
+        first.wait()
     first.unpin(1)
     with pytest.raises(cw.RunLockedError, match="was deleted or replaced"):
         first.prune()  # nor does it delete anything
     assert cw.open_run(url).steps() == [1, 2]
     second.step(4, {"w": torch.full((2,), 4.0)})
+    second.wait()
     assert cw.open_run(url).steps() == [4]
     first.close()  # releasing must not remove the second writer's lock
     with pytest.raises(cw.RunLockedError):

@@ -20,7 +20,9 @@ from ckptwise.store import CheckpointStore, LocalBackend, runfile
 
 
 def _save(manager: cw.CheckpointManager, step: int) -> None:
+    """Save ``step`` and wait for its commit and prune (in the background by default)."""
     manager.step(step, {"w": torch.full((4,), float(step))})
+    manager.wait()
 
 
 def _commit(store: CheckpointStore, *steps: int) -> None:
@@ -220,6 +222,7 @@ logging.basicConfig(level=logging.WARNING)
 with cw.CheckpointManager(sys.argv[1], save=cw.every(1), keep=cw.keep_last(1)) as manager:
     for step in range(1, 5):
         manager.step(step, {"w": torch.full((4,), float(step))})
+        manager.wait()
         assert manager.run.steps() == [step]
 print("kept", cw.open_run(sys.argv[1]).kept())
 """
@@ -252,5 +255,6 @@ def test_a_huge_planted_run_record_is_not_read_and_never_stops_training(tmp_path
     with cw.CheckpointManager(tmp_path, save=cw.every(1), keep=cw.keep_last(1)) as m:
         for step in (1, 2, 3):
             m.step(step, {"w": torch.full((4,), float(step))})
+        m.wait()
         assert m.run.steps() == [3]
     assert json.loads((tmp_path / "run.json").read_text())["kept"] == {"3": ["last 1", "newest"]}
