@@ -41,6 +41,7 @@ from ckptwise.restoring import (
 from ckptwise.snapshot import RNG_KEY
 from ckptwise.store import CheckpointStore, Manifest, Problem, TensorEntry, open_backend, runfile
 from ckptwise.store.branch import BranchBackend, check_branch_name
+from ckptwise.store.tiered import CACHE_FILE, UploadState, upload_states
 from ckptwise.usage import TensorChange, Usage, diff_manifests, usage_of
 
 if TYPE_CHECKING:
@@ -66,13 +67,27 @@ StepSpec = int | str | None
 
 
 def open_run(
-    root: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+    root: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    cache: str | os.PathLike[str] | None = None,
 ) -> Run:
     """Open the run at ``root`` (a folder or an fsspec URL) for reading.
 
-    A folder with no checkpoint yet opens as an empty run.
+    A folder with no checkpoint yet opens as an empty run. ``cache``: the local folder a
+    writer of the remote run ``root`` was given as ``cache=``; the run then also lists what
+    that writer has not uploaded yet, and :meth:`Run.upload_states` says which checkpoints
+    are durable remotely. Nothing is written to either.
+
+    Raises:
+        ConfigError: ``cache`` is no cache folder of ``root``.
     """
-    backend = open_backend(root, **dict(storage_options or {}))
+    if cache is not None and not os.path.isfile(os.path.join(os.fspath(cache), CACHE_FILE)):
+        raise ConfigError(
+            f"{os.fspath(cache)} is no ckptwise cache folder (it holds no {CACHE_FILE}); pass "
+            "the folder the writer was given as cache="
+        )
+    backend = open_backend(root, cache=cache, **dict(storage_options or {}))
     return Run(CheckpointStore(backend))
 
 
@@ -96,6 +111,11 @@ class Run:
     def url(self) -> str:
         """Where the run lives: a local path or the URL it was opened with."""
         return self._store.backend.url
+
+    def upload_states(self) -> dict[int, UploadState] | None:
+        """For a run opened through a ``cache``: each checkpoint's upload state (``"local"``,
+        ``"uploading"`` while the writer holds the cache, ``"remote"``); ``None`` otherwise."""
+        return upload_states(self._store.backend)
 
     def exists(self) -> bool:
         """Whether anything of a run is there (an empty or missing folder is no run)."""

@@ -11,8 +11,6 @@ import click
 
 from ckptwise.errors import CheckpointError
 from ckptwise.run import Run, open_run
-from ckptwise.store import CheckpointStore, open_backend
-from ckptwise.store.tiered import CACHE_FILE, TieredBackend
 
 __all__ = ["RUN_FILES", "echo_json", "human_size", "open_cached_run", "open_cli_run", "warn"]
 
@@ -64,20 +62,12 @@ def open_cli_run(run: str) -> Run:
         raise click.ClickException(str(exc)) from exc
 
 
-def open_cached_run(run: str, cache: str) -> tuple[Run, TieredBackend]:
-    """The remote run at ``run`` read through a writer's cache folder ``cache``, and that
-    cache: what the writer has not uploaded yet is listed too. Nothing is written to either
-    (the writer may be running)."""
-    if not os.path.isfile(os.path.join(cache, CACHE_FILE)):
-        raise click.ClickException(
-            f"{cache} is no ckptwise cache folder (it holds no {CACHE_FILE}); pass the folder "
-            "the writer was given as cache="
-        )
+def open_cached_run(run: str, cache: str) -> Run:
+    """The remote run at ``run`` read through a writer's cache folder ``cache``: what the
+    writer has not uploaded yet is listed too. Nothing is written to either (the writer may
+    be running)."""
     try:
-        backend = open_backend(run, cache=cache)
-        assert isinstance(backend, TieredBackend)
-        # a Run over the cached backend: open_run() takes no cache (yet)
-        return Run(CheckpointStore(backend)), backend
+        return open_run(run, cache=cache)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
 

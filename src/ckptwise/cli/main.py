@@ -72,8 +72,8 @@ def ls_command(
     if cache is None:
         opened = open_cli_run(run)
     else:
-        opened, cached = open_cached_run(run, cache)
-        states = dict(cached.upload_states())
+        opened = open_cached_run(run, cache)
+        states = dict(opened.upload_states() or {})
     branches = opened.branches()
     if branch is not None:
         try:
