@@ -16,7 +16,7 @@ ratio of timings taken in this run:
 * the extra resident memory while saving (peak RSS with saves minus peak RSS without),
   divided by the state's size, against ``0.25 + changed bytes / state bytes``;
 * a ``--steps`` run of a ``--wall-params`` model saving every 20 steps, divided by the same run
-  without saves;
+  without saves (medians of ``--wall-reps`` runs, interleaved);
 * a run under ``save=cw.overhead_budget(0.05)``: the share of its wall time that the saves
   cost (its time minus the same steps at the baseline step time), against 5 %.
 """
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="torch.save repetitions")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--wall-params", type=int, default=34)
+    parser.add_argument("--wall-reps", type=int, default=3, help="repetitions of each run")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -193,16 +194,26 @@ def main(argv: list[str] | None = None) -> None:
         f"step without saves {spread(loop['base'])} s"
     )
     wall(work, args.wall_params, 5, cw.every(2))  # warm up what the first run would pay
-    plain, _ = wall(work, args.wall_params, args.steps, None)
-    saving, n_saves = wall(work, args.wall_params, args.steps, cw.every(20))
-    budget_steps = args.steps
-    budgeted, n_budget = wall(
-        work,
-        args.wall_params,
-        budget_steps,
-        cw.overhead_budget(0.05, first_after=timedelta(0)),
-    )
-    share = (budgeted - plain * budget_steps / args.steps) / budgeted
+    # interleaved repetitions: this machine's speed drifts by several percent between runs
+    plains: list[float] = []
+    savings: list[float] = []
+    budgets: list[float] = []
+    n_saves = n_budget = 0
+    for _ in range(args.wall_reps):
+        plains.append(wall(work, args.wall_params, args.steps, None)[0])
+        took, n_saves = wall(work, args.wall_params, args.steps, cw.every(20))
+        savings.append(took)
+        took, n_budget = wall(
+            work,
+            args.wall_params,
+            args.steps,
+            cw.overhead_budget(0.05, first_after=timedelta(0)),
+        )
+        budgets.append(took)
+    plain = statistics.median(plains)
+    saving = statistics.median(savings)
+    budgeted = statistics.median(budgets)
+    share = (budgeted - plain) / budgeted
     shutil.rmtree(work, ignore_errors=True)
 
     t_base = loop["t_base"]
@@ -237,14 +248,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.steps}-step run saving every 20 / no saves",
             saving / plain,
             "<= 1.03",
-            f"{saving:.1f} s ({n_saves} saves) vs {plain:.1f} s, {args.wall_params}M params",
+            f"{spread(savings)} s ({n_saves} saves) vs {spread(plains)} s, "
+            f"{args.wall_params}M params",
         ),
         (
             "overhead_budget(0.05): share of time saving",
             share,
             "0.04-0.06",
-            f"{n_budget} saves in {budget_steps} steps, {budgeted:.1f} s vs "
-            f"{plain * budget_steps / args.steps:.1f} s without",
+            f"{n_budget} saves in {args.steps} steps, {spread(budgets)} s vs {plain:.1f} s without",
         ),
     ]
     print(f"\n{'figure':50} {'ratio':>7}  {'target':10} measured: median [min-max]")
