@@ -11,10 +11,7 @@ release the GIL). A ckptwise error keeps its class on both paths (a full disk st
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
-import os
-import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,14 +19,13 @@ from concurrent.futures import wait as wait_futures
 from typing import Protocol
 
 from ckptwise.errors import CheckpointError
+from ckptwise.priority import lower_thread_priority
 from ckptwise.records import CheckpointInfo
 
 __all__ = ["AsyncWriter", "SyncWriter", "WriteJob", "Writer", "save_failed"]
 
 log = logging.getLogger("ckptwise")
 
-#: niceness of the background writer thread (Linux schedules threads by their own nice value)
-BACKGROUND_NICE = 10
 
 WriteJob = Callable[[], CheckpointInfo]
 
@@ -111,7 +107,7 @@ class AsyncWriter:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="ckptwise-writer", initializer=_lower_priority
+            max_workers=1, thread_name_prefix="ckptwise-writer", initializer=lower_thread_priority
         )
         self._future: Future[CheckpointInfo] | None = None
         self._step: int | None = None
@@ -152,13 +148,6 @@ class AsyncWriter:
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
-
-
-def _lower_priority() -> None:
-    """Let training threads win the CPU over the writer (and the I/O threads it starts,
-    which inherit this), so a background save slows training as little as it can."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 def _report_at_exit(ref: weakref.ReferenceType[AsyncWriter]) -> None:

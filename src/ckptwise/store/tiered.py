@@ -108,6 +108,7 @@ from ckptwise.errors import (
     RunLockedError,
     StorageError,
 )
+from ckptwise.priority import lower_thread_priority
 from ckptwise.store.backend import TMP_MARK, Buffer, FsspecBackend, LocalBackend
 from ckptwise.store.branch import BRANCHES
 from ckptwise.store.layout import CHECKPOINTS, OBJECTS, manifest_path, manifest_step
@@ -621,6 +622,7 @@ class TieredBackend:
         return op
 
     def _work(self) -> None:
+        lower_thread_priority()  # uploads give way to training, as the writer does
         while True:
             with self._cond:
                 op = self._take()
