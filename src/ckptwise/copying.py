@@ -437,10 +437,6 @@ class SnapshotCopier:
         if cuda:
             torch.cuda.synchronize()
 
-    def copy(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Private copies of ``tensors``, all taken before this returns."""
-        return self.start(tensors, step=-1).result()
-
     def close(self) -> None:
         """Wait for a copy in flight, remove the hooks and stop the copy thread."""
         try:
