@@ -17,6 +17,7 @@ sets; each job it orchestrates lives in a module of its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping, MutableMapping
@@ -189,36 +190,41 @@ class CheckpointManager(ManagerReads):
         #: the ranks of a multi-process job (``None`` for one process, and for a manager that
         #: only reads: creating the checkpoint's process group would need every rank)
         self.ranks = Ranks.detect(process_group, timeout=dist_timeout) if self.writable else None
-        if async_save is None:
-            async_save = self.ranks is None
-        if self.ranks is not None and async_save:
-            raise ConfigError(
-                "async_save=True is not supported in multi-process runs yet; pass "
-                "async_save=False (each rank writes its share of the save)"
-            )
-        coordinator = self.ranks is None or self.ranks.coordinator
-        # the lock and the run folder's upkeep belong to rank 0 alone
-        self._owns_run = self.writable and coordinator
-        if cache is not None and self.ranks is not None:
-            raise ConfigError(
-                "cache= is for one writing process: with several, rank 0 cannot know that the "
-                "other ranks' objects are uploaded before it uploads the manifest; drop cache= "
-                "(each rank then writes to the remote store directly)"
-            )
-        backend = open_backend(
-            root, cache=cache, cache_bytes=cache_bytes, **dict(storage_options or {})
-        )
-        self._lock = RunLock(backend)
-        if self._owns_run:
-            self._lock.acquire()
         try:
-            self._store = CheckpointStore(backend, codec=codec, deltas=deltas)
+            if async_save is None:
+                async_save = self.ranks is None
+            if self.ranks is not None and async_save:
+                raise ConfigError(
+                    "async_save=True is not supported in multi-process runs yet; pass "
+                    "async_save=False (each rank writes its share of the save)"
+                )
+            coordinator = self.ranks is None or self.ranks.coordinator
+            # the lock and the run folder's upkeep belong to rank 0 alone
+            self._owns_run = self.writable and coordinator
+            if cache is not None and self.ranks is not None:
+                raise ConfigError(
+                    "cache= is for one writing process: with several, rank 0 cannot know that the "
+                    "other ranks' objects are uploaded before it uploads the manifest; drop cache= "
+                    "(each rank then writes to the remote store directly)"
+                )
+            backend = open_backend(
+                root, cache=cache, cache_bytes=cache_bytes, **dict(storage_options or {})
+            )
+            self._lock = RunLock(backend)
             if self._owns_run:
-                removed = self._store.clean()
-                if removed:
-                    log.info("removed %d leftover file(s) from an interrupted save", removed)
+                self._lock.acquire()
+            try:
+                self._store = CheckpointStore(backend, codec=codec, deltas=deltas)
+                if self._owns_run:
+                    removed = self._store.clean()
+                    if removed:
+                        log.info("removed %d leftover file(s) from an interrupted save", removed)
+            except BaseException:
+                self._lock.release()
+                raise
         except BaseException:
-            self._lock.release()
+            if self.ranks is not None:  # the group this manager opened
+                self.ranks.close()
             raise
         #: the read-only view of this run (listing, loading, verifying, exporting)
         self.run = Run(self._store, settle=self._settle)
@@ -714,7 +720,12 @@ class CheckpointManager(ManagerReads):
         return info
 
     def close(self) -> None:
-        """Wait for the last write, then release the run's lock. Safe to call twice."""
+        """Wait for the last write, then release the run's lock and (with several ranks)
+        destroy the checkpoint's process group. Safe to call twice.
+
+        Every rank calls it once it is done with the manager. A closed manager still
+        reads, as a read-only one does: each rank on its own.
+        """
         if self._closed:
             return
         try:
@@ -729,6 +740,15 @@ class CheckpointManager(ManagerReads):
             self._closed = True
             self._decider.close()
             self._lock.release()
+            if self.ranks is not None:
+                # a closed manager reads as a read-only one does, without the other ranks;
+                # only rank 0 wrote the manifests, so the others list them afresh
+                coordinator = self.ranks.coordinator
+                self.ranks.close()
+                self.ranks = None
+                if not coordinator:
+                    with contextlib.suppress(CheckpointError):  # a later read says it
+                        self._store.refresh()
 
     def upload_states(self) -> dict[int, UploadState] | None:
         """For a run written through a ``cache``: each checkpoint's upload state

@@ -10,6 +10,7 @@ local failure into the same :class:`~ckptwise.errors.CheckpointError` everywhere
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -79,10 +80,42 @@ class Failure:
 class Ranks:
     """This process's place among the ranks, and the checkpoint's process group."""
 
-    def __init__(self, group: Any, *, rank: int, size: int) -> None:
-        self.group = group
+    def __init__(self, group: Any, *, rank: int, size: int, destroyable: bool = True) -> None:
+        self._group = group
+        self._destroyable = destroyable
         self.rank = rank
         self.size = size
+
+    @property
+    def group(self) -> Any:
+        """The checkpoint's process group.
+
+        Raises:
+            CheckpointError: :meth:`close` destroyed it.
+        """
+        if self._group is None:
+            raise CheckpointError(
+                "the checkpoint's process group is closed (its CheckpointManager was closed); "
+                "create a new CheckpointManager on every rank to save or restore together"
+            )
+        return self._group
+
+    def close(self) -> None:
+        """Destroy the checkpoint's process group on this rank (a group of a subgroup's
+        ranks is only let go: see :meth:`detect`); safe to call twice, and after the job
+        destroyed every group itself.
+
+        Each manager opens a group of its own, so closing it frees its threads and
+        connections at once, not at interpreter exit, where torch tears down what is left
+        after the interpreter is gone.
+        """
+        group, self._group = self._group, None
+        if group is None or not self._destroyable:
+            return
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        with contextlib.suppress(ValueError):  # already destroyed with all the job's groups
+            dist.destroy_process_group(group)
 
     @classmethod
     def detect(
@@ -103,11 +136,17 @@ class Ranks:
         if size == 1:
             return None
         members = None if process_group is None else dist.get_process_group_ranks(process_group)
-        # only the group's own ranks take part in creating it (a subgroup of a larger job)
+        # For a subgroup of a larger job only its own ranks take part in creating the group
+        # (local synchronization). torch names such a group after its ranks and the number of
+        # groups alive, so one destroyed and another created would share a name, and the
+        # new one could meet the old one's stale addresses in the store: it is kept until
+        # exit. A group of every rank is named by a counter that never repeats, and
+        # close() destroys it.
+        local = members is not None
         group = dist.new_group(
-            ranks=members, backend="gloo", timeout=timeout, use_local_synchronization=True
+            ranks=members, backend="gloo", timeout=timeout, use_local_synchronization=local
         )
-        return cls(group, rank=dist.get_rank(group), size=size)
+        return cls(group, rank=dist.get_rank(group), size=size, destroyable=not local)
 
     @property
     def coordinator(self) -> bool:

@@ -1,0 +1,83 @@
+"""The checkpoint's own process group lives as long as its manager (real ``torchrun``, gloo).
+
+Each writing manager of a multi-process run opens a gloo group; ``close()`` destroys it, a
+manager whose construction fails does not leave one behind, and a closed manager still reads
+on each rank alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = """
+import json, sys, torch, torch.distributed as dist, ckptwise as cw
+from torch.distributed.distributed_c10d import _world
+
+dist.init_process_group("gloo")
+run, out = sys.argv[1], sys.argv[2]
+rank = dist.get_rank()
+groups = lambda: len(_world.pg_map)
+record = {"before": groups()}
+try:
+    cw.CheckpointManager(run, save=cw.every(1), async_save=True)  # refused after the group
+except cw.ConfigError:
+    pass
+record["after_refused"] = groups()
+for attempt in range(3):  # a job that opens a manager again and again (fit, then fit again)
+    manager = cw.CheckpointManager(run, save=cw.every(1), rng=False, async_save=False)
+    record.setdefault("open", groups())
+    manager.step(attempt + 1, {"w": torch.full((4,), float(10 * attempt + rank))})
+    manager.close()
+record["closed"] = groups()
+record["ranks_after_close"] = manager.ranks is None
+state = {"w": torch.zeros(4)}
+record["restored"] = manager.restore(state)  # each rank alone, as a read-only manager
+record["w"] = state["w"].tolist()
+record["steps"] = cw.open_run(run).steps()
+manager.close()  # twice
+last = cw.CheckpointManager(run, save=cw.every(1), rng=False, async_save=False)
+dist.destroy_process_group()  # the job destroys every group first ...
+last.close()  # ... and closing the manager afterwards is fine
+with open(f"{out}.{rank}", "w") as f:
+    json.dump(record, f)
+"""
+
+
+def test_closing_a_manager_destroys_its_process_group(tmp_path: Path) -> None:
+    script = tmp_path / "ranks.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "run"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads(Path(f"{out}.{rank}").read_text())
+        assert record["after_refused"] == record["before"]  # the refused manager left none
+        assert record["open"] == record["before"] + 1  # one group while a manager is open
+        assert record["closed"] == record["before"]  # three managers, none left behind
+        assert record["ranks_after_close"] is True
+        assert record["restored"] == 3, str(record)
+        assert record["w"] == [20.0 + rank] * 4  # this rank's own value of step 3
