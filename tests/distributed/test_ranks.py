@@ -18,13 +18,25 @@ import pytest
 pytestmark = pytest.mark.integration
 
 SCRIPT = """
-import json, sys, torch, torch.distributed as dist, ckptwise as cw
+import atexit, json, sys, torch, torch.distributed as dist, ckptwise as cw
 from torch.distributed.distributed_c10d import _world
 
 dist.init_process_group("gloo")
-run, out = sys.argv[1], sys.argv[2]
+run, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 rank = dist.get_rank()
 groups = lambda: len(_world.pg_map)
+
+
+def at_exit():  # registered before ckptwise's own exit hook exists, so it runs after it
+    with open(f"{out}.exit.{rank}", "w") as f:
+        json.dump({"groups": groups()}, f)
+
+
+if mode == "exit":  # a manager never closed: its group is destroyed at exit all the same
+    atexit.register(at_exit)
+    manager = cw.CheckpointManager(run, save=cw.every(1), rng=False, async_save=False)
+    manager.step(1, {"w": torch.full((4,), float(rank))})
+    sys.exit(0)
 record = {"before": groups()}
 try:
     cw.CheckpointManager(run, save=cw.every(1), async_save=True)  # refused after the group
@@ -51,10 +63,11 @@ with open(f"{out}.{rank}", "w") as f:
 """
 
 
-def test_closing_a_manager_destroys_its_process_group(tmp_path: Path) -> None:
+def torchrun(tmp_path: Path, mode: str) -> Path:
+    """Run the script on two ranks; returns the prefix of the files they wrote."""
     script = tmp_path / "ranks.py"
     script.write_text(SCRIPT)
-    out = tmp_path / "out"
+    out = tmp_path / mode
     proc = subprocess.run(
         [
             sys.executable,
@@ -64,8 +77,9 @@ def test_closing_a_manager_destroys_its_process_group(tmp_path: Path) -> None:
             "--nproc_per_node",
             "2",
             str(script),
-            str(tmp_path / "run"),
+            str(tmp_path / mode / "run"),
             str(out),
+            mode,
         ],
         capture_output=True,
         text=True,
@@ -73,6 +87,11 @@ def test_closing_a_manager_destroys_its_process_group(tmp_path: Path) -> None:
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_closing_a_manager_destroys_its_process_group(tmp_path: Path) -> None:
+    out = torchrun(tmp_path, "close")
     for rank in (0, 1):
         record = json.loads(Path(f"{out}.{rank}").read_text())
         assert record["after_refused"] == record["before"]  # the refused manager left none
@@ -81,3 +100,11 @@ def test_closing_a_manager_destroys_its_process_group(tmp_path: Path) -> None:
         assert record["ranks_after_close"] is True
         assert record["restored"] == 3, str(record)
         assert record["w"] == [20.0 + rank] * 4  # this rank's own value of step 3
+
+
+def test_the_group_of_a_manager_never_closed_is_destroyed_before_the_interpreter_exits(
+    tmp_path: Path,
+) -> None:
+    out = torchrun(tmp_path, "exit")
+    for rank in (0, 1):
+        assert json.loads(Path(f"{out}.exit.{rank}").read_text()) == {"groups": 1}  # default

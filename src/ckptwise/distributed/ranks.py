@@ -10,7 +10,9 @@ local failure into the same :class:`~ckptwise.errors.CheckpointError` everywhere
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -77,6 +79,26 @@ class Failure:
         return _KEPT.get(self.kind, CheckpointError)(text)
 
 
+#: the live Ranks of this process, and the groups closed managers kept (see Ranks.close)
+_live: weakref.WeakSet[Ranks] = weakref.WeakSet()
+_kept: list[Any] = []
+
+
+def _destroy(group: Any) -> None:
+    """Destroy ``group`` on this rank, unless the job already destroyed every group."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(ValueError):  # destroyed with all the job's groups
+            dist.destroy_process_group(group)
+
+
+@atexit.register
+def _destroy_at_exit() -> None:
+    for ranks in list(_live):
+        ranks._close(at_exit=True)
+    while _kept:
+        _destroy(_kept.pop())
+
+
 class Ranks:
     """This process's place among the ranks, and the checkpoint's process group."""
 
@@ -85,6 +107,7 @@ class Ranks:
         self._destroyable = destroyable
         self.rank = rank
         self.size = size
+        _live.add(self)
 
     @property
     def group(self) -> Any:
@@ -102,20 +125,28 @@ class Ranks:
 
     def close(self) -> None:
         """Destroy the checkpoint's process group on this rank (a group of a subgroup's
-        ranks is only let go: see :meth:`detect`); safe to call twice, and after the job
+        ranks is kept until exit: see :meth:`detect`); safe to call twice, and after the job
         destroyed every group itself.
 
         Each manager opens a group of its own, so closing it frees its threads and
-        connections at once, not at interpreter exit, where torch tears down what is left
-        after the interpreter is gone.
+        connections at once. Groups still alive when the interpreter exits (managers never
+        closed, subgroups' groups) are destroyed by an ``atexit`` hook, while the interpreter
+        still runs: left to the interpreter's own teardown, a gloo worker thread that drops
+        the last reference to a tensor Python created (this group's collectives send such
+        tensors) needs the interpreter lock, and the process aborts with "terminate called
+        without an active exception".
         """
+        self._close(at_exit=False)
+
+    def _close(self, *, at_exit: bool) -> None:
         group, self._group = self._group, None
-        if group is None or not self._destroyable:
+        _live.discard(self)
+        if group is None:
             return
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        with contextlib.suppress(ValueError):  # already destroyed with all the job's groups
-            dist.destroy_process_group(group)
+        if self._destroyable or at_exit:
+            _destroy(group)
+        else:
+            _kept.append(group)
 
     @classmethod
     def detect(
