@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import ckptwise as cw
+from s3_proxy import S3Proxy, s3_proxy
+from s3_server import moto_s3
 
 
 @pytest.fixture
@@ -19,3 +22,21 @@ def run_dir(tmp_path: Path) -> Path:
 def manager(run_dir: Path) -> Iterator[cw.CheckpointManager]:
     with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_all()) as m:
         yield m
+
+
+@pytest.fixture(scope="module")
+def s3(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A moto S3 server on loopback, one per test module, with the bucket named by the
+    module's ``BUCKET``; yields the storage options that reach it."""
+    bucket = getattr(request.module, "BUCKET", None)
+    if not isinstance(bucket, str):
+        raise TypeError(f"{request.module.__name__} uses the s3 fixture: give it a BUCKET")
+    with moto_s3(bucket) as options:
+        yield options
+
+
+@pytest.fixture
+def proxy(s3: dict[str, Any]) -> Iterator[S3Proxy]:
+    """The loopback proxy of :mod:`s3_proxy` in front of the module's :func:`s3` server."""
+    with s3_proxy(s3) as proxy:
+        yield proxy

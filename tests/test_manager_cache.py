@@ -7,7 +7,6 @@ holds every upload until the test lets it go.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +14,13 @@ import pytest
 import torch
 
 import ckptwise as cw
-from s3_proxy import S3Proxy, matching, s3_proxy
-from s3_server import moto_s3
+from s3_proxy import S3Proxy, matching
 from tiny_state import make_state, train_step
 
 pytestmark = pytest.mark.integration
 
+#: the bucket the s3 fixture (conftest.py) creates for this module
 BUCKET = "cached"
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[dict[str, Any]]:
-    with moto_s3(BUCKET) as options:
-        yield options
-
-
-@pytest.fixture
-def proxy(s3: dict[str, Any]) -> Iterator[S3Proxy]:
-    with s3_proxy(s3) as proxy:
-        yield proxy
 
 
 def test_saves_commit_to_the_cache_while_uploads_are_held_then_the_remote_has_them_all(

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,30 +37,17 @@ from ckptwise.store.layout import (
 )
 from ckptwise.store.retry import RetryPolicy
 from ckptwise.store.tiered import TieredBackend
-from s3_proxy import S3Proxy, matching, s3_proxy
-from s3_server import moto_s3
+from s3_proxy import S3Proxy, matching
 
 pytestmark = pytest.mark.integration
 
+#: the bucket the s3 fixture (conftest.py) creates for this module
 BUCKET = "tiered"
 #: quick retries, so that giving up takes milliseconds
 FAST = RetryPolicy(
     attempts=4, first_delay=timedelta(milliseconds=10), max_delay=timedelta(milliseconds=50)
 )
 WAIT = timedelta(seconds=60)
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[dict[str, Any]]:
-    """A moto S3 server on loopback, and the storage options that reach it."""
-    with moto_s3(BUCKET) as options:
-        yield options
-
-
-@pytest.fixture
-def proxy(s3: dict[str, Any]) -> Iterator[S3Proxy]:
-    with s3_proxy(s3) as proxy:
-        yield proxy
 
 
 def _url(tmp_path: Path) -> str:
