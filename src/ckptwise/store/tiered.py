@@ -316,6 +316,8 @@ class TieredBackend:
         except BaseException:
             with self._cond:
                 writing[path] -= 1
+                if not writing[path]:
+                    del writing[path]  # else drop_cached() would take the path as being written
             raise
         with self._cond:
             writing[path] -= 1
