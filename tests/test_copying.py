@@ -430,3 +430,40 @@ def test_what_an_optimizer_writes_past_the_version_counter_is_copied_again(
                 for key, value in one.items():
                     if isinstance(value, torch.Tensor) and value.numel() > 1:
                         assert not torch.equal(value, two[key]), key
+
+
+def test_an_optimizer_that_steps_while_another_s_copy_runs_does_not_fail_the_save(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    first, second = nn.Parameter(torch.randn(64)), nn.Parameter(torch.randn(64))
+    held = threading.Event()
+    fill = copying._fill
+
+    def gated(target: torch.Tensor, source: torch.Tensor) -> None:
+        if source.data_ptr() == second.data_ptr():  # the second optimizer's copy waits
+            held.wait(timeout=60)
+        fill(target, source)
+
+    monkeypatch.setattr(copying, "_fill", gated)
+    opt_first = torch.optim.SGD([first], lr=0.1)
+    opt_second = torch.optim.SGD([second], lr=0.1)
+    state = {
+        "model": nn.ParameterDict({"first": first, "second": second}),
+        "first": opt_first,
+        "second": opt_second,
+    }
+    with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
+        manager.step(1, state)
+        at_save = {k: v.detach().clone() for k, v in state["model"].state_dict().items()}
+        torch.autograd.backward(first.sum() + second.sum())
+        stepper = threading.Thread(target=opt_first.step)  # its own share is copied
+        stepper.start()
+        stepper.join(timeout=30)
+        assert not stepper.is_alive(), "the first optimizer waited for the second's copy"
+        assert not torch.equal(first.detach(), at_save["first"])
+        held.set()
+        opt_second.step()
+        manager.wait()  # the first optimizer's write was its own step(): no SnapshotError
+    loaded = cw.open_run(run_dir).load(1)["model"]
+    assert_same(dict(loaded), at_save)

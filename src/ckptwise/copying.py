@@ -170,10 +170,16 @@ class PendingCopy:
     _gpu_done: list[Any] = field(default_factory=list)
     _start_event: Any = None
     _future: Future[None] | None = None
+    #: which groups' sources were checked against their version at the copy (see _check)
+    _checked: list[bool] = field(default_factory=list)
+    #: the sources found written in place under their copy
+    _changed: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._done = [threading.Event() for _ in self.groups]
         self._gpu_done = [None] * len(self.groups)
+        self._checked = [False] * len(self.groups)
 
     @property
     def deferred(self) -> bool:
@@ -200,6 +206,7 @@ class PendingCopy:
                     else:
                         for c in group:
                             _fill(c.target, c.source)
+                        self._check(i)  # copied: only the optimizer's step() may write now
                 finally:
                     self._done[i].set()
             if stream is not None:
@@ -209,8 +216,25 @@ class PendingCopy:
                 event.set()
         self._check_unchanged()
 
+    def _check(self, index: int) -> None:
+        """Compare group ``index``'s sources with their versions at ``step()``, once: when
+        its copy is done (CPU) or when an optimizer is let go to write it (CUDA: the copy
+        may still run, but every write launched from then on is ordered after it). Later
+        writes are the optimizer's own, so checking all groups only at the end would take
+        an optimizer that stepped meanwhile (a second optimizer, a CUDA copy slower than a
+        forward and backward) for a write by hand."""
+        with self._lock:
+            if self._checked[index]:
+                return
+            self._checked[index] = True
+            self._changed.extend(
+                c.name for c in self.groups[index] if c.source._version != c.identity[-1]
+            )
+
     def _check_unchanged(self) -> None:
-        changed = [c.name for g in self.groups for c in g if c.source._version != c.identity[-1]]
+        for i in range(len(self.groups)):
+            self._check(i)
+        changed = self._changed
         if changed:
             shown = ", ".join(changed[:5]) + (
                 f" and {len(changed) - 5} more" if len(changed) > 5 else ""
@@ -228,6 +252,8 @@ class PendingCopy:
         if index is None:
             return
         self._done[index].wait()
+        for earlier in range(index + 1):  # groups are copied in order: all these are let go
+            self._check(earlier)
         gpu = self._gpu_done[index]
         if gpu is not None:  # the step's kernels run after the copy's, without a CPU stall
             torch.cuda.current_stream().wait_event(gpu)
