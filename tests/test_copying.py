@@ -448,14 +448,11 @@ def test_an_optimizer_that_steps_while_another_s_copy_runs_does_not_fail_the_sav
     monkeypatch.setattr(copying, "_fill", gated)
     opt_first = torch.optim.SGD([first], lr=0.1)
     opt_second = torch.optim.SGD([second], lr=0.1)
-    state = {
-        "model": nn.ParameterDict({"first": first, "second": second}),
-        "first": opt_first,
-        "second": opt_second,
-    }
+    model = nn.ParameterDict({"first": first, "second": second})
+    state = {"model": model, "first": opt_first, "second": opt_second}
     with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
         manager.step(1, state)
-        at_save = {k: v.detach().clone() for k, v in state["model"].state_dict().items()}
+        at_save = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.autograd.backward(first.sum() + second.sum())
         stepper = threading.Thread(target=opt_first.step)  # its own share is copied
         stepper.start()
