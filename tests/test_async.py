@@ -95,6 +95,34 @@ class HeldStore:
         monkeypatch.setattr(CheckpointStore, "commit", held)
 
 
+def test_a_request_file_stays_until_the_save_answering_it_commits_not_the_one_before(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = CheckpointStore.commit
+    release = threading.Event()
+
+    def commit(store: CheckpointStore, step: int, *args: Any, **kwargs: Any) -> Any:
+        if step == 2:
+            release.wait(timeout=30)  # in flight when the request arrives
+        if step == 3:
+            raise cw.StorageError("No space left on device")
+        return real(store, step, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointStore, "commit", commit)
+    save = cw.every(2) | cw.on_file("SAVE_NOW")
+    with cw.CheckpointManager(run_dir, save=save, rng=False) as manager:
+        manager.step(1, {"w": torch.ones(4)})
+        manager.step(2, {"w": torch.ones(4)})
+        (run_dir / "SAVE_NOW").touch()
+        threading.Timer(0.3, release.set).start()
+        assert manager.step(3, {"w": torch.ones(4)}).save  # waits for step 2's commit
+        assert (run_dir / "SAVE_NOW").exists()  # step 2's commit did not answer it
+        with pytest.raises(cw.StorageError, match="No space"):
+            manager.wait()
+        assert (run_dir / "SAVE_NOW").exists()  # the save answering it failed: still asked
+    assert cw.open_run(run_dir).steps() == [2]
+
+
 def test_one_process_saves_in_the_background_by_default(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -325,6 +325,8 @@ class CheckpointManager(ManagerReads):
             self.skipped.append(step)
             log.info("step %d not saved: the save of a previous step is still writing", step)
             return decision
+        if self._writer.busy:  # what waits for its commit is not this save's to run
+            self._finish(self._writer.wait())
         consume = self._decider.on_commit(decision)
         if consume is not None:
             self._after_commit.append(consume)
