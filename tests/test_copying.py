@@ -464,3 +464,14 @@ def test_an_optimizer_that_steps_while_another_s_copy_runs_does_not_fail_the_sav
         manager.wait()  # the first optimizer's write was its own step(): no SnapshotError
     loaded = cw.open_run(run_dir).load(1)["model"]
     assert_same(dict(loaded), at_save)
+
+
+def test_a_closed_copier_lets_go_of_its_copies_and_their_sources() -> None:
+    state = net_state()
+    train(state)
+    copier = SnapshotCopier()
+    tensors = {"w": state["model"].lin.weight, "m": state["model"].bn.running_mean}
+    copier.start(tensors, step=1, optimizers=[state["optimizer"]]).result()
+    assert copier._cache  # kept between saves, to reuse what did not change
+    copier.close()
+    assert copier._cache == {}  # the copies, and the training tensors they came from

@@ -151,6 +151,11 @@ def _fill(target: torch.Tensor, source: torch.Tensor) -> None:
         target.copy_(source, non_blocking=source.device.type == "cuda")
 
 
+def _cuda_devices(copies: Iterable[_Copy]) -> list[torch.device]:
+    """The CUDA devices of the copies' sources, in order of appearance."""
+    return list(dict.fromkeys(c.source.device for c in copies if c.source.device.type == "cuda"))
+
+
 @dataclass
 class PendingCopy:
     """A snapshot whose guarded tensors are still being copied on the copy thread.
@@ -166,6 +171,8 @@ class PendingCopy:
     waits: dict[int, int]
     copied_bytes: int
     reused_bytes: int
+    #: the CUDA device of the deferred copies (``None``: on the CPU)
+    device: Any = None
     _done: list[threading.Event] = field(default_factory=list)
     _gpu_done: list[Any] = field(default_factory=list)
     _start_event: Any = None
@@ -190,9 +197,8 @@ class PendingCopy:
         """Copy every group in order (on the copy thread), then check no source changed."""
         stream = None
         try:
-            cuda = any(c.source.device.type == "cuda" for g in self.groups for c in g)
-            if cuda:
-                stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            if self.device is not None:  # the copy thread's current device may be another
+                stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
                 if self._start_event is not None:
                     stream.wait_event(self._start_event)
             for i, group in enumerate(self.groups):
@@ -256,7 +262,7 @@ class PendingCopy:
             self._check(earlier)
         gpu = self._gpu_done[index]
         if gpu is not None:  # the step's kernels run after the copy's, without a CPU stall
-            torch.cuda.current_stream().wait_event(gpu)
+            torch.cuda.current_stream(self.device).wait_event(gpu)
 
     def result(self) -> dict[str, torch.Tensor]:
         """The private copies, once all are taken (raising :class:`SnapshotError` when a
@@ -417,6 +423,11 @@ class SnapshotCopier:
             copied += target.nbytes
             owner = order.get(identity[:-1])
             (now if owner is None else later[owner]).append(_Copy(name, source, identity, target))
+        if len(_cuda_devices(c for g in later for c in g)) > 1:
+            # one side stream serves one device: a state spread over several GPUs is copied
+            # before step() returns, each device synchronized
+            now += [c for g in later for c in g]
+            later = [[] for _ in optimizers]
         # groups are copied in order, so waiting for group k covers the earlier ones too,
         # where a parameter optimizer k shares with an earlier optimizer was put
         waits = {
@@ -431,9 +442,11 @@ class SnapshotCopier:
             self._cache = cache
             self._stepped.clear()  # steps from here on make this copy stale
             return pending
-        if any(c.source.device.type == "cuda" for g in later for c in g):
+        devices = _cuda_devices(c for g in later for c in g)
+        if devices:
+            pending.device = devices[0]
             pending._start_event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            pending._start_event.record()
+            pending._start_event.record(torch.cuda.current_stream(pending.device))
         # the hooks see the pending copy before anything else can call step()
         self._guard.watch([o for o in optimizers if id(o) in pending.waits])
         self._guard.pending = pending
@@ -456,19 +469,20 @@ class SnapshotCopier:
 
     def _copy_now(self, copies: list[_Copy]) -> None:
         """Copy tensors no hook guards before the save returns (on the caller's thread)."""
-        cuda = False
         for c in copies:
-            cuda = cuda or c.source.device.type == "cuda"
             c.target.copy_(c.source, non_blocking=c.source.device.type == "cuda")
-        if cuda:
-            torch.cuda.synchronize()
+        for device in _cuda_devices(copies):
+            torch.cuda.synchronize(device)
 
     def close(self) -> None:
-        """Wait for a copy in flight, remove the hooks and stop the copy thread."""
+        """Wait for a copy in flight, remove the hooks, stop the copy thread and let go of
+        the copies (and of the training tensors they were taken from)."""
         try:
             if self.pending is not None:
                 self.pending.result()
         finally:
+            self._cache = {}
+            self._stepped.clear()
             self._guard.close()
             if self._step_hook is not None:
                 self._step_hook()

@@ -731,10 +731,14 @@ class CheckpointManager(ManagerReads):
         if self._closed:
             return
         try:
-            self._finish(self._writer.wait())
-            self._writer.close()
-            if self._copier is not None:
-                self._copier.close()
+            try:
+                self._finish(self._writer.wait())
+            finally:  # a failed last save still lets go of the thread, hooks and copies
+                try:
+                    self._writer.close()
+                finally:
+                    if self._copier is not None:
+                        self._copier.close()
             backend = self._store.backend
             if isinstance(backend, TieredBackend) and self._owns_run:
                 backend.close()  # every upload done, before the lock lets another writer in
