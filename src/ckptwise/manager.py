@@ -251,6 +251,7 @@ class CheckpointManager(ManagerReads):
         self._protect_resumed = False
         self.last_plan: RetentionPlan | None = None
         self._closed = False
+        self._rank_alone: int | None = None  # see _read_rank
 
     @classmethod
     def from_config(
@@ -684,7 +685,7 @@ class CheckpointManager(ManagerReads):
             rng=self.rng,
             missing=missing,
             ranks=self.ranks,
-            rank=_process_rank(),
+            rank=self._read_rank(),
         )
         if restored in self._store.steps():  # 0 also means "nothing to restore"
             self._adopt(restored)
@@ -699,7 +700,7 @@ class CheckpointManager(ManagerReads):
         """
         if self._writer.busy:  # resume from the newest checkpoint, as restore() does
             self._finish(self._writer.wait())
-        rank = _process_rank() if self.ranks is None else self.ranks.rank
+        rank = self._read_rank() if self.ranks is None else self.ranks.rank
         loaded = self.run.read(step, full_only=True, rank=rank, ranks=self.ranks)
         if loaded is None:
             log.info("no full checkpoint in %s to resume from; starting from scratch", self.run.url)
@@ -707,6 +708,11 @@ class CheckpointManager(ManagerReads):
         log.info("resuming from step %d of %s", loaded.step, self.run.url)
         self._adopt(loaded.step)
         return loaded.step, loaded.values(rng=True)
+
+    def _read_rank(self) -> int:
+        """Whose per-rank entries this process reads alone: its rank among the ranks it
+        saved with (those of ``process_group``), once the manager is closed."""
+        return _process_rank() if self._rank_alone is None else self._rank_alone
 
     def _adopt(self, step: int) -> None:
         self._decider.adopt(self._store.manifest(step).extra, step)
@@ -750,6 +756,7 @@ class CheckpointManager(ManagerReads):
                 # a closed manager reads as a read-only one does, without the other ranks;
                 # only rank 0 wrote the manifests, so the others list them afresh
                 coordinator = self.ranks.coordinator
+                self._rank_alone = self.ranks.rank
                 self.ranks.close()
                 self.ranks = None
                 if not coordinator:

@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 SCRIPT = """
-import atexit, json, sys, torch, torch.distributed as dist, ckptwise as cw
+import atexit, gc, json, sys, torch, torch.distributed as dist, ckptwise as cw
 from torch.distributed.distributed_c10d import _world
 
 dist.init_process_group("gloo")
@@ -36,6 +36,9 @@ if mode == "exit":  # a manager never closed: its group is destroyed at exit all
     atexit.register(at_exit)
     manager = cw.CheckpointManager(run, save=cw.every(1), rng=False, async_save=False)
     manager.step(1, {"w": torch.full((4,), float(rank))})
+    dropped = cw.CheckpointManager(run + "-dropped", save=cw.every(1), rng=False)
+    del dropped  # collected without close()
+    gc.collect()
     sys.exit(0)
 record = {"before": groups()}
 try:
@@ -49,6 +52,11 @@ for attempt in range(3):  # a job that opens a manager again and again (fit, the
     manager.step(attempt + 1, {"w": torch.full((4,), float(10 * attempt + rank))})
     manager.close()
 record["closed"] = groups()
+world = cw.CheckpointManager(  # the whole job given as process_group= is no subgroup
+    run + "-world", save=cw.every(1), rng=False, process_group=dist.group.WORLD
+)
+world.close()
+record["closed_world"] = groups()
 record["ranks_after_close"] = manager.ranks is None
 state = {"w": torch.zeros(4)}
 record["restored"] = manager.restore(state)  # each rank alone, as a read-only manager
@@ -97,6 +105,7 @@ def test_closing_a_manager_destroys_its_process_group(tmp_path: Path) -> None:
         assert record["after_refused"] == record["before"]  # the refused manager left none
         assert record["open"] == record["before"] + 1  # one group while a manager is open
         assert record["closed"] == record["before"]  # three managers, none left behind
+        assert record["closed_world"] == record["before"]
         assert record["ranks_after_close"] is True
         assert record["restored"] == 3, str(record)
         assert record["w"] == [20.0 + rank] * 4  # this rank's own value of step 3

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -79,8 +78,9 @@ class Failure:
         return _KEPT.get(self.kind, CheckpointError)(text)
 
 
-#: the live Ranks of this process, and the groups closed managers kept (see Ranks.close)
-_live: weakref.WeakSet[Ranks] = weakref.WeakSet()
+#: the Ranks of this process not closed yet (held: a manager dropped without close() leaves
+#: its group in torch's registry all the same), and the groups closed managers kept
+_live: set[Ranks] = set()
 _kept: list[Any] = []
 
 
@@ -173,7 +173,7 @@ class Ranks:
         # new one could meet the old one's stale addresses in the store: it is kept until
         # exit. A group of every rank is named by a counter that never repeats, and
         # close() destroys it.
-        local = members is not None
+        local = members is not None and len(members) != dist.get_world_size()
         group = dist.new_group(
             ranks=members, backend="gloo", timeout=timeout, use_local_synchronization=local
         )
