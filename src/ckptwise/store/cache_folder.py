@@ -35,6 +35,16 @@ from ckptwise.store.branch import BRANCHES
 from ckptwise.store.layout import CHECKPOINTS, OBJECTS
 from ckptwise.store.runfile import RUN_FILE
 
+__all__ = [
+    "CACHE_FILE",
+    "TIERED_DIRS",
+    "UPLOADED",
+    "CacheEntries",
+    "CacheFolder",
+    "Entry",
+    "tiered",
+]
+
 log = logging.getLogger("ckptwise")
 
 #: The cache's record of which remote run it belongs to.

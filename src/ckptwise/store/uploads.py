@@ -55,6 +55,18 @@ from ckptwise.store.cache_folder import UPLOADED, CacheEntries, CacheFolder
 from ckptwise.store.layout import CHECKPOINTS, OBJECTS
 from ckptwise.store.runfile import PRUNING
 
+__all__ = [
+    "RESUME_AFTER",
+    "UPLOADERS",
+    "Drains",
+    "Op",
+    "Uploads",
+    "barrier",
+    "register",
+    "unregister",
+    "upload_order",
+]
+
 log = logging.getLogger("ckptwise")
 
 #: Uploading threads: objects go up this many at a time.
@@ -82,7 +94,7 @@ def upload_order(path: str) -> tuple[int, str]:
     return 3, path
 
 
-class Vanished(Exception):
+class _Vanished(Exception):
     """The cached file to upload is no longer there."""
 
 
@@ -322,10 +334,10 @@ class Uploads:
             # new inode, so the mark below lands on exactly what was sent
             st = os.lstat(source)
             if not stat.S_ISREG(st.st_mode):
-                raise Vanished(f"{source} is no longer a regular file")
+                raise _Vanished(f"{source} is no longer a regular file")
             os.link(source, staged, follow_symlinks=False)
         except FileNotFoundError as exc:
-            raise Vanished(f"{source} is gone") from exc
+            raise _Vanished(f"{source} is gone") from exc
         except OSError as exc:
             raise StorageError(
                 f"could not stage {source} for upload: {exc} (the cache folder's filesystem "
@@ -352,7 +364,7 @@ class Uploads:
 
     def _failed(self, op: Op, error: BaseException) -> None:
         """Put a failed operation back in its place and stop (holding the lock)."""
-        if isinstance(error, Vanished) and (
+        if isinstance(error, _Vanished) and (
             op.path not in self._entries.files or op.path in self.queue
         ):
             return  # deleted or rewritten meanwhile: the queue holds what is to be done
@@ -367,7 +379,7 @@ class Uploads:
         if isinstance(error, RunLockedError):
             self._fatal = True
             self.halted = error
-        elif isinstance(error, Vanished):
+        elif isinstance(error, _Vanished):
             self.halted = StorageError(
                 f"the cached copy of {op.path} was removed before it was uploaded ({error}); "
                 "a checkpoint that names it can no longer be uploaded whole. Save again (a "
