@@ -342,11 +342,36 @@ def test_untracked_entries_are_copied_afresh_every_save() -> None:
     assert torch.equal(copier.start({"ds/w": w}, step=1, untracked=["ds"]).result()["ds/w"], w)
     w.data.add_(1)  # invisible to w._version
     assert torch.equal(copier.start({"ds/w": w}, step=2, untracked=["ds"]).result()["ds/w"], w)
-    stale = copier.start({"other/w": w}, step=3).result()["other/w"]
-    w.data.add_(1)
-    again = copier.start({"other/w": w}, step=4).result()["other/w"]
-    assert again is stale  # what the version counter cannot see, reuse cannot either
+    copier.start({"other/w": w}, step=3).result()
+    w.data.add_(1)  # every element changes: the sample compared at reuse sees it
+    assert torch.equal(copier.start({"other/w": w}, step=4).result()["other/w"], w)
+    big = torch.zeros(10_000)
+    copier.start({"big": big}, step=5).result()
+    big.data[1] = 1.0  # one element off the sample: unseen, the documented limit
+    assert copier.start({"big": big}, step=6).result()["big"][1] == 0
     copier.close()
+
+
+def test_an_ema_model_updated_through_data_is_saved_as_it_is_at_each_step(
+    run_dir: Path,
+) -> None:
+    state = net_state()
+    ema = Net()
+    ema.load_state_dict(state["model"].state_dict())
+    ema.requires_grad_(False)  # in no optimizer: nothing guards it, its copy may be reused
+    state["ema"] = ema
+    expected = {}
+    with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
+        for step in (1, 2, 3):
+            train(state)
+            for e, p in zip(ema.parameters(), state["model"].parameters(), strict=True):
+                e.data.mul_(0.9).add_(p.data, alpha=0.1)  # leaves the version counter alone
+            manager.step(step, state)
+            expected[step] = {k: v.clone() for k, v in ema.state_dict().items()}
+        manager.wait()
+    run = cw.open_run(run_dir)
+    for step, values in expected.items():
+        assert_same(dict(run.load(step)["ema"]), values)
 
 
 def test_a_copy_that_does_not_fit_in_memory_is_taken_synchronously(

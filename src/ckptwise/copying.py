@@ -58,6 +58,28 @@ def _identity(tensor: torch.Tensor) -> tuple[Any, ...]:
     return (*_view(tensor), tensor._version)
 
 
+#: elements of a reused copy compared with its source at each save (see _looks_unchanged)
+SAMPLE = 64
+
+
+def _looks_unchanged(source: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Whether ``SAMPLE`` elements spread over ``source`` still equal the copy taken at an
+    earlier save: a cheap guard against writes through ``.data``, which leave the version
+    counter as it was (an EMA model updated as ``ema.data.mul_(d).add_(p.data, ...)``
+    changes every element). A write to a few elements only can still go unseen."""
+    count = source.numel()
+    if count <= SAMPLE:
+        return torch.equal(source.cpu(), copy)
+    flat = torch.linspace(0, count - 1, SAMPLE, dtype=torch.float64).round().to(torch.int64)
+    at = torch.unravel_index(flat, tuple(source.shape))
+    picked = (
+        source[at]
+        if source.device == flat.device
+        else source[tuple(i.to(source.device) for i in at)]
+    )
+    return torch.equal(picked.cpu(), copy[at])
+
+
 def available_memory() -> int | None:
     """Bytes of memory the kernel says can be allocated without swapping (Linux's
     ``MemAvailable``); ``None`` where that is unknown."""
@@ -412,7 +434,12 @@ class SnapshotCopier:
             volatile = identity[:-1] in unversioned or any(
                 name == key or name.startswith(f"{key}/") for key in fresh
             )
-            if hit is not None and hit[0] == identity and not volatile:
+            if (
+                hit is not None
+                and hit[0] == identity
+                and not volatile
+                and _looks_unchanged(source, hit[2])
+            ):
                 out[name] = hit[2]
                 cache[name] = hit
                 reused += hit[2].nbytes
