@@ -190,6 +190,7 @@ class CheckpointManager(ManagerReads):
         #: the ranks of a multi-process job (``None`` for one process, and for a manager that
         #: only reads: creating the checkpoint's process group would need every rank)
         self.ranks = Ranks.detect(process_group, timeout=dist_timeout) if self.writable else None
+        lock: RunLock | None = None
         try:
             if async_save is None:
                 async_save = self.ranks is None
@@ -210,19 +211,17 @@ class CheckpointManager(ManagerReads):
             backend = open_backend(
                 root, cache=cache, cache_bytes=cache_bytes, **dict(storage_options or {})
             )
-            self._lock = RunLock(backend)
+            lock = self._lock = RunLock(backend)
             if self._owns_run:
-                self._lock.acquire()
-            try:
-                self._store = CheckpointStore(backend, codec=codec, deltas=deltas)
-                if self._owns_run:
-                    removed = self._store.clean()
-                    if removed:
-                        log.info("removed %d leftover file(s) from an interrupted save", removed)
-            except BaseException:
-                self._lock.release()
-                raise
+                lock.acquire()
+            self._store = CheckpointStore(backend, codec=codec, deltas=deltas)
+            if self._owns_run:
+                removed = self._store.clean()
+                if removed:
+                    log.info("removed %d leftover file(s) from an interrupted save", removed)
         except BaseException:
+            if lock is not None:
+                lock.release()  # a lock not taken is left alone
             if self.ranks is not None:  # the group this manager opened
                 self.ranks.close()
             raise
@@ -737,14 +736,12 @@ class CheckpointManager(ManagerReads):
         if self._closed:
             return
         try:
-            try:
+            # a failed last save still lets go of the thread, hooks and copies
+            with contextlib.ExitStack() as stack:
+                if self._copier is not None:
+                    stack.callback(self._copier.close)
+                stack.callback(self._writer.close)
                 self._finish(self._writer.wait())
-            finally:  # a failed last save still lets go of the thread, hooks and copies
-                try:
-                    self._writer.close()
-                finally:
-                    if self._copier is not None:
-                        self._copier.close()
             backend = self._store.backend
             if isinstance(backend, TieredBackend) and self._owns_run:
                 backend.close()  # every upload done, before the lock lets another writer in
