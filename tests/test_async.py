@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import torch
 import ckptwise as cw
 from ckptwise.store import CheckpointStore
 from tiny_state import make_state, train_step
+from torchrun_job import run_job
 
 
 def test_saved_values_are_those_at_the_step_even_if_training_mutates_them(run_dir: Path) -> None:
@@ -182,24 +182,7 @@ def test_several_processes_save_synchronously_by_default(tmp_path: Path) -> None
     script = tmp_path / "ranks.py"
     script.write_text(SEVERAL_RANKS)
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(script),
-            str(tmp_path / "run"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_job(script, str(tmp_path / "run"), str(out))
     for rank in (0, 1):
         record = json.loads(Path(f"{out}.{rank}").read_text())
         assert record["committed"] == [1]  # every rank's step() returned after the commit

@@ -8,12 +8,11 @@ on each rank alone.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from torchrun_job import run_job
 
 pytestmark = pytest.mark.integration
 
@@ -76,25 +75,7 @@ def torchrun(tmp_path: Path, mode: str) -> Path:
     script = tmp_path / "ranks.py"
     script.write_text(SCRIPT)
     out = tmp_path / mode
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(script),
-            str(tmp_path / mode / "run"),
-            str(out),
-            mode,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_job(script, str(tmp_path / mode / "run"), str(out), mode)
     return out
 
 

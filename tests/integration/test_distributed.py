@@ -9,7 +9,6 @@ rank that dies or raises in the middle of a save.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import ckptwise as cw
+from torchrun_job import run_job
 
 pytestmark = pytest.mark.integration
 
@@ -29,30 +29,8 @@ SCRIPT = Path(__file__).with_name("dist_train.py")
 
 def torchrun(ranks: int, run: Path, out: Path, *args: str, ok: bool = True) -> float:
     """Run the job on ``ranks`` processes; returns its wall time in seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     started = time.monotonic()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",  # a free port of its own, so tests never collide
-            "--nproc_per_node",
-            str(ranks),
-            str(SCRIPT),
-            str(run),
-            str(out),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    else:
-        assert proc.returncode != 0
+    run_job(SCRIPT, str(run), str(out), *args, ranks=ranks, ok=ok)
     return time.monotonic() - started
 
 
