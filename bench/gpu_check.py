@@ -87,7 +87,7 @@ def main() -> None:
     target = {"model": fresh, "optimizer": fresh_opt}
     torch.cuda.synchronize()
     start = time.perf_counter()
-    restored = cw.CheckpointManager(work / "run").restore(target)
+    restored = cw.open_run(work / "run").restore(target)
     torch.cuda.synchronize()
     t_restore = time.perf_counter() - start
     exact = all(torch.equal(fresh.state_dict()[k].cpu(), expected[k]) for k in expected)

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary["saves"] = [{"step": s, "reasons": list(r)} for s, r in callback.saved]
         summary["bytes_written"] = callback.bytes_written
         plan = manager.run.kept()
-        summary["kept"] = {str(c.step): plan.get(c.step, []) for c in manager.checkpoints()}
+        summary["kept"] = {str(c.step): plan.get(c.step, []) for c in manager.run.checkpoints()}
         summary["on_disk"] = manager.run.physical_bytes()
         if script.export_best:
             summary["exported"] = str(callback.export(script.export_best, "best"))

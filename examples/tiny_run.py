@@ -136,10 +136,10 @@ def demo(base: Path) -> None:
     second = train(run, STEPS, log=True)
     straight = train(reference, STEPS, log=False)
 
-    manager = cw.CheckpointManager(run)
+    finished = cw.open_run(run)
     print("\nkept checkpoints:")
-    kept = manager.run.kept()
-    for info in manager.checkpoints():
+    kept = finished.kept()
+    for info in finished.checkpoints():
         ev = info.metrics.get("eval_loss")
         print(
             f"  step {info.step:4d}  saved for {', '.join(info.reasons):30s} kept as "
@@ -151,8 +151,8 @@ def demo(base: Path) -> None:
         f"whole, as torch.save does, would write {TOTALS['whole'] / 1024:.1f} KiB "
         "(the frozen backbone is stored once)"
     )
-    print(f"bytes on disk now: {manager.run.physical_bytes() / 1024:.1f} KiB")
-    problems = manager.run.verify()
+    print(f"bytes on disk now: {finished.physical_bytes() / 1024:.1f} KiB")
+    problems = finished.verify()
     print(f"verify: {problems if problems else 'all objects match their checksums'}")
     resumed = {**first, **second}
     same = all(resumed[s] == straight[s] for s in straight)

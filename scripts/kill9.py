@@ -224,7 +224,7 @@ def worker(root: Path, mode: Mode) -> int:
         say("saving", step)
         decision = manager.step(step, state)
         if mode.async_save:
-            newest = manager.latest_step()  # listed only once its manifest is durable
+            newest = manager.run.latest_step()  # listed only once its manifest is durable
             if newest is not None:
                 say("committed", newest)
         elif decision.save:

@@ -131,13 +131,13 @@ def test_one_process_saves_in_the_background_by_default(
         t0 = time.perf_counter()
         manager.step(1, {"w": torch.ones(4)})
         assert time.perf_counter() - t0 < 20  # returned before its commit
-        assert manager.checkpoints() == []
+        assert manager.run.checkpoints() == []
         held.release.set()
         manager.wait()
-        assert [c.step for c in manager.checkpoints()] == [1]
+        assert [c.step for c in manager.run.checkpoints()] == [1]
     with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False, async_save=False) as manager:
         manager.step(2, {"w": torch.ones(4)})
-        assert [c.step for c in manager.checkpoints()] == [1, 2]  # committed when it returned
+        assert [c.step for c in manager.run.checkpoints()] == [1, 2]  # committed when it returned
 
 
 def test_a_request_answered_by_the_save_in_flight_asks_for_no_other(
@@ -202,7 +202,7 @@ def test_skip_while_busy_records_the_skipped_steps(
         assert time.perf_counter() - t0 < 0.4  # nothing waited
         assert manager.skipped == [2, 3]
         manager.wait()
-        assert [c.step for c in manager.checkpoints()] == [1]
+        assert [c.step for c in manager.run.checkpoints()] == [1]
 
 
 def test_wait_while_busy_saves_every_step(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -332,10 +332,10 @@ def test_the_managers_run_waits_for_the_step_in_flight_when_asked_for_it(
     with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:
         manager.step(1, {"model": {"w": torch.ones(4)}})
         assert slow.started.wait(5)
-        assert manager.checkpoints() == []  # listings show what has committed
+        assert manager.run.checkpoints() == []  # listings show what has committed
         path = manager.run.export(1, tmp_path / "out")  # naming the step waits for it
         assert path.is_file()
-        assert [c.step for c in manager.checkpoints()] == [1]
+        assert [c.step for c in manager.run.checkpoints()] == [1]
         manager.step(2, {"model": {"w": torch.full((4,), 2.0)}})
         found = manager.resume_values()  # resumes from the newest, as restore() does
         assert found is not None

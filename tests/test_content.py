@@ -132,7 +132,7 @@ def test_slim_saves_between_full_ones_and_restore_skips_them(tmp_path: Path) -> 
             train_step(state, 64)
             manager.step(step, state)
         manager.wait()
-        infos = {c.step: c for c in manager.checkpoints()}
+        infos = {c.step: c for c in manager.run.checkpoints()}
     assert {s: i.variant for s, i in infos.items()} == {
         1: "trainable/bfloat16",
         2: "trainable/bfloat16",
@@ -142,14 +142,14 @@ def test_slim_saves_between_full_ones_and_restore_skips_them(tmp_path: Path) -> 
         6: "trainable/bfloat16",
     }
     assert infos[5].logical_bytes < infos[4].logical_bytes / 10
-    slim = cw.CheckpointManager(tmp_path).run.load(6)["model"]
+    slim = cw.open_run(tmp_path).load(6)["model"]
     assert set(slim) == {"head.weight", "head.bias"}
     assert slim["head.weight"].dtype == torch.bfloat16
     assert torch.equal(slim["head.weight"], state["model"].head.weight.to(torch.bfloat16))
     fresh = make_state(64, freeze=True, seed=5)
-    assert cw.CheckpointManager(tmp_path).restore(fresh) == 4
+    assert cw.open_run(tmp_path).restore(fresh, rng=True) == 4
     with pytest.raises(cw.CheckpointError, match="holds trainable only and cannot resume"):
-        cw.CheckpointManager(tmp_path).restore(fresh, step=6)
+        cw.open_run(tmp_path).restore(fresh, rng=True, step=6)
 
 
 def test_weights_only_exports_like_a_full_checkpoint(tmp_path: Path) -> None:

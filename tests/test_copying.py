@@ -25,6 +25,7 @@ from torch import nn
 import ckptwise as cw
 import ckptwise.copying as copying
 from ckptwise.copying import SnapshotCopier, optimizers_in
+from ckptwise.pipeline import AsyncPath
 
 
 class Gate:
@@ -377,19 +378,19 @@ def test_an_ema_model_updated_through_data_is_saved_as_it_is_at_each_step(
 def test_a_copy_that_does_not_fit_in_memory_is_taken_synchronously(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import ckptwise.manager as manager_module
+    import ckptwise.pipeline as pipeline_module
 
     state = net_state()
     train(state)
-    monkeypatch.setattr(manager_module, "available_memory", lambda: 1024)
+    monkeypatch.setattr(pipeline_module, "available_memory", lambda: 1024)
     with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=True, rng=False) as manager:
         with caplog.at_level("WARNING", logger="ckptwise"):
             info = manager.step(1, state)
         assert info.save
         assert cw.open_run(run_dir).steps() == [1]  # committed before step() returned
         assert "saved synchronously" in caplog.text
-        assert manager._copier is not None
-        assert manager._copier.pending is None
+        assert isinstance(manager._pipeline.path, AsyncPath)
+        assert manager._pipeline.path.copier.pending is None
 
 
 class KernelSGD(torch.optim.Optimizer):

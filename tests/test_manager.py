@@ -17,7 +17,7 @@ from tiny_state import Tiny, make_state, train_step
 
 
 def steps_of(manager: cw.CheckpointManager) -> list[int]:
-    return [c.step for c in manager.checkpoints()]
+    return [c.step for c in manager.run.checkpoints()]
 
 
 def test_policies_decide_saves_and_retention(run_dir: Path) -> None:
@@ -45,7 +45,7 @@ def test_policies_decide_saves_and_retention(run_dir: Path) -> None:
         assert steps_of(manager) == [30, 60, 70]
         assert manager.last_plan is not None
         assert manager.last_plan.keep[30] == ("best 1 eval_loss",)
-        assert manager.checkpoints()[0].metrics == {"eval_loss": 0.5}
+        assert manager.run.checkpoints()[0].metrics == {"eval_loss": 0.5}
 
 
 def test_restore_returns_zero_on_an_empty_run(run_dir: Path) -> None:
@@ -66,7 +66,7 @@ def test_restore_loads_every_part_of_the_state(run_dir: Path) -> None:
     fresh["epoch"] = 0
     ema = torch.zeros(2)
     fresh["ema"] = ema
-    assert cw.CheckpointManager(run_dir).restore(fresh) == 5
+    assert cw.open_run(run_dir).restore(fresh, rng=True) == 5
     for key in ("model", "optimizer", "scheduler"):
         assert str(fresh[key].state_dict()) == str(state[key].state_dict())
     assert fresh["epoch"] == 4
@@ -105,7 +105,7 @@ def test_restore_raises_when_nothing_verifies(run_dir: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cw.RestoreWarning)
         with pytest.raises(cw.CorruptCheckpointError, match=r"no checkpoint .* verifies"):
-            cw.CheckpointManager(run_dir).restore({"w": torch.zeros(3)})
+            cw.open_run(run_dir).restore({"w": torch.zeros(3)})
 
 
 def test_strict_restore_names_missing_entries(run_dir: Path) -> None:
@@ -116,8 +116,8 @@ def test_strict_restore_names_missing_entries(run_dir: Path) -> None:
         "optimizer": torch.optim.SGD(Tiny().parameters(), 0.1),
     }
     with pytest.raises(cw.CheckpointError, match=r"no entry for 'optimizer'.*strict=False"):
-        cw.CheckpointManager(run_dir).restore(state)
-    assert cw.CheckpointManager(run_dir).restore(state, strict=False) == 1
+        cw.open_run(run_dir).restore(state)
+    assert cw.open_run(run_dir).restore(state, strict=False) == 1
 
 
 def test_metric_history_survives_resume(run_dir: Path) -> None:
@@ -166,7 +166,7 @@ def test_frozen_half_is_stored_once_across_ten_checkpoints(run_dir: Path) -> Non
             train_step(state, width)
             manager.step(step, state)
         manager.wait()
-        infos = manager.checkpoints()
+        infos = manager.run.checkpoints()
     on_disk = sum(p.stat().st_size for p in (run_dir / "objects").rglob("*") if p.is_file())
     logical = sum(i.logical_bytes for i in infos)
     per_save_changing = infos[-1].logical_bytes - frozen
@@ -178,23 +178,26 @@ def test_frozen_half_is_stored_once_across_ten_checkpoints(run_dir: Path) -> Non
     assert all(i.new_bytes < frozen / 10 for i in infos[1:])
 
 
-def test_read_only_manager_cannot_write(run_dir: Path) -> None:
-    reader = cw.CheckpointManager(run_dir)
-    assert not reader.writable
-    with pytest.raises(cw.ConfigError, match="read-only"):
-        reader.save(1, {"x": 1})
-    with pytest.raises(cw.ConfigError, match="read-only"):
-        reader.prune()
-    with pytest.raises(cw.ConfigError, match=r"read-only .* never saves; pass save=\.\.\."):
-        reader.step(1, {"x": 1})
-    assert not run_dir.exists()  # and it wrote nothing, not even a lock
+def test_a_manager_given_no_policy_saves_as_the_trainer_does_and_a_reader_writes_nothing(
+    run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader = cw.open_run(run_dir)
+    assert reader.checkpoints() == []
+    assert not run_dir.exists()  # a reader writes nothing, not even a lock
+    with cw.CheckpointManager(run_dir) as manager:
+        assert "given no save=: saving every(500) | on_final()" in caplog.text
+        assert not manager.step(499, {"w": torch.ones(1)}).save
+        assert manager.step(500, {"w": torch.ones(1)}).save
+        assert manager.step(501, {"w": torch.ones(1)}, final=True).save
+        manager.wait()
+        assert steps_of(manager) == [500, 501]  # kept: keep_all() by default
 
 
 def test_a_manager_given_only_retention_saves_as_the_trainer_does(
     run_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with cw.CheckpointManager(run_dir, keep=cw.keep_last(2)) as manager:
-        assert "given keep= but no save=: saving every(500) | on_final()" in caplog.text
+        assert "given no save=: saving every(500) | on_final()" in caplog.text
         decisions = {s: manager.step(s, {"w": torch.ones(1) * s}) for s in (1, 499, 500, 501)}
         assert [s for s, d in decisions.items() if d.save] == [500]
         final = manager.step(503, {"w": torch.ones(1)}, final=True)
@@ -242,14 +245,14 @@ def test_unsaveable_state_fails_without_committing(run_dir: Path) -> None:
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         with pytest.raises(cw.SnapshotError, match=r"cfg/fn: cannot save a value of type"):
             manager.step(1, {"cfg": {"fn": print}})
-        assert manager.checkpoints() == []
+        assert manager.run.checkpoints() == []
 
 
 def test_tensor_metrics_and_nan_are_accepted(run_dir: Path) -> None:
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         manager.step(1, {"x": 1}, metrics={"loss": torch.tensor(0.5), "bad": math.nan})
         manager.wait()
-        info = manager.checkpoints()[0]
+        info = manager.run.checkpoints()[0]
         assert info.metrics["loss"] == 0.5
         assert math.isnan(info.metrics["bad"])
 
@@ -272,7 +275,7 @@ def test_in_memory_run_through_the_manager() -> None:
         manager.wait()
         assert steps_of(manager) == [4]
     fresh = make_state(seed=9)
-    assert cw.CheckpointManager(url).restore(fresh) == 4
+    assert cw.open_run(url).restore(fresh, rng=True) == 4
     assert torch.equal(fresh["model"].head.weight, state["model"].head.weight)
 
 
@@ -300,7 +303,7 @@ def test_long_saves_and_restores_report_bytes_and_speed_on_a_terminal_only(
     monkeypatch.setattr("sys.stderr", terminal)
     with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:
         manager.step(1, {"w": torch.ones(1000)})
-    cw.CheckpointManager(run_dir).restore({"w": torch.zeros(1000)})
+    cw.open_run(run_dir).restore({"w": torch.zeros(1000)})
     if tty:
         assert "ckptwise: saved step 1: 0 MB in" in terminal.text
         assert "ckptwise: restored step 1:" in terminal.text

@@ -41,7 +41,7 @@ def test_saves_commit_to_the_cache_while_uploads_are_held_then_the_remote_has_th
         train_step(state, 32)
         manager.step(step, state)
     manager.wait()  # committed locally, although not one upload went through
-    states = manager.upload_states()
+    states = manager.run.upload_states()
     assert states is not None
     assert sorted(states) == [4, 6]
     assert set(states.values()) <= {"local", "uploading"}
@@ -68,5 +68,5 @@ def test_a_cache_for_a_local_run_is_refused_naming_the_fix(tmp_path: Path) -> No
 
 def test_upload_states_is_none_without_a_cache(tmp_path: Path) -> None:
     with cw.CheckpointManager(tmp_path / "run", save=cw.every(1)) as manager:
-        assert manager.upload_states() is None
+        assert manager.run.upload_states() is None
         manager.flush_uploads()  # nothing to wait for

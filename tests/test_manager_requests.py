@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ckptwise as cw
+from ckptwise.pipeline import SavePipeline
 from ckptwise.store.backend import LocalBackend
 from ckptwise.testing import FakeClock
 
@@ -26,7 +27,7 @@ def restore_sigusr1() -> Iterator[None]:
 
 
 def steps_of(manager: cw.CheckpointManager) -> list[int]:
-    return [c.step for c in manager.checkpoints()]
+    return [c.step for c in manager.run.checkpoints()]
 
 
 @pytest.mark.usefixtures("restore_sigusr1")
@@ -67,7 +68,7 @@ def test_request_file_saves_once_and_is_removed(run_dir: Path) -> None:
         assert not manager.step(3, {"x": 3}).save  # answered, even while still in flight
         manager.wait()
         assert not (run_dir / "SAVE_NOW").exists()  # removed once the save is durable
-    assert steps_of(cw.CheckpointManager(run_dir)) == [2]
+    assert [c.step for c in cw.open_run(run_dir).checkpoints()] == [2]
 
 
 def test_wall_clock_triggers_use_the_injected_clock(run_dir: Path) -> None:
@@ -92,13 +93,13 @@ def test_overhead_budget_measures_save_cost_with_the_clock(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()
-    real_commit = cw.CheckpointManager.save
+    real_write = SavePipeline.write
 
-    def slow_save(self: cw.CheckpointManager, *args: object, **kwargs: object) -> object:
+    def slow_write(self: SavePipeline, *args: object, **kwargs: object) -> object:
         clock.advance(timedelta(seconds=10))  # every save costs 10 s of the fake clock
-        return real_commit(self, *args, **kwargs)  # type: ignore[arg-type]
+        return real_write(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(cw.CheckpointManager, "save", slow_save)
+    monkeypatch.setattr(SavePipeline, "write", slow_write)
     save = cw.overhead_budget(0.1, first_after=timedelta(seconds=30))
     with cw.CheckpointManager(run_dir, save=save, clock=clock) as manager:
         saved = []

@@ -24,7 +24,8 @@ Reader = Callable[[Path, dict[str, Any]], int]
 
 def _with_manager(root: Path, state: dict[str, Any]) -> int:
     """Resuming training: the manager's restore (RNG states restored too)."""
-    return cw.CheckpointManager(root).restore(state)
+    with cw.CheckpointManager(root, save=cw.never()) as manager:
+        return manager.restore(state)
 
 
 def _with_run(root: Path, state: dict[str, Any]) -> int:
@@ -229,7 +230,7 @@ def test_a_state_that_fits_restores_every_part(tmp_path: Path) -> None:
     saved = _saved_run(tmp_path)
     live = _adam(Tiny(), trained=True)
     live["ema"], live["data"] = torch.zeros(2), None
-    assert cw.CheckpointManager(tmp_path).restore(live) == 3
+    assert cw.open_run(tmp_path).restore(live, rng=True) == 3
     for key in ("model", "optimizer", "scheduler"):
         assert str(live[key].state_dict()) == str(saved[key].state_dict())
     assert torch.equal(live["ema"], saved["ema"])
@@ -265,7 +266,7 @@ def test_a_missing_run_can_be_required_and_names_the_run_one_folder_down(
     assert cw.open_run(tmp_path / "typo").restore(state) == 0  # the default: start afresh
     assert f"nothing to restore: {tmp_path / 'typo'} holds no ckptwise run" in caplog.text
     with pytest.raises(cw.CheckpointNotFoundError, match="missing='start'") as err:
-        cw.CheckpointManager(tmp_path / "typo").restore(state, missing="error")
+        cw.open_run(tmp_path / "typo").restore(state, missing="error")
     assert f"{tmp_path / 'typo'} holds no ckptwise run" in str(err.value)
     with pytest.raises(cw.CheckpointNotFoundError) as err:
         cw.open_run(output_dir).restore(state, missing="error")
@@ -324,5 +325,6 @@ def test_a_read_for_evaluation_leaves_the_rng_states_alone_unless_asked(
     cw.open_run(tmp_path).restore({"w": torch.zeros(2)}, rng=True)
     assert _draws() == after_save
     reseeded()
-    cw.CheckpointManager(tmp_path).restore({"w": torch.zeros(2)})  # resuming training
+    with cw.CheckpointManager(tmp_path, save=cw.never()) as manager:
+        manager.restore({"w": torch.zeros(2)})  # resuming training
     assert _draws() == after_save

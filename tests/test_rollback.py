@@ -142,7 +142,7 @@ def test_a_pin_goes_with_its_checkpoint_into_the_branch(tmp_path: Path) -> None:
     with cw.CheckpointManager(tmp_path, save=cw.every(1), keep=cw.keep_last(1)) as m:
         m.save(11, state_at(11))
         m.wait()
-        assert m.pinned() == set()  # step 20 of the new line is not pinned by the old pin
+        assert m.run.pins() == set()  # step 20 of the new line is not pinned by the old pin
         for step in range(12, 22):
             m.step(step, state_at(step))
         m.wait()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -131,16 +130,11 @@ def test_export_writes_plain_safetensors_and_hf_metadata(run_dir: Path, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_manager_reads_through_its_run_and_old_names_warn(run_dir: Path) -> None:
+def test_manager_reads_through_its_run_only(run_dir: Path) -> None:
     _write_run(run_dir)
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
         assert isinstance(manager.run, cw.Run)
-        assert manager.latest_step() == manager.run.latest_step() == 4
-        assert manager.best_step("eval_loss") == 2
-        with pytest.warns(DeprecationWarning, match=r"manager\.run\.load"):
-            assert set(manager.load(2)) == set(manager.run.load(2))
-        with pytest.warns(DeprecationWarning, match="manager.run"):
-            assert manager.store.steps() == [1, 2, 3, 4]
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            manager.checkpoints()
+        assert manager.run.latest_step() == 4
+        assert manager.run.best_step("eval_loss") == 2
+        for gone in ("latest_step", "best_step", "checkpoints", "pinned", "load", "store"):
+            assert not hasattr(manager, gone), gone

@@ -102,7 +102,7 @@ def test_pin_and_unpin_from_the_command_line(run_dir: Path) -> None:
         assert CliRunner().invoke(cli, ["pin", str(run_dir), "1"]).exit_code == 0
         manager.step(2, {"w": torch.ones(2)})  # the writer re-reads pins before pruning
         manager.wait()
-        assert [c.step for c in manager.checkpoints()] == [1, 2]
+        assert [c.step for c in manager.run.checkpoints()] == [1, 2]
         missing = CliRunner().invoke(cli, ["pin", str(run_dir), "9"])
         assert missing.exit_code == 1
         assert "no committed checkpoint at step 9" in missing.output
@@ -110,7 +110,7 @@ def test_pin_and_unpin_from_the_command_line(run_dir: Path) -> None:
         assert CliRunner().invoke(cli, ["unpin", str(run_dir), "1"]).exit_code == 1
         manager.step(3, {"w": torch.full((2,), 3.0)})
         manager.wait()
-        assert [c.step for c in manager.checkpoints()] == [3]
+        assert [c.step for c in manager.run.checkpoints()] == [3]
 
 
 def test_save_steps_saves_the_last_step_as_trainer_does(tmp_path: Path) -> None:

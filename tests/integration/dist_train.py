@@ -178,7 +178,7 @@ def main() -> int:
         record["exited_at"] = current
     manager.close()
     if rank == 0:  # a manager that only reads, on one rank alone, must not wait for the others
-        record["latest"] = cw.CheckpointManager(args.run).latest_step()
+        record["latest"] = cw.open_run(args.run).latest_step()
     if args.dump:
         record["final"] = full_state(model, opt)
     flush()

@@ -44,7 +44,7 @@ def test_process_dying_between_objects_and_manifest(run_dir: Path) -> None:
     assert proc.returncode == 3
     assert len(list((run_dir / "objects").rglob("*"))) > 2  # the orphaned object is there
     with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
-        assert [c.step for c in manager.checkpoints()] == [1]
+        assert [c.step for c in manager.run.checkpoints()] == [1]
         assert manager.run.verify() == []
         state = {"w": torch.empty(1000)}
         assert manager.restore(state) == 1
@@ -68,7 +68,7 @@ def test_kill_9_at_any_moment_leaves_whole_checkpoints(run_dir: Path, delay: flo
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_last(2)) as manager:
-        steps = [c.step for c in manager.checkpoints()]
+        steps = [c.step for c in manager.run.checkpoints()]
         assert steps, "every committed checkpoint was lost"
         assert manager.run.verify() == []
         assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]

@@ -33,7 +33,7 @@ def test_saves_follow_the_policy_and_retention(tmp_path: Path) -> None:
     )
     assert [s for s, _ in callback.saved] == [7, 14, 20]
     assert callback.saved[-1][1] == ("final",)
-    assert [c.step for c in callback.manager.checkpoints()] == [14, 20]
+    assert [c.step for c in callback.manager.run.checkpoints()] == [14, 20]
     data = callback.manager.run.load(20)["data"]
     assert (data["epoch"], data["offset"]) == (1, 7 * 8)  # 13 batches fill epoch 0 (100 = 12*8+4)
 
@@ -50,7 +50,7 @@ def test_validation_metrics_of_the_step_drive_on_improvement(tmp_path: Path) -> 
     saved = [s for s, _ in callback.saved]
     assert saved
     assert set(saved) <= {5, 10, 15, 20, 25, 30}
-    values = [c.metrics["val_loss"] for c in callback.manager.checkpoints()]
+    values = [c.metrics["val_loss"] for c in callback.manager.run.checkpoints()]
     assert values == sorted(values, reverse=True)  # each save improved on the one before
     assert saved[0] == 5
 
@@ -60,12 +60,12 @@ def test_the_last_step_is_saved_unless_final_is_false(tmp_path: Path) -> None:
     callback = run(str(tmp_path / "a"), 30, save=cw.every(7), keep=cw.keep_last(2))
     assert [s for s, _ in callback.saved] == [7, 14, 21, 28, 30]
     assert callback.saved[-1][1] == ("final",)
-    assert [c.step for c in callback.manager.checkpoints()] == [28, 30]
+    assert [c.step for c in callback.manager.run.checkpoints()] == [28, 30]
     resumed = callback.manager.run.load(30)["lightning"]
     assert resumed["global_step"] == 30
 
     callback = run(str(tmp_path / "b"), 30, save=cw.every(7), keep=cw.keep_last(2), final=False)
-    assert [c.step for c in callback.manager.checkpoints()] == [21, 28]
+    assert [c.step for c in callback.manager.run.checkpoints()] == [21, 28]
 
     # resumed at its last step and trained no further: nothing new to save
     callback = run(str(tmp_path / "a"), 30, save=cw.every(7), keep=cw.keep_last(2), resume=True)
@@ -76,7 +76,7 @@ def test_best_model_score_path_and_export_like_model_checkpoint(tmp_path: Path) 
     callback = run(
         str(tmp_path / "run"), 20, save=cw.every(5), keep=cw.keep_all(), monitor="val_loss"
     )
-    values = {c.step: c.metrics["val_loss"] for c in callback.manager.checkpoints()}
+    values = {c.step: c.metrics["val_loss"] for c in callback.manager.run.checkpoints()}
     best = min(values, key=values.__getitem__)
     assert callback.best_model_score == values[best]
     assert callback.best_model_path == str(tmp_path / "run" / "checkpoints" / f"{best:012d}.json")
@@ -91,7 +91,7 @@ def test_best_model_score_path_and_export_like_model_checkpoint(tmp_path: Path) 
     for name, tensor in saved.items():
         assert torch.equal(model.state_dict()[name], tensor), name
     # another recorded metric, ranked the other way
-    losses = {c.step: c.metrics["loss"] for c in callback.manager.checkpoints()}
+    losses = {c.step: c.metrics["loss"] for c in callback.manager.run.checkpoints()}
     worst = max(losses, key=losses.__getitem__)
     path = callback.export_best(tmp_path / "worst", metric="loss", mode="max", format="ckpt")
     assert path.name == f"step-{worst}.ckpt"
@@ -125,7 +125,7 @@ def test_fit_releases_the_run_and_a_new_callback_in_the_same_process_works(
     second = run(root, 20, resume=True)  # while both earlier callbacks are alive
     assert [s for s, _ in second.saved] == [15, 20]
     first.manager.run.refresh()  # closed, it still reads (what it listed last, until refreshed)
-    assert [c.step for c in first.manager.checkpoints()] == [15, 20]
+    assert [c.step for c in first.manager.run.checkpoints()] == [15, 20]
     with pytest.raises(cw.CheckpointError, match="closed"):
         idle.manager.save(99, {})
     assert set(os.listdir(root)) <= RUN_FILES

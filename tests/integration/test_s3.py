@@ -33,10 +33,10 @@ def test_save_restore_verify_and_prune_on_s3(s3: dict[str, Any]) -> None:
             train_step(state, 32)
             manager.step(step, state)
         manager.wait()
-        assert [c.step for c in manager.checkpoints()] == [3, 4]
+        assert [c.step for c in manager.run.checkpoints()] == [3, 4]
         assert manager.run.verify() == []
     fresh = make_state(32, freeze=True, seed=9)
-    assert cw.CheckpointManager(url, storage_options=s3).restore(fresh) == 4
+    assert cw.open_run(url, storage_options=s3).restore(fresh, rng=True) == 4
     for name, tensor in state["model"].state_dict().items():
         assert torch.equal(fresh["model"].state_dict()[name], tensor)
 
@@ -58,8 +58,8 @@ def test_lock_and_corruption_on_s3(s3: dict[str, Any]) -> None:
     data = bytearray(fs.cat_file(path))
     data[0] ^= 0xFF
     fs.pipe_file(path, bytes(data))
-    reader = cw.CheckpointManager(url, storage_options=s3)
-    assert [(p.step, p.tensor) for p in reader.run.verify()] == [(2, "w")]
+    reader = cw.open_run(url, storage_options=s3)
+    assert [(p.step, p.tensor) for p in reader.verify()] == [(2, "w")]
     state = {"w": torch.zeros(100)}
     with pytest.warns(cw.RestoreWarning, match="step 2 fails verification"):
         assert reader.restore(state) == 1

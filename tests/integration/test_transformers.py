@@ -68,7 +68,7 @@ def test_policy_owns_every_save_and_the_trainer_writes_none(tmp_path: Path) -> N
     trainer.train()
     assert [s for s, _ in callback.saved] == [7, 14, 20]
     assert callback.saved[-1][1] == ("final",)
-    assert [c.step for c in callback.manager.checkpoints()] == [14, 20]
+    assert [c.step for c in callback.manager.run.checkpoints()] == [14, 20]
     assert not list((tmp_path / "out").glob("checkpoint-*"))  # not even at max_steps
 
 
@@ -89,7 +89,7 @@ def test_eval_metrics_of_the_same_step_drive_on_improvement(tmp_path: Path) -> N
             expected.append(step)
             best = value
     assert [s for s, _ in callback.saved] == expected
-    (info,) = callback.manager.checkpoints()
+    (info,) = callback.manager.run.checkpoints()
     assert info.metrics["eval_loss"] == min(v for _, v in evals)
     assert "loss" in info.metrics  # the training loss logged at that step travels too
 
@@ -102,7 +102,7 @@ def test_default_policy_mirrors_the_trainer_arguments(tmp_path: Path) -> None:
     callback = attach(trainer)
     trainer.train()
     assert [s for s, _ in callback.saved] == [6, 12, 18, 20]
-    assert [c.step for c in callback.manager.checkpoints()] == [18, 20]
+    assert [c.step for c in callback.manager.run.checkpoints()] == [18, 20]
     assert (tmp_path / "out" / "ckptwise" / "checkpoints").is_dir()
 
 
@@ -152,7 +152,7 @@ def test_the_last_step_of_training_is_saved_unless_final_is_false(tmp_path: Path
     callback = attach(trainer, tmp_path / "a", save=cw.every(2), keep=cw.keep_last(2))
     trainer.train()
     assert callback.saved == [(2, ("every(2)",)), (4, ("every(2)",)), (5, ("final",))]
-    assert [c.step for c in callback.manager.checkpoints()] == [4, 5]
+    assert [c.step for c in callback.manager.run.checkpoints()] == [4, 5]
 
     class StopAt3(TrainerCallback):  # as EarlyStoppingCallback stops a run
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -169,7 +169,7 @@ def test_the_last_step_of_training_is_saved_unless_final_is_false(tmp_path: Path
     trainer = make_trainer(tmp_path / "out", max_steps=3, eval_strategy="no")
     callback = attach(trainer, tmp_path / "c", save=cw.every(2), final=False)
     trainer.train()
-    assert [c.step for c in callback.manager.checkpoints()] == [2]
+    assert [c.step for c in callback.manager.run.checkpoints()] == [2]
 
 
 def test_training_releases_the_run_and_attach_again_in_the_same_process_works(
@@ -184,7 +184,7 @@ def test_training_releases_the_run_and_attach_again_in_the_same_process_works(
     first.train()
     # the lock is released: any writer may take the run now
     cw.CheckpointManager(run, save=cw.every(1)).close()
-    assert [c.step for c in callback.manager.checkpoints()] == [2]  # closed, still reads
+    assert [c.step for c in callback.manager.run.checkpoints()] == [2]  # closed, still reads
 
     # a new Trainer attached to the same run while the first (and its callback) live on
     second = make_trainer(tmp_path / "out", max_steps=4, eval_strategy="no")
@@ -206,7 +206,7 @@ def test_training_releases_the_run_and_attach_again_in_the_same_process_works(
     fourth.args.max_steps = 8
     fourth.train(resume_from_checkpoint=latest.resume_checkpoint())
     assert latest.saved[-1] == (8, ("every(2)",))
-    assert [c.step for c in latest.manager.checkpoints()] == [6, 8]
+    assert [c.step for c in latest.manager.run.checkpoints()] == [6, 8]
     cw.CheckpointManager(run, save=cw.every(1)).close()
 
 

@@ -107,6 +107,6 @@ def test_a_manager_with_after_saves_from_start_on_and_the_final_step(tmp_path: P
                 final=step == 35,
             )
         manager.wait()
-        steps = [c.step for c in manager.checkpoints()]
+        steps = [c.step for c in manager.run.checkpoints()]
     # improvements at 5, 10, 15 and every(10) at 10 are held back; from 20 on all count
     assert steps == [20, 25, 30, 35]

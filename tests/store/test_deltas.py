@@ -51,12 +51,12 @@ def test_bases_outlive_the_checkpoints_that_stored_them(tmp_path: Path) -> None:
         for step, w in enumerate(values, start=1):
             manager.step(step, {"w": w})
         manager.wait()
-        assert [c.step for c in manager.checkpoints()] == [6]
+        assert [c.step for c in manager.run.checkpoints()] == [6]
         entry = manager.run.manifest(6).tensors["w"]
         assert len(entry.bases) == 5
         assert manager.run.verify() == []
     state = {"w": torch.empty(256, 256)}
-    assert cw.CheckpointManager(tmp_path).restore(state) == 6
+    assert cw.open_run(tmp_path).restore(state) == 6
     assert torch.equal(state["w"], values[-1])
     on_disk = {p.name for p in (tmp_path / "objects").rglob("*") if p.is_file()}
     assert on_disk == {entry.object, *(b[0] for b in entry.bases)}  # nothing more, nothing less

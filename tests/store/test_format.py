@@ -85,11 +85,11 @@ def test_writing_the_golden_state_gives_the_golden_bytes(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("golden", [GOLDEN, GOLDEN_V3], ids=["v1", "v3"])
 def test_the_golden_run_reads_back(golden: Path, tmp_path: Path) -> None:
-    shutil.copytree(golden, tmp_path / "run")  # a manager cleans and locks what it opens
-    manager = cw.CheckpointManager(tmp_path / "run")
-    assert [c.step for c in manager.checkpoints()] == [7]
-    assert manager.run.verify() == []
-    loaded = manager.run.load(7)
+    shutil.copytree(golden, tmp_path / "run")  # never touch the golden files themselves
+    run = cw.open_run(tmp_path / "run")
+    assert [c.step for c in run.checkpoints()] == [7]
+    assert run.verify() == []
+    loaded = run.load(7)
     expected = golden_state()
     assert torch.equal(loaded["model"]["w"], expected["model"]["w"])
     assert loaded["model"]["b"].dtype == torch.bfloat16
@@ -98,7 +98,7 @@ def test_the_golden_run_reads_back(golden: Path, tmp_path: Path) -> None:
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], torch.tensor([0.5, 0.25]))
     assert loaded["epoch"] == 2
     assert math.isinf(loaded["best"])
-    info = manager.checkpoints()[0]
+    info = run.checkpoints()[0]
     assert info.metrics == {"eval_loss": 0.25}
     assert info.reasons == ("every(7)",)
 

@@ -206,7 +206,7 @@ def test_a_run_json_that_cannot_be_read_or_written_never_stops_training(
             _save(manager, step)
             assert manager.run.steps() == [step]
         manager.pin(4)
-        assert manager.pinned() == {4}
+        assert manager.run.pins() == {4}
     warnings = _record_warnings(caplog)  # one for reading, one for writing
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith("ignoring the unreadable run record")

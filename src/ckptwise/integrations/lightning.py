@@ -295,7 +295,9 @@ class CheckpointCallback(Callback):
             return None
         metric, mode = self.best
         recorded = [
-            c for c in self.manager.checkpoints() if not math.isnan(c.metrics.get(metric, math.nan))
+            c
+            for c in self.manager.run.checkpoints()
+            if not math.isnan(c.metrics.get(metric, math.nan))
         ]
         return self.manager.run.best_step(metric, mode) if recorded else None
 

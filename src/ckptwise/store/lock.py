@@ -89,10 +89,9 @@ def _parse(data: bytes) -> dict[str, Any] | None:
 
 def _read_only_error(folder: str, exc: OSError) -> StorageError:
     return StorageError(
-        f"cannot write to the run folder {folder} ({exc.strerror or exc}): a manager with "
-        "save= or keep= writes checkpoints and its lock file there. Give a writable folder, "
-        "or only read the run with cw.open_run(root) (or CheckpointManager(root) without "
-        "save= and keep=)"
+        f"cannot write to the run folder {folder} ({exc.strerror or exc}): a CheckpointManager "
+        "writes checkpoints and its lock file there. Give a writable folder, or only read "
+        "the run with cw.open_run(root)"
     )
 
 
@@ -197,7 +196,7 @@ class RunLock:
                 raise RunLockedError(
                     f"run {url} is locked by {who}: another CheckpointManager is writing to "
                     "it. Stop that process or close() its manager, or use another run "
-                    "folder; open CheckpointManager(root) without policies to only read"
+                    "folder; read it with cw.open_run(root), which takes no lock"
                 ) from None
             except OSError as exc:
                 os.close(fd)

@@ -86,7 +86,7 @@ class CheckpointCallback(TrainerCallback):
     Attributes:
         manager: the run's :class:`~ckptwise.CheckpointManager`. It holds the run's lock
             from ``attach`` until training ends, when the callback closes it; a closed
-            manager still reads (``callback.manager.checkpoints()``, ``.run``, ``.pin()``
+            manager still reads (``callback.manager.run.checkpoints()``, ``.run``, ``.pin()``
             needs none). Training again, or :meth:`resume_checkpoint`, opens a new one
             (``reopen``), which is then ``callback.manager``.
         saved: every save this callback made, as ``(step, reasons)``.
