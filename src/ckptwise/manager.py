@@ -380,7 +380,8 @@ class CheckpointManager:
     ) -> CheckpointInfo | None:
         if RNG_KEY in state:
             raise ConfigError(f"the state key {RNG_KEY!r} is reserved for the RNG states")
-        captured = self._pipeline.capture(step, self._contents(state, variant))
+        entries = self._contents(state, variant)
+        captured = self._pipeline.capture(step, entries)
         self._decider.started_save(step, now, reasons)
         order = SaveOrder(
             step=step,
