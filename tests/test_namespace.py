@@ -27,6 +27,7 @@ PUBLIC = {
     "ckptwise.errors",
     "ckptwise.formats",
     "ckptwise.integrations.transformers.deepspeed",  # `ckptwise export` of a DeepSpeed run
+    "ckptwise.jsonvalues",
     "ckptwise.manager",
     "ckptwise.metrics",
     "ckptwise.policy",
