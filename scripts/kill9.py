@@ -49,6 +49,7 @@ from typing import IO, Any, Literal
 import torch
 
 import ckptwise as cw
+from ckptwise.policy import RetentionContext
 
 #: float32 elements of the big tensor (2 MiB): large enough that a save takes a moment
 BIG = 1 << 19
@@ -199,7 +200,7 @@ class Announced:
 
     inner: cw.RetentionPolicy
 
-    def select(self, context: cw.RetentionContext) -> Mapping[int, tuple[str, ...]]:
+    def select(self, context: RetentionContext) -> Mapping[int, tuple[str, ...]]:
         kept = self.inner.select(context)
         steps = {c.step for c in context.checkpoints}
         if steps - set(kept):

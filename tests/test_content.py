@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ckptwise as cw
-from ckptwise.policy import Decision, Request, TrainingState
+from ckptwise.policy import Decision, Request, TrainingState, Variant
 from tiny_state import make_state, train_step
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -60,7 +60,7 @@ def test_full_every_answers_a_request_with_a_full_save() -> None:
 
 VARIANTS = [
     cw.full(),
-    cw.Variant("full", "net"),
+    Variant("full", "net"),
     cw.weights_only(),
     cw.weights_only("net", cast="float16"),
     cw.trainable_only(cast="bfloat16"),
@@ -69,11 +69,11 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[f"{v.label}-{v.key}" for v in VARIANTS])
-def test_variant_json_round_trips(variant: cw.Variant) -> None:
+def test_variant_json_round_trips(variant: Variant) -> None:
     data = variant.to_json()
     assert data == {"kind": variant.kind, "key": variant.key, "cast": variant.cast}
-    assert cw.Variant.from_json(data) == variant
-    assert cw.Variant.from_json(json.loads(json.dumps(data))) == variant
+    assert Variant.from_json(data) == variant
+    assert Variant.from_json(json.loads(json.dumps(data))) == variant
 
 
 @pytest.mark.parametrize(
@@ -92,8 +92,8 @@ def test_variant_json_round_trips(variant: cw.Variant) -> None:
         ({"kind": "trainable", "key": 7, "cast": "float16"}, cw.trainable_only(cast="float16")),
     ],
 )
-def test_variant_from_json_is_lenient(data: object, expected: cw.Variant) -> None:
-    assert cw.Variant.from_json(data) == expected
+def test_variant_from_json_is_lenient(data: object, expected: Variant) -> None:
+    assert Variant.from_json(data) == expected
 
 
 @pytest.mark.parametrize(
@@ -104,17 +104,17 @@ def test_variant_from_json_is_lenient(data: object, expected: cw.Variant) -> Non
         (cw.trainable_only(cast="bfloat16"), "trainable/bfloat16"),
     ],
 )
-def test_variant_label(variant: cw.Variant, label: str) -> None:
+def test_variant_label(variant: Variant, label: str) -> None:
     assert variant.label == label
-    assert cw.Variant.from_json(variant.to_json()).label == label
+    assert Variant.from_json(variant.to_json()).label == label
 
 
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: cw.Variant("half"), "variant kind"),  # type: ignore[arg-type]
+        (lambda: Variant("half"), "variant kind"),  # type: ignore[arg-type]
         (lambda: cw.weights_only(cast="int8"), "cast must be one of"),
-        (lambda: cw.Variant("full", cast="bfloat16"), "never cast"),
+        (lambda: Variant("full", cast="bfloat16"), "never cast"),
         (lambda: cw.full_every(0), r"full_every\(interval\)"),
         (lambda: cw.full_every(10, otherwise="weights"), "takes a variant"),  # type: ignore[arg-type]
     ],

@@ -55,7 +55,7 @@ def test_the_lazy_namespace_is_the_modules_own() -> None:
     assert cw.keep_last is keep_last
     assert set(cw.__all__) <= set(dir(cw))
     with pytest.raises(AttributeError, match="no_such_name"):
-        cw.no_such_name  # noqa: B018
+        cw.no_such_name  # type: ignore[attr-defined]  # noqa: B018
 
 
 def test_ls_du_and_verify_of_a_run_import_no_torch(tmp_path: Path) -> None:

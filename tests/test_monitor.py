@@ -17,7 +17,7 @@ import ckptwise as cw
 import ckptwise.monitor
 from ckptwise.errors import StorageError
 from ckptwise.monitor import Monitor
-from ckptwise.policy import Decision, Request, Trigger, walk
+from ckptwise.policy import Decision, Request, TrainingState, Trigger, walk
 from ckptwise.store.backend import Backend, FsspecBackend, LocalBackend
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -165,11 +165,11 @@ def test_wants_exit_with_one_exit_and_one_continue_trigger(
     save = cw.on_signal("SIGUSR1", then="continue") | cw.on_signal("SIGUSR2")
     monitor = watch(monitors, tmp_path, save)
     os.kill(os.getpid(), signal.SIGUSR1)
-    decision = save.decide(cw.TrainingState(step=1, now=NOW, requests=monitor.poll()))
+    decision = save.decide(TrainingState(step=1, now=NOW, requests=monitor.poll()))
     assert decision.requests == {SIGUSR1}
     assert not monitor.wants_exit(decision)
     os.kill(os.getpid(), signal.SIGUSR2)
-    decision = save.decide(cw.TrainingState(step=2, now=NOW, requests=monitor.poll()))
+    decision = save.decide(TrainingState(step=2, now=NOW, requests=monitor.poll()))
     assert decision.requests == {SIGUSR1, SIGUSR2}
     assert monitor.wants_exit(decision)
 

@@ -15,13 +15,13 @@ where it sits, rather than being pickled.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError, SnapshotError
+from ckptwise.jsonvalues import TAG, Decode, Encode, ValueType, decode_value, encode_value
 from ckptwise.mismatch import Saved, is_stateful, problems
 
 if TYPE_CHECKING:
@@ -46,7 +46,6 @@ __all__ = [
 
 log = logging.getLogger("ckptwise")
 
-TAG = "__ckptwise__"
 #: the state entry that holds the RNG states of the process (reserved in users' states)
 RNG_KEY = "__rng__"
 
@@ -59,9 +58,15 @@ class Snapshot:
     tree: dict[str, Any]
 
 
-class _Encoder:
-    def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
+class _Tensors:
+    """The tensors of a tree by name: filled while a state is encoded (each tensor and
+    numpy array under a unique name), read while a tree is decoded."""
+
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor] | None = None, *, arrays: bool = True
+    ) -> None:
+        self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
+        self.arrays = arrays
 
     def _name(self, path: str) -> str:
         name, n = path, 1
@@ -70,62 +75,69 @@ class _Encoder:
             name = f"{path}#{n}"
         return name
 
-    def encode(self, value: Any, path: str) -> Any:
-        if value is None or isinstance(value, (bool, str)):
-            return value
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float):
-            return value if math.isfinite(value) else {TAG: "float", "value": repr(value)}
-        if isinstance(value, torch.Tensor):
-            if value.layout != torch.strided or value.is_quantized or value.is_meta:
-                raise SnapshotError(
-                    f"{path}: {value.layout} / quantized / meta tensors cannot be saved; "
-                    "convert it to a dense tensor (e.g. .to_dense()) first"
-                )
-            name = self._name(path)
-            self.tensors[name] = value
-            return {TAG: "tensor", "name": name}
-        if isinstance(value, np.ndarray):
-            if value.dtype.byteorder == ">" or value.dtype.kind not in "biufc":
-                raise SnapshotError(
-                    f"{path}: numpy arrays of dtype {value.dtype} cannot be saved; use a "
-                    "little-endian numeric dtype"
-                )
-            name = self._name(path)
-            self.tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
-            return {TAG: "ndarray", "name": name}
-        if isinstance(value, np.generic):
-            return {
-                TAG: "npscalar",
-                "dtype": value.dtype.str,
-                "value": self.encode(value.item(), path),
-            }
-        if isinstance(value, Mapping):
-            plain = all(isinstance(k, str) for k in value) and TAG not in value
-            if plain:
-                return {k: self.encode(v, f"{path}/{k}") for k, v in value.items()}
-            items = []
-            for k, v in value.items():
-                if not (k is None or isinstance(k, (str, int, float, bool))):
-                    raise SnapshotError(
-                        f"{path}: dict key {k!r} of type {type(k).__name__} cannot be saved; "
-                        "use str, int, float, bool or None keys"
-                    )
-                items.append([self.encode(k, path), self.encode(v, f"{path}/{k}")])
-            return {TAG: "dict", "items": items}
-        if isinstance(value, list):
-            return [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
-        if isinstance(value, tuple):
-            return {
-                TAG: "tuple",
-                "items": [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)],
-            }
-        raise SnapshotError(
-            f"{path}: cannot save a value of type {type(value).__module__}.{type(value).__qualname__} "
-            "without pickling it; give the object state_dict()/load_state_dict() methods that "
-            "return tensors and JSON values, or leave it out of the state"
+    def _tensor(self, value: torch.Tensor, path: str, encode: Encode) -> dict[str, Any]:
+        if value.layout != torch.strided or value.is_quantized or value.is_meta:
+            raise SnapshotError(
+                f"{path}: {value.layout} / quantized / meta tensors cannot be saved; "
+                "convert it to a dense tensor (e.g. .to_dense()) first"
+            )
+        name = self._name(path)
+        self.tensors[name] = value
+        return {"name": name}
+
+    def _ndarray(self, value: Any, path: str, encode: Encode) -> dict[str, Any]:
+        if value.dtype.byteorder == ">" or value.dtype.kind not in "biufc":
+            raise SnapshotError(
+                f"{path}: numpy arrays of dtype {value.dtype} cannot be saved; use a "
+                "little-endian numeric dtype"
+            )
+        name = self._name(path)
+        self.tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
+        return {"name": name}
+
+    def _named(self, fields: Mapping[str, Any], where: str) -> torch.Tensor:
+        name = fields.get("name")
+        if not isinstance(name, str) or name not in self.tensors:
+            raise CorruptCheckpointError(
+                f"{where}: the state tree names tensor {name!r}, which is missing"
+            )
+        return self.tensors[name]
+
+    def _read_tensor(self, fields: Mapping[str, Any], where: str, decode: Decode) -> Any:
+        return self._named(fields, where)
+
+    def _read_ndarray(self, fields: Mapping[str, Any], where: str, decode: Decode) -> Any:
+        t = self._named(fields, where)
+        return t.numpy().copy() if self.arrays else t
+
+    def types(self) -> tuple[ValueType, ...]:
+        """What the snapshot's tree holds beyond JSON: tensors, numpy arrays and scalars."""
+        return (
+            ValueType(
+                "tensor", lambda v: isinstance(v, torch.Tensor), self._tensor, self._read_tensor
+            ),
+            ValueType(
+                "ndarray", lambda v: isinstance(v, np.ndarray), self._ndarray, self._read_ndarray
+            ),
+            _NPSCALAR,
         )
+
+
+def _npscalar_to_json(value: Any, path: str, encode: Encode) -> dict[str, Any]:
+    return {"dtype": value.dtype.str, "value": encode(value.item(), path)}
+
+
+def _npscalar_from_json(fields: Mapping[str, Any], where: str, decode: Decode) -> Any:
+    return np.dtype(fields["dtype"]).type(decode(fields["value"], where))
+
+
+#: numpy scalars; ``float64`` and ``str_`` subclass ``float`` and ``str``, and stay plain
+_NPSCALAR = ValueType(
+    "npscalar",
+    lambda v: isinstance(v, np.generic) and not isinstance(v, (float, str)),
+    _npscalar_to_json,
+    _npscalar_from_json,
+)
 
 
 def capture(state: Mapping[str, Any]) -> Snapshot:
@@ -134,7 +146,8 @@ def capture(state: Mapping[str, Any]) -> Snapshot:
     The tensors still alias the live state: a writer must finish with them, or copy them,
     before training mutates them again.
     """
-    encoder = _Encoder()
+    found = _Tensors()
+    types = found.types()
     tree: dict[str, Any] = {}
     for key, value in state.items():
         if not isinstance(key, str) or not key or "/" in key:
@@ -143,52 +156,11 @@ def capture(state: Mapping[str, Any]) -> Snapshot:
                 "e.g. {'model': model, 'optimizer': optimizer}"
             )
         if is_stateful(value):
-            tree[key] = {"kind": "stateful", "state": encoder.encode(value.state_dict(), key)}
+            state_dict = value.state_dict()
+            tree[key] = {"kind": "stateful", "state": encode_value(state_dict, key, types=types)}
         else:
-            tree[key] = {"kind": "value", "value": encoder.encode(value, key)}
-    return Snapshot(encoder.tensors, tree)
-
-
-def _decode(node: Any, tensors: Mapping[str, torch.Tensor], where: str, arrays: bool = True) -> Any:
-    if node is None or isinstance(node, (bool, int, float, str)):
-        return node
-    if isinstance(node, list):
-        return [_decode(v, tensors, where, arrays) for v in node]
-    if not isinstance(node, dict):
-        raise CorruptCheckpointError(f"{where}: unexpected node {node!r} in the state tree")
-    tag = node.get(TAG)
-    if tag is None:
-        return {k: _decode(v, tensors, where, arrays) for k, v in node.items()}
-    if tag in ("tensor", "ndarray"):
-        name = node.get("name")
-        if not isinstance(name, str) or name not in tensors:
-            raise CorruptCheckpointError(
-                f"{where}: the state tree names tensor {name!r}, which is missing"
-            )
-        t = tensors[name]
-        return t.numpy().copy() if tag == "ndarray" and arrays else t
-    if tag == "float":
-        text = node.get("value")
-        if text not in ("nan", "inf", "-inf"):
-            raise CorruptCheckpointError(f"{where}: bad float literal {text!r}")
-        return float(text)
-    if tag == "npscalar":
-        try:
-            return np.dtype(node["dtype"]).type(_decode(node["value"], tensors, where, arrays))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{where}: bad numpy scalar {node!r}") from exc
-    if tag == "tuple":
-        return tuple(_decode(v, tensors, where, arrays) for v in node.get("items", []))
-    if tag == "dict":
-        out = {}
-        for pair in node.get("items", []):
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise CorruptCheckpointError(f"{where}: bad dict item {pair!r}")
-            out[_decode(pair[0], tensors, where, arrays)] = _decode(pair[1], tensors, where, arrays)
-        return out
-    raise CorruptCheckpointError(
-        f"{where}: unknown node type {tag!r}; it may be written by a newer ckptwise"
-    )
+            tree[key] = {"kind": "value", "value": encode_value(value, key, types=types)}
+    return Snapshot(found.tensors, tree)
 
 
 def rebuild(
@@ -203,7 +175,7 @@ def rebuild(
     if not isinstance(node, dict) or node.get("kind") not in ("stateful", "value"):
         raise CorruptCheckpointError(f"state entry {key!r} is malformed")
     value = node.get("state" if node["kind"] == "stateful" else "value")
-    return _decode(value, tensors, key, arrays)
+    return decode_value(value, key, types=_Tensors(tensors, arrays=arrays).types())
 
 
 def tensor_names(tree: Mapping[str, Any], keys: Iterable[str]) -> set[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import ckptwise as cw
-from ckptwise.integrations._common import (
+from ckptwise.integrations.common import (
     _HOST,
     open_manager,
     policy_metric,

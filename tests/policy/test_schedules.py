@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import ckptwise as cw
 from ckptwise.errors import ConfigError
-from ckptwise.policy import Decision, MetricStats, Request, SaveMark, TrainingState, Trigger
+from ckptwise.policy import Decision, MetricStats, Request, SaveMark, Trigger
 from policy_support import NOW, reported, state
 
 
@@ -440,24 +440,12 @@ def test_requests_of_a_trigger_that_did_not_fire_inside_all_of_are_not_answered(
     assert decision == answers("on_signal(SIGTERM)", sig("SIGTERM"))
 
 
-def test_request_strings_are_deprecated_but_still_understood() -> None:
-    with pytest.warns(DeprecationWarning, match=r"Request\('signal', 'SIGTERM'\)"):
-        legacy = TrainingState(
-            step=1,
-            now=NOW,
-            requests=frozenset({"signal:SIGTERM", "file:SAVE_NOW", "nonsense"}),  # type: ignore[arg-type]
-        )
-    assert legacy.requests == {sig("SIGTERM"), file("SAVE_NOW")}
-    assert cw.on_signal().decide(legacy) == answers("on_signal(SIGTERM)", sig("SIGTERM"))
-
-
 @pytest.mark.parametrize(
     ("text", "value"),
     [("signal:SIGTERM", sig("SIGTERM")), ("file:SAVE_NOW", file("SAVE_NOW"))],
 )
-def test_request_text_round_trips(text: str, value: Request) -> None:
+def test_request_text(text: str, value: Request) -> None:
     assert str(value) == text
-    assert Request.parse(text) == value
 
 
 @pytest.mark.parametrize(
@@ -465,8 +453,6 @@ def test_request_text_round_trips(text: str, value: Request) -> None:
     [
         (lambda: Request("socket", "x"), r"kind is 'signal' or 'file', got 'socket'"),  # type: ignore[arg-type]
         (lambda: Request("file", ""), r"names a signal .* or a file .*got ''"),
-        (lambda: Request.parse("SIGTERM"), r"'SIGTERM' is not a request"),
-        (lambda: Request.parse("signal:"), r"got ''"),
     ],
 )
 def test_bad_requests(make: Callable[[], object], pattern: str) -> None:

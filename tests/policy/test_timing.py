@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import ckptwise as cw
 from ckptwise.errors import ConfigError
-from ckptwise.policy import Decision, TrainingState
+from ckptwise.policy import Decision, TrainingState, daly_interval
 
 START = datetime(2025, 1, 2, 3, 0, 0, tzinfo=UTC)
 SAVED = START + timedelta(hours=2)  # when the last save started, where there was one
@@ -205,7 +205,7 @@ DAY = timedelta(hours=24)
 )
 def test_optimal_interval_fires_at_daly_plus_cost(cost: timedelta, mtbf: timedelta) -> None:
     trigger = cw.optimal_interval(mtbf)
-    due = cw.daly_interval(cost, mtbf) + cost
+    due = daly_interval(cost, mtbf) + cost
     label = f"optimal_interval({_label(mtbf)})"
     costs = (cost,)
     assert trigger.decide(state(SAVED + due - US, last_save=SAVED, costs=costs)) == Decision.no()
@@ -229,7 +229,7 @@ def test_optimal_interval_known_value() -> None:
 def test_optimal_interval_uses_the_median_cost() -> None:
     trigger = cw.optimal_interval(DAY)
     costs = (timedelta(hours=1), timedelta(minutes=5), timedelta(minutes=5))
-    due = cw.daly_interval(timedelta(minutes=5), DAY) + timedelta(minutes=5)
+    due = daly_interval(timedelta(minutes=5), DAY) + timedelta(minutes=5)
     assert not trigger.decide(state(SAVED + due - US, last_save=SAVED, costs=costs)).save
     assert trigger.decide(state(SAVED + due, last_save=SAVED, costs=costs)).save
 
@@ -262,7 +262,7 @@ def daly(c: float, m: float) -> float:
 
 
 def test_daly_interval_known_value() -> None:
-    got = cw.daly_interval(timedelta(minutes=5), timedelta(hours=24))
+    got = daly_interval(timedelta(minutes=5), timedelta(hours=24))
     assert abs(got.total_seconds() / 60 - 116.7) <= 0.5
     # Young's first-order value for the same inputs is sqrt(2CM) = 120 min
     assert got < timedelta(minutes=120)
@@ -280,7 +280,7 @@ def test_daly_interval_known_value() -> None:
     ],
 )
 def test_daly_interval_matches_the_formula(cost_s: float, mtbf_s: float) -> None:
-    got = cw.daly_interval(timedelta(seconds=cost_s), timedelta(seconds=mtbf_s))
+    got = daly_interval(timedelta(seconds=cost_s), timedelta(seconds=mtbf_s))
     assert got.total_seconds() == pytest.approx(daly(cost_s, mtbf_s), abs=1e-6)
 
 
@@ -295,11 +295,11 @@ def test_daly_interval_matches_the_formula(cost_s: float, mtbf_s: float) -> None
 def test_daly_interval_is_mtbf_when_cost_is_at_least_twice_mtbf(
     cost: timedelta, mtbf: timedelta
 ) -> None:
-    assert cw.daly_interval(cost, mtbf) == mtbf
+    assert daly_interval(cost, mtbf) == mtbf
 
 
 def test_daly_interval_zero_cost_is_zero() -> None:
-    assert cw.daly_interval(timedelta(0), DAY) == timedelta(0)
+    assert daly_interval(timedelta(0), DAY) == timedelta(0)
 
 
 @given(
@@ -313,7 +313,7 @@ def test_daly_interval_between_young_bounds(cost_s: float, ratio: float) -> None
     mtbf = timedelta(seconds=cost_s * ratio)
     c, m = cost.total_seconds(), mtbf.total_seconds()  # as rounded to microseconds
     young = math.sqrt(2 * c * m)
-    got = cw.daly_interval(cost, mtbf).total_seconds()
+    got = daly_interval(cost, mtbf).total_seconds()
     assert young - c - 1e-6 <= got <= young * 1.1 + 1e-6
 
 
@@ -326,8 +326,8 @@ def test_daly_interval_grows_with_cost_while_cost_is_small(
     small: float, factor: float, mtbf_h: float
 ) -> None:
     mtbf = timedelta(hours=mtbf_h)
-    low = cw.daly_interval(timedelta(seconds=small), mtbf)
-    high = cw.daly_interval(timedelta(seconds=small * factor), mtbf)
+    low = daly_interval(timedelta(seconds=small), mtbf)
+    high = daly_interval(timedelta(seconds=small * factor), mtbf)
     assert low <= high + US
 
 

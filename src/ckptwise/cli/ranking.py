@@ -1,10 +1,13 @@
 """Which metric a run's own policies rank its checkpoints by, read back from what it recorded.
 
-A run does not store its policies, but it records their traces: the writer's last retention
-decision names the steps ``keep_best(n, metric)`` keeps (``best n metric``), and a save
-``on_improvement(metric)`` triggered carries that reason (the newest manifest also holds the
-step it last fired at, and the run's best and worst values of every metric). Whether lower
-or higher is better is not recorded; it is read from those traces where they decide it.
+A run records its policies in each manifest (``extra["policy"]``, see
+:func:`ckptwise.config.policy_record`): the newest manifest's record says the metric and its
+direction. Checkpoints written before runs recorded their policies hold only traces of
+them: the writer's last retention decision names the steps ``keep_best(n, metric)`` keeps
+(``best n metric``), and a save ``on_improvement(metric)`` triggered carries that reason (the
+newest manifest also holds the step it last fired at, and the run's best and worst values of
+every metric). Their direction is not recorded; it is read from those traces where they
+decide it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ckptwise.config import ranking_of
 from ckptwise.records import CheckpointInfo
 from ckptwise.run import Run
 
@@ -68,6 +72,9 @@ def run_ranking(run: Run, checkpoints: Sequence[CheckpointInfo]) -> Ranking | No
     extra: Mapping[str, Any] = {}
     if checkpoints:
         extra = run.manifest(checkpoints[-1].step).extra
+    if "policy" in extra:
+        recorded = ranking_of(extra["policy"])
+        return None if recorded is None else Ranking(**vars(recorded))
     kept = run.kept()
     for step in sorted(kept):
         for reason in kept[step]:

@@ -21,7 +21,8 @@ allowed.
 
 The modules: :mod:`~ckptwise.config.values` (durations, sizes, parameter readers),
 :mod:`~ckptwise.config.registry` (the one table of built-in policies),
-:mod:`~ckptwise.config.mapping` (dicts and files) and :mod:`~ckptwise.config.oneline`.
+:mod:`~ckptwise.config.mapping` (dicts and files), :mod:`~ckptwise.config.oneline` and
+:mod:`~ckptwise.config.record` (what a run records of its policies).
 """
 
 import warnings
@@ -29,17 +30,22 @@ from typing import TYPE_CHECKING
 
 from ckptwise.config.mapping import Policy, policy_from_config, to_config
 from ckptwise.config.oneline import parse_keep, parse_save
+from ckptwise.config.record import RankedBy, policy_ranking, policy_record, ranking_of
 from ckptwise.config.registry import KEEP, SAVE
 from ckptwise.config.values import format_duration, parse_bytes, parse_duration
 
 __all__ = [
     "Policy",
+    "RankedBy",
     "format_duration",
     "parse_bytes",
     "parse_duration",
     "parse_keep",
     "parse_save",
     "policy_from_config",
+    "policy_ranking",
+    "policy_record",
+    "ranking_of",
     "to_config",
 ]
 

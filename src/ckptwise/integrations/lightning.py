@@ -46,7 +46,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from ckptwise.config import policy_from_config
 from ckptwise.data import ResumableSampler
 from ckptwise.errors import ConfigError
-from ckptwise.integrations._common import (
+from ckptwise.integrations.common import (
     Metric,
     open_manager,
     policy_metric,

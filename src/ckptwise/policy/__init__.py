@@ -1,5 +1,9 @@
 """Pure policies: triggers decide when to save, retention decides what to keep.
 
+The root namespace (``import ckptwise as cw``) offers the factories and their protocols;
+this package adds what a policy of your own reads and returns (:class:`TrainingState`,
+:class:`Decision`, :class:`RetentionContext`, ...) and the classes the factories return.
+
 :mod:`~ckptwise.policy.base` holds the protocols, the ``|``/``&`` combinators and the checks
 every policy module shares; :mod:`~ckptwise.policy.state` the values policies read and return.
 """
@@ -18,15 +22,21 @@ from ckptwise.policy.base import (
 )
 from ckptwise.policy.content import (
     ContentPolicy,
+    FullEvery,
     Variant,
     full,
     full_every,
     trainable_only,
     weights_only,
 )
-from ckptwise.policy.requests import on_file, on_signal
+from ckptwise.policy.requests import OnFile, OnSignal, on_file, on_signal
 from ckptwise.policy.retention import (
+    KeepAll,
     KeepBest,
+    KeepBudget,
+    KeepEvery,
+    KeepLast,
+    KeepWithin,
     RetentionPlan,
     keep_all,
     keep_best,
@@ -44,9 +54,23 @@ from ckptwise.policy.state import (
     SaveMark,
     TrainingState,
 )
-from ckptwise.policy.timing import daly_interval, every_duration, optimal_interval, overhead_budget
+from ckptwise.policy.timing import (
+    EveryDuration,
+    OptimalInterval,
+    OverheadBudget,
+    daly_interval,
+    every_duration,
+    optimal_interval,
+    overhead_budget,
+)
 from ckptwise.policy.triggers import (
+    AtSteps,
+    Every,
+    Geometric,
+    Never,
+    OnFinal,
     OnImprovement,
+    Schedule,
     at_steps,
     every,
     geometric,
@@ -61,17 +85,34 @@ __all__ = [
     "After",
     "AllOf",
     "AnyOf",
+    "AtSteps",
     "ContentPolicy",
     "Decision",
+    "Every",
+    "EveryDuration",
+    "FullEvery",
+    "Geometric",
+    "KeepAll",
     "KeepAny",
     "KeepBest",
+    "KeepBudget",
+    "KeepEvery",
+    "KeepLast",
+    "KeepWithin",
     "MetricStats",
+    "Never",
+    "OnFile",
+    "OnFinal",
     "OnImprovement",
+    "OnSignal",
+    "OptimalInterval",
+    "OverheadBudget",
     "Request",
     "RetentionContext",
     "RetentionPlan",
     "RetentionPolicy",
     "SaveMark",
+    "Schedule",
     "TrainingState",
     "Trigger",
     "Variant",

@@ -7,10 +7,8 @@ with a :class:`Decision`. Retention policies read a :class:`RetentionContext`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -54,22 +52,6 @@ class Request:
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.name}"
-
-    @classmethod
-    def parse(cls, text: str) -> Request:
-        """Read the ``"signal:SIGTERM"`` / ``"file:SAVE_NOW"`` text that ``str()`` writes.
-
-        Only for the deprecated string form of requests; new code builds a ``Request``.
-        """
-        kind, _, name = text.partition(":")
-        if kind == "signal":
-            return cls("signal", name)
-        if kind == "file":
-            return cls("file", name)
-        raise ConfigError(
-            f"{text!r} is not a request; write Request('signal', 'SIGTERM') or "
-            "Request('file', 'SAVE_NOW')"
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,33 +171,10 @@ class TrainingState:
     requests: frozenset[Request] = frozenset()
     final: bool = False
 
-    def __post_init__(self) -> None:
-        legacy = [r for r in self.requests if isinstance(r, str)]
-        if legacy:
-            warnings.warn(
-                "TrainingState(requests=) takes Request values such as "
-                f"Request('signal', 'SIGTERM'); strings such as {legacy[0]!r} are deprecated "
-                "and will stop working in the next release",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            object.__setattr__(self, "requests", frozenset(_legacy_requests(self.requests)))
-
     def since_last_save(self) -> timedelta | None:
         """Time since the last save started, else since the run started, else ``None``."""
         ref = self.last_save_time if self.last_save_time is not None else self.run_start
         return None if ref is None else self.now - ref
-
-
-def _legacy_requests(requests: Iterable[Request | str]) -> Iterator[Request]:
-    """Requests given in the deprecated ``"kind:name"`` text; text that names no request
-    never matched a built-in trigger, so it is dropped rather than refused."""
-    for request in requests:
-        if not isinstance(request, str):
-            yield request
-            continue
-        with contextlib.suppress(ConfigError):
-            yield Request.parse(request)
 
 
 @dataclass(frozen=True)

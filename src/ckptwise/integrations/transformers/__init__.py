@@ -30,7 +30,7 @@ from typing import Any
 from transformers import Trainer
 
 from ckptwise.errors import ConfigError
-from ckptwise.integrations._common import open_manager
+from ckptwise.integrations.common import open_manager
 from ckptwise.integrations.transformers.arguments import (
     CkptwiseArguments,
     Weights,

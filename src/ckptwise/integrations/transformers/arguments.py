@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from ckptwise.config import Policy, parse_keep, parse_save, policy_from_config
 from ckptwise.errors import ConfigError
-from ckptwise.integrations._common import Metric, policy_metric
+from ckptwise.integrations.common import Metric, policy_metric
 from ckptwise.policy import (
     KeepAny,
     RetentionPolicy,

@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ckptwise.errors import ConfigError
-from ckptwise.integrations._common import Metric, remove_scratch, scratch_folder
+from ckptwise.integrations.common import Metric, remove_scratch, scratch_folder
 from ckptwise.integrations.transformers.arguments import Weights
 from ckptwise.integrations.transformers.deepspeed import (
     EngineFiles,

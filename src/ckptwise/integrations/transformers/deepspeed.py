@@ -19,7 +19,6 @@ code (``deepspeed_load_checkpoint``). DeepSpeed reads those files with
 from __future__ import annotations
 
 import collections
-import math
 import os
 import shutil
 import tempfile
@@ -30,11 +29,14 @@ from typing import Any
 import torch
 
 from ckptwise.errors import ConfigError, CorruptCheckpointError, SnapshotError
+from ckptwise.jsonvalues import Decode, Encode, ValueType, decode_value, encode_value
 from ckptwise.run import Run
 
 __all__ = ["EngineFiles", "consolidated_weights", "is_deepspeed_checkpoint", "write_engine_files"]
 
-TAG = "__deepspeed__"
+#: the tag key of DeepSpeed's values: the snapshot stores them as plain JSON, so
+#: ``Run.read`` gives them back without importing DeepSpeed
+_TAG = "__deepspeed__"
 
 
 class _Capture:
@@ -86,98 +88,101 @@ def _scaler_classes() -> dict[str, Any]:
     return {c.__name__: c for c in (loss_scaler.LossScaler, loss_scaler.DynamicLossScaler)}
 
 
-def _to_plain(value: Any, where: str) -> Any:
-    """``value`` with DeepSpeed's own types as tagged JSON (tensors left as they are)."""
+def _deepspeed_types() -> tuple[ValueType, ...]:
+    """DeepSpeed's own types in its checkpoints, by allow-list (DeepSpeed is imported only
+    when a DeepSpeed checkpoint is written or read back)."""
+    from deepspeed.runtime.fp16 import loss_scaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    if isinstance(value, ZeroStageEnum):  # an int subclass: before the plain values
-        return {TAG: "ZeroStageEnum", "v": int(value)}
-    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else {TAG: "float", "v": repr(value)}
-    if isinstance(value, torch.Size):
-        return {TAG: "Size", "v": list(value)}
-    if isinstance(value, torch.dtype):
-        return {TAG: "dtype", "v": str(value).removeprefix("torch.")}
-    if isinstance(value, fragment_address):
-        return {TAG: "fragment_address", "v": [value.numel, value.start]}
-    if type(value).__name__ in _scaler_classes() and isinstance(
-        value, tuple(_scaler_classes().values())
-    ):
-        attrs = {k: _to_plain(v, f"{where}.{k}") for k, v in vars(value).items()}
-        return {TAG: "LossScaler", "cls": type(value).__name__, "vars": attrs}
-    if isinstance(value, Mapping):
-        ordered = isinstance(value, collections.OrderedDict)
-        if all(isinstance(k, str) for k in value) and TAG not in value:
-            plain = {k: _to_plain(v, f"{where}/{k}") for k, v in value.items()}
+    scalers = {c.__name__: c for c in (loss_scaler.LossScaler, loss_scaler.DynamicLossScaler)}
+
+    def scaler_to_json(value: Any, path: str, encode: Encode) -> dict[str, Any]:
+        attrs = {k: encode(v, f"{path}.{k}") for k, v in vars(value).items()}
+        return {"cls": type(value).__name__, "vars": attrs}
+
+    def scaler_from_json(fields: Mapping[str, Any], where: str, decode: Decode) -> Any:
+        cls = scalers[str(fields["cls"])]
+        scaler = cls.__new__(cls)
+        scaler.__dict__.update({k: decode(v, where) for k, v in fields["vars"].items()})
+        return scaler
+
+    def ordered_to_json(value: Any, path: str, encode: Encode) -> dict[str, Any]:
+        if all(isinstance(k, str) for k in value) and _TAG not in value:
             # JSON keeps the keys' order; the tag only says to rebuild an OrderedDict
-            return {TAG: "OrderedDict", "dict": plain} if ordered else plain
-        items = [[_to_plain(k, where), _to_plain(v, f"{where}/{k}")] for k, v in value.items()]
-        return {TAG: "OrderedDict" if ordered else "dict", "items": items}
-    if isinstance(value, list):
-        return [_to_plain(v, f"{where}/{i}") for i, v in enumerate(value)]
-    if isinstance(value, tuple):
-        return {TAG: "tuple", "items": [_to_plain(v, f"{where}/{i}") for i, v in enumerate(value)]}
-    raise SnapshotError(
-        f"{where}: DeepSpeed's checkpoint holds a {type(value).__module__}."
-        f"{type(value).__qualname__}, which ckptwise does not know how to store without "
-        "pickling it; this DeepSpeed version is not supported yet"
+            return {"dict": {k: encode(v, f"{path}/{k}") for k, v in value.items()}}
+        return {"items": encode(dict(value), path)["items"]}
+
+    def ordered_from_json(fields: Mapping[str, Any], where: str, decode: Decode) -> Any:
+        if "dict" in fields:
+            return collections.OrderedDict(decode(fields["dict"], where))
+        return collections.OrderedDict(decode({_TAG: "dict", "items": fields["items"]}, where))
+
+    def dtype_from_json(fields: Mapping[str, Any], where: str, decode: Decode) -> Any:
+        dtype = getattr(torch, str(fields["value"]))
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{fields['value']!r} is not a dtype")
+        return dtype
+
+    def address_from_json(fields: Mapping[str, Any], where: str, decode: Decode) -> Any:
+        numel, start = fields["value"]
+        return fragment_address(numel=int(numel), start=int(start))
+
+    return (
+        ValueType(  # an int subclass: before the plain values
+            "ZeroStageEnum",
+            lambda v: isinstance(v, ZeroStageEnum),
+            lambda v, path, encode: {"value": int(v)},
+            lambda fields, where, decode: ZeroStageEnum(int(fields["value"])),
+        ),
+        ValueType(  # a tuple subclass: before tuples
+            "Size",
+            lambda v: isinstance(v, torch.Size),
+            lambda v, path, encode: {"value": list(v)},
+            lambda fields, where, decode: torch.Size(int(v) for v in fields["value"]),
+        ),
+        ValueType(
+            "dtype",
+            lambda v: isinstance(v, torch.dtype),
+            lambda v, path, encode: {"value": str(v).removeprefix("torch.")},
+            dtype_from_json,
+        ),
+        ValueType(
+            "fragment_address",
+            lambda v: isinstance(v, fragment_address),
+            lambda v, path, encode: {"value": [v.numel, v.start]},
+            address_from_json,
+        ),
+        ValueType(
+            "LossScaler",
+            lambda v: type(v) in scalers.values(),
+            scaler_to_json,
+            scaler_from_json,
+        ),
+        ValueType(
+            "OrderedDict",
+            lambda v: isinstance(v, collections.OrderedDict),
+            ordered_to_json,
+            ordered_from_json,
+        ),
     )
+
+
+def _to_plain(value: Any, where: str) -> Any:
+    """``value`` with DeepSpeed's own types as tagged JSON (tensors left as they are, for
+    the snapshot to store)."""
+    try:
+        return encode_value(value, where, types=_deepspeed_types(), keep=(torch.Tensor,), tag=_TAG)
+    except SnapshotError as exc:
+        raise SnapshotError(
+            f"{exc}; DeepSpeed's checkpoint holds it, and this DeepSpeed version is not "
+            "supported yet"
+        ) from exc
 
 
 def _from_plain(node: Any, where: str) -> Any:
     """Inverse of :func:`_to_plain`; only the tags it writes are accepted."""
-    if node is None or isinstance(node, (bool, int, float, str, torch.Tensor)):
-        return node
-    if isinstance(node, list):
-        return [_from_plain(v, where) for v in node]
-    if not isinstance(node, Mapping):
-        raise CorruptCheckpointError(
-            f"{where}: unexpected {type(node).__name__} in DeepSpeed state"
-        )
-    tag = node.get(TAG)
-    if tag is None:
-        return {k: _from_plain(v, f"{where}/{k}") for k, v in node.items()}
-    try:
-        return _decode_tag(tag, node, where)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{where}: malformed DeepSpeed value {tag!r}: {exc}") from exc
-
-
-def _decode_tag(tag: str, node: Mapping[str, Any], where: str) -> Any:
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    if tag == "Size":
-        return torch.Size(int(v) for v in node["v"])
-    if tag == "ZeroStageEnum":
-        return ZeroStageEnum(int(node["v"]))
-    if tag == "dtype":
-        dtype = getattr(torch, str(node["v"]))
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"{node['v']!r} is not a dtype")
-        return dtype
-    if tag == "fragment_address":
-        numel, start = node["v"]
-        return fragment_address(numel=int(numel), start=int(start))
-    if tag == "float":
-        return float(node["v"])
-    if tag == "LossScaler":
-        cls = _scaler_classes()[str(node["cls"])]
-        scaler = cls.__new__(cls)
-        scaler.__dict__.update({k: _from_plain(v, where) for k, v in node["vars"].items()})
-        return scaler
-    if tag == "tuple":
-        return tuple(_from_plain(v, where) for v in node["items"])
-    if tag in ("dict", "OrderedDict"):
-        out: dict[Any, Any] = collections.OrderedDict() if tag == "OrderedDict" else {}
-        pairs = node["dict"].items() if "dict" in node else node["items"]
-        for key, value in pairs:
-            out[_from_plain(key, where)] = _from_plain(value, f"{where}/{key}")
-        return out
-    raise ValueError(f"unknown tag {tag!r}; it may be written by a newer ckptwise")
+    return decode_value(node, where, types=_deepspeed_types(), keep=(torch.Tensor,), tag=_TAG)
 
 
 class EngineFiles:

@@ -20,9 +20,10 @@ import weakref
 from pathlib import Path
 from typing import Any, Literal
 
+from ckptwise.config import policy_ranking
 from ckptwise.formats import resume_scratch
 from ckptwise.manager import CheckpointManager
-from ckptwise.policy import KeepAny, KeepBest, OnImprovement, RetentionPolicy, Trigger, walk
+from ckptwise.policy import RetentionPolicy, Trigger
 
 __all__ = [
     "Metric",
@@ -69,17 +70,10 @@ def open_manager(root: str | os.PathLike[str], **options: Any) -> CheckpointMana
 
 
 def policy_metric(save: Trigger | None, keep: RetentionPolicy | None) -> Metric | None:
-    """The metric a policy ranks by: its ``keep_best``, else its ``on_improvement``."""
-    if keep is not None:
-        parts = keep.policies if isinstance(keep, KeepAny) else (keep,)
-        for part in parts:
-            if isinstance(part, KeepBest):
-                return part.metric, part.mode
-    if save is not None:
-        for trigger in walk(save):
-            if isinstance(trigger, OnImprovement):
-                return trigger.metric, trigger.mode
-    return None
+    """The metric a policy ranks by (see :func:`ckptwise.config.policy_ranking`), and its
+    direction."""
+    ranked = policy_ranking(save, keep)
+    return None if ranked is None else (ranked.metric, ranked.mode)
 
 
 # -- scratch folders -----------------------------------------------------------------------

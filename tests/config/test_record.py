@@ -1,0 +1,81 @@
+"""What a run records of its policies (``extra["policy"]``) and the ranking read back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import ckptwise as cw
+from ckptwise.config import RankedBy, policy_from_config, policy_ranking, policy_record, ranking_of
+from ckptwise.policy import Decision, TrainingState
+
+
+@dataclass(frozen=True)
+class EveryOther:
+    """A trigger of the user's own: it has no config form."""
+
+    def decide(self, state: TrainingState) -> Decision:
+        return Decision.yes("every_other") if state.step % 2 == 0 else Decision.no()
+
+
+@pytest.mark.parametrize(
+    ("save", "keep", "expected"),
+    [
+        (cw.every(10), cw.keep_last(2), None),
+        (cw.every(10), cw.keep_best(1, "eval_acc", mode="max"), ("eval_acc", "max", "keep_best")),
+        (
+            cw.every(10) | cw.on_improvement("eval_loss"),
+            cw.keep_last(2) | cw.keep_best(1, "eval_acc", mode="max"),
+            ("eval_acc", "max", "keep_best"),  # keep_best wins: it is what "best" keeps
+        ),
+        (
+            cw.after(100, cw.every(10) & cw.on_improvement("eval_loss")),
+            cw.keep_last(2),
+            ("eval_loss", "min", "on_improvement"),
+        ),
+        (None, None, None),
+    ],
+)
+def test_the_record_holds_the_ranking_and_survives_json(
+    save: cw.Trigger | None, keep: cw.RetentionPolicy | None, expected: tuple[str, ...] | None
+) -> None:
+    record = json.loads(json.dumps(policy_record(save, keep)))
+    ranked = None if expected is None else RankedBy(*expected)  # type: ignore[arg-type]
+    assert policy_ranking(save, keep) == ranked
+    assert ranking_of(record) == ranked
+
+
+def test_the_record_holds_the_config_that_rebuilds_the_policies() -> None:
+    save = cw.every(1000, start=200) | cw.on_improvement("eval_loss")
+    keep = cw.keep_last(3) | cw.keep_best(1, "eval_loss")
+    content = cw.full_every(5000, otherwise=cw.weights_only(cast="bfloat16"))
+    record = json.loads(json.dumps(policy_record(save, keep, content)))
+    rebuilt = policy_from_config(record["config"])
+    assert (rebuilt.save, rebuilt.keep, rebuilt.content) == (save, keep, content)
+
+
+def test_a_policy_of_your_own_is_recorded_without_config_but_with_its_ranking() -> None:
+    record = policy_record(EveryOther(), cw.keep_best(2, "eval_loss"))
+    assert record["config"] is None
+    assert ranking_of(record) == RankedBy("eval_loss", "min", "keep_best")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        None,
+        [],
+        {},
+        {"ranking": None},
+        {"ranking": "eval_loss"},
+        {"ranking": {"metric": "", "mode": "min", "policy": "keep_best"}},
+        {"ranking": {"metric": "x", "mode": "lowest", "policy": "keep_best"}},
+        {"ranking": {"metric": "x", "mode": "min", "policy": "regex"}},
+        {"ranking": {"metric": 3, "mode": "min", "policy": "keep_best"}},
+    ],
+)
+def test_a_record_that_says_nothing_usable_ranks_nothing(record: Any) -> None:
+    assert ranking_of(record) is None
