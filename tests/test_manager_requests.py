@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckptwise as cw
-from ckptwise.store.backend import LocalBackend
+from ckptwise.store import LocalBackend
 from ckptwise.testing import FakeClock
 
 

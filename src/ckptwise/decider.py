@@ -27,7 +27,7 @@ from ckptwise.policy import (
     walk,
 )
 from ckptwise.progress import Progress
-from ckptwise.store import Backend
+from ckptwise.store import Backend, CheckpointStore, RequestFiles
 
 __all__ = ["Decider", "Verdict"]
 
@@ -57,17 +57,20 @@ class Decider:
         content: ContentPolicy,
         clock: Callable[[], datetime],
         *,
-        watch: Backend | None,
+        watch: CheckpointStore | Backend | None,
         watch_files: bool = True,
         ranks: Ranks | None = None,
     ) -> None:
-        """``watch`` is the run's backend, where signals and request files are watched for
-        (``None``: a manager that only reads watches nothing); ``watch_files=False`` leaves
-        the request files to rank 0."""
+        """``watch`` is the run's store, where signals and request files are watched for
+        (``None``: a manager that only reads watches nothing; a bare backend is still taken
+        for its request files); ``watch_files=False`` leaves the request files to rank 0."""
         self.save = save
         self.content = content
         self.clock = clock
-        self.monitor = None if watch is None else Monitor(watch, walk(save), files=watch_files)
+        self.monitor = None
+        if watch is not None:
+            run = watch if isinstance(watch, CheckpointStore) else RequestFiles(watch)
+            self.monitor = Monitor(run, walk(save), files=watch_files)
         self.ranks = ranks if ranks is not None and not step_only(save) else None
         self.progress = Progress(clock())
         self._remote: frozenset[Request] = frozenset()  # other ranks' requests, on rank 0

@@ -33,9 +33,15 @@ from ckptwise.distributed.shards import chunk_of, is_sharded, local_part
 from ckptwise.errors import CheckpointError
 from ckptwise.records import CheckpointInfo
 from ckptwise.snapshot import Snapshot
-from ckptwise.store import CheckpointStore, Manifest, TensorEntry
-from ckptwise.store.commit import CommitPlan, ObjectUse
-from ckptwise.store.manifest import RankView, Shard
+from ckptwise.store import (
+    CheckpointStore,
+    CommitPlan,
+    Manifest,
+    ObjectUse,
+    RankView,
+    Shard,
+    TensorEntry,
+)
 
 __all__ = ["commit_across_ranks"]
 
