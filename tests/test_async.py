@@ -277,7 +277,7 @@ def test_bad_on_busy_fails_before_taking_the_lock(run_dir: Path) -> None:
 def test_a_full_disk_raises_a_storage_error_on_both_paths(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, async_save: bool
 ) -> None:
-    from ckptwise.store.backend import LocalBackend
+    from ckptwise.store import LocalBackend
 
     with cw.CheckpointManager(run_dir, save=cw.every(1), async_save=async_save) as manager:
         monkeypatch.setattr(LocalBackend, "free_bytes", lambda self: 1024)

@@ -15,7 +15,7 @@ import torch
 
 import ckptwise as cw
 from ckptwise.pipeline import SavePipeline
-from ckptwise.store.backend import LocalBackend
+from ckptwise.store import LocalBackend
 from ckptwise.testing import FakeClock
 
 

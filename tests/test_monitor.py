@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Literal, cast
+from typing import Literal
 
 import pytest
 
@@ -18,7 +18,7 @@ import ckptwise.monitor
 from ckptwise.errors import StorageError
 from ckptwise.monitor import Monitor
 from ckptwise.policy import Decision, Request, TrainingState, Trigger, walk
-from ckptwise.store.backend import Backend, FsspecBackend, LocalBackend
+from ckptwise.store import FsspecBackend, LocalBackend, RequestFiles
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SIGUSR1 = Request("signal", "SIGUSR1")
@@ -44,7 +44,7 @@ def monitors() -> Iterator[list[Monitor]]:
 
 
 def watch(monitors: list[Monitor], root: Path, save: Trigger) -> Monitor:
-    monitor = Monitor(LocalBackend(root), walk(save))
+    monitor = Monitor(RequestFiles(LocalBackend(root)), walk(save))
     monitors.append(monitor)
     return monitor
 
@@ -178,7 +178,7 @@ def test_a_remote_store_is_asked_for_the_file_at_most_every_few_seconds(
     tmp_path: Path, monitors: list[Monitor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend = FsspecBackend(f"memory://{tmp_path.name}/run")
-    monitor = Monitor(backend, walk(cw.on_file()))
+    monitor = Monitor(RequestFiles(backend), walk(cw.on_file()))
     monitors.append(monitor)
     assert monitor.poll() == frozenset()
     backend.write_atomic("SAVE_NOW", [b""])
@@ -192,17 +192,19 @@ def test_a_remote_store_is_asked_for_the_file_at_most_every_few_seconds(
 class _Unreachable:
     """A store whose every look-up fails, as a remote store does when the network is down."""
 
-    def exists(self, path: str) -> bool:
-        raise StorageError(f"cannot reach {path}")
+    remote = False
 
-    def delete(self, path: str) -> None:
-        raise StorageError(f"cannot reach {path}")
+    def request_exists(self, name: str) -> bool:
+        raise StorageError(f"cannot reach {name}")
+
+    def remove_request(self, name: str) -> None:
+        raise StorageError(f"cannot reach {name}")
 
 
 def test_a_store_that_cannot_be_asked_is_logged_not_raised(
     monitors: list[Monitor], caplog: pytest.LogCaptureFixture
 ) -> None:
-    monitor = Monitor(cast(Backend, _Unreachable()), walk(cw.on_file()))
+    monitor = Monitor(_Unreachable(), walk(cw.on_file()))
     monitors.append(monitor)
     assert monitor.poll() == frozenset()
     assert "could not look for the request file SAVE_NOW" in caplog.text

@@ -46,40 +46,16 @@ STORE = "ckptwise.store"
 #: here: they go through ``Run`` and ``CheckpointManager``.
 STORE_USERS = {
     "ckptwise.archive",
-    "ckptwise.compat",
     "ckptwise.config.options",
-    "ckptwise.decider",
     "ckptwise.distributed.restore",
     "ckptwise.distributed.save",
     "ckptwise.distributed.shards",
     "ckptwise.manager",
-    "ckptwise.monitor",
+    "ckptwise.pipeline",
     "ckptwise.restoring",
     "ckptwise.run",
+    "ckptwise.upkeep",
     "ckptwise.usage",
-}
-#: ``(importer, module)``: imports of ``ckptwise.store.<submodule>`` from outside ``store/``
-#: that stand today. The rule is that only ``store/`` itself reaches below the package's
-#: door; this set must shrink to empty (each entry moves behind ``CheckpointStore`` or the
-#: package's ``__all__``) and may never grow.
-KNOWN_DEEP_IMPORTS = {
-    ("ckptwise.config.options", "ckptwise.store.codecs"),
-    ("ckptwise.distributed.restore", "ckptwise.store.codecs"),
-    ("ckptwise.distributed.restore", "ckptwise.store.layout"),
-    ("ckptwise.distributed.restore", "ckptwise.store.manifest"),
-    ("ckptwise.distributed.restore", "ckptwise.store.reader"),
-    ("ckptwise.distributed.save", "ckptwise.store.commit"),
-    ("ckptwise.distributed.save", "ckptwise.store.manifest"),
-    ("ckptwise.distributed.shards", "ckptwise.store.manifest"),
-    # Run offers no manifest path yet: the adapter's best_model_path
-    ("ckptwise.integrations.lightning", "ckptwise.store.layout"),
-    ("ckptwise.manager", "ckptwise.store.runfile"),
-    ("ckptwise.manager", "ckptwise.store.tiered"),
-    ("ckptwise.monitor", "ckptwise.store.backend"),
-    ("ckptwise.restoring", "ckptwise.store.layout"),
-    ("ckptwise.run", "ckptwise.store.branch"),
-    ("ckptwise.run", "ckptwise.store.runfile"),
-    ("ckptwise.run", "ckptwise.store.tiered"),
 }
 #: private modules every package may use: ``_lazy`` imports torch on first use, in every
 #: layer (see its docstring); it is no API
@@ -210,7 +186,7 @@ def test_no_module_imports_private_names_of_another_package(name: str) -> None:
 def test_cli_and_adapters_use_only_the_public_objects(name: str) -> None:
     own = "ckptwise.cli" if name.startswith("ckptwise.cli") else "ckptwise.integrations"
     for module, _ in _imports(name):
-        if module.startswith(own) or (name, module) in KNOWN_DEEP_IMPORTS:
+        if module.startswith(own):
             continue
         assert module in PUBLIC, f"{name} imports {module}, which is not public API"
 
@@ -218,7 +194,7 @@ def test_cli_and_adapters_use_only_the_public_objects(name: str) -> None:
 @pytest.mark.parametrize("name", [m for m in MODULES if not _is_store(m)])
 def test_only_the_store_users_import_the_store(name: str) -> None:
     for module, _ in _imports(name):
-        if not _is_store(module) or (name, module) in KNOWN_DEEP_IMPORTS:
+        if not _is_store(module):
             continue
         assert name in STORE_USERS, (
             f"{name} imports {module}: the store is private to the manager and the run; "
@@ -230,12 +206,8 @@ def test_only_the_store_users_import_the_store(name: str) -> None:
         )
 
 
-def test_the_store_allow_lists_hold_no_stale_entries() -> None:
-    """Each entry still stands, so a fixed import leaves the lists with it."""
-    for name, module in KNOWN_DEEP_IMPORTS:
-        assert module in {m for m, _ in _imports(name)}, (
-            f"{name} no longer imports {module}: remove it from KNOWN_DEEP_IMPORTS"
-        )
+def test_the_store_allow_list_holds_no_stale_entries() -> None:
+    """Each entry still stands, so a module that stops using the store leaves the list."""
     for name in STORE_USERS:
         assert any(_is_store(m) for m, _ in _imports(name)), (
             f"{name} no longer imports the store: remove it from STORE_USERS"

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import ckptwise.report as report_module
 from ckptwise.manager import CheckpointManager
 from ckptwise.policy import every
-from ckptwise.report import Transfer, advance, set_progress
+from ckptwise.records import CheckpointInfo
+from ckptwise.report import Progress, Transfer, metered, metered_progress, set_progress
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 
@@ -72,7 +72,7 @@ def _defaults(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def _move(transfer: Transfer, total: int, steps: int = 5) -> None:
     for _ in range(steps):
-        advance(total // steps)  # as the store's writer threads report bytes
+        transfer.advance(total // steps)  # as the store's writer threads report bytes
         time.sleep(0.06)
 
 
@@ -91,7 +91,7 @@ def test_a_long_transfer_draws_a_bar_with_bytes_rate_and_time_left(terminal: Ter
 
 def test_a_short_transfer_draws_nothing(terminal: Terminal) -> None:
     with Transfer("saving step 7", 1000, stream=terminal.stream, after=5.0) as transfer:
-        advance(1000)
+        transfer.advance(1000)
         transfer.finish(1000)
     assert terminal.output() == ""
     assert not transfer.drew
@@ -151,8 +151,9 @@ def test_the_bar_is_removed_when_the_transfer_fails(terminal: Terminal) -> None:
     assert transfer._bar is not None
     assert transfer._watcher is not None
     assert not transfer._watcher.is_alive()
-    assert report_module._current == []  # bytes moved later go nowhere
-    advance(5)
+    with Transfer("saving step 8", 10, stream=terminal.stream) as following:
+        following.advance(5)  # the next save's bytes go to its own transfer only
+    assert following.done == 5
     assert transfer.done == 10**6 // 2 * 2
 
 
@@ -195,8 +196,30 @@ def test_saves_and_reads_count_every_byte_of_the_state(tmp_path: Path) -> None:
     total = sum(t.nbytes for t in tensors.values())
     for step in (1, 2):  # the second save writes nothing: every object is reused
         with Transfer("saving", total, show=False) as transfer:
-            store.commit(step, tensors)
+            store.commit(step, tensors, progress=transfer.advance)
         assert transfer.done == total  # written, reused, or "a"'s object again (as "a2")
     with Transfer("restoring", show=False) as transfer:
-        store.load_tensors(2)
+        store.load_tensors(2, progress=transfer.advance)
     assert transfer.done == total
+
+
+def test_metered_progress_hands_the_job_the_transfers_progress(tmp_path: Path) -> None:
+    from ckptwise.store import open_store
+
+    store = open_store(tmp_path)
+    tensors = {"a": torch.zeros(1000), "b": torch.ones(500)}
+    seen: list[int] = []
+
+    def job(progress: Progress) -> CheckpointInfo:
+        def count(nbytes: int) -> None:
+            seen.append(nbytes)
+            progress(nbytes)
+
+        return store.commit(1, tensors, progress=count)
+
+    info = metered_progress(job, "saving", "saved", 6000, show=False)()
+    assert sum(seen) == sum(t.nbytes for t in tensors.values())
+    assert info.new_bytes > 0
+    # the older form still runs its job, which is handed no progress
+    again = metered(lambda: store.commit(2, tensors), "saving", "saved", 6000, show=False)()
+    assert again.step == 2

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ckptwise.errors import CheckpointError
 from ckptwise.records import CheckpointInfo
-from ckptwise.store import CheckpointStore, RunLock, open_backend
+from ckptwise.store import open_store
 
 if TYPE_CHECKING:
     from ckptwise.restoring import Loaded
@@ -40,14 +40,14 @@ def archive_copy(
             f"step {loaded.step} was saved by {manifest.world_size} processes; archiving "
             "multi-process checkpoints is not supported yet (export() the weights instead)"
         )
-    backend = open_backend(out)
-    lock = RunLock(backend)
+    target = open_store(out, codec=codec)
+    lock = target.lock()
     lock.acquire()
     try:
-        target = CheckpointStore(backend, codec=codec)
+        target.refresh()  # what is there now that the run is ours
         if target.steps():
             raise CheckpointError(
-                f"{backend.url} already holds checkpoints; archive into a new folder"
+                f"{target.url} already holds checkpoints; archive into a new folder"
             )
         return target.commit(
             loaded.step,

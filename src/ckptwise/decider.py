@@ -15,7 +15,7 @@ from typing import Any
 
 from ckptwise.distributed.ranks import Ranks
 from ckptwise.errors import CheckpointError
-from ckptwise.monitor import Monitor
+from ckptwise.monitor import Monitor, Watched
 from ckptwise.policy import (
     ContentPolicy,
     Decision,
@@ -27,7 +27,6 @@ from ckptwise.policy import (
     walk,
 )
 from ckptwise.progress import Progress
-from ckptwise.store import Backend
 
 __all__ = ["Decider", "Verdict"]
 
@@ -57,13 +56,13 @@ class Decider:
         content: ContentPolicy,
         clock: Callable[[], datetime],
         *,
-        watch: Backend | None,
+        watch: Watched | None,
         watch_files: bool = True,
         ranks: Ranks | None = None,
     ) -> None:
-        """``watch`` is the run's backend, where signals and request files are watched for
-        (``None``: a manager that only reads watches nothing); ``watch_files=False`` leaves
-        the request files to rank 0."""
+        """``watch`` is the run's store (any :class:`~ckptwise.monitor.Watched`), where request
+        files are looked for; with ``None`` neither signals nor files are watched.
+        ``watch_files=False`` leaves the request files to rank 0."""
         self.save = save
         self.content = content
         self.clock = clock

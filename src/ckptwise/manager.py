@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from ckptwise.config.record import policy_record
 from ckptwise.decider import Decider
 from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Ranks
 from ckptwise.errors import CheckpointError, ConfigError
@@ -52,8 +53,7 @@ from ckptwise.policy import (
 from ckptwise.records import CheckpointInfo
 from ckptwise.run import RestoreWarning, Run
 from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState
-from ckptwise.store import CheckpointStore, RunLock, open_backend
-from ckptwise.store.tiered import TieredBackend
+from ckptwise.store import RunLock, open_store
 from ckptwise.upkeep import Upkeep
 
 __all__ = ["RNG_KEY", "CheckpointManager", "RestoreWarning"]
@@ -196,14 +196,18 @@ class CheckpointManager:
                     "other ranks' objects are uploaded before it uploads the manifest; drop cache= "
                     "(each rank then writes to the remote store directly)"
                 )
-            backend = open_backend(
-                root, cache=cache, cache_bytes=cache_bytes, **dict(storage_options or {})
+            self._store = open_store(
+                root,
+                cache=cache,
+                cache_bytes=cache_bytes,
+                storage_options=storage_options,
+                codec=codec,
+                deltas=deltas,
             )
-            lock = self._lock = RunLock(backend)
+            lock = self._lock = self._store.lock()
             if self._owns_run:
                 lock.acquire()
-            self._store = CheckpointStore(backend, codec=codec, deltas=deltas)
-            if self._owns_run:
+                self._store.refresh()  # as it is now that no other writer can change it
                 removed = self._store.clean()
                 if removed:
                     log.info("removed %d leftover file(s) from an interrupted save", removed)
@@ -232,7 +236,7 @@ class CheckpointManager:
             self.save_policy,
             self.content,
             self.clock,
-            watch=backend,
+            watch=self._store,
             watch_files=self._owns_run,
             ranks=self.ranks,
         )
@@ -388,7 +392,11 @@ class CheckpointManager:
             now=now,
             metrics=metrics,
             reasons=tuple(reasons),
-            extra={**self._decider.to_json(), "variant": variant.to_json()},
+            extra={
+                **self._decider.to_json(),
+                "variant": variant.to_json(),
+                "policy": policy_record(self.save_policy, self.keep_policy, self.content),
+            },
         )
         info = self._pipeline.write(captured, order, on_commit=on_commit)
         # what training felt: the whole save when synchronous; when asynchronous, what
@@ -520,9 +528,7 @@ class CheckpointManager:
             StorageError: an upload failed after its retries, or ``timeout`` passed.
         """
         self.wait()
-        backend = self._store.backend
-        if isinstance(backend, TieredBackend):
-            backend.flush(timeout)
+        self._store.flush_uploads(timeout)
 
     def close(self) -> None:
         """Wait for the last write, then release the run's lock and (with several ranks)
@@ -535,9 +541,8 @@ class CheckpointManager:
             return
         try:
             self._pipeline.close()  # a failed last save still lets go of threads and copies
-            backend = self._store.backend
-            if isinstance(backend, TieredBackend) and self._owns_run:
-                backend.close()  # every upload done, before the lock lets another writer in
+            if self._owns_run:
+                self._store.close()  # every upload done, before the lock lets another writer in
         finally:
             self._closed = True
             self._decider.close()

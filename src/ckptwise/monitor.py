@@ -15,15 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from ckptwise.errors import StorageError
 from ckptwise.policy.base import Trigger
 from ckptwise.policy.requests import OnFile, OnSignal
 from ckptwise.policy.state import Decision, Request
-from ckptwise.store.backend import Backend, LocalBackend
 
-__all__ = ["Monitor"]
+__all__ = ["Monitor", "Watched"]
 
 log = logging.getLogger("ckptwise")
 
@@ -33,17 +32,34 @@ REMOTE_POLL_SECONDS = 5.0
 Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
+class Watched(Protocol):
+    """The run folder whose request files a :class:`Monitor` watches: a
+    :class:`~ckptwise.store.CheckpointStore`, or :class:`~ckptwise.store.RequestFiles`."""
+
+    @property
+    def remote(self) -> bool:
+        """Whether each look costs a network call (then it is made at most every
+        :data:`REMOTE_POLL_SECONDS`)."""
+        ...
+
+    def request_exists(self, name: str) -> bool:
+        """Whether the request file ``name`` is there."""
+        ...
+
+    def remove_request(self, name: str) -> None:
+        """Remove the request file ``name``."""
+        ...
+
+
 class Monitor:
     """Watches for the signals and files named by the ``on_signal``/``on_file`` triggers.
 
-    With ``files=False`` (the ranks but rank 0 of a multi-process job, which share rank 0's
-    run folder) only signals are watched.
+    Request files are looked for in ``run``. With ``files=False`` (the ranks but rank 0 of a
+    multi-process job, which share rank 0's run folder) only signals are watched.
     """
 
-    def __init__(
-        self, backend: Backend, triggers: Iterable[Trigger], *, files: bool = True
-    ) -> None:
-        self.backend = backend
+    def __init__(self, run: Watched, triggers: Iterable[Trigger], *, files: bool = True) -> None:
+        self.run = run
         leaves = list(triggers)
         self.signals = sorted({n for t in leaves if isinstance(t, OnSignal) for n in t.signals})
         self.exit_on = sorted(
@@ -53,7 +69,7 @@ class Monitor:
         self._received: set[Request] = set()
         self._previous: dict[int, Handler] = {}
         self._last_poll = -float("inf")
-        self._remote = not isinstance(backend, LocalBackend)
+        self._remote = run.remote
         if self.signals:
             self._install()
 
@@ -84,7 +100,7 @@ class Monitor:
                 self._last_poll = now
                 for name in self.files:
                     try:
-                        if self.backend.exists(name):
+                        if self.run.request_exists(name):
                             requests.add(Request("file", name))
                     except StorageError as exc:
                         log.warning("could not look for the request file %s: %s", name, exc)
@@ -96,7 +112,7 @@ class Monitor:
             self._received.discard(request)
             if request.kind == "file" and request.name in self.files:
                 with contextlib.suppress(StorageError):
-                    self.backend.delete(request.name)
+                    self.run.remove_request(request.name)
 
     def wants_exit(self, decision: Decision) -> bool:
         """Whether the save made for ``decision`` should end the process: it answers a signal

@@ -26,7 +26,7 @@ from ckptwise.copying import SnapshotCopier, available_memory, optimizers_in
 from ckptwise.distributed.ranks import Ranks
 from ckptwise.distributed.save import commit_across_ranks
 from ckptwise.records import CheckpointInfo
-from ckptwise.report import metered
+from ckptwise.report import Progress, metered_progress
 from ckptwise.snapshot import capture
 from ckptwise.store import CheckpointStore, Manifest, RunLock
 from ckptwise.upkeep import Upkeep
@@ -61,13 +61,14 @@ class Captured:
     """A state taken from training, ready to be committed by ``commit`` on a writer.
 
     ``background`` says whether ``commit`` may run beside training (the tensors it reads are
-    private copies); ``nbytes`` is what the state holds, for progress reports.
+    private copies); ``nbytes`` is what the state holds, for progress reports, which
+    ``commit`` tells how many bytes it has moved.
     """
 
     step: int
     nbytes: int
     background: bool
-    commit: Callable[[SaveOrder], CheckpointInfo]
+    commit: Callable[[SaveOrder, Progress], CheckpointInfo]
 
 
 class SavePath(Protocol):
@@ -92,7 +93,11 @@ class _LocalCommit:
         self._upkeep = upkeep
 
     def __call__(
-        self, order: SaveOrder, tensors: Mapping[str, torch.Tensor], tree: Any
+        self,
+        order: SaveOrder,
+        progress: Progress,
+        tensors: Mapping[str, torch.Tensor],
+        tree: Any,
     ) -> CheckpointInfo:
         self._upkeep.before_commit(order.step, order.now)
         self._lock.check()  # fenced: never commit next to a writer that took over
@@ -104,6 +109,7 @@ class _LocalCommit:
             reasons=order.reasons,
             extra=order.extra,
             time=order.now.timestamp(),
+            progress=progress,
         )
         self._upkeep.after_commit(order.step, order.now)
         return info
@@ -120,7 +126,10 @@ class SyncPath:
         snap = capture(entries)
         total = sum(t.nbytes for t in snap.tensors.values())
         return Captured(
-            step, total, False, lambda order: self._commit(order, snap.tensors, snap.tree)
+            step,
+            total,
+            False,
+            lambda order, progress: self._commit(order, progress, snap.tensors, snap.tree),
         )
 
     def close(self) -> None:
@@ -147,7 +156,10 @@ class AsyncPath:
         total = sum(t.nbytes for t in tensors.values())
         if not self._copy_fits(step, tensors):
             return Captured(
-                step, total, False, lambda order: self._commit(order, tensors, snap.tree)
+                step,
+                total,
+                False,
+                lambda order, progress: self._commit(order, progress, tensors, snap.tree),
             )
         pending = self.copier.start(
             tensors,
@@ -156,7 +168,10 @@ class AsyncPath:
             untracked=[k for k, v in entries.items() if getattr(v, "untracked_writes", False)],
         )
         return Captured(
-            step, total, True, lambda order: self._commit(order, pending.result(), snap.tree)
+            step,
+            total,
+            True,
+            lambda order, progress: self._commit(order, progress, pending.result(), snap.tree),
         )
 
     def _copy_fits(self, step: int, tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -193,9 +208,13 @@ class RanksPath:
         self._upkeep = upkeep
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
-        return Captured(step, 0, False, lambda order: self._commit(order, entries))
+        return Captured(
+            step, 0, False, lambda order, progress: self._commit(order, progress, entries)
+        )
 
-    def _commit(self, order: SaveOrder, entries: Mapping[str, Any]) -> CheckpointInfo:
+    def _commit(
+        self, order: SaveOrder, progress: Progress, entries: Mapping[str, Any]
+    ) -> CheckpointInfo:
         self._upkeep.before_commit(order.step, order.now)
         ours = Manifest(
             step=order.step,
@@ -213,6 +232,7 @@ class RanksPath:
             # on rank 0, once every rank's part is durable; no read-back: the other ranks
             # wait for rank 0 within a timeout
             after_commit=lambda: self._upkeep.after_commit(order.step, order.now, verify=False),
+            progress=progress,
         )
 
     def close(self) -> None:
@@ -264,13 +284,13 @@ class SavePipeline:
         if on_commit is not None:
             self._on_commit.append(on_commit)
 
-        def job() -> CheckpointInfo:
-            info = captured.commit(order)
+        def job(progress: Progress) -> CheckpointInfo:
+            info = captured.commit(order, progress)
             self.bytes_written += info.new_bytes
             return info
 
         step = order.step
-        shown = metered(
+        shown = metered_progress(
             job, f"saving step {step}", f"saved step {step}", captured.nbytes, show=self._show
         )
         self.saving = step

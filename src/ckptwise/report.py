@@ -7,8 +7,9 @@ ends with an INFO line on the ``ckptwise`` logger (what the ``Trainer``'s logs s
 long one logs its progress every :data:`LOG_EVERY_SECONDS`. ``CKPTWISE_PROGRESS=0`` or
 :func:`set_progress` turns the bars off.
 
-The code that moves the bytes reports them with :func:`advance`; it reaches the transfer
-in flight on this process, from any thread (the store's writer threads included).
+The code that moves the bytes is handed the transfer's :meth:`Transfer.advance` (the
+store's ``progress=`` argument) and reports them through it, from any thread (the store's
+writer threads included); nothing reaches a transfer it was not handed.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ __all__ = [
     "ENV",
     "LOG_EVERY_SECONDS",
     "REPORT_AFTER_SECONDS",
+    "Progress",
     "Transfer",
-    "advance",
     "bars_wanted",
     "metered",
+    "metered_progress",
     "set_progress",
 ]
 
@@ -43,9 +45,10 @@ LOG_EVERY_SECONDS = 30.0
 #: the environment variable that turns the bars off (``0``, ``false``, ``no``, ``off``)
 ENV = "CKPTWISE_PROGRESS"
 
+#: What is told how many more bytes a save or restore has moved (from any thread).
+Progress = Callable[[int], None]
+
 _switch: bool | None = None
-_lock = threading.Lock()
-_current: list[Transfer] = []
 
 
 def set_progress(enabled: bool | None) -> None:
@@ -112,8 +115,8 @@ class _RichBar:
 class Transfer:
     """The bytes one save or restore moves, shown while it runs (see the module docstring).
 
-    Use as a context manager; :func:`advance` (or :meth:`advance`) counts bytes, and
-    :meth:`finish` says what was done. Leaving the block removes the bar even on an error.
+    Use as a context manager; :meth:`advance` (handed to the code moving the bytes as its
+    ``progress``) counts bytes, and :meth:`finish` says what was done. Leaving the block removes the bar even on an error.
     """
 
     def __init__(
@@ -155,8 +158,6 @@ class Transfer:
 
     def __enter__(self) -> Transfer:
         self.started = time.perf_counter()
-        with _lock:
-            _current.append(self)
         wants_bar = self._show and bars_wanted(self.stream)
         if wants_bar or log.isEnabledFor(logging.INFO):
             self._watcher = threading.Thread(
@@ -183,9 +184,6 @@ class Transfer:
             if self._end:  # below the bar, once it has stopped
                 self.stream.write(self._end)
                 self.stream.flush()
-        with _lock:
-            if self in _current:
-                _current.remove(self)
 
     def _watch(self, wants_bar: bool) -> None:
         """Draw the bar once the transfer has run ``after`` seconds; log every ``log_every``."""
@@ -223,14 +221,6 @@ class Transfer:
             self._end = f"ckptwise: {line}\n"
 
 
-def advance(nbytes: int) -> None:
-    """Count ``nbytes`` as moved by the save or restore in flight on this process, if any."""
-    with _lock:
-        current = _current[-1] if _current else None
-    if current is not None:
-        current.advance(nbytes)
-
-
 class _Committed(Protocol):
     @property
     def new_bytes(self) -> int: ...
@@ -244,11 +234,28 @@ def metered(
 ) -> Callable[[], _T]:
     """``job`` (a commit returning its checkpoint) run inside a :class:`Transfer` of
     ``total`` bytes called ``what`` while it runs and ``done`` (with the new bytes it
-    wrote) at the end."""
+    wrote) at the end.
+
+    ``job`` is not handed the transfer's progress, so the bar shows no bytes until the
+    end; :func:`metered_progress` hands it over."""
+    return metered_progress(lambda _progress: job(), what, done, total, show=show)
+
+
+def metered_progress(
+    job: Callable[[Progress], _T], what: str, done: str, total: int, *, show: bool = True
+) -> Callable[[], _T]:
+    """:func:`metered`, with ``job`` called with the transfer's :class:`Progress`, to pass
+    on as the commit's ``progress=``.
+
+    >>> run = metered_progress(  # doctest: +SKIP
+    ...     lambda progress: store.commit(step, tensors, progress=progress),
+    ...     f"saving step {step}", f"saved step {step}", total,
+    ... )
+    """
 
     def run() -> _T:
         with Transfer(what, total, show=show) as transfer:
-            info = job()
+            info = job(transfer.advance)
             transfer.finish(info.new_bytes, done)
         return info
 

@@ -31,7 +31,7 @@ from ckptwise.errors import (
     CorruptCheckpointError,
 )
 from ckptwise.policy import Variant
-from ckptwise.report import Transfer
+from ckptwise.report import Progress, Transfer
 from ckptwise.snapshot import (
     RNG_KEY,
     RngState,
@@ -42,8 +42,7 @@ from ckptwise.snapshot import (
     rebuild,
     tensor_names,
 )
-from ckptwise.store import CheckpointStore, Manifest
-from ckptwise.store.layout import CHECKPOINTS
+from ckptwise.store import CHECKPOINTS, CheckpointStore, Manifest
 
 if TYPE_CHECKING:
     import torch
@@ -129,6 +128,7 @@ def read_first_good(
     ranks: Ranks | None,
     prepare: Callable[[Manifest], Collection[str] | None] | None = None,
     stacklevel: int = 1,
+    progress: Progress | None = None,
 ) -> Loaded | None:
     """The newest checkpoint that verifies (or exactly ``step``), read and verified; ``None``
     when there is none to try (see :meth:`ckptwise.Run.read` for the arguments).
@@ -136,7 +136,8 @@ def read_first_good(
     ``prepare`` is called with each candidate's manifest before any of its tensors is read:
     it raises to stop the read (on every rank), and returns the names of the tensors to
     read (``None``: all of them). ``stacklevel`` places the warnings as
-    :func:`warnings.warn` would for the caller.
+    :func:`warnings.warn` would for the caller. ``progress`` is told the bytes read and
+    checked.
     """
     for path, why in dict(store.broken).items():
         warnings.warn(
@@ -153,7 +154,9 @@ def read_first_good(
         tensors: dict[str, torch.Tensor] = {}
         try:
             names = None if prepare is None else prepare(manifest)
-            tensors = read_rank(store, manifest, rank=rank, into=into, names=names)
+            tensors = read_rank(
+                store, manifest, rank=rank, into=into, names=names, progress=progress
+            )
         except Exception as exc:
             if ranks is None and not isinstance(exc, CorruptCheckpointError):
                 raise
@@ -179,7 +182,7 @@ def read_first_good(
         )
     if tried:
         raise CorruptCheckpointError(
-            f"no checkpoint in {store.backend.url} verifies (tried steps "
+            f"no checkpoint in {store.url} verifies (tried steps "
             f"{', '.join(map(str, tried))}); run `ckptwise verify` for details"
         )
     return None
@@ -207,7 +210,7 @@ def restore_state(
             f"missing= must be 'start' (return 0 when there is no checkpoint) or 'error', "
             f"got {missing!r}"
         )
-    url = store.backend.url
+    url = store.url
     entries = {**state, RNG_KEY: RngState()} if rng else dict(state)
     rank = ranks.rank if ranks is not None else rank or 0
 
@@ -259,6 +262,7 @@ def restore_state(
             ranks=ranks,
             prepare=prepare,
             stacklevel=stacklevel + 1,
+            progress=transfer.advance,
         )
         if loaded is None:
             _nothing_to_restore(store, missing, stacklevel=stacklevel + 1)
@@ -294,7 +298,7 @@ def restore_state(
 def _nothing_to_restore(store: CheckpointStore, missing: str, *, stacklevel: int) -> None:
     """Raise (``missing="error"``) or log that the run has no checkpoint to restore,
     saying why, and naming a run one folder down when there is one."""
-    url = store.backend.url
+    url = store.url
     steps = store.steps()
     if steps:
         why = (
@@ -306,11 +310,11 @@ def _nothing_to_restore(store: CheckpointStore, missing: str, *, stacklevel: int
             f"no checkpoint of {url} can be read ({len(broken)} unreadable "
             f"manifest(s); `ckptwise verify {url}` lists them)"
         )
-    elif store.backend.list_files(""):
+    elif store.has_files():
         why = f"run {url} has no committed checkpoint yet"
     else:
         why = f"{url} holds no ckptwise run"
-    below = [] if steps else _runs_below(store.backend)
+    below = [] if steps else _runs_below(store.local_root)
     if below:
         why += f"; did you mean {' or '.join(below)}?"
     if missing == "error":
@@ -341,11 +345,11 @@ def _on_every_rank(ranks: Ranks, action: Callable[[], object], what: str) -> Non
         raise failures[0].error(what) from error
 
 
-def _runs_below(backend: object, most: int = 3) -> list[str]:
-    """Runs in the folders right inside a local folder, such as the ``ckptwise`` run
-    inside a Trainer's ``output_dir`` (remote stores are not listed: that costs)."""
-    root = getattr(backend, "root", None)
-    if not isinstance(root, str) or not os.path.isdir(root):
+def _runs_below(root: str | None, most: int = 3) -> list[str]:
+    """Runs in the folders right inside the local folder ``root``, such as the ``ckptwise``
+    run inside a Trainer's ``output_dir`` (``None``, a remote store, is not listed: that
+    costs)."""
+    if root is None or not os.path.isdir(root):
         return []
     try:
         with os.scandir(root) as entries:

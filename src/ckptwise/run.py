@@ -39,9 +39,15 @@ from ckptwise.restoring import (
     variant_of,
 )
 from ckptwise.snapshot import RNG_KEY
-from ckptwise.store import CheckpointStore, Manifest, Problem, TensorEntry, open_backend, runfile
-from ckptwise.store.branch import BranchBackend, check_branch_name
-from ckptwise.store.tiered import CACHE_FILE, UploadState, upload_states
+from ckptwise.store import (
+    CheckpointStore,
+    Manifest,
+    Problem,
+    TensorEntry,
+    UploadState,
+    is_cache_folder,
+    open_store,
+)
 from ckptwise.usage import TensorChange, Usage, diff_manifests, usage_of
 
 if TYPE_CHECKING:
@@ -82,13 +88,12 @@ def open_run(
     Raises:
         ConfigError: ``cache`` is no cache folder of ``root``.
     """
-    if cache is not None and not os.path.isfile(os.path.join(os.fspath(cache), CACHE_FILE)):
+    if cache is not None and not is_cache_folder(cache):
         raise ConfigError(
-            f"{os.fspath(cache)} is no ckptwise cache folder (it holds no {CACHE_FILE}); pass "
+            f"{os.fspath(cache)} is no ckptwise cache folder (it holds no cache.json); pass "
             "the folder the writer was given as cache="
         )
-    backend = open_backend(root, cache=cache, **dict(storage_options or {}))
-    return Run(CheckpointStore(backend))
+    return Run(open_store(root, cache=cache, storage_options=storage_options))
 
 
 class Run:
@@ -110,16 +115,21 @@ class Run:
     @property
     def url(self) -> str:
         """Where the run lives: a local path or the URL it was opened with."""
-        return self._store.backend.url
+        return self._store.url
+
+    def manifest_path(self, step: int) -> str:
+        """Where the manifest of ``step`` lives (or would): :attr:`url` and its path in the
+        run, for messages and loggers that name a checkpoint's file."""
+        return f"{self.url}/{self._store.manifest_path(step)}"
 
     def upload_states(self) -> dict[int, UploadState] | None:
         """For a run opened through a ``cache``: each checkpoint's upload state (``"local"``,
         ``"uploading"`` while the writer holds the cache, ``"remote"``); ``None`` otherwise."""
-        return upload_states(self._store.backend)
+        return self._store.upload_states()
 
     def exists(self) -> bool:
         """Whether anything of a run is there (an empty or missing folder is no run)."""
-        return bool(self._store.backend.list_files(""))
+        return self._store.has_files()
 
     def refresh(self) -> None:
         """Re-read the list of committed checkpoints (another process may have written)."""
@@ -168,10 +178,11 @@ class Run:
     def branch(self, name: str) -> Run:
         """A read-only :class:`Run` over the checkpoints of branch ``name`` (list, verify,
         load, restore, export them as a run's own)."""
-        if check_branch_name(name) not in self._store.branches():
+        branch = self._store.branch(name)  # ConfigError for a name that names no folder
+        if name not in self._store.branches():
             have = ", ".join(sorted(self._store.branches())) or "none"
             raise CheckpointNotFoundError(f"run {self.url} has no branch {name!r} (have: {have})")
-        return Run(CheckpointStore(BranchBackend(self._store.backend, name)))
+        return Run(branch)
 
     @property
     def unreadable(self) -> dict[str, str]:
@@ -369,24 +380,24 @@ class Run:
 
     def pins(self) -> set[int]:
         """Steps pinned in this run (kept whatever the retention policy says)."""
-        return runfile.read_pins(self._store.backend)
+        return self._store.pins()
 
     def pin(self, step: int) -> None:
         """Keep ``step`` whatever the retention policy says, until :meth:`unpin`.
 
         Safe while a writer trains and prunes: once this returns, the step is never deleted
-        (see :mod:`ckptwise.store.runfile` for the handshake).
+        (see :meth:`CheckpointStore.pin <ckptwise.store.CheckpointStore.pin>`).
 
         Raises:
             CheckpointNotFoundError: the step has no checkpoint, or the writer's retention
                 is deleting it right now (pin a newer step).
         """
         self._committed(step)
-        runfile.pin(self._store.backend, step)
+        self._store.pin(step)
 
     def unpin(self, step: int) -> None:
         """Let the retention policy decide about ``step`` again (at the next prune)."""
-        runfile.unpin(self._store.backend, step)
+        self._store.unpin(step)
 
     def kept(self) -> dict[int, list[str]]:
         """Why each checkpoint was kept, as the writer's last retention decision recorded."""

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from ckptwise.errors import CheckpointNotFoundError, ConfigError
 from ckptwise.policy import RetentionPlan, RetentionPolicy, plan_retention
-from ckptwise.store import CheckpointStore, RunLock, runfile
+from ckptwise.store import CheckpointStore, RunLock
 
 __all__ = ["Upkeep"]
 
@@ -76,8 +76,7 @@ class Upkeep:
         self._store.move_to_branch(later, name)
         # a pin belongs to the checkpoint, which the branch keeps: it must not pin the step
         # number of the line trained from now on
-        for moved in sorted(runfile.read_pins(self._store.backend) & set(later)):
-            runfile.unpin(self._store.backend, moved)
+        self._store.unpin_moved(later)
         log.warning(
             "step %d is earlier than this run's checkpoints of steps %s (training went back): "
             "they no longer count as the run's newest and are kept as branch %r (read them with "
@@ -121,30 +120,29 @@ class Upkeep:
 
         The newest checkpoint, pinned ones and the protected resume point are kept; a step
         pinned while the plan was being made is kept too (the handshake of
-        :mod:`~ckptwise.store.runfile`).
+        :meth:`CheckpointStore.delete_unpinned`).
         """
         if not self.owns_run:
             return RetentionPlan()
         with self._pruning:
-            backend = self._store.backend
             if self.last_plan is None:
-                runfile.clear_tombstones(backend)  # a crashed writer's, which would block pins
+                self._store.clear_tombstones()  # a crashed writer's, which would block pins
             plan = plan_retention(
                 self.keep,
                 self._store.checkpoints(),
                 now=now,
-                pinned=runfile.read_pins(backend),
+                pinned=self._store.pins(),
                 resumed_from=self.resumed_from if self._protect_resumed else None,
                 object_bytes=self._store.object_bytes(),
             )
             if plan.delete:
                 self._lock.check()
-                pinned = runfile.delete_unpinned(backend, plan.delete, self._store.delete)
+                pinned = self._store.delete_unpinned(plan.delete)
                 if pinned:
                     keep = {**plan.keep, **dict.fromkeys(pinned, ("pinned",))}
                     deleted = tuple(s for s in plan.delete if s not in pinned)
                     plan = RetentionPlan(keep=dict(sorted(keep.items())), delete=deleted)
-            runfile.record_kept(backend, plan.keep)  # advisory: warns, never raises
+            self._store.record_kept(plan.keep)  # advisory: warns, never raises
             self.last_plan = plan
             return plan
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -80,7 +79,6 @@ def test_runs_written_before_the_record_fall_back_to_the_traces(tmp_path: Path) 
     assert _best(root, tmp_path / "out")[0] == 3
 
 
-@pytest.mark.skip(reason="needs the manager to record its policy (extra['policy'])")
 def test_the_manager_records_its_policy(tmp_path: Path) -> None:
     save = cw.every(1) | cw.on_improvement("eval_loss")
     keep = cw.keep_best(2, "eval_acc", mode="max")

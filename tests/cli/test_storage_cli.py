@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import ckptwise as cw
 from ckptwise.cli.main import cli
+from ckptwise.store import CheckpointStore, LocalBackend
 
 
 @pytest.fixture
@@ -160,16 +161,36 @@ def test_export_best_ranks_by_the_runs_own_policy(
 
 
 def test_export_best_says_when_the_direction_is_a_guess(tmp_path: Path) -> None:
-    # keep_best(2) of two checkpoints: nothing tells whether lower or higher is better
-    with cw.CheckpointManager(
-        tmp_path / "run", save=cw.every(1), keep=cw.keep_best(2, "eval_acc", mode="max")
-    ) as manager:
-        for step, acc in ((1, 0.2), (2, 0.8)):
-            manager.step(step, {"model": {"w": torch.zeros(2)}}, metrics={"eval_acc": acc})
+    # keep_best(2) of two checkpoints in a run written before runs recorded their policy:
+    # nothing tells whether lower or higher is better
+    store = CheckpointStore(LocalBackend(tmp_path / "run"))
+    for step, acc in ((1, 0.2), (2, 0.8)):
+        store.commit(
+            step,
+            {"model/w": torch.zeros(2)},
+            tree={
+                "model": {
+                    "kind": "value",
+                    "value": {"w": {"__ckptwise__": "tensor", "name": "model/w"}},
+                }
+            },
+            metrics={"eval_acc": acc},
+            reasons=("every(1)",),
+        )
+    store.record_kept({1: ["best 2 eval_acc"], 2: ["best 2 eval_acc", "newest"]})
     step, warned = _exported_step(str(tmp_path / "run"), str(tmp_path / "out"), "--step", "best")
     assert step == 1
     assert "does not record whether lower or higher is better" in warned
     assert "pass --mode max" in warned
+    # a manager records its policy now: the same run written by one is ranked as it said
+    with cw.CheckpointManager(
+        tmp_path / "new", save=cw.every(1), keep=cw.keep_best(2, "eval_acc", mode="max")
+    ) as manager:
+        for step, acc in ((1, 0.2), (2, 0.8)):
+            manager.step(step, {"model": {"w": torch.zeros(2)}}, metrics={"eval_acc": acc})
+    step, warned = _exported_step(str(tmp_path / "new"), str(tmp_path / "out2"), "--step", "best")
+    assert step == 2
+    assert warned == ""
 
 
 def test_a_misspelt_metric_lists_what_the_run_recorded(run: Path, tmp_path: Path) -> None:

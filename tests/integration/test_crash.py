@@ -22,8 +22,8 @@ m = cw.CheckpointManager(sys.argv[1], save=cw.every(1))
 m.step(1, {"w": torch.zeros(1000)})
 m.wait()  # step 1 is durable; step 2's background commit dies
 real = Committer.write_objects
-def crash(self, new):
-    real(self, new)
+def crash(self, new, **options):
+    real(self, new, **options)
     os._exit(3)  # objects are durable, the manifest is not written
 Committer.write_objects = crash
 m.step(2, {"w": torch.ones(1000)})

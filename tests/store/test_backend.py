@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 
 from ckptwise.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
-from ckptwise.store.backend import (
-    TMP_MARK,
-    Backend,
-    FsspecBackend,
-    LocalBackend,
-    open_backend,
-)
+from ckptwise.store import Backend, FsspecBackend, LocalBackend, open_backend
+from ckptwise.store.layout import TMP_MARK
 
 
 @pytest.fixture(params=["local", "memory"])

@@ -136,7 +136,7 @@ def _read_bool(value: object, where: str) -> bool:
 
 
 def _read_codec(value: object, where: str) -> str:
-    from ckptwise.store.codecs import LOSSLESS  # the codec table, without torch
+    from ckptwise.store import LOSSLESS  # the codec table, without torch
 
     codec = read_str(value, where)
     allowed = ["auto", *sorted(LOSSLESS)]

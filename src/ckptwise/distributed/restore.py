@@ -11,16 +11,12 @@ they are put back together whole.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from ckptwise.distributed.shards import chunk_of, copy_overlap, is_sharded, local_part, pieces_of
 from ckptwise.errors import CheckpointError, CorruptCheckpointError
 from ckptwise.store import CheckpointStore, Manifest, TensorEntry
-from ckptwise.store.codecs import RAW, decoded_size
-from ckptwise.store.layout import object_path
-from ckptwise.store.manifest import DTYPES
-from ckptwise.store.reader import SLACK
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +40,7 @@ def placeholders(manifest: Manifest, rank: int) -> dict[str, torch.Tensor]:
     return {
         name: torch.empty(
             entry.shape if entry.shard is None else entry.shard.shape,
-            dtype=DTYPES[entry.dtype],
+            dtype=entry.torch_dtype,
             device="meta",
         )
         for name, entry in view.items()
@@ -55,8 +51,9 @@ def damaged_object(
     store: CheckpointStore, manifest: Manifest, rank: int, names: Collection[str]
 ) -> str | None:
     """What is wrong with the first object of ``names`` (in ``rank``'s view) whose size
-    contradicts its entry, or ``None``. A raw object is only sized; an encoded one is read
-    (never decoded) for the size its header records.
+    contradicts its entry, or ``None``. Objects are only sized (see
+    :meth:`CheckpointStore.object_nbytes <ckptwise.store.CheckpointStore.object_nbytes>`),
+    never decoded or hashed: the read that follows checks every byte.
 
     A manifest may describe shapes its objects do not hold (damage that only the objects
     reveal): before a restore blames the live state for not fitting, this tells a damaged
@@ -65,11 +62,8 @@ def damaged_object(
     view = manifest.view(rank if rank < manifest.world_size else 0)
     for name in sorted(set(names) & view.keys()):
         entry = view[name]
-        path = object_path(entry.object)
         try:
-            size = store.backend.size(path)
-            if entry.codec != RAW and size <= entry.stored_bytes + SLACK:
-                size = decoded_size(entry.codec, store.backend.read_bytes(path))
+            size = store.object_nbytes(entry)
         except (CheckpointError, OSError) as exc:
             return f"tensor {name!r}: object {entry.object} cannot be read ({exc})"
         if size != entry.nbytes:
@@ -87,13 +81,15 @@ def read_rank(
     rank: int,
     into: Mapping[str, torch.Tensor] | None = None,
     names: Collection[str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors ``rank`` restores from ``manifest`` (only ``names`` if given), verified.
 
     ``into`` holds the live tensors by name: plain ones are read into where they fit, a
     ``DTensor``'s local chunk is filled from the saved chunks it overlaps (and the
     ``DTensor`` itself returned). Without a live ``DTensor`` a sharded tensor is rebuilt
-    whole.
+    whole. ``progress`` is told the bytes of each saved tensor or chunk once read and
+    checked.
     """
     live = into or {}
     step = manifest.step
@@ -105,23 +101,24 @@ def read_rank(
         sharded &= set(names)
     plain = {n: e for n, e in view.items() if n not in sharded}
     targets = {n: t for n, t in live.items() if n in plain and not is_sharded(t)}
-    out = store.load_tensors(step, into=targets, entries=plain)
+    out = store.load_tensors(step, into=targets, entries=plain, progress=progress)
     for name in sharded:
         pieces = pieces_of(views, name)
         target = live.get(name)
         if target is not None and is_sharded(target):
-            out[name] = _fill_chunk(store, step, name, target, pieces)
+            out[name] = _fill_chunk(store, step, name, target, pieces, progress)
         else:
-            out[name] = _whole(store, step, name, pieces, target)
+            out[name] = _whole(store, step, name, pieces, target, progress)
     return out
 
 
-def _read(store: CheckpointStore, step: int, name: str, entry: TensorEntry) -> torch.Tensor:
-    return store.read_tensor(entry, step=step, name=name)
-
-
 def _fill_chunk(
-    store: CheckpointStore, step: int, name: str, target: torch.Tensor, pieces: list[TensorEntry]
+    store: CheckpointStore,
+    step: int,
+    name: str,
+    target: torch.Tensor,
+    pieces: list[TensorEntry],
+    progress: Callable[[int], None] | None,
 ) -> torch.Tensor:
     """Fill a live ``DTensor``'s local chunk from the saved chunks; returns the DTensor."""
     shard = chunk_of(target)
@@ -137,7 +134,7 @@ def _fill_chunk(
                 f"tensor has {shard.shape}"
             )
         if piece.shard.offsets == shard.offsets and piece.shape == tuple(local.shape):
-            got = store.read_tensor(piece, step=step, name=name, into=local)
+            got = store.read_tensor(piece, step=step, name=name, into=local, progress=progress)
             if got is not local:  # read elsewhere (another dtype or device): copy, casting
                 with torch.no_grad():
                     local.copy_(got)
@@ -149,9 +146,8 @@ def _fill_chunk(
             )
         )
         if overlaps:
-            filled += copy_overlap(
-                local, shard.offsets, _read(store, step, name, piece), piece.shard.offsets
-            )
+            saved = store.read_tensor(piece, step=step, name=name, progress=progress)
+            filled += copy_overlap(local, shard.offsets, saved, piece.shard.offsets)
     if filled != local.numel():
         raise CorruptCheckpointError(
             f"step {step}, tensor {name!r}: the saved chunks cover {filled} of the "
@@ -166,12 +162,13 @@ def _whole(
     name: str,
     pieces: list[TensorEntry],
     target: torch.Tensor | None,
+    progress: Callable[[int], None] | None,
 ) -> torch.Tensor:
     """A sharded tensor put back together from all its saved chunks."""
     first = pieces[0]
     assert first.shard is not None
     shape = first.shard.shape
-    dtype = DTYPES[first.dtype]
+    dtype = first.torch_dtype
     if (
         target is not None
         and tuple(target.shape) == shape
@@ -185,9 +182,8 @@ def _whole(
     filled = 0
     for piece in pieces:
         assert piece.shard is not None
-        filled += copy_overlap(
-            whole, (0,) * len(shape), _read(store, step, name, piece), piece.shard.offsets
-        )
+        saved = store.read_tensor(piece, step=step, name=name, progress=progress)
+        filled += copy_overlap(whole, (0,) * len(shape), saved, piece.shard.offsets)
     if filled != math.prod(shape):
         raise CorruptCheckpointError(
             f"step {step}, tensor {name!r}: the saved chunks cover {filled} of its "

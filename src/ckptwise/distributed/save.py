@@ -32,10 +32,17 @@ from ckptwise.distributed.ranks import Failure, Ranks
 from ckptwise.distributed.shards import chunk_of, is_sharded, local_part
 from ckptwise.errors import CheckpointError
 from ckptwise.records import CheckpointInfo
+from ckptwise.report import Progress
 from ckptwise.snapshot import Snapshot
-from ckptwise.store import CheckpointStore, Manifest, TensorEntry
-from ckptwise.store.commit import CommitPlan, ObjectUse
-from ckptwise.store.manifest import RankView, Shard
+from ckptwise.store import (
+    CheckpointStore,
+    CommitPlan,
+    Manifest,
+    ObjectUse,
+    RankView,
+    Shard,
+    TensorEntry,
+)
 
 __all__ = ["commit_across_ranks"]
 
@@ -148,6 +155,7 @@ def commit_across_ranks(
     capture: Callable[[], Snapshot],
     *,
     after_commit: Callable[[], object],
+    progress: Progress | None = None,
 ) -> CheckpointInfo:
     """Save this rank's state, taken by ``capture``, as part of ``manifest.step``.
 
@@ -155,7 +163,8 @@ def commit_across_ranks(
     tensors and tree are filled in here. ``capture`` runs inside the protocol, so a rank
     whose state cannot be captured fails the save on every rank instead of falling out of
     step. ``after_commit`` runs on rank 0 once the manifest is durable and before any rank
-    returns (the manager prunes there). Every rank returns the committed checkpoint's
+    returns (the manager prunes there); ``progress`` is told this rank's bytes hashed and
+    written. Every rank returns the committed checkpoint's
     summary or raises the same error.
     """
     step = manifest.step
@@ -169,7 +178,7 @@ def commit_across_ranks(
         snapshot = capture()
         tree = dict(snapshot.tree)
         plain, shards = _local(snapshot.tensors)
-        plan = store.plan(plain, rank=ranks.rank)
+        plan = store.plan(plain, rank=ranks.rank, progress=progress)
         new = {oid: len(job.raw) for oid, job in plan.new.items()}
         report = _Report(step, plan.names, shards, new, tree)
     except Exception as exc:
@@ -192,7 +201,9 @@ def commit_across_ranks(
     assert plan is not None  # a rank whose planning failed raised above
     written: dict[str, TensorEntry] | Failure
     try:
-        written = store.write_objects({oid: plan.new[oid] for oid in jobs[ranks.rank]})
+        written = store.write_objects(
+            {oid: plan.new[oid] for oid in jobs[ranks.rank]}, progress=progress
+        )
     except Exception as exc:
         written = Failure.of(ranks.rank, exc)
     results = ranks.gather(written)

@@ -2,7 +2,7 @@
 
 A sharded tensor (FSDP2's ``fully_shard`` parameters and their optimizer state) is saved
 as each rank's local chunk, with the chunk's place in the whole tensor (a
-:class:`~ckptwise.store.manifest.Shard`), as ``torch.distributed.checkpoint`` describes it
+:class:`~ckptwise.store.Shard`), as ``torch.distributed.checkpoint`` describes it
 (``DTensor.__create_chunk_list__``). Restoring on another number of ranks, or on one
 process, copies from every saved chunk the part that overlaps the chunk wanted: the box
 intersection is all of resharding that a content-addressed store needs (DCP's planner
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from ckptwise.store.manifest import Shard, TensorEntry
+from ckptwise.store import Shard, TensorEntry
 
 if TYPE_CHECKING:
     import torch

@@ -57,7 +57,6 @@ from ckptwise.manager import CheckpointManager
 from ckptwise.metrics import coerce_metrics
 from ckptwise.policy import RetentionPolicy, Trigger
 from ckptwise.snapshot import RNG_KEY, RngState
-from ckptwise.store.layout import manifest_path
 
 __all__ = ["CheckpointCallback"]
 
@@ -320,7 +319,7 @@ class CheckpointCallback(Callback):
         ``ckptwise export RUN OUT --step STEP``.
         """
         step = self.best_model_step
-        return "" if step is None else f"{self.manager.run.url}/{manifest_path(step)}"
+        return "" if step is None else self.manager.run.manifest_path(step)
 
     def export_best(
         self,

@@ -13,13 +13,11 @@ import re
 from collections.abc import Iterable
 
 from ckptwise.errors import ConfigError, StorageError
-from ckptwise.store.backend import Backend, Buffer, drop_cached
-from ckptwise.store.layout import CHECKPOINTS
+from ckptwise.store.backend import Backend, Buffer, Direct
+from ckptwise.store.layout import BRANCHES, CHECKPOINTS
 
-__all__ = ["BRANCHES", "BranchBackend", "check_branch_name"]
+__all__ = ["BranchBackend", "check_branch_name"]
 
-#: The folder of a run holding one sub-folder of manifests per branch.
-BRANCHES = "branches"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -33,7 +31,7 @@ def check_branch_name(name: str) -> str:
     return name
 
 
-class BranchBackend:
+class BranchBackend(Direct):
     """``backend`` with ``checkpoints/`` read from ``branches/NAME/``; writes are refused."""
 
     def __init__(self, backend: Backend, name: str) -> None:
@@ -85,5 +83,4 @@ class BranchBackend:
         return None
 
     def drop_cached(self, path: str) -> bool:
-        """See :func:`~ckptwise.store.backend.drop_cached`."""
-        return drop_cached(self.inner, self._map(path))
+        return self.inner.drop_cached(self._map(path))

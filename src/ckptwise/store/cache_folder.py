@@ -30,10 +30,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ckptwise.errors import ConfigError, StorageError
-from ckptwise.store.backend import TMP_MARK, LocalBackend
-from ckptwise.store.branch import BRANCHES
-from ckptwise.store.layout import CHECKPOINTS, OBJECTS
-from ckptwise.store.runfile import RUN_FILE
+from ckptwise.store.layout import BRANCHES, CACHE_FILE, CHECKPOINTS, OBJECTS, RUN_FILE, TMP_MARK
+from ckptwise.store.local import LocalBackend
 
 __all__ = [
     "CACHE_FILE",
@@ -47,8 +45,6 @@ __all__ = [
 
 log = logging.getLogger("ckptwise")
 
-#: The cache's record of which remote run it belongs to.
-CACHE_FILE = "cache.json"
 CACHE_LOCK = "cache.lock"
 FILES = "files"
 STAGING = "staging"

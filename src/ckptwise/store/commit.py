@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time as _time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,7 +38,6 @@ from ckptwise.errors import (
     CorruptCheckpointError,
     StorageError,
 )
-from ckptwise.report import advance
 from ckptwise.store.backend import Backend
 from ckptwise.store.codecs import DELTA, LOSSLESS, Q8, Q8_CODEC, RAW, XOR_CODEC, get_codec
 from ckptwise.store.index import Index
@@ -205,15 +204,17 @@ class Committer:
         extra: Mapping[str, Any] | None = None,
         time: float | None = None,
         lossy: Iterable[str] = (),
+        progress: Callable[[int], None] | None = None,
     ) -> Manifest:
         """Write a checkpoint: new objects first, then the manifest, atomically.
 
         Float tensors named in ``lossy`` are stored quantized (codec ``q8``); their entries
-        then hold what they decode to, and the error in ``note``.
+        then hold what they decode to, and the error in ``note``. ``progress`` is told the
+        raw bytes done as they are done (see :meth:`plan` and :meth:`write_objects`).
         """
-        plan = self.plan(tensors, lossy=lossy)
+        plan = self.plan(tensors, lossy=lossy, progress=progress)
         self.check_space(plan.new_bytes, files=len(plan.new))
-        written = self.write_objects(plan.new)
+        written = self.write_objects(plan.new, progress=progress)
         return self.publish(
             Manifest(
                 step=step,
@@ -290,12 +291,18 @@ class Committer:
         ) from error
 
     def plan(
-        self, tensors: Mapping[str, torch.Tensor], *, lossy: Iterable[str] = (), rank: int = 0
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        lossy: Iterable[str] = (),
+        rank: int = 0,
+        progress: Callable[[int], None] | None = None,
     ) -> CommitPlan:
         """Hash every tensor and find which objects are new (see :class:`CommitPlan`).
 
         Float tensors named in ``lossy`` are planned quantized (codec ``q8``). Deltas are
-        tried against rank ``rank``'s tensors of the previous checkpoint.
+        tried against rank ``rank``'s tensors of the previous checkpoint. ``progress`` is
+        told the raw bytes that need no writing (reused objects and repeats).
         """
         quantize = set(lossy)
         latest = self.index.latest()
@@ -336,7 +343,10 @@ class Committer:
                 new[oid] = NewObject(raw, dtype, shape, itemsize, codec, note, base)
         # what needs no writing is done as far as the progress of the save goes (writes
         # count the rest)
-        advance(sum(t.nbytes for t in tensors.values()) - sum(len(j.raw) for j in new.values()))
+        if progress is not None:
+            progress(
+                sum(t.nbytes for t in tensors.values()) - sum(len(j.raw) for j in new.values())
+            )
         return CommitPlan(names, reused, new)
 
     def _still_good(self, known: TensorEntry, name: str) -> bool:
@@ -416,8 +426,13 @@ class Committer:
                 "keep=cw.keep_last(2) or cw.keep_budget(...))"
             )
 
-    def write_objects(self, new: Mapping[str, NewObject]) -> dict[str, TensorEntry]:
-        """Encode and write new objects, then sync; returns the entry of each, by id."""
+    def write_objects(
+        self, new: Mapping[str, NewObject], *, progress: Callable[[int], None] | None = None
+    ) -> dict[str, TensorEntry]:
+        """Encode and write new objects, then sync; returns the entry of each, by id.
+
+        ``progress`` is told each object's raw bytes once written, from the writing threads.
+        """
         written: dict[str, TensorEntry] = {}
         if not new:
             return written
@@ -430,7 +445,8 @@ class Committer:
             encoded = self._encode(oid, job)
             encode_seconds += _time.perf_counter() - t0
             stored = self.backend.write_atomic(object_path(oid), [encoded.data])
-            advance(len(job.raw))  # the progress of the save in flight, if one is shown
+            if progress is not None:
+                progress(len(job.raw))
             entry = TensorEntry(
                 object=oid,
                 dtype=job.dtype,

@@ -30,10 +30,17 @@ from ckptwise.errors import (
     StorageError,
 )
 from ckptwise.records import CheckpointInfo
-from ckptwise.store.backend import TMP_MARK, Backend, drop_cached
-from ckptwise.store.branch import BRANCHES, check_branch_name
+from ckptwise.store.backend import Backend
+from ckptwise.store.branch import check_branch_name
 from ckptwise.store.codecs import readable
-from ckptwise.store.layout import CHECKPOINTS, OBJECTS, manifest_path, manifest_step
+from ckptwise.store.layout import (
+    BRANCHES,
+    CHECKPOINTS,
+    OBJECTS,
+    TMP_MARK,
+    manifest_path,
+    manifest_step,
+)
 from ckptwise.store.manifest import Manifest, TensorEntry, decode_manifest, load_manifest
 
 __all__ = ["Index", "branch_manifest_path", "read_manifest"]
@@ -53,14 +60,14 @@ def read_manifest(backend: Backend, path: str) -> Manifest:
     :class:`FormatError` says what is wrong with it.
 
     A copy in a local cache that fails is dropped and the manifest read again from where it
-    is kept for good (see :func:`~ckptwise.store.backend.drop_cached`).
+    is kept for good (see :meth:`Backend.drop_cached <ckptwise.store.backend.Backend.drop_cached>`).
     """
     try:
         return load_manifest(backend, path)
     except CheckpointNotFoundError:
         raise
     except CheckpointError as exc:
-        if not drop_cached(backend, path):
+        if not backend.drop_cached(path):
             raise
         log.warning(
             "manifest %s in the local cache: %s; reading it from %s", path, exc, backend.url

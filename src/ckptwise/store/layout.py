@@ -1,11 +1,17 @@
 """Where a run's files live, and how a tensor's bytes are viewed and addressed.
 
-Layout of a run folder (see ``docs/FORMAT.md``)::
+Layout of a run folder (see ``docs/FORMAT.md``); every name in it is a constant here::
 
-    RUN/ckptwise.lock                   the writer's lock
-    RUN/run.json                        pins and the last retention decision
-    RUN/checkpoints/000000001000.json   a committed checkpoint's manifest
-    RUN/objects/ab/ab12...ef            a tensor's bytes, named by their BLAKE3 digest
+    RUN/ckptwise.lock                   the writer's lock                     LOCK_FILE
+    RUN/run.json                        the last retention decision           RUN_FILE
+    RUN/checkpoints/000000001000.json   a committed checkpoint's manifest     CHECKPOINTS
+    RUN/objects/ab/ab12...ef            a tensor's bytes, by BLAKE3 digest    OBJECTS
+    RUN/branches/NAME/...json           manifests a rollback set aside        BRANCHES
+    RUN/pins/000000001000               a pin                                 PINS
+    RUN/pruning/000000001000            a retention tombstone                 PRUNING
+
+A cache folder in front of a remote run holds ``cache.json`` (:data:`CACHE_FILE`) beside
+the run's files.
 """
 
 from __future__ import annotations
@@ -23,8 +29,15 @@ else:
     from ckptwise._lazy import torch
 
 __all__ = [
+    "BRANCHES",
+    "CACHE_FILE",
     "CHECKPOINTS",
+    "LOCK_FILE",
     "OBJECTS",
+    "PINS",
+    "PRUNING",
+    "RUN_FILE",
+    "TMP_MARK",
     "byte_view",
     "manifest_path",
     "manifest_step",
@@ -37,6 +50,20 @@ __all__ = [
 
 CHECKPOINTS = "checkpoints"
 OBJECTS = "objects"
+#: The folder holding one sub-folder of manifests per branch.
+BRANCHES = "branches"
+#: The advisory run record: the writer's last retention decision.
+RUN_FILE = "run.json"
+#: The folder of pin files, one per pinned step.
+PINS = "pins"
+#: The folder of the writer's retention tombstones (see :mod:`~ckptwise.store.runfile`).
+PRUNING = "pruning"
+#: The writer's lock (see :mod:`~ckptwise.store.lock`).
+LOCK_FILE = "ckptwise.lock"
+#: Infix of every temporary file name; anything carrying it is debris after a crash.
+TMP_MARK = ".tmp-"
+#: A cache folder's record of which remote run it belongs to.
+CACHE_FILE = "cache.json"
 _MANIFEST_NAME = re.compile(rf"^{CHECKPOINTS}/([0-9]+)\.json$")
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
@@ -44,6 +71,7 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
 
 
 def manifest_path(step: int) -> str:
+    """Where the manifest of ``step`` lives, run-relative."""
     return f"{CHECKPOINTS}/{step:012d}.json"
 
 

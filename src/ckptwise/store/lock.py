@@ -40,13 +40,14 @@ import uuid
 from typing import Any
 
 from ckptwise.errors import RunLockedError, StorageError
-from ckptwise.store.backend import Backend, FsspecBackend, LocalBackend
+from ckptwise.store.backend import Backend
+from ckptwise.store.fsspec_backend import FsspecBackend
+from ckptwise.store.layout import LOCK_FILE
+from ckptwise.store.local import LocalBackend
 from ckptwise.store.runfile import read_fresh
-from ckptwise.store.tiered import TieredBackend
 
 __all__ = ["LOCK_FILE", "RunLock"]
 
-LOCK_FILE = "ckptwise.lock"
 
 _LOCAL_PROTOCOLS = {"file", "local"}
 _CREATE_PROTOCOLS = {"s3", "s3a", "memory"}
@@ -56,7 +57,7 @@ _memory_create = threading.Lock()
 
 def _locked(backend: Backend) -> Backend:
     """The backend whose store holds the lock: a cached run's remote one."""
-    return backend.remote if isinstance(backend, TieredBackend) else backend
+    return backend.lock_backend()
 
 
 def _holder_text(info: dict[str, Any]) -> str:
@@ -145,12 +146,11 @@ class RunLock:
                 "folder, s3:// or memory://, or only read this run with cw.open_run()"
             )
         self._held = True
-        if isinstance(self.backend, TieredBackend):
-            try:
-                self.backend.start_uploads(fence=self._verify)
-            except BaseException:
-                self.release()
-                raise
+        try:
+            self.backend.start_uploads(fence=self._verify)
+        except BaseException:
+            self.release()
+            raise
 
     # -- local: flock ----------------------------------------------------------------------
 
@@ -309,8 +309,7 @@ class RunLock:
         """
         if not self._held:
             return
-        if isinstance(self.backend, TieredBackend):
-            self.backend.raise_if_fenced()
+        if self.backend.check_fence():
             return
         self._verify()
 
@@ -342,8 +341,7 @@ class RunLock:
         """Give the lock up; safe to call twice."""
         if not self._held:
             return
-        if isinstance(self.backend, TieredBackend):
-            self.backend.detach()  # nothing may be sent once another writer can take the run
+        self.backend.detach()  # nothing may be sent once another writer can take the run
         self._held = False
         backend = _locked(self.backend)
         if self._fd is not None:

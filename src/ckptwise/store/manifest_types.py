@@ -151,6 +151,11 @@ class TensorEntry:
     shard: Shard | None = None
 
     @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype :attr:`dtype` names."""
+        return DTYPES[self.dtype]
+
+    @property
     def lossy(self) -> bool:
         """Whether the object holds an approximation of the tensor (an archive's q8 copy)."""
         return self.codec in LOSSY

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckptwise.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ckptwise.report import advance
-from ckptwise.store.backend import Backend, drop_cached
+from ckptwise.store.backend import Backend
 from ckptwise.store.codecs import RAW, decode, decoded_size
 from ckptwise.store.index import Index
 from ckptwise.store.layout import byte_view, manifest_path, object_id, object_path
@@ -67,12 +66,13 @@ class Reader:
         step: int,
         name: str,
         into: torch.Tensor | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Load one tensor and check its bytes (and every base's) against its address.
 
         With ``into`` (a contiguous CPU tensor of the entry's dtype and shape) the bytes are
         read straight into its memory, which is then returned; a checksum failure leaves it
-        overwritten.
+        overwritten. ``progress`` is told the tensor's bytes once read and checked.
         """
         dtype = DTYPES[entry.dtype]
         target = None
@@ -89,7 +89,8 @@ class Reader:
             out = self.read_raw(entry, target)
         except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
             raise CorruptCheckpointError(f"step {step}, tensor {name!r}: {exc}") from exc
-        advance(entry.nbytes)  # the progress of the restore in flight, if one is shown
+        if progress is not None:
+            progress(entry.nbytes)
         if target is not None and into is not None:
             return into
         return out.view(dtype).reshape(entry.shape)
@@ -120,12 +121,12 @@ class Reader:
         checked), decoding its delta chain, and check them against its address.
 
         A copy in a local cache that fails is dropped and the object read again from where
-        it is kept for good (see :func:`~ckptwise.store.backend.drop_cached`).
+        it is kept for good (see :meth:`Backend.drop_cached <ckptwise.store.backend.Backend.drop_cached>`).
         """
         try:
             self._read_once(entry, room)
         except CorruptCheckpointError as exc:
-            if not drop_cached(self.backend, object_path(entry.object)):
+            if not self.backend.drop_cached(object_path(entry.object)):
                 raise
             log.warning("%s in the local cache; reading it from %s", exc, self.backend.url)
             self._read_once(entry, room)
@@ -173,14 +174,32 @@ class Reader:
                 f"object {entry.object} fails its checksum (its bytes changed on disk)"
             )
 
+    def object_nbytes(self, entry: TensorEntry) -> int:
+        """How many raw bytes the object of ``entry`` holds, found without decoding or
+        hashing it: a raw object is only sized; an encoded one no larger than its entry
+        allows is read for the size its header records (a larger one answers its file size,
+        which then contradicts the entry).
+
+        Raises:
+            CheckpointError: the object cannot be read, or its header is damaged.
+        """
+        path = object_path(entry.object)
+        size = self.backend.size(path)
+        if entry.codec != RAW and size <= entry.stored_bytes + SLACK:
+            size = decoded_size(entry.codec, self.backend.read_bytes(path))
+        return size
+
     def load_tensors(
         self,
         step: int,
         *,
         into: Mapping[str, torch.Tensor] | None = None,
         entries: Mapping[str, TensorEntry] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Every tensor of a committed step, verified (reads and checksums run in parallel).
+        """Every tensor of a committed step, verified (reads and checksums run in parallel);
+        ``progress`` is told each tensor's bytes once read and checked, from the reading
+        threads.
 
         ``into`` maps tensor names to tensors to read straight into where they fit (see
         :meth:`read_tensor`): a restore into live, already-allocated memory skips a copy
@@ -192,7 +211,9 @@ class Reader:
         targets = into or {}
 
         def read(item: tuple[str, TensorEntry]) -> torch.Tensor:
-            return self.read_tensor(item[1], step=step, name=item[0], into=targets.get(item[0]))
+            return self.read_tensor(
+                item[1], step=step, name=item[0], into=targets.get(item[0]), progress=progress
+            )
 
         if len(items) < 2:
             return {name: read((name, entry)) for name, entry in items}

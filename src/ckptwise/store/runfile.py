@@ -33,13 +33,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ckptwise.errors import CheckpointError, CheckpointNotFoundError, StorageError
-from ckptwise.store.backend import Backend, LocalBackend
-from ckptwise.store.layout import manifest_path
+from ckptwise.store.backend import Backend
+from ckptwise.store.layout import PINS, PRUNING, RUN_FILE, manifest_path
+from ckptwise.store.local import LocalBackend
 
 __all__ = [
-    "PINS",
-    "PRUNING",
-    "RUN_FILE",
     "clear_tombstones",
     "delete_unpinned",
     "kept_field",
@@ -57,9 +55,6 @@ __all__ = [
 
 log = logging.getLogger("ckptwise")
 
-RUN_FILE = "run.json"
-PINS = "pins"
-PRUNING = "pruning"
 _FORMAT = {"format": "ckptwise.run", "version": 1}
 _STEP_NAME = re.compile(r"^[0-9]{1,20}$")
 

@@ -61,7 +61,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from ckptwise.errors import (
     CheckpointError,
@@ -71,16 +71,22 @@ from ckptwise.errors import (
     RunLockedError,
     StorageError,
 )
-from ckptwise.store.backend import Buffer, FsspecBackend
+from ckptwise.store.backend import LOCAL, REMOTE, UPLOADING, Backend, Buffer, UploadState
 from ckptwise.store.cache_folder import (
-    CACHE_FILE,
     TIERED_DIRS,
     CacheEntries,
     CacheFolder,
     tiered,
 )
-from ckptwise.store.layout import CHECKPOINTS, OBJECTS, manifest_path, manifest_step
-from ckptwise.store.runfile import PRUNING
+from ckptwise.store.fsspec_backend import FsspecBackend
+from ckptwise.store.layout import (
+    CACHE_FILE,
+    CHECKPOINTS,
+    OBJECTS,
+    PRUNING,
+    manifest_path,
+    manifest_step,
+)
 from ckptwise.store.uploads import RESUME_AFTER as RESUME_AFTER
 from ckptwise.store.uploads import UPLOADERS, Op, Uploads, barrier, register, unregister
 
@@ -97,12 +103,6 @@ __all__ = [
 log = logging.getLogger("ckptwise")
 
 T = TypeVar("T")
-
-#: A checkpoint's upload state: only in the cache, being uploaded, or durable remotely.
-UploadState = Literal["local", "uploading", "remote"]
-LOCAL: UploadState = "local"
-UPLOADING: UploadState = "uploading"
-REMOTE: UploadState = "remote"
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -271,6 +271,15 @@ class TieredBackend:
     def _stop(self) -> None:
         self._uploads.stop()
         self._folder.release_lock()
+
+    def lock_backend(self) -> FsspecBackend:
+        """The remote backend: a cached run is locked where it is kept for good."""
+        return self.remote
+
+    def check_fence(self) -> bool:
+        """:meth:`raise_if_fenced`; always ``True``: the uploader checks the lock itself."""
+        self.raise_if_fenced()
+        return True
 
     def raise_if_fenced(self) -> None:
         """Raise the :class:`RunLockedError` the uploader met, if it found the lock taken
@@ -500,7 +509,9 @@ class TieredBackend:
             return self._entries.bytes
 
 
-def upload_states(backend: object) -> dict[int, UploadState] | None:
+def upload_states(backend: Backend) -> dict[int, UploadState] | None:
     """Each checkpoint's upload state when ``backend`` writes through a cache, else
-    ``None`` (a plain local or remote run has nothing to report)."""
-    return backend.upload_states() if isinstance(backend, TieredBackend) else None
+    ``None`` (a plain local or remote run has nothing to report); the same as
+    :meth:`CheckpointStore.upload_states <ckptwise.store.store.CheckpointStore.upload_states>`,
+    which callers should prefer."""
+    return backend.upload_states()

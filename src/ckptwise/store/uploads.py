@@ -49,11 +49,9 @@ from typing import Literal, Protocol
 
 from ckptwise.errors import CheckpointError, RunLockedError, StorageError
 from ckptwise.priority import lower_thread_priority
-from ckptwise.store.backend import FsspecBackend
-from ckptwise.store.branch import BRANCHES
 from ckptwise.store.cache_folder import UPLOADED, CacheEntries, CacheFolder
-from ckptwise.store.layout import CHECKPOINTS, OBJECTS
-from ckptwise.store.runfile import PRUNING
+from ckptwise.store.fsspec_backend import FsspecBackend
+from ckptwise.store.layout import BRANCHES, CHECKPOINTS, OBJECTS, PRUNING
 
 __all__ = [
     "RESUME_AFTER",
