@@ -78,7 +78,7 @@ class Mode:
     #: "prune": most kills land just after retention starts deleting
     aim: Literal["save", "prune"] = "save"
     #: the big tensor is written by an optimizer's step(), so an async save copies it while
-    #: the worker goes on and that step() waits for the copy (see ckptwise.copying)
+    #: the worker goes on and that step() waits for the copy (see ckptwise.snapshot.copying)
     overlap: bool = False
 
     def manager(self, root: Path, keep: cw.RetentionPolicy) -> cw.CheckpointManager:

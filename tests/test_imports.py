@@ -48,7 +48,7 @@ def test_import_ckptwise_is_lazy_and_every_name_resolves() -> None:
 def test_the_lazy_namespace_is_the_modules_own() -> None:
     from ckptwise.manager import CheckpointManager
     from ckptwise.policy import keep_last
-    from ckptwise.run import Run
+    from ckptwise.read.run import Run
 
     assert cw.CheckpointManager is CheckpointManager
     assert cw.Run is Run

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckptwise as cw
-from ckptwise.pipeline import SavePipeline
+from ckptwise.save.pipeline import SavePipeline
 from ckptwise.store import LocalBackend
 from ckptwise.testing import FakeClock
 

@@ -25,14 +25,14 @@ PUBLIC = {
     "ckptwise.config",
     "ckptwise.data",
     "ckptwise.errors",
-    "ckptwise.formats",
+    "ckptwise.read.formats",
     "ckptwise.integrations.transformers.deepspeed",  # `ckptwise export` of a DeepSpeed run
     "ckptwise.jsonvalues",
     "ckptwise.manager",
-    "ckptwise.metrics",
+    "ckptwise.decide.metrics",
     "ckptwise.policy",
     "ckptwise.records",
-    "ckptwise.run",
+    "ckptwise.read.run",
     "ckptwise.simulate",
     "ckptwise.snapshot",
 }
@@ -45,17 +45,17 @@ STORE = "ckptwise.store"
 #: read-only run and the machinery under them. The command line and the adapters are not
 #: here: they go through ``Run`` and ``CheckpointManager``.
 STORE_USERS = {
-    "ckptwise.archive",
+    "ckptwise.read.archive",
     "ckptwise.config.options",
     "ckptwise.distributed.restore",
     "ckptwise.distributed.save",
     "ckptwise.distributed.shards",
     "ckptwise.manager",
-    "ckptwise.pipeline",
-    "ckptwise.restoring",
-    "ckptwise.run",
-    "ckptwise.upkeep",
-    "ckptwise.usage",
+    "ckptwise.save.pipeline",
+    "ckptwise.read.restoring",
+    "ckptwise.read.run",
+    "ckptwise.save.upkeep",
+    "ckptwise.read.usage",
 }
 #: private modules every package may use: ``_lazy`` imports torch on first use, in every
 #: layer (see its docstring); it is no API

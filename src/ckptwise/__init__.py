@@ -62,10 +62,10 @@ if TYPE_CHECKING:
     from ckptwise.policy import schedule as schedule
     from ckptwise.policy import trainable_only as trainable_only
     from ckptwise.policy import weights_only as weights_only
+    from ckptwise.read.run import RestoreWarning as RestoreWarning
+    from ckptwise.read.run import Run as Run
+    from ckptwise.read.run import open_run as open_run
     from ckptwise.records import CheckpointInfo as CheckpointInfo
-    from ckptwise.run import RestoreWarning as RestoreWarning
-    from ckptwise.run import Run as Run
-    from ckptwise.run import open_run as open_run
 
 __version__ = "0.1.0"
 
@@ -73,7 +73,7 @@ __version__ = "0.1.0"
 #: takes seconds to import, and ``ckptwise --help`` or ``ckptwise ls`` need none of it)
 _EXPORTS = {
     "ckptwise.manager": ("CheckpointManager",),
-    "ckptwise.run": ("RestoreWarning", "Run", "open_run"),
+    "ckptwise.read.run": ("RestoreWarning", "Run", "open_run"),
     "ckptwise.records": ("CheckpointInfo",),
     "ckptwise.policy": (
         # what the factories' values are, for type hints

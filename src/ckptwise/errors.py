@@ -16,7 +16,7 @@ working around a bad argument. The class says who is at fault:
 Rules: messages name the parameter or file, the value and the fix; backend and library
 errors are wrapped where they enter (``raise ... from exc``) so the cause stays visible; a
 background save raises the same class a synchronous one would (the writer re-raises it with
-the step named, see :func:`ckptwise.writer.save_failed`); nothing outside this hierarchy
+the step named, see :func:`ckptwise.save.writer.save_failed`); nothing outside this hierarchy
 (``KeyError``, ``json.JSONDecodeError``, ...) escapes a public call.
 """
 

@@ -1,11 +1,11 @@
 """The checkpoint manager: decide, then hand the save to the pipeline, then upkeep.
 
-At each step the manager asks its :class:`~ckptwise.decider.Decider` (the policies, fed with
+At each step the manager asks its :class:`~ckptwise.decide.decider.Decider` (the policies, fed with
 the clock, metrics, history and outside requests); a save goes to the
-:class:`~ckptwise.pipeline.SavePipeline` (capture, copy, write, commit; synchronously, in the
-background or on every rank), which calls the run's :class:`~ckptwise.upkeep.Upkeep`
+:class:`~ckptwise.save.pipeline.SavePipeline` (capture, copy, write, commit; synchronously, in the
+background or on every rank), which calls the run's :class:`~ckptwise.save.upkeep.Upkeep`
 (rollback branches, the resume point, pruning) around each commit. Reads (listing, loading,
-verifying, exporting) go through :attr:`CheckpointManager.run`, a :class:`~ckptwise.run.Run`.
+verifying, exporting) go through :attr:`CheckpointManager.run`, a :class:`~ckptwise.read.run.Run`.
 The module is long only because the constructor documents every option a training script
 sets.
 
@@ -29,12 +29,11 @@ import torch
 import torch.distributed as dist
 
 from ckptwise.config.record import policy_record
-from ckptwise.decider import Decider
+from ckptwise.decide.decider import Decider
+from ckptwise.decide.felt import Felt
+from ckptwise.decide.metrics import coerce_metrics
 from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Ranks
 from ckptwise.errors import CheckpointError, ConfigError
-from ckptwise.felt import Felt
-from ckptwise.metrics import coerce_metrics
-from ckptwise.pipeline import AsyncPath, RanksPath, SaveOrder, SavePath, SavePipeline, SyncPath
 from ckptwise.policy import (
     ContentPolicy,
     Decision,
@@ -50,11 +49,12 @@ from ckptwise.policy import (
     keep_all,
     on_final,
 )
+from ckptwise.read.run import RestoreWarning, Run
 from ckptwise.records import CheckpointInfo
-from ckptwise.run import RestoreWarning, Run
+from ckptwise.save.pipeline import AsyncPath, RanksPath, SaveOrder, SavePath, SavePipeline, SyncPath
+from ckptwise.save.upkeep import Upkeep
 from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState
 from ckptwise.store import RunLock, open_store
-from ckptwise.upkeep import Upkeep
 
 __all__ = ["RNG_KEY", "CheckpointManager", "RestoreWarning"]
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ckptwise.decide.progress import Progress
 from ckptwise.errors import ConfigError
 from ckptwise.policy import RetentionPolicy, Trigger, keep_all, plan_retention
-from ckptwise.progress import Progress
 from ckptwise.records import CheckpointInfo
 
 __all__ = ["SimulationResult", "simulate"]

@@ -109,7 +109,7 @@ def test_a_fifo_at_the_lock_path_is_refused_without_hanging(run_dir: Path) -> No
 
 
 READ_ONLY = """
-import fcntl, os, sys, ckptwise as cw, ckptwise.manager, ckptwise.run
+import fcntl, os, sys, ckptwise as cw, ckptwise.manager, ckptwise.read.run
 if os.geteuid() == 0:  # root ignores permissions: act as an ordinary user, imports done
     os.setgid(65534)
     os.setuid(65534)

@@ -112,7 +112,7 @@ def test_legacy_pins_in_run_json_are_kept_then_moved_into_pin_files(run_dir: Pat
     with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_all()) as manager:
         for step in (1, 2, 3):
             _save(manager, step)
-    legacy = {"format": "ckptwise.run", "version": 1, "pins": [1, 2], "note": "mine"}
+    legacy = {"format": "ckptwise.read.run", "version": 1, "pins": [1, 2], "note": "mine"}
     (run_dir / "run.json").write_text(json.dumps(legacy))
     assert cw.open_run(run_dir).pins() == {1, 2}
     cw.open_run(run_dir).unpin(2)  # no writer running: the record itself is edited
@@ -214,7 +214,7 @@ def test_a_run_json_that_cannot_be_read_or_written_never_stops_training(
 
 
 UNREADABLE = """
-import logging, os, sys, numpy.random, torch, ckptwise as cw, ckptwise.manager, ckptwise.run
+import logging, os, sys, numpy.random, torch, ckptwise as cw, ckptwise.manager, ckptwise.read.run
 if os.geteuid() == 0:  # root reads anything: act as an ordinary user, imports done
     os.setgid(65534)
     os.setuid(65534)

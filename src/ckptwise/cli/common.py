@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ckptwise.errors import CheckpointError
-from ckptwise.run import Run, open_run
+from ckptwise.read.run import Run, open_run
 
 __all__ = ["RUN_FILES", "echo_json", "human_size", "open_cached_run", "open_cli_run", "warn"]
 

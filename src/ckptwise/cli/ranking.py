@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ckptwise.config import ranking_of
+from ckptwise.read.run import Run
 from ckptwise.records import CheckpointInfo
-from ckptwise.run import Run
 
 __all__ = ["Ranking", "recorded_metrics", "run_ranking", "unknown_metric"]
 

@@ -20,8 +20,8 @@ from ckptwise.cli.common import echo_json, human_size, open_cli_run, warn
 from ckptwise.cli.ranking import recorded_metrics, run_ranking, unknown_metric
 from ckptwise.cli.table import Column, print_table
 from ckptwise.errors import CheckpointError
-from ckptwise.formats import copy_hf_metadata, write_safetensors
-from ckptwise.run import Run, open_run
+from ckptwise.read.formats import copy_hf_metadata, write_safetensors
+from ckptwise.read.run import Run, open_run
 
 __all__ = ["archive_command", "diff_command", "du_command", "export_command", "show_command"]
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ckptwise.config import policy_ranking
-from ckptwise.formats import resume_scratch
 from ckptwise.manager import CheckpointManager
 from ckptwise.policy import RetentionPolicy, Trigger
+from ckptwise.read.formats import resume_scratch
 
 __all__ = [
     "Metric",
@@ -95,7 +95,7 @@ def _alive(pid: int) -> bool:
 
 def scratch_folder(run_url: str, kind: str) -> Path:
     """A new, empty folder for the files a framework resumes from (see
-    :func:`ckptwise.formats.resume_scratch`), named after this process.
+    :func:`ckptwise.read.formats.resume_scratch`), named after this process.
 
     Folders of the same ``kind`` next to it that a process of this host that is gone left
     (it was killed before training removed them), or that this process left (training

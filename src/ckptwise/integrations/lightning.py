@@ -45,6 +45,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 
 from ckptwise.config import policy_from_config
 from ckptwise.data import ResumableSampler
+from ckptwise.decide.metrics import coerce_metrics
 from ckptwise.errors import ConfigError
 from ckptwise.integrations.common import (
     Metric,
@@ -54,7 +55,6 @@ from ckptwise.integrations.common import (
     scratch_folder,
 )
 from ckptwise.manager import CheckpointManager
-from ckptwise.metrics import coerce_metrics
 from ckptwise.policy import RetentionPolicy, Trigger
 from ckptwise.snapshot import RNG_KEY, RngState
 

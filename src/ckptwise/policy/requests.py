@@ -1,7 +1,7 @@
 """Triggers for saves requested from outside: a POSIX signal or a file in the run folder.
 
 The triggers only look for a :class:`~ckptwise.policy.state.Request` in
-``TrainingState.requests``; the manager's monitor (:mod:`ckptwise.monitor`) installs the signal
+``TrainingState.requests``; the manager's monitor (:mod:`ckptwise.decide.monitor`) installs the signal
 handlers and looks for the file, and turns what it sees into those requests. A decision lists
 the requests it answers in ``Decision.requests``, so the manager knows what to forget (and
 which request files to remove) once the save has committed.

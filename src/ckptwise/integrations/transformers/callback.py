@@ -23,6 +23,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ckptwise.decide.metrics import coerce_metrics
 from ckptwise.errors import ConfigError
 from ckptwise.integrations.common import Metric, remove_scratch, scratch_folder
 from ckptwise.integrations.transformers.arguments import Weights
@@ -37,7 +38,6 @@ from ckptwise.integrations.transformers.folder import (
     write_weights,
 )
 from ckptwise.manager import CheckpointManager
-from ckptwise.metrics import coerce_metrics
 from ckptwise.snapshot import ModelWeights
 
 __all__ = ["CheckpointCallback"]

@@ -30,7 +30,7 @@ import torch
 
 from ckptwise.errors import ConfigError, CorruptCheckpointError, SnapshotError
 from ckptwise.jsonvalues import Decode, Encode, ValueType, decode_value, encode_value
-from ckptwise.run import Run
+from ckptwise.read.run import Run
 
 __all__ = ["EngineFiles", "consolidated_weights", "is_deepspeed_checkpoint", "write_engine_files"]
 
@@ -194,7 +194,7 @@ class EngineFiles:
     """
 
     #: DeepSpeed writes its 16-bit weights through ``.data``, which torch's version counter
-    #: does not see: an async save must copy them afresh every time (see ckptwise.copying)
+    #: does not see: an async save must copy them afresh every time (see ckptwise.snapshot.copying)
     untracked_writes = True
 
     def __init__(self, engine: Any, step: int) -> None:

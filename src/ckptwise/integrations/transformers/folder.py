@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ckptwise.formats import write_safetensors
 from ckptwise.integrations.transformers.deepspeed import write_engine_files
+from ckptwise.read.formats import write_safetensors
 from ckptwise.snapshot import RNG_KEY
 
 __all__ = ["full_weights", "write_trainer_folder", "write_weights"]

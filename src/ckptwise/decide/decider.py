@@ -1,8 +1,8 @@
 """From a finished step to a save decision: the inputs the policies read, and who decides.
 
 The :class:`Decider` builds each step's :class:`~ckptwise.policy.TrainingState` from the
-clock, the reported metrics, the run's history (:mod:`ckptwise.progress`) and outside
-requests (signals and request files, :mod:`ckptwise.monitor`), asks the save trigger and
+clock, the reported metrics, the run's history (:mod:`ckptwise.decide.progress`) and outside
+requests (signals and request files, :mod:`ckptwise.decide.monitor`), asks the save trigger and
 the content policy, and in a multi-process job makes rank 0's decision every rank's.
 """
 
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from ckptwise.decide.monitor import Monitor, Watched
+from ckptwise.decide.progress import Progress
 from ckptwise.distributed.ranks import Ranks
 from ckptwise.errors import CheckpointError
-from ckptwise.monitor import Monitor, Watched
 from ckptwise.policy import (
     ContentPolicy,
     Decision,
@@ -26,7 +27,6 @@ from ckptwise.policy import (
     step_only,
     walk,
 )
-from ckptwise.progress import Progress
 
 __all__ = ["Decider", "Verdict"]
 
@@ -60,7 +60,7 @@ class Decider:
         watch_files: bool = True,
         ranks: Ranks | None = None,
     ) -> None:
-        """``watch`` is the run's store (any :class:`~ckptwise.monitor.Watched`), where request
+        """``watch`` is the run's store (any :class:`~ckptwise.decide.monitor.Watched`), where request
         files are looked for; with ``None`` neither signals nor files are watched.
         ``watch_files=False`` leaves the request files to rank 0."""
         self.save = save

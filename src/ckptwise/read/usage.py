@@ -1,7 +1,7 @@
 """What a run's checkpoints cost on disk, and what changed between two of them.
 
 Pure functions over manifests (and, for :func:`diff_manifests`, a tensor reader), so
-``ckptwise du`` and ``ckptwise diff`` print what :class:`~ckptwise.run.Run` computes.
+``ckptwise du`` and ``ckptwise diff`` print what :class:`~ckptwise.read.run.Run` computes.
 """
 
 from __future__ import annotations

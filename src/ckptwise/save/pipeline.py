@@ -7,7 +7,7 @@ commit, then the run's upkeep) to a writer, on the caller's thread or in the bac
 How the state is captured and committed is a :class:`SavePath`: one process synchronously
 (:class:`SyncPath`), one process in the background (:class:`AsyncPath`), or every rank of a
 job together (:class:`RanksPath`). Nothing here calls back into the manager: what a commit
-must be followed by is the :class:`~ckptwise.upkeep.Upkeep` it was given, and what the
+must be followed by is the :class:`~ckptwise.save.upkeep.Upkeep` it was given, and what the
 caller wants done once a save is durable is a callback run on the caller's thread.
 """
 
@@ -22,15 +22,15 @@ from typing import Any, Protocol
 
 import torch
 
-from ckptwise.copying import SnapshotCopier, available_memory, optimizers_in
 from ckptwise.distributed.ranks import Ranks
 from ckptwise.distributed.save import commit_across_ranks
 from ckptwise.records import CheckpointInfo
 from ckptwise.report import Progress, metered_progress
+from ckptwise.save.upkeep import Upkeep
+from ckptwise.save.writer import AsyncWriter, SyncWriter, Writer
 from ckptwise.snapshot import capture
+from ckptwise.snapshot.copying import SnapshotCopier, available_memory, optimizers_in
 from ckptwise.store import CheckpointStore, Manifest, RunLock
-from ckptwise.upkeep import Upkeep
-from ckptwise.writer import AsyncWriter, SyncWriter, Writer
 
 __all__ = [
     "AsyncPath",
@@ -138,7 +138,7 @@ class SyncPath:
 
 class AsyncPath:
     """One process, in the background: what the optimizers overwrite is copied while the
-    next forward and backward run (see :class:`~ckptwise.copying.SnapshotCopier`), the rest
+    next forward and backward run (see :class:`~ckptwise.snapshot.copying.SnapshotCopier`), the rest
     before :meth:`capture` returns; the commit then reads only private copies.
 
     A save whose copy would not fit in the memory available is taken synchronously, with
@@ -242,7 +242,7 @@ class RanksPath:
 class SavePipeline:
     """Saves one state at a time through a :class:`SavePath`, at most one in flight.
 
-    Errors keep their class on every path (see :func:`~ckptwise.writer.save_failed`): a
+    Errors keep their class on every path (see :func:`~ckptwise.save.writer.save_failed`): a
     synchronous save raises from :meth:`write`, a background one from the next
     :meth:`capture`, :meth:`poll`, :meth:`wait` or :meth:`close`. Callbacks given to
     :meth:`write` run on the caller's thread once their save has committed, or with a later

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import ckptwise as cw
-from ckptwise.decider import Decider
+from ckptwise.decide.decider import Decider
 from ckptwise.policy import full
 from ckptwise.store import LocalBackend, RequestFiles, open_store
 

@@ -14,7 +14,7 @@ from ckptwise.records import CheckpointInfo
 from ckptwise.store import open_store
 
 if TYPE_CHECKING:
-    from ckptwise.restoring import Loaded
+    from ckptwise.read.restoring import Loaded
 
 __all__ = ["archive_copy"]
 

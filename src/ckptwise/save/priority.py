@@ -2,7 +2,7 @@
 encoding, writing and uploading slow training as little as they can.
 
 Linux schedules threads by their own nice value, and threads a thread starts inherit it.
-The copy thread of an async save (:mod:`ckptwise.copying`) is not lowered: an optimizer
+The copy thread of an async save (:mod:`ckptwise.snapshot.copying`) is not lowered: an optimizer
 step may be waiting for it.
 """
 

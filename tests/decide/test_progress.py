@@ -8,8 +8,8 @@ import math
 from datetime import UTC, datetime, timedelta
 
 import ckptwise as cw
+from ckptwise.decide.progress import COST_WINDOW, Progress
 from ckptwise.policy import MetricStats, Request, SaveMark, TrainingState
-from ckptwise.progress import COST_WINDOW, Progress
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 MIN = timedelta(minutes=1)

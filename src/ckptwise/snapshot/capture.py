@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError, SnapshotError
 from ckptwise.jsonvalues import TAG, Decode, Encode, ValueType, decode_value, encode_value
-from ckptwise.mismatch import Saved, is_stateful, problems
+from ckptwise.snapshot.mismatch import Saved, is_stateful, problems
 
 if TYPE_CHECKING:
     import numpy as np
@@ -201,7 +201,7 @@ def fit_problems(
     *,
     strict: bool = True,
 ) -> tuple[list[str], list[str]]:
-    """Every way the saved ``tree`` does not fit ``state`` (see :mod:`ckptwise.mismatch`),
+    """Every way the saved ``tree`` does not fit ``state`` (see :mod:`ckptwise.snapshot.mismatch`),
     one line each, and the names of the saved tensors whose shape or dtype disagrees;
     ``tensors`` need only carry shapes and dtypes."""
     saved: dict[str, Saved] = {}

@@ -10,7 +10,7 @@ must not pay on every step. :class:`Metrics` (what the manager's ``step()`` take
 each value at once -- a name that is not a string, a tensor of more than one element -- but
 keeps a private copy of each tensor and converts it on the first read. Policies read only
 the metrics they use (``on_improvement("eval_loss")`` reads ``eval_loss``, on the steps
-that report it), the run's history folds tensors in batches (:mod:`ckptwise.progress`), and
+that report it), the run's history folds tensors in batches (:mod:`ckptwise.decide.progress`), and
 a save converts them all, once.
 """
 

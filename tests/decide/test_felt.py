@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ckptwise.felt import Felt
+from ckptwise.decide.felt import Felt
 
 
 def steps(

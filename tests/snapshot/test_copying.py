@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ckptwise as cw
-import ckptwise.copying as copying
-from ckptwise.copying import SnapshotCopier, optimizers_in
-from ckptwise.pipeline import AsyncPath
+import ckptwise.snapshot.copying as copying
+from ckptwise.save.pipeline import AsyncPath
+from ckptwise.snapshot.copying import SnapshotCopier, optimizers_in
 
 
 class Gate:
@@ -378,7 +378,7 @@ def test_an_ema_model_updated_through_data_is_saved_as_it_is_at_each_step(
 def test_a_copy_that_does_not_fit_in_memory_is_taken_synchronously(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import ckptwise.pipeline as pipeline_module
+    import ckptwise.save.pipeline as pipeline_module
 
     state = net_state()
     train(state)

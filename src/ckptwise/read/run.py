@@ -4,9 +4,9 @@ A :class:`Run` never takes the write lock and never deletes anything, so it can 
 while a training process writes to the same folder: the command line, evaluation scripts
 and the framework adapters read through it, and :class:`~ckptwise.CheckpointManager`
 uses one for its own reads. :class:`Run` is the whole public read API and computes little
-itself: restore planning (fallback, the fit check) is in :mod:`ckptwise.restoring`, the rest
-in :mod:`ckptwise.usage`, :mod:`ckptwise.distributed.restore`, :mod:`ckptwise.archive` and
-:mod:`ckptwise.formats`.
+itself: restore planning (fallback, the fit check) is in :mod:`ckptwise.read.restoring`, the rest
+in :mod:`ckptwise.read.usage`, :mod:`ckptwise.distributed.restore`, :mod:`ckptwise.read.archive` and
+:mod:`ckptwise.read.formats`.
 
 >>> import ckptwise as cw
 >>> run = cw.open_run("runs/exp1")  # doctest: +SKIP
@@ -24,20 +24,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckptwise.archive import archive_copy
 from ckptwise.distributed.ranks import Ranks
 from ckptwise.distributed.restore import read_rank
 from ckptwise.errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from ckptwise.formats import copy_hf_metadata, write_safetensors
 from ckptwise.policy import KeepBest, RetentionContext
-from ckptwise.records import CheckpointInfo
-from ckptwise.restoring import (
+from ckptwise.read.archive import archive_copy
+from ckptwise.read.formats import copy_hf_metadata, write_safetensors
+from ckptwise.read.restoring import (
     Loaded,
     RestoreWarning,
     read_first_good,
     restore_state,
     variant_of,
 )
+from ckptwise.read.usage import TensorChange, Usage, diff_manifests, usage_of
+from ckptwise.records import CheckpointInfo
 from ckptwise.snapshot import RNG_KEY
 from ckptwise.store import (
     CheckpointStore,
@@ -48,7 +49,6 @@ from ckptwise.store import (
     is_cache_folder,
     open_store,
 )
-from ckptwise.usage import TensorChange, Usage, diff_manifests, usage_of
 
 if TYPE_CHECKING:
     import torch
@@ -295,7 +295,7 @@ class Run:
         """Load the newest full checkpoint that verifies into ``state``; returns its step.
 
         The whole state is checked against the checkpoint before anything is written into
-        it (see :mod:`ckptwise.mismatch`): modules' keys, shapes and dtypes, optimizers'
+        it (see :mod:`ckptwise.snapshot.mismatch`): modules' keys, shapes and dtypes, optimizers'
         parameter groups and per-parameter state shapes, plain tensors' shapes and dtypes.
         A state that does not fit raises one :class:`~ckptwise.ConfigError` naming the
         checkpoint, every entry and key that differs, and the fix; the state is unchanged.

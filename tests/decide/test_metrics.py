@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import ckptwise as cw
+from ckptwise.decide.metrics import Metrics, coerce_metrics
+from ckptwise.decide.progress import PENDING_LIMIT, Progress
 from ckptwise.errors import ConfigError
 from ckptwise.manager import CheckpointManager
-from ckptwise.metrics import Metrics, coerce_metrics
-from ckptwise.progress import PENDING_LIMIT, Progress
 from ckptwise.testing import FakeClock
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

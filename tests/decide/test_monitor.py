@@ -14,9 +14,9 @@ from typing import Literal
 import pytest
 
 import ckptwise as cw
-import ckptwise.monitor
+import ckptwise.decide.monitor
+from ckptwise.decide.monitor import Monitor
 from ckptwise.errors import StorageError
-from ckptwise.monitor import Monitor
 from ckptwise.policy import Decision, Request, TrainingState, Trigger, walk
 from ckptwise.store import FsspecBackend, LocalBackend, RequestFiles
 
@@ -183,7 +183,7 @@ def test_a_remote_store_is_asked_for_the_file_at_most_every_few_seconds(
     assert monitor.poll() == frozenset()
     backend.write_atomic("SAVE_NOW", [b""])
     assert monitor.poll() == frozenset()  # asked a moment ago
-    monkeypatch.setattr(ckptwise.monitor, "REMOTE_POLL_SECONDS", 0.0)
+    monkeypatch.setattr(ckptwise.decide.monitor, "REMOTE_POLL_SECONDS", 0.0)
     assert monitor.poll() == {SAVE_NOW}
     monitor.consume([SAVE_NOW])
     assert not backend.exists("SAVE_NOW")

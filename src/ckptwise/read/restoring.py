@@ -3,8 +3,8 @@
 Checkpoints are tried newest first; one whose bytes fail verification is skipped with a
 :class:`RestoreWarning` (on every rank of a multi-process job together) and the next older
 one is tried. Before a restore writes into a live state, the state is checked against the
-checkpoint as a whole (see :mod:`ckptwise.mismatch`), so a state that does not fit is left
-untouched. :class:`~ckptwise.run.Run` offers this as ``read`` and ``restore``.
+checkpoint as a whole (see :mod:`ckptwise.snapshot.mismatch`), so a state that does not fit is left
+untouched. :class:`~ckptwise.read.run.Run` offers this as ``read`` and ``restore``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Files other tools read: plain safetensors, Hugging Face style folders, resume scratch space.
 
-``export`` (the :class:`~ckptwise.run.Run` method and ``ckptwise export``), the ``Trainer``
+``export`` (the :class:`~ckptwise.read.run.Run` method and ``ckptwise export``), the ``Trainer``
 adapter's resume folder and the Lightning adapter's resume file all write through here, so
 each format is produced in one place.
 """

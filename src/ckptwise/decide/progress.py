@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ckptwise.metrics import Metrics, resolve_all
+from ckptwise.decide.metrics import Metrics, resolve_all
 from ckptwise.policy.state import MetricStats, Request, SaveMark, TrainingState
 
 __all__ = ["PENDING_LIMIT", "Progress"]
