@@ -112,7 +112,7 @@ def test_legacy_pins_in_run_json_are_kept_then_moved_into_pin_files(run_dir: Pat
     with cw.CheckpointManager(run_dir, save=cw.every(1), keep=cw.keep_all()) as manager:
         for step in (1, 2, 3):
             _save(manager, step)
-    legacy = {"format": "ckptwise.read.run", "version": 1, "pins": [1, 2], "note": "mine"}
+    legacy = {"format": "ckptwise.run", "version": 1, "pins": [1, 2], "note": "mine"}
     (run_dir / "run.json").write_text(json.dumps(legacy))
     assert cw.open_run(run_dir).pins() == {1, 2}
     cw.open_run(run_dir).unpin(2)  # no writer running: the record itself is edited

@@ -19,8 +19,8 @@ from concurrent.futures import wait as wait_futures
 from typing import Protocol
 
 from ckptwise.errors import CheckpointError
+from ckptwise.priority import lower_thread_priority
 from ckptwise.records import CheckpointInfo
-from ckptwise.save.priority import lower_thread_priority
 
 __all__ = ["AsyncWriter", "SyncWriter", "WriteJob", "Writer", "save_failed"]
 

@@ -55,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger("ckptwise")
 
-_FORMAT = {"format": "ckptwise.read.run", "version": 1}
+_FORMAT = {"format": "ckptwise.run", "version": 1}
 _STEP_NAME = re.compile(r"^[0-9]{1,20}$")
 
 # (run url, what) pairs already warned about; cleared when that thing works again, so a

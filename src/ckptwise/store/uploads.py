@@ -48,7 +48,7 @@ from datetime import timedelta
 from typing import Literal, Protocol
 
 from ckptwise.errors import CheckpointError, RunLockedError, StorageError
-from ckptwise.save.priority import lower_thread_priority
+from ckptwise.priority import lower_thread_priority
 from ckptwise.store.cache_folder import UPLOADED, CacheEntries, CacheFolder
 from ckptwise.store.fsspec_backend import FsspecBackend
 from ckptwise.store.layout import BRANCHES, CHECKPOINTS, OBJECTS, PRUNING
