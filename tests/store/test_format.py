@@ -397,3 +397,14 @@ def test_a_state_nested_too_deep_is_refused_on_save(tmp_path: Path) -> None:
         store.commit(1, snap.tensors, tree=snap.tree)
     assert store.steps() == []
     assert not (tmp_path / "checkpoints" / "000000000001.json").exists()
+
+
+def test_the_run_record_keeps_its_format_tag(tmp_path: Path) -> None:
+    """``run.json`` is part of the format (docs/FORMAT.md): its tag never follows a rename of
+    the module that reads it."""
+    store = CheckpointStore(LocalBackend(tmp_path))
+    store.record_kept({3: ["newest"]})
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["format"] == "ckptwise.run"
+    assert record["version"] == 1
+    assert record["kept"] == {"3": ["newest"]}
