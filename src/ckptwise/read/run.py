@@ -4,9 +4,12 @@ A :class:`Run` never takes the write lock and never deletes anything, so it can 
 while a training process writes to the same folder: the command line, evaluation scripts
 and the framework adapters read through it, and :class:`~ckptwise.CheckpointManager`
 uses one for its own reads. :class:`Run` is the whole public read API and computes little
-itself: restore planning (fallback, the fit check) is in :mod:`ckptwise.read.restoring`, the rest
-in :mod:`ckptwise.read.usage`, :mod:`ckptwise.distributed.restore`, :mod:`ckptwise.read.archive` and
-:mod:`ckptwise.read.formats`.
+itself: restore planning (fallback, the fit check) is in :mod:`ckptwise.read.restoring`,
+the rest in :mod:`ckptwise.read.usage`, :mod:`ckptwise.distributed.restore`,
+:mod:`ckptwise.read.archive` and :mod:`ckptwise.read.formats`.
+
+It is long because it is the whole public read API, each method documented for users; the
+work behind them lives in the modules named above.
 
 >>> import ckptwise as cw
 >>> run = cw.open_run("runs/exp1")  # doctest: +SKIP

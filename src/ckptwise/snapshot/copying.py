@@ -13,6 +13,9 @@ bypass that counter; a state mutated that way must be saved with ``async_save=Fa
 Optimizer kernels may bypass it too (torch's ``fused=True``, the ``Trainer``'s default
 AdamW; custom ones such as 8-bit optimizers'): the parameters and states of such an
 optimizer are copied again at every save once it has stepped.
+
+It is long because the copy's soundness rests on the pieces being read together: the reuse
+rule, the optimizer hooks, the version checks and the CUDA stream handling.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ Three kinds of codec, by what encoding needs besides the raw bytes:
   for by name (:class:`Q8Codec`).
 
 :func:`decode` reads any of them.
+
+It is long because it is the one registry: every codec's encoder and decoder stand together
+so a format reader finds each byte layout in one place.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ fails is written again from the live tensor, whose bytes hash to the same id, wh
 every older checkpoint that shares it too (a delta object is rewritten whole, as its own
 keyframe). A delta whose base cannot be read back is stored whole instead: a save never
 depends on damaged history.
+
+It is long because dedup, the reuse checks, codec and delta choice and the atomic commit are
+one sequence with one failure rule (committed or absent); the codec choice itself lives in
+:mod:`~ckptwise.store.planner`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ lists them again and reads every manifest the index lacks, the manifests of bran
 when no manifest on disk, none the index holds and none it was told to :meth:`~Index.hold`
 names it; while any manifest cannot be read, or a folder cannot be synced or listed, nothing
 is deleted.
+
+It is long because garbage collection and the branch moves must see the same in-memory
+index under one lock as the commits that change it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ closed sets, sizes agree with shapes, the state tree is well formed and names on
 the manifest lists, and every number fits what reads it. Anything else raises
 :class:`~ckptwise.errors.FormatError` naming the file and the field. The writer runs the
 same checks on what it is about to write, so every manifest written reads back.
+
+It is long because it checks every field of the format, one small function per field; it is
+the one place that says what a manifest may hold.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ store's parts, each in its own module:
 
 Code outside the store reaches all of this through this class (open one with
 :func:`open_store`) and the names ``ckptwise.store`` exports, never a submodule.
+
+It is long because it is the store's whole door: each method is a few lines handing a call
+to the part that owns it, with the docstring that callers outside the store read.
 """
 
 from __future__ import annotations

@@ -51,6 +51,10 @@ every rank's objects would have to be on the remote before rank 0 uploads the ma
 which this backend does not coordinate.
 
 >>> backend = TieredBackend("/scratch/exp1", FsspecBackend("s3://bucket/exp1"))  # doctest: +SKIP
+
+It is long because each :class:`~ckptwise.store.backend.Backend` call needs its own rule
+for cache, remote and queue together (read from which, list what, delete when); the folder
+and the uploader it relies on live in their own modules.
 """
 
 from __future__ import annotations

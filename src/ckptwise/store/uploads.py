@@ -28,6 +28,9 @@ need the cache.
 without it still drains the queue (an ``atexit`` hook, for up to ``exit_timeout``); a process
 killed outright leaves the remote with whole checkpoints only, and its cache for the next
 writer.
+
+It is long because the queue, its threads, its fencing and the exit drain share one lock
+and one ordering rule; split, each part would have to re-derive that order.
 """
 
 from __future__ import annotations
