@@ -174,6 +174,9 @@ class CheckpointManager:
         self.save_policy: Trigger = save
         self.keep_policy: RetentionPolicy = keep if keep is not None else keep_all()
         self.content: ContentPolicy = content if content is not None else full()
+        # recorded in every manifest, so readers rank by the run's own metric (computed once:
+        # the policies never change)
+        self._policy_record = policy_record(self.save_policy, self.keep_policy, self.content)
         self.rng = rng
         self.clock = clock
         self.on_busy = on_busy
@@ -395,7 +398,7 @@ class CheckpointManager:
             extra={
                 **self._decider.to_json(),
                 "variant": variant.to_json(),
-                "policy": policy_record(self.save_policy, self.keep_policy, self.content),
+                "policy": self._policy_record,
             },
         )
         info = self._pipeline.write(captured, order, on_commit=on_commit)
