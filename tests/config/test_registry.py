@@ -402,17 +402,13 @@ def test_to_config_takes_a_policy_or_its_parts_not_both() -> None:
         to_config(Policy(cw.every(5)), cw.keep_last(2))  # type: ignore[call-overload]
 
 
-def test_the_tables_of_the_old_module_still_read_with_a_warning() -> None:
+def test_the_old_module_s_tables_are_gone() -> None:
     import ckptwise.config
 
-    with pytest.warns(DeprecationWarning, match="ckptwise.config.SAVE_SPECS is deprecated"):
-        specs = ckptwise.config.SAVE_SPECS  # type: ignore[attr-defined]
-    assert list(specs) == SAVE.names
-    with pytest.warns(DeprecationWarning, match="KEEP_ALIASES"):
-        aliases = ckptwise.config.KEEP_ALIASES  # type: ignore[attr-defined]
-    assert aliases["keep_last"] == "last"
-    with pytest.raises(AttributeError, match="no attribute 'NOPE'"):
-        ckptwise.config.NOPE  # type: ignore[attr-defined]  # noqa: B018
+    for gone in ("SAVE_SPECS", "KEEP_SPECS", "SAVE_ALIASES", "KEEP_ALIASES"):
+        assert not hasattr(ckptwise.config, gone), gone
+    assert list(SAVE.names)  # the registry holds them
+    assert KEEP.aliases["keep_last"] == "last"
 
 
 def test_after_is_written_beside_the_triggers_it_holds_back() -> None:

@@ -25,13 +25,9 @@ The modules: :mod:`~ckptwise.config.values` (durations, sizes, parameter readers
 :mod:`~ckptwise.config.record` (what a run records of its policies).
 """
 
-import warnings
-from typing import TYPE_CHECKING
-
 from ckptwise.config.mapping import Policy, policy_from_config, to_config
 from ckptwise.config.oneline import parse_keep, parse_save
 from ckptwise.config.record import RankedBy, policy_ranking, policy_record, ranking_of
-from ckptwise.config.registry import KEEP, SAVE
 from ckptwise.config.values import format_duration, parse_bytes, parse_duration
 
 __all__ = [
@@ -48,24 +44,3 @@ __all__ = [
     "ranking_of",
     "to_config",
 ]
-
-
-def _moved(name: str) -> object:
-    """The tables of the single-module ``config.py``, kept for one release."""
-    table = "SAVE" if name.startswith("SAVE") else "KEEP"
-    warnings.warn(
-        f"ckptwise.config.{name} is deprecated and will be removed in the next release; "
-        f"use ckptwise.config.registry.{table}",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    registry = SAVE if table == "SAVE" else KEEP
-    return registry.specs if name.endswith("SPECS") else registry.aliases
-
-
-if not TYPE_CHECKING:  # type checkers should flag the deprecated names, and typos, as missing
-
-    def __getattr__(name: str) -> object:
-        if name in ("SAVE_SPECS", "KEEP_SPECS", "SAVE_ALIASES", "KEEP_ALIASES"):
-            return _moved(name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
