@@ -102,17 +102,24 @@ class CheckpointManager:
             a restore reads at most ``deltas`` objects per tensor (needs a byte-grouping
             codec: ``"bytegroup"`` or ``"auto"``).
         clock: the time source given to policies; tests pass a fake clock.
-        async_save: save in the background: ``step()`` returns at once; what the
-            optimizers overwrite is copied while the next forward and backward run (their
-            next ``step()`` waits for it), everything else before ``step()`` returns, and
+        async_save: save in the background: ``step()`` returns once the state is copied
+            to private memory (one memcpy of it, into buffers kept from the last save), and
             hashing, encoding, writing and pruning run on a background thread (at most one
-            save in flight). A checkpoint is listed once it has committed (:meth:`wait`
+            save in flight). Whatever the loop does next, the checkpoint holds the state as
+            it was at ``step()``. A checkpoint is listed once it has committed (:meth:`wait`
             blocks until then; ``manager.run`` waits when asked for that very step). Errors
             are raised by the next ``step()``, ``save()``, ``prune()``, ``restore()``,
             ``wait()`` or ``close()``. A save whose copy would not fit in the memory
             available is taken synchronously, with a warning. Not supported with several
             processes yet. ``None`` (the default): in the background for one process,
             synchronously with several; ``False``: always synchronously.
+        defer_copy: with ``async_save``, copy what a torch optimizer overwrites while the
+            next forward and backward run (its next ``step()`` waits for the copy), so
+            ``step()`` returns after copying the rest only. The contract you accept: until
+            an optimizer's next ``step()``, its parameters and states change only through it.
+            A write torch's version counter sees fails the save (``SnapshotError``); a write
+            through ``.data`` (weight clipping, a hand-made update) before that step is not
+            seen and can tear the checkpoint. Off by default.
         on_busy: with ``async_save``, what a new save does while one is still writing:
             ``"wait"`` for it, or ``"skip"`` (recorded in :attr:`skipped`).
         storage_options: passed to fsspec for URLs (credentials, endpoint).
@@ -145,6 +152,7 @@ class CheckpointManager:
         codec: str = "auto",
         deltas: int | None = None,
         async_save: bool | None = None,
+        defer_copy: bool = False,
         on_busy: Literal["wait", "skip"] = "wait",
         clock: Callable[[], datetime] = _utcnow,
         storage_options: Mapping[str, Any] | None = None,
@@ -191,6 +199,11 @@ class CheckpointManager:
                     "async_save=True is not supported in multi-process runs yet; pass "
                     "async_save=False (each rank writes its share of the save)"
                 )
+            if defer_copy and not async_save:
+                raise ConfigError(
+                    "defer_copy=True defers the copy of a background save, and this manager "
+                    "saves synchronously; drop defer_copy, or pass async_save=True (one process)"
+                )
             # the lock and the run folder's upkeep belong to rank 0 alone
             self._owns_run = self.ranks is None or self.ranks.coordinator
             if cache is not None and self.ranks is not None:
@@ -225,7 +238,7 @@ class CheckpointManager:
         if self.ranks is not None:
             path = RanksPath(self._store, self.ranks, self._upkeep)
         elif async_save:
-            path = AsyncPath(self._store, lock, self._upkeep)
+            path = AsyncPath(self._store, lock, self._upkeep, defer=defer_copy)
         else:
             path = SyncPath(self._store, lock, self._upkeep)
         self._pipeline = SavePipeline(path, show=self._owns_run)
@@ -283,7 +296,8 @@ class CheckpointManager:
 
     @property
     def last_copy(self) -> tuple[int, int]:
-        """Bytes the last async save copied (what changed) and reused (unchanged tensors)."""
+        """Bytes the last async save copied before ``step()`` returned, and while the next
+        forward and backward ran (only with ``defer_copy=True``)."""
         return self._pipeline.last_copy
 
     # -- saving ----------------------------------------------------------------------------

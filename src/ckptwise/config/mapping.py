@@ -51,6 +51,7 @@ class Policy:
     codec: str | None = None
     deltas: int | None = None
     async_save: bool | None = None
+    defer_copy: bool | None = None
     on_busy: str | None = None
     rng: bool | None = None
 

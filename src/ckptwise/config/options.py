@@ -1,7 +1,7 @@
 """The manager options a policy file may set besides ``save`` and ``keep``.
 
-``content`` (what each save holds), ``codec``, ``deltas``, ``async_save``, ``on_busy`` and
-``rng``: the keyword arguments of :class:`~ckptwise.CheckpointManager` that a training
+``content`` (what each save holds), ``codec``, ``deltas``, ``async_save``, ``defer_copy``,
+``on_busy`` and ``rng``: the keyword arguments of :class:`~ckptwise.CheckpointManager` that a training
 script would otherwise set, so one file (``CKPTWISE_CONFIG=policy.yaml``) configures a whole
 run. For example::
 
@@ -170,6 +170,7 @@ OPTIONS: dict[str, Callable[[object, str], Any]] = {
     "codec": _read_codec,
     "deltas": _read_deltas,
     "async_save": _read_bool,
+    "defer_copy": _read_bool,
     "on_busy": _read_on_busy,
     "rng": _read_bool,
 }

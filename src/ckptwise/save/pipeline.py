@@ -137,17 +137,20 @@ class SyncPath:
 
 
 class AsyncPath:
-    """One process, in the background: what the optimizers overwrite is copied while the
-    next forward and backward run (see :class:`~ckptwise.snapshot.copying.SnapshotCopier`), the rest
-    before :meth:`capture` returns; the commit then reads only private copies.
+    """One process, in the background: the state is copied to private memory before
+    :meth:`capture` returns (with ``defer``, what the optimizers overwrite is copied while
+    the next forward and backward run instead; see
+    :class:`~ckptwise.snapshot.copying.SnapshotCopier`), and the commit reads only the copies.
 
     A save whose copy would not fit in the memory available is taken synchronously, with
     a warning the first time.
     """
 
-    def __init__(self, store: CheckpointStore, lock: RunLock, upkeep: Upkeep) -> None:
+    def __init__(
+        self, store: CheckpointStore, lock: RunLock, upkeep: Upkeep, *, defer: bool = False
+    ) -> None:
         self._commit = _LocalCommit(store, lock, upkeep)
-        self.copier = SnapshotCopier()
+        self.copier = SnapshotCopier(defer=defer)
         self._warned_memory = False
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
@@ -266,10 +269,11 @@ class SavePipeline:
 
     @property
     def last_copy(self) -> tuple[int, int]:
-        """Bytes the last async save copied (what changed) and reused (unchanged tensors)."""
+        """Bytes the last async save copied before ``capture`` returned, and in the
+        background while training went on (only with ``defer``)."""
         if not isinstance(self.path, AsyncPath):
             return 0, 0
-        return self.path.copier.copied_bytes, self.path.copier.reused_bytes
+        return self.path.copier.copied_bytes, self.path.copier.deferred_bytes
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
         """Wait for the save in flight, then take ``entries`` for a save of ``step``."""

@@ -1,21 +1,23 @@
-"""Private copies of a snapshot's tensors for a background save, taken while training goes on.
+"""Private copies of a snapshot's tensors for a background save.
 
-:class:`SnapshotCopier` splits a snapshot in two. Tensors that only an optimizer's ``step()``
-writes in place (its parameters and states) are copied on a copy thread while the next
-forward and backward run, and that optimizer's next ``step()`` waits, through a pre-step
-hook, for the part of the copy it would overwrite. Every other tensor (buffers written in
-forward, an EMA model, anything no hook can see) is copied before the save returns.
+By default :class:`SnapshotCopier` copies every tensor of a snapshot before the save returns
+(into buffers kept from the previous save, so no fresh memory is faulted in): whatever the
+loop does next, through an optimizer, ``.data``, numpy or a restore, the checkpoint holds
+the state as it was at ``step()``. Nothing is reused or deferred on the strength of torch's
+version counter, which writes through ``.data`` and numpy never move.
 
-The checkpoint holds exactly the state as it was when the save was called: a tensor written
-in place some other way before its background copy finished is caught by torch's version
-counter and fails the save (never a silently mixed checkpoint). Writes through ``.data``
-bypass that counter; a state mutated that way must be saved with ``async_save=False``.
-Optimizer kernels may bypass it too (torch's ``fused=True``, the ``Trainer``'s default
-AdamW; custom ones such as 8-bit optimizers'): the parameters and states of such an
-optimizer are copied again at every save once it has stepped.
+With ``defer=True`` (the manager's ``defer_copy=True``) the copier splits a snapshot in two,
+under a contract the user accepts: until an optimizer's next ``step()``, its parameters and
+states change only through that optimizer. Those tensors are copied on a copy thread while
+the next forward and backward run, and the optimizer's next ``step()`` waits, through a
+pre-step hook, for the part of the copy it would overwrite; everything else (buffers written
+in forward, an EMA model, numpy arrays, anything no hook guards) is copied before the save
+returns. An in-place write that torch's version counter sees before the background copy
+reached it fails the save (:class:`SnapshotError`, never a mixed checkpoint); a write through
+``.data`` breaks the contract and cannot be seen afterwards.
 
-It is long because the copy's soundness rests on the pieces being read together: the reuse
-rule, the optimizer hooks, the version checks and the CUDA stream handling.
+It is long because the copy's soundness rests on the pieces being read together: what is
+deferred, the optimizer hooks, the version checks and the CUDA stream handling.
 """
 
 from __future__ import annotations
@@ -55,34 +57,6 @@ def _view(tensor: torch.Tensor) -> View:
     )
 
 
-def _identity(tensor: torch.Tensor) -> tuple[Any, ...]:
-    """What must be equal for a tensor to hold the same values as when it was last copied:
-    the same memory, view and dtype, and no in-place write since (torch's version counter)."""
-    return (*_view(tensor), tensor._version)
-
-
-#: elements of a reused copy compared with its source at each save (see _looks_unchanged)
-SAMPLE = 64
-
-
-def _looks_unchanged(source: torch.Tensor, copy: torch.Tensor) -> bool:
-    """Whether ``SAMPLE`` elements spread over ``source`` still equal the copy taken at an
-    earlier save: a cheap guard against writes through ``.data``, which leave the version
-    counter as it was (an EMA model updated as ``ema.data.mul_(d).add_(p.data, ...)``
-    changes every element). A write to a few elements only can still go unseen."""
-    count = source.numel()
-    if count <= SAMPLE:
-        return torch.equal(source.cpu(), copy)
-    flat = torch.linspace(0, count - 1, SAMPLE, dtype=torch.float64).round().to(torch.int64)
-    at = torch.unravel_index(flat, tuple(source.shape))
-    picked = (
-        source[at]
-        if source.device == flat.device
-        else source[tuple(i.to(source.device) for i in at)]
-    )
-    return torch.equal(picked.cpu(), copy[at])
-
-
 def available_memory() -> int | None:
     """Bytes of memory the kernel says can be allocated without swapping (Linux's
     ``MemAvailable``); ``None`` where that is unknown."""
@@ -94,28 +68,6 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def _unversioned(optimizers: Iterable[torch.optim.Optimizer]) -> set[View]:
-    """Views of what ``optimizers`` may write without bumping torch's version counter.
-
-    Only torch.optim's own unfused code is known to bump it. Fused kernels (``fused=True``,
-    the ``Trainer``'s default AdamW) do not, nor need other classes' kernels (8-bit and
-    other custom optimizers): every parameter and state of such a param group counts.
-    """
-    views: set[View] = set()
-    for optimizer in optimizers:
-        module = type(optimizer).__module__
-        torch_own = module == "torch.optim" or module.startswith("torch.optim.")
-        for group in optimizer.param_groups:
-            if torch_own and not group.get("fused"):
-                continue
-            for param in group["params"]:
-                views.add(_view(param.detach()))
-                for value in optimizer.state.get(param, {}).values():
-                    if isinstance(value, torch.Tensor):
-                        views.add(_view(value.detach()))
-    return views
 
 
 def _hookable(optimizer: Any) -> bool:
@@ -149,11 +101,12 @@ def optimizers_in(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
 
 @dataclass
 class _Copy:
-    """One tensor to copy: its name, the source as it was at the save, and the target."""
+    """One tensor to copy: its name, the source as it was at the save, the source's version
+    counter then, and the target."""
 
     name: str
     source: torch.Tensor
-    identity: tuple[Any, ...]
+    version: int
     target: torch.Tensor
 
 
@@ -194,8 +147,6 @@ class PendingCopy:
     out: dict[str, torch.Tensor]
     groups: list[list[_Copy]]
     waits: dict[int, int]
-    copied_bytes: int
-    reused_bytes: int
     #: the CUDA device of the deferred copies (``None``: on the CPU)
     device: Any = None
     _done: list[threading.Event] = field(default_factory=list)
@@ -259,7 +210,7 @@ class PendingCopy:
                 return
             self._checked[index] = True
             self._changed.extend(
-                c.name for c in self.groups[index] if c.source._version != c.identity[-1]
+                c.name for c in self.groups[index] if c.source._version != c.version
             )
 
     def _check_unchanged(self) -> None:
@@ -273,8 +224,8 @@ class PendingCopy:
             raise SnapshotError(
                 f"step {self.step} was not saved: {shown} was written in place after the save "
                 "began and before its background copy finished, by something other than the "
-                "optimizer's step() (which waits for the copy); move that write after the next "
-                "optimizer.step(), or save with async_save=False"
+                "optimizer's step() (which waits for the copy): defer_copy=True promises no such "
+                "write; move it after the next optimizer.step(), or drop defer_copy=True"
             )
 
     def wait_for(self, optimizer: Any) -> None:
@@ -325,40 +276,23 @@ class _StepGuard:
         self.pending = None
 
 
-def _recorder(stepped: weakref.WeakSet[torch.optim.Optimizer]) -> Any:
-    """A global post-step hook adding each optimizer that steps to ``stepped`` (the hook
-    holds no reference to the copier, which may be collected without ``close()``)."""
-
-    def record(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        stepped.add(optimizer)
-
-    return record
-
-
 class SnapshotCopier:
     """Copies a snapshot's tensors to private CPU memory so training can go on at once.
 
-    A tensor whose memory, view and version counter are unchanged since the previous copy
-    (a frozen vision tower, say) is not copied again: the previous copy is reused, unless an
-    optimizer that stepped since may have written it (see :func:`_unversioned`). The
-    source tensor is kept referenced meanwhile, so its memory cannot be reused by another
-    tensor and mistaken for it. Buffers are reused from one save to the next, so a new copy
-    must not start before the previous one is written (the manager keeps one save in
-    flight). CUDA tensors go to pinned memory on a side stream, ordered after the kernels
-    that produced them.
+    Every tensor is copied at every save (see the module docstring for ``defer``); the
+    buffers are kept from one save to the next, so a new copy must not start before the
+    previous one is written (the pipeline keeps one save in flight). CUDA tensors go to
+    pinned memory, ordered after the kernels that produced them.
     """
 
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, *, defer: bool = False) -> None:
+        self.defer = defer
+        self._buffers: dict[str, torch.Tensor] = {}
         self._guard = _StepGuard()
         self._pool: ThreadPoolExecutor | None = None
-        # every optimizer that stepped since the last copy, whether the state holds it or not
-        # (a weights-only save holds no optimizer): see _unversioned
-        self._stepped: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-        self._step_hook: weakref.finalize[[], SnapshotCopier] | None = None
-        #: bytes copied by the last call (what changed), and bytes reused
+        #: bytes the last call copied before it returned, and in the background
         self.copied_bytes = 0
-        self.reused_bytes = 0
+        self.deferred_bytes = 0
 
     @property
     def pending(self) -> PendingCopy | None:
@@ -366,16 +300,16 @@ class SnapshotCopier:
         return self._guard.pending
 
     def _target(self, name: str, source: torch.Tensor) -> torch.Tensor:
-        hit = self._cache.get(name)
+        kept = self._buffers.get(name)
         if (
-            hit is not None
-            and hit[2].shape == source.shape
-            and hit[2].dtype == source.dtype
-            and hit[2].is_pinned() == (source.device.type == "cuda")
+            kept is not None
+            and kept.shape == source.shape
+            and kept.dtype == source.dtype
+            and kept.is_pinned() == (source.device.type == "cuda")
         ):
             # the previous save is written by now (one in flight): reuse its buffer, which
             # spares the page faults of fresh memory -- most of a copy's cost on the CPU
-            return hit[2]
+            return kept
         return torch.empty(
             source.shape, dtype=source.dtype, pin_memory=source.device.type == "cuda"
         )
@@ -384,8 +318,8 @@ class SnapshotCopier:
         """Bytes of memory a copy of ``tensors`` would allocate (buffers are reused)."""
         total = 0
         for name, tensor in tensors.items():
-            hit = self._cache.get(name)
-            if hit is None or hit[2].shape != tensor.shape or hit[2].dtype != tensor.dtype:
+            kept = self._buffers.get(name)
+            if kept is None or kept.shape != tensor.shape or kept.dtype != tensor.dtype:
                 total += tensor.nbytes
         return total
 
@@ -397,28 +331,20 @@ class SnapshotCopier:
         optimizers: Sequence[torch.optim.Optimizer] = (),
         untracked: Iterable[str] = (),
     ) -> PendingCopy:
-        """Copy what no optimizer guards now; start copying the rest in the background.
+        """Copy ``tensors``: all of them before this returns, or with ``defer`` what no
+        optimizer in ``optimizers`` guards now and the rest in the background.
 
-        ``optimizers`` (see :func:`optimizers_in`) are the ones whose next ``step()`` will
-        wait for the copy of their parameters and states. With none, everything is copied
-        before this returns. Tensors under the state keys ``untracked`` are always copied
-        afresh: their owner writes them without bumping the version counter (DeepSpeed
-        updates its 16-bit weights through ``.data``), and so is what an optimizer among
-        ``optimizers`` or one that stepped since the last copy may write (see
-        :func:`_unversioned`).
+        ``optimizers`` (see :func:`optimizers_in`) are the ones whose next ``step()`` waits
+        for the copy of their parameters and states. Tensors under the state keys
+        ``untracked`` are never deferred: their owner writes them without bumping the
+        version counter (DeepSpeed updates its 16-bit weights through ``.data``).
         """
         fresh = tuple(untracked)
         if self.pending is not None:
-            self.pending.result()  # the manager waits before a new save; this is a guard
-        if self._step_hook is None:
-            # from the first copy on: before it nothing is cached that a step could make stale
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-
-            handle = register_optimizer_step_post_hook(_recorder(self._stepped))
-            self._step_hook = weakref.finalize(self, handle.remove)
-        unversioned = _unversioned([*optimizers, *self._stepped])
+            self.pending.result()  # the pipeline waits before a new save; this is a guard
+        guarded = optimizers if self.defer else ()
         order: dict[View, int] = {}  # view -> index of the optimizer whose step writes it
-        for index, optimizer in enumerate(optimizers):
+        for index, optimizer in enumerate(guarded):
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     order.setdefault(_view(param.detach()), index)
@@ -426,51 +352,36 @@ class SnapshotCopier:
                         if isinstance(value, torch.Tensor):
                             order.setdefault(_view(value.detach()), index)
         out: dict[str, torch.Tensor] = {}
-        cache: dict[str, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
+        buffers: dict[str, torch.Tensor] = {}
         now: list[_Copy] = []
-        later: list[list[_Copy]] = [[] for _ in optimizers]
-        copied = reused = 0
+        later: list[list[_Copy]] = [[] for _ in guarded]
         for name, tensor in tensors.items():
             source = tensor.detach()
-            identity = _identity(source)
-            hit = self._cache.get(name)
-            volatile = identity[:-1] in unversioned or any(
-                name == key or name.startswith(f"{key}/") for key in fresh
+            target = out[name] = buffers[name] = self._target(name, source)
+            owner = order.get(_view(source))
+            if owner is not None and any(name == k or name.startswith(f"{k}/") for k in fresh):
+                owner = None
+            (now if owner is None else later[owner]).append(
+                _Copy(name, source, source._version, target)
             )
-            if (
-                hit is not None
-                and hit[0] == identity
-                and not volatile
-                and _looks_unchanged(source, hit[2])
-            ):
-                out[name] = hit[2]
-                cache[name] = hit
-                reused += hit[2].nbytes
-                continue
-            target = self._target(name, source)
-            out[name] = target
-            cache[name] = (identity, source, target)
-            copied += target.nbytes
-            owner = order.get(identity[:-1])
-            (now if owner is None else later[owner]).append(_Copy(name, source, identity, target))
         if len(_cuda_devices(c for g in later for c in g)) > 1:
             # one side stream serves one device: a state spread over several GPUs is copied
             # before step() returns, each device synchronized
             now += [c for g in later for c in g]
-            later = [[] for _ in optimizers]
+            later = [[] for _ in guarded]
         # groups are copied in order, so waiting for group k covers the earlier ones too,
         # where a parameter optimizer k shares with an earlier optimizer was put
         waits = {
             id(optimizer): index
-            for index, optimizer in enumerate(optimizers)
+            for index, optimizer in enumerate(guarded)
             if any(later[: index + 1])
         }
-        pending = PendingCopy(step, out, later, waits, copied, reused)
-        self.copied_bytes, self.reused_bytes = copied, reused
+        pending = PendingCopy(step, out, later, waits)
+        self.copied_bytes = sum(c.target.nbytes for c in now)
+        self.deferred_bytes = sum(c.target.nbytes for g in later for c in g)
+        self._buffers = buffers
         self._copy_now(now)
         if not pending.deferred:
-            self._cache = cache
-            self._stepped.clear()  # steps from here on make this copy stale
             return pending
         devices = _cuda_devices(c for g in later for c in g)
         if devices:
@@ -478,10 +389,8 @@ class SnapshotCopier:
             pending._start_event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             pending._start_event.record(torch.cuda.current_stream(pending.device))
         # the hooks see the pending copy before anything else can call step()
-        self._guard.watch([o for o in optimizers if id(o) in pending.waits])
+        self._guard.watch([o for o in guarded if id(o) in pending.waits])
         self._guard.pending = pending
-        self._cache = {}  # forgotten until the background copy is known good
-        self._stepped.clear()
         if self._pool is None:
             # normal priority: a step() may wait for this thread (unlike the writer's)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptwise-copy")
@@ -492,13 +401,12 @@ class SnapshotCopier:
             finally:
                 if self._guard.pending is pending:
                     self._guard.pending = None
-            self._cache = cache
 
         pending._future = self._pool.submit(run)
         return pending
 
     def _copy_now(self, copies: list[_Copy]) -> None:
-        """Copy tensors no hook guards before the save returns (on the caller's thread)."""
+        """Copy what is not deferred before the save returns (on the caller's thread)."""
         for c in copies:
             c.target.copy_(c.source, non_blocking=c.source.device.type == "cuda")
         for device in _cuda_devices(copies):
@@ -506,17 +414,13 @@ class SnapshotCopier:
 
     def close(self) -> None:
         """Wait for a copy in flight, remove the hooks, stop the copy thread and let go of
-        the copies (and of the training tensors they were taken from)."""
+        the copy buffers."""
         try:
             if self.pending is not None:
                 self.pending.result()
         finally:
-            self._cache = {}
-            self._stepped.clear()
+            self._buffers = {}
             self._guard.close()
-            if self._step_hook is not None:
-                self._step_hook()
-                self._step_hook = None
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
