@@ -63,7 +63,7 @@ def stalls(
         call = timed(lambda n=n: manager.step(n, state))  # type: ignore[misc]
         if n % every == 0:
             waiting[n] = started
-        uploads = manager.upload_states() or {}
+        uploads = manager.run.upload_states() or {}
         for saved, at in list(waiting.items()):
             if uploads.get(saved) == "remote":
                 durable.append(time.perf_counter() - at)

@@ -7,7 +7,7 @@ VENV=${CKPTWISE_VENV:-.venv}
 export PYTHONHASHSEED=0 CUBLAS_WORKSPACE_CONFIG=:4096:8
 "$VENV/bin/ruff" check src tests bench examples scripts
 "$VENV/bin/ruff" format --check src tests bench examples scripts
-"$VENV/bin/mypy" src tests examples scripts
+"$VENV/bin/mypy" src tests examples scripts bench
 run_pytest() {
   # pytest exits 5 when it collects no test: a failure here, never a pass.
   set +e
