@@ -87,6 +87,28 @@ def test_fsdp_shards_resume_exactly_on_the_same_ranks(tmp_path: Path) -> None:
             assert loss == straight[rank]["losses"][step], (rank, step)
 
 
+def test_fsdp_in_a_world_of_one_saves_and_resumes_exactly(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 1`` of an FSDP2 script: a world of one is a world. Its
+    DTensors hold all their values on the one rank: they are saved as plain tensors (in the
+    background, the one-process default) and restored into the DTensors in place."""
+    policy = ("--mode", "fsdp", "--save", "every(3)", "--steps", "9")
+    torchrun(1, tmp_path / "run", tmp_path / "a", *policy, "--stop-at", "7")
+    run = cw.open_run(tmp_path / "run")
+    # killed after step 7 as a preemption would: step 6's background save may not have
+    # committed, and then the run resumes from step 3
+    assert run.steps() in ([3], [3, 6])
+    assert run.verify() == []
+    assert run.manifest(run.steps()[-1]).world_size == 1
+    torchrun(1, tmp_path / "run", tmp_path / "b", *policy)
+    torchrun(1, tmp_path / "straight", tmp_path / "c", *policy)
+    (resumed,), (straight,) = records(tmp_path / "b"), records(tmp_path / "c")
+    assert resumed["restored"] == run.steps()[-1]
+    assert not resumed["errors"]
+    assert resumed["losses"]
+    for step, loss in resumed["losses"].items():
+        assert loss == straight["losses"][step], step
+
+
 def test_fsdp_restores_on_fewer_ranks_and_on_one_process(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     common = ("--mode", "fsdp", "--save", "every(3)", "--dump")

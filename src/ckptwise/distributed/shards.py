@@ -21,7 +21,15 @@ if TYPE_CHECKING:
 else:
     from ckptwise._lazy import torch
 
-__all__ = ["chunk_of", "copy_overlap", "is_sharded", "local_part", "pieces_of"]
+__all__ = [
+    "chunk_of",
+    "copy_overlap",
+    "is_sharded",
+    "like",
+    "local_part",
+    "pieces_of",
+    "whole",
+]
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -49,6 +57,44 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
         local: torch.Tensor = tensor.to_local()  # type: ignore[attr-defined]
         return local
     return tensor
+
+
+def whole(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``tensor`` as a plain tensor holding all its values: a ``DTensor`` of a world of one
+    (FSDP2 on one process) as its local values, which are the whole tensor.
+
+    Raises:
+        ConfigError: ``tensor`` is a ``DTensor`` whose values are spread over several ranks,
+            which one process cannot save alone.
+    """
+    if not is_sharded(tensor):
+        return tensor
+    local = local_part(tensor)
+    if local.shape != tensor.shape:
+        from ckptwise.errors import ConfigError
+
+        raise ConfigError(
+            f"{name!r} is a DTensor split over several ranks ({tuple(local.shape)} of "
+            f"{tuple(tensor.shape)} here), but this manager saves as one process; create the "
+            "manager after torch.distributed.init_process_group() on every rank"
+        )
+    return local
+
+
+def like(values: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``values`` (all of a tensor's values) as ``live`` holds them: a ``DTensor`` of a world
+    of one on ``live``'s mesh and placements, for its owner's ``load_state_dict``; a plain
+    ``live`` takes ``values`` as they are."""
+    if not is_sharded(live):
+        return values
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        values,
+        device_mesh=live.device_mesh,  # type: ignore[attr-defined]
+        placements=live.placements,  # type: ignore[attr-defined]
+        run_check=False,
+    )
 
 
 def copy_overlap(

@@ -24,6 +24,7 @@ from ckptwise.distributed.restore import (
     read_rank,
     sharded_names,
 )
+from ckptwise.distributed.shards import is_sharded, like, whole
 from ckptwise.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -242,6 +243,13 @@ def restore_state(
     # the live tensors are captured under the names they were saved with and alias the
     # live memory, so the read fills them in place
     live = capture(entries).tensors
+    # one process: a DTensor (FSDP2 in a world of one) holds all its values here, read into
+    # them in place and handed back to its owner as a DTensor
+    shaped = {} if ranks is not None else {k: t for k, t in live.items() if is_sharded(t)}
+    if shaped and candidates(store, step, full_only=True) and prime_optimizers(state):
+        live = capture(entries).tensors  # optimizer states laid out like their DTensors
+        shaped = {k: t for k, t in live.items() if is_sharded(t)}
+    live = {k: whole(t, k) if k in shaped else t for k, t in live.items()}
     if ranks is not None:
         newest = ranks.broadcast(candidates(store, step, full_only=True)[:1])
         if newest:
@@ -279,7 +287,8 @@ def restore_state(
                 stacklevel=stacklevel + 1,
             )
         tree = loaded.tree
-        apply(state, tree, loaded.tensors, strict=strict, where=where)
+        tensors = {k: like(t, shaped[k]) if k in shaped else t for k, t in loaded.tensors.items()}
+        apply(state, tree, tensors, strict=strict, where=where)
         if rng and RNG_KEY in tree:
             apply({RNG_KEY: RngState()}, tree, loaded.tensors, where=where)
         left = [k for k in tree if k not in state and k != RNG_KEY]

@@ -24,11 +24,12 @@ import torch
 
 from ckptwise.distributed.ranks import Ranks
 from ckptwise.distributed.save import commit_across_ranks
+from ckptwise.distributed.shards import whole
 from ckptwise.records import CheckpointInfo
 from ckptwise.report import Progress, metered_progress
 from ckptwise.save.upkeep import Upkeep
 from ckptwise.save.writer import AsyncWriter, SyncWriter, Writer
-from ckptwise.snapshot import capture
+from ckptwise.snapshot import Snapshot, capture
 from ckptwise.snapshot.copying import SnapshotCopier, available_memory, optimizers_in
 from ckptwise.store import CheckpointStore, Manifest, RunLock
 
@@ -84,6 +85,13 @@ class SavePath(Protocol):
         ...
 
 
+def _capture_whole(entries: Mapping[str, Any]) -> Snapshot:
+    """:func:`~ckptwise.snapshot.capture` for one process: a ``DTensor`` (FSDP2 in a world
+    of one) is taken as the plain tensor of its values, which are all here."""
+    snap = capture(entries)
+    return Snapshot({k: whole(t, k) for k, t in snap.tensors.items()}, snap.tree)
+
+
 class _LocalCommit:
     """The commit of one process: branch off, write the checkpoint, then upkeep."""
 
@@ -123,7 +131,7 @@ class SyncPath:
         self._commit = _LocalCommit(store, lock, upkeep)
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
-        snap = capture(entries)
+        snap = _capture_whole(entries)
         total = sum(t.nbytes for t in snap.tensors.values())
         return Captured(
             step,
@@ -154,7 +162,7 @@ class AsyncPath:
         self._warned_memory = False
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
-        snap = capture(entries)
+        snap = _capture_whole(entries)
         tensors = snap.tensors
         total = sum(t.nbytes for t in tensors.values())
         if not self._copy_fits(step, tensors):
