@@ -152,6 +152,17 @@ def _optimizer_of_another_model(trained: bool) -> dict[str, Any]:
     return state
 
 
+def _another_optimizer(trained: bool) -> dict[str, Any]:
+    state = _adam(Tiny(), trained=trained)
+    opt = torch.optim.SGD(state["model"].parameters(), lr=1e-2, momentum=0.9)
+    if trained:
+        state["model"](torch.randn(4, 32)).pow(2).mean().backward()
+        opt.step()
+    state["optimizer"] = opt
+    state["scheduler"] = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    return state
+
+
 def _plain_tensor(trained: bool) -> dict[str, Any]:
     state = _adam(Tiny(), trained=trained)
     state["ema"] = torch.zeros(3)
@@ -179,6 +190,9 @@ MISMATCHES: list[tuple[str, Callable[[bool], dict[str, Any]], str]] = [
     ("optimizer of another model", _optimizer_of_another_model,
      r"'optimizer' \(Adam\): the state of parameter 0 \(group 0, shape \(16, 16\)\) is "
      r"shaped for another parameter \(exp_avg \(32, 32\), exp_avg_sq \(32, 32\)\)"),
+    ("another kind of optimizer", _another_optimizer,
+     r"'optimizer' \(SGD\): saved from Adam, the live optimizer is SGD: build an Adam "
+     r"optimizer to restore into, or leave 'optimizer' out of the state"),
     ("plain tensor", _plain_tensor, r"'ema': saved as \(2,\) float32, the live tensor is \(3,\)"),
     ("missing entry", _missing_entry, r"no entry for 'teacher'.*strict=False"),
     ("not stateful now", _not_stateful_now, r"'scheduler' was saved from an object with "

@@ -12,7 +12,17 @@ import click
 from ckptwise.errors import CheckpointError
 from ckptwise.read.run import Run, open_run
 
-__all__ = ["RUN_FILES", "echo_json", "human_size", "open_cached_run", "open_cli_run", "warn"]
+__all__ = [
+    "RUN_FILES",
+    "CommandError",
+    "JsonErrorGroup",
+    "echo_json",
+    "error_json",
+    "human_size",
+    "open_cached_run",
+    "open_cli_run",
+    "warn",
+]
 
 #: What a run's folder holds (docs/FORMAT.md): a folder with none of these is no run.
 RUN_FILES = frozenset({"checkpoints", "objects", "run.json", "ckptwise.lock", "pins", "branches"})
@@ -39,6 +49,54 @@ def echo_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, default=str))
 
 
+class CommandError(click.ClickException):
+    """A command's failure that no ckptwise error raised, with the error class it stands
+    for (``kind``, e.g. ``"CheckpointNotFoundError"``), which ``--json`` reports."""
+
+    def __init__(self, message: str, *, kind: str = "CheckpointError") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def error_json(exc: click.ClickException) -> dict[str, Any]:
+    """The JSON document of a failed command: ``{"error": {"type", "message", "exit_code"}}``,
+    ``type`` being the ckptwise error class behind it (``UsageError`` for a bad command
+    line)."""
+    cause = exc.__cause__
+    if isinstance(exc, CommandError):
+        kind = exc.kind
+    elif isinstance(cause, CheckpointError):
+        kind = type(cause).__name__
+    elif isinstance(exc, click.UsageError):
+        kind = "UsageError"
+    else:
+        kind = "CheckpointError"
+    return {"error": {"type": kind, "message": exc.format_message(), "exit_code": exc.exit_code}}
+
+
+class JsonErrorGroup(click.Group):
+    """A command group whose commands, given ``--json``, also print a failure as one JSON
+    document on stdout (:func:`error_json`); the message stays on stderr and the exit code
+    is kept. A ckptwise error a command let through is reported the same way, never as a
+    traceback."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ahead = args[: args.index("--")] if "--" in args else args
+        ctx.meta["ckptwise.json"] = "--json" in ahead
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            try:
+                return super().invoke(ctx)
+            except CheckpointError as exc:
+                raise click.ClickException(str(exc)) from exc
+        except click.ClickException as exc:
+            if ctx.meta.get("ckptwise.json"):
+                echo_json(error_json(exc))
+            raise
+
+
 def warn(message: str) -> None:
     """A warning on stderr, so ``--json`` output stays one document."""
     click.echo(f"warning: {message}", err=True)
@@ -49,12 +107,16 @@ def open_cli_run(run: str) -> Run:
     (a missing folder, an unrelated one, or the folder above a run)."""
     names = _names_in(run)
     if names is None:
-        raise click.ClickException(f"no ckptwise run here: {run} does not exist; {_WHERE_RUNS_ARE}")
+        raise CommandError(
+            f"no ckptwise run here: {run} does not exist; {_WHERE_RUNS_ARE}",
+            kind="CheckpointNotFoundError",
+        )
     if not names & RUN_FILES:
         below = [child for child in _subfolders(run, names) if _holds_run(child)]
         hint = f"did you mean {' or '.join(below)}?" if below else _WHERE_RUNS_ARE
-        raise click.ClickException(
-            f"no ckptwise run here: {run} holds no checkpoints/, objects/ or run.json; {hint}"
+        raise CommandError(
+            f"no ckptwise run here: {run} holds no checkpoints/, objects/ or run.json; {hint}",
+            kind="CheckpointNotFoundError",
         )
     try:
         return open_run(run)

@@ -22,7 +22,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'ckptwise[cli]'"
     ) from exc
 
-from ckptwise.cli.common import echo_json, human_size, open_cached_run, open_cli_run
+from ckptwise.cli.common import (
+    JsonErrorGroup,
+    echo_json,
+    human_size,
+    open_cached_run,
+    open_cli_run,
+)
 from ckptwise.cli.ranking import run_ranking, unknown_metric
 from ckptwise.cli.simulate_cmd import simulate_command
 from ckptwise.cli.storage import (
@@ -38,13 +44,14 @@ from ckptwise.errors import CheckpointError
 __all__ = ["cli", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=JsonErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckptwise")
 def cli() -> None:
     """Inspect, verify and manage ckptwise checkpoint runs.
 
     RUN is the folder (or fsspec URL) given to CheckpointManager; a Trainer's attach() writes
-    to OUTPUT_DIR/ckptwise. Every command takes --json: one JSON document on stdout.
+    to OUTPUT_DIR/ckptwise. Every command takes --json: one JSON document on stdout, a
+    failure's too ({"error": {"type", "message", "exit_code"}}, the message also on stderr).
     """
 
 

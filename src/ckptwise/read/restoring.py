@@ -51,9 +51,11 @@ else:
     from ckptwise._lazy import torch
 
 __all__ = [
+    "MOST_REMOVED",
     "Loaded",
     "RestoreWarning",
     "candidates",
+    "catch_up",
     "read_first_good",
     "restore_state",
     "variant_of",
@@ -63,6 +65,11 @@ log = logging.getLogger("ckptwise")
 
 #: failures that make a restore fall back to an older checkpoint (the bytes are bad)
 _CORRUPT = frozenset({"CorruptCheckpointError", "FormatError"})
+#: the failure of a checkpoint the writer removed (or saved again) while it was read
+_REMOVED = "CheckpointNotFoundError"
+#: how many checkpoints may be removed under one read for "the newest" before it gives up
+#: (a writer saving and pruning faster than a checkpoint can be read)
+MOST_REMOVED = 16
 
 
 class RestoreWarning(UserWarning):
@@ -119,6 +126,14 @@ def candidates(store: CheckpointStore, step: int | None, *, full_only: bool) -> 
     return [s for s in steps if variant_of(store.manifest(s)).kind == "full"]
 
 
+def catch_up(store: CheckpointStore, step: int) -> None:
+    """After ``step`` was found removed while it was read: re-list the run if its list
+    still holds ``step`` (another process's writer pruned it; this process's writer has
+    already dropped it from the list, which is then left alone)."""
+    if step in store.steps():
+        store.refresh()
+
+
 def read_first_good(
     store: CheckpointStore,
     step: int | None,
@@ -133,6 +148,10 @@ def read_first_good(
 ) -> Loaded | None:
     """The newest checkpoint that verifies (or exactly ``step``), read and verified; ``None``
     when there is none to try (see :meth:`ckptwise.Run.read` for the arguments).
+
+    A checkpoint the writer removes while it is read is not damaged: with ``step`` that
+    raises :class:`~ckptwise.CheckpointNotFoundError` saying so; without, the run is listed
+    again and the newest checkpoint now is read (at most :data:`MOST_REMOVED` times).
 
     ``prepare`` is called with each candidate's manifest before any of its tensors is read:
     it raises to stop the read (on every rank), and returns the names of the tensors to
@@ -149,42 +168,82 @@ def read_first_good(
     tried = candidates(store, step, full_only=full_only)
     if ranks is not None:
         tried = ranks.broadcast(tried)
-    for candidate in tried:
-        manifest = store.manifest(candidate)
+    failed: list[int] = []  # failed verification
+    removed: list[int] = []  # removed (or saved again) while read
+    queue = list(tried)
+    while queue:
+        candidate = queue.pop(0)
         failure: Exception | None = None
+        manifest: Manifest | None = None
         tensors: dict[str, torch.Tensor] = {}
         try:
+            manifest = store.manifest(candidate)
             names = None if prepare is None else prepare(manifest)
             tensors = read_rank(
                 store, manifest, rank=rank, into=into, names=names, progress=progress
             )
         except Exception as exc:
-            if ranks is None and not isinstance(exc, CorruptCheckpointError):
+            if ranks is None and not isinstance(
+                exc, CorruptCheckpointError | CheckpointNotFoundError
+            ):
                 raise
             failure = exc
+        gone = isinstance(failure, CheckpointNotFoundError)
         if ranks is not None:
             # every rank must take the same path: fall back together, or raise together
             mine = None if failure is None else Failure.of(rank, failure)
             failures = [f for f in ranks.all_gather(mine) if f is not None]
-            if any(f.kind not in _CORRUPT for f in failures):
-                first = next(f for f in failures if f.kind not in _CORRUPT)
-                raise first.error(f"reading step {candidate}") from failure
-            if failures and failure is None:
-                failure = CorruptCheckpointError(f"rank {failures[0].rank}: {failures[0].message}")
+            odd = [f for f in failures if f.kind not in _CORRUPT and f.kind != _REMOVED]
+            if odd:
+                raise odd[0].error(f"reading step {candidate}") from failure
+            gone = any(f.kind == _REMOVED for f in failures)
+            if failures and (
+                failure is None or gone != isinstance(failure, CheckpointNotFoundError)
+            ):
+                first = next(f for f in failures if (f.kind == _REMOVED) == gone)
+                kind = CheckpointNotFoundError if gone else CorruptCheckpointError
+                failure = kind(f"rank {first.rank}: {first.message}")
         if failure is None:
+            assert manifest is not None
             return Loaded(candidate, manifest, tensors, rank)
         if step is not None:
             raise failure
+        if gone:
+            removed.append(candidate)
+            if len(removed) > MOST_REMOVED:
+                raise CheckpointNotFoundError(
+                    f"the writer of {store.url} removed {len(removed)} checkpoints while they "
+                    f"were read (steps {', '.join(map(str, removed))}); read while it saves "
+                    "less often, or pin() the step to read"
+                ) from failure
+            log.info(
+                "step %d was removed while it was read (%s); reading the newest", candidate, failure
+            )
+            catch_up(store, candidate)
+            queue = [
+                s
+                for s in candidates(store, None, full_only=full_only)
+                if s not in failed and s not in removed
+            ]
+            if ranks is not None:
+                queue = ranks.broadcast(queue)
+            continue
+        failed.append(candidate)
         warnings.warn(
             f"checkpoint at step {candidate} fails verification ({failure}); "
             "falling back to an older one",
             RestoreWarning,
             stacklevel=stacklevel + 1,
         )
-    if tried:
+    if failed:
         raise CorruptCheckpointError(
             f"no checkpoint in {store.url} verifies (tried steps "
-            f"{', '.join(map(str, tried))}); run `ckptwise verify` for details"
+            f"{', '.join(map(str, failed))}); run `ckptwise verify` for details"
+        )
+    if removed:
+        raise CheckpointNotFoundError(
+            f"every checkpoint of {store.url} was removed while it was read (steps "
+            f"{', '.join(map(str, removed))}); the run is empty now"
         )
     return None
 
@@ -227,6 +286,7 @@ def restore_state(
             # object that does is proof enough (another damaged one is found by the read)
             damage = damaged_object(store, manifest, mine, blamed[:1])
             if damage is not None:
+                _unless_removed(store, manifest, mine, blamed[0])
                 raise CorruptCheckpointError(f"step {manifest.step}, {damage}")
             raise ConfigError(misfit_message(where, found))
         if not say:
@@ -302,6 +362,22 @@ def restore_state(
             )
         transfer.finish(loaded.manifest.logical_bytes, f"restored step {loaded.step}")
     return loaded.step
+
+
+def _unless_removed(store: CheckpointStore, manifest: Manifest, rank: int, name: str) -> None:
+    """Raise :class:`~ckptwise.CheckpointNotFoundError` if the object of ``name`` that
+    failed its size check failed because the writer removed the checkpoint meanwhile: the
+    verified read of it tells removal from damage (and fails fast, on the size, for both)."""
+    view = manifest.view(rank if rank < manifest.world_size else 0)
+    entry = view.get(name)
+    if entry is None:
+        return
+    try:
+        store.read_tensor(entry, step=manifest.step, name=name)
+    except CheckpointNotFoundError:
+        raise
+    except CheckpointError:
+        return
 
 
 def _nothing_to_restore(store: CheckpointStore, missing: str, *, stacklevel: int) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ckptwise.distributed.ranks import Ranks
 from ckptwise.distributed.restore import read_rank
@@ -34,8 +34,10 @@ from ckptwise.policy import KeepBest, RetentionContext
 from ckptwise.read.archive import archive_copy
 from ckptwise.read.formats import copy_hf_metadata, write_safetensors
 from ckptwise.read.restoring import (
+    MOST_REMOVED,
     Loaded,
     RestoreWarning,
+    catch_up,
     read_first_good,
     restore_state,
     variant_of,
@@ -70,6 +72,7 @@ __all__ = [
     "open_run",
 ]
 
+T = TypeVar("T")
 Mode = Literal["min", "max"]
 #: what names one checkpoint: a step, ``"latest"`` or ``"best"`` (or their text)
 StepSpec = int | str | None
@@ -236,6 +239,21 @@ class Run:
             raise ConfigError(f"step must be an int, 'best' or 'latest', got {step!r}")
         return step
 
+    def _named(self, step: StepSpec, action: Callable[[int], T]) -> T:
+        """``action`` on the step ``step`` names. When ``step`` names the newest checkpoint
+        (``None`` or ``"latest"``) and the writer removes it while ``action`` reads it
+        (:class:`~ckptwise.CheckpointNotFoundError`), the run is listed again and the
+        newest one now is taken; a step given by number raises."""
+        for _ in range(MOST_REMOVED):
+            chosen = self.resolve(step)
+            try:
+                return action(chosen)
+            except CheckpointNotFoundError:
+                if step not in (None, "latest"):
+                    raise
+                catch_up(self._store, chosen)
+        return action(self.resolve(step))
+
     # -- reading ---------------------------------------------------------------------------
 
     def read_tensor(self, step: int, name: str) -> torch.Tensor:
@@ -258,7 +276,10 @@ class Run:
 
         Without ``step`` a checkpoint that fails verification is skipped with a
         :class:`RestoreWarning` and the next older one is tried; ``None`` when the run is
-        empty. With ``step`` a failure raises. ``full_only`` skips slim (weights-only)
+        empty. With ``step`` a failure raises. A checkpoint removed by a writer's retention
+        while it is read is no failure: the newest checkpoint then is read instead, and
+        with ``step`` :class:`~ckptwise.CheckpointNotFoundError` says it was removed.
+        ``full_only`` skips slim (weights-only)
         checkpoints, which cannot resume training. ``into`` maps tensor names to live
         tensors to read straight into where they fit. ``rank`` picks which rank's part of a
         multi-process checkpoint to read (sharded tensors come back whole unless ``into``
@@ -279,8 +300,13 @@ class Run:
 
     def load(self, step: StepSpec = None) -> dict[str, Any]:
         """A checkpoint's saved values without a live state: state dicts, tensors, values
-        (``step`` defaults to the newest). Tensors are verified as they are read."""
-        loaded = self.read(self.resolve(step))
+        (``step`` defaults to the newest). Tensors are verified as they are read.
+
+        When the newest checkpoint (``None``, ``"latest"``) is removed by a writer's
+        retention while it is read, the newest one then is loaded; a step given by number
+        raises :class:`~ckptwise.CheckpointNotFoundError` saying it was removed, never
+        :class:`~ckptwise.CorruptCheckpointError`."""
+        loaded = self._named(step, self.read)
         assert loaded is not None  # an explicit step either reads or raises
         return loaded.values()
 
@@ -314,6 +340,9 @@ class Run:
 
         A checkpoint that fails verification is skipped with a :class:`RestoreWarning`; with
         an explicit ``step`` the failure raises :class:`~ckptwise.CorruptCheckpointError`.
+        One that a writer's retention removes while it is read is not damaged: the newest
+        checkpoint then is restored instead, and with an explicit ``step``
+        :class:`~ckptwise.CheckpointNotFoundError` says it was removed.
         ``rng=True`` also puts back the saved Python, numpy, torch and CUDA RNG states. It is
         off here, so reading a checkpoint for evaluation leaves the process's generators
         alone; the manager's restore, which resumes training, turns it on.
@@ -423,7 +452,19 @@ class Run:
         folder) its config and tokenizer JSON files are copied too, so the folder loads with
         ``from_pretrained``.
         """
-        chosen = self.resolve(step)
+        return self._named(
+            step, lambda chosen: self._export(chosen, out_dir, key=key, config_from=config_from)
+        )
+
+    def _export(
+        self,
+        chosen: int,
+        out_dir: str | os.PathLike[str],
+        *,
+        key: str,
+        config_from: str | os.PathLike[str] | None,
+    ) -> Path:
+        """:meth:`export` of the step ``chosen``."""
         manifest = self.manifest(chosen)
         prefix = f"{key}/"
         names = [n for n in manifest.tensors if n.startswith(prefix)]
@@ -457,7 +498,7 @@ class Run:
         the quantized optimizer state); this run is untouched. Opt-in only: nothing lossy
         ever happens in a training run's own saves.
         """
-        loaded = self.read(self.resolve(step))
+        loaded = self._named(step, self.read)
         assert loaded is not None  # an explicit step either reads or raises
         return archive_copy(loaded, self.url, out, lossy=lossy, codec=codec)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError, SnapshotError
 from ckptwise.jsonvalues import TAG, Decode, Encode, ValueType, decode_value, encode_value
-from ckptwise.snapshot.mismatch import Saved, is_stateful, problems
+from ckptwise.snapshot.mismatch import Saved, is_stateful, optimizer_class, problems
 
 if TYPE_CHECKING:
     import numpy as np
@@ -158,6 +158,9 @@ def capture(state: Mapping[str, Any]) -> Snapshot:
         if is_stateful(value):
             state_dict = value.state_dict()
             tree[key] = {"kind": "stateful", "state": encode_value(state_dict, key, types=types)}
+            kind = optimizer_class(value)
+            if kind is not None:  # what the fit check compares before a restore
+                tree[key]["class"] = kind
         else:
             tree[key] = {"kind": "value", "value": encode_value(value, key, types=types)}
     return Snapshot(found.tensors, tree)
@@ -209,9 +212,18 @@ def fit_problems(
         if key in tree:
             value = rebuild(tree, tensors, key, arrays=False)  # checks the node's form
             saved[key] = (tree[key]["kind"], value)
+    classes = {
+        k: v["class"]
+        for k, v in tree.items()
+        if k in state and isinstance(v, dict) and isinstance(v.get("class"), str)
+    }
     blamed: list[Any] = []
     found = problems(
-        state, {**dict.fromkeys(tree, ("", None)), **saved}, strict=strict, blamed=blamed
+        state,
+        {**dict.fromkeys(tree, ("", None)), **saved},
+        strict=strict,
+        blamed=blamed,
+        classes=classes,
     )
     named = {id(t): name for name, t in tensors.items()}
     return found, sorted({named[id(t)] for t in blamed if id(t) in named})

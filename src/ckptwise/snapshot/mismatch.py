@@ -6,6 +6,13 @@ either completes or changes nothing. What is compared:
 
 - modules (``nn.Module``): the state dict's keys both ways, and each tensor's shape and
   dtype (``load_state_dict`` would cast another dtype silently);
+- optimizers: their class (``"class"`` in the saved tree, see :func:`optimizer_class`;
+  checkpoints written before it was recorded have none, and then only the next point
+  decides), and the hyper-parameter names of each parameter group, where the classes differ
+  or the saved one is unknown: loading AdamW's groups into an ``SGD(momentum=0.9)`` raised
+  nothing and its next ``step()`` failed with ``KeyError: 'momentum'`` (one class's names
+  are not compared, since torch adds names between versions and fills them in itself when
+  it loads older groups);
 - optimizers: the number of parameter groups, the parameters in each, and the shape of each
   parameter's saved state against that parameter and against the live state it already has.
   ``Optimizer.load_state_dict`` checks none of the shapes, so an optimizer built over another
@@ -32,7 +39,7 @@ if TYPE_CHECKING:
 else:
     from ckptwise._lazy import torch
 
-__all__ = ["Saved", "is_stateful", "problems"]
+__all__ = ["Saved", "is_stateful", "optimizer_class", "problems"]
 
 #: one saved top-level entry: its kind (``"stateful"`` or ``"value"``) and its value, whose
 #: tensors need only carry the saved shape and dtype (meta tensors do)
@@ -49,16 +56,29 @@ def is_stateful(value: object) -> bool:
     )
 
 
+def optimizer_class(value: object) -> str | None:
+    """The class name of the optimizer ``value`` is or wraps (accelerate's and Lightning's
+    wrappers hold it as ``.optimizer``), e.g. ``"AdamW"``; ``None`` for anything else."""
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        inner = getattr(value, "optimizer", None)
+        if inner is None or inner is value or not isinstance(inner, torch.optim.Optimizer):
+            break
+        value = inner
+    return type(value).__qualname__ if isinstance(value, torch.optim.Optimizer) else None
+
+
 def problems(
     state: Mapping[str, Any],
     saved: Mapping[str, Saved],
     *,
     strict: bool,
     blamed: list[Any] | None = None,
+    classes: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Every way ``saved`` does not fit ``state``, one line each; empty when it fits.
 
-    The saved tensors whose shape or dtype disagrees are appended to ``blamed``.
+    ``classes`` holds the optimizer class each entry was saved from, where the checkpoint
+    recorded it. The saved tensors whose shape or dtype disagrees are appended to ``blamed``.
     """
     blamed = [] if blamed is None else blamed
     found: list[str] = []
@@ -87,7 +107,8 @@ def problems(
         elif isinstance(value, torch.nn.Module):
             found += _limit(what, _module(value, old, blamed))
         elif isinstance(value, torch.optim.Optimizer):
-            found += _limit(what, _optimizer(value, old, blamed))
+            saved_class = (classes or {}).get(key)
+            found += _limit(what, _optimizer(value, old, blamed, saved_class, key))
         elif _differ(value, old):
             blamed.append(old)
             found.append(
@@ -115,7 +136,13 @@ def _module(module: torch.nn.Module, saved: Any, blamed: list[Any]) -> list[str]
     return out
 
 
-def _optimizer(optimizer: torch.optim.Optimizer, saved: Any, blamed: list[Any]) -> list[str]:
+def _optimizer(
+    optimizer: torch.optim.Optimizer,
+    saved: Any,
+    blamed: list[Any],
+    saved_class: str | None,
+    key: str,
+) -> list[str]:
     groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
     states = saved.get("state", {}) if isinstance(saved, Mapping) else None
     if not isinstance(groups, list) or not isinstance(states, Mapping):
@@ -123,7 +150,7 @@ def _optimizer(optimizer: torch.optim.Optimizer, saved: Any, blamed: list[Any]) 
     live_groups = optimizer.param_groups
     if len(groups) != len(live_groups):
         return [f"saved with {len(groups)} parameter group(s), the live one has {len(live_groups)}"]
-    out = []
+    out = _optimizer_kind(live_groups, groups, optimizer_class(optimizer), saved_class, key)
     for i, (group, live_group) in enumerate(zip(groups, live_groups, strict=True)):
         ids = group.get("params") if isinstance(group, Mapping) else None
         if not isinstance(ids, list) or len(ids) != len(live_group["params"]):
@@ -162,6 +189,39 @@ def _optimizer(optimizer: torch.optim.Optimizer, saved: Any, blamed: list[Any]) 
                 out.append(
                     f"{where}: state {n!r} saved as {_shape(t)}, the live one is {_shape(live)}"
                 )
+    return out
+
+
+def _optimizer_kind(
+    live_groups: Sequence[Mapping[str, Any]],
+    groups: Sequence[Any],
+    live_class: str | None,
+    saved_class: str | None,
+    key: str,
+) -> list[str]:
+    """Whether the saved optimizer is of the live one's kind: its class, and its groups'
+    hyper-parameter names where the classes differ or the saved one is unknown."""
+    out: list[str] = []
+    article = "an" if (saved_class or "x")[0] in "AEIOUaeiou" else "a"
+    kind = f"{article} {saved_class} optimizer" if saved_class else "the optimizer that was saved"
+    fix = f"build {kind} to restore into, or leave {key!r} out of the state passed to restore"
+    if saved_class is not None and live_class is not None and saved_class != live_class:
+        out.append(f"saved from {saved_class}, the live optimizer is {live_class}: {fix}")
+    if saved_class is not None and saved_class == live_class:
+        return out
+    for i, (group, live_group) in enumerate(zip(groups, live_groups, strict=True)):
+        if not isinstance(group, Mapping):
+            continue
+        names, live = set(group) - {"params"}, set(live_group) - {"params"}
+        if names == live:
+            continue
+        lacks, extra = sorted(live - names), sorted(names - live)
+        parts = [f"lack {_names(lacks)}"] if lacks else []
+        parts += [f"have {_names(extra)}, which the live one's lack"] if extra else []
+        out.append(
+            f"group {i}'s saved hyper-parameters {' and '.join(parts)} (another kind of "
+            f"optimizer?): {fix}"
+        )
     return out
 
 

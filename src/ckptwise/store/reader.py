@@ -88,6 +88,13 @@ class Reader:
         try:
             out = self.read_raw(entry, target)
         except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
+            gone = self.gone(step, entry)
+            if gone is not None:
+                raise CheckpointNotFoundError(
+                    f"checkpoint at step {step} {gone} while it was being read (tensor "
+                    f"{name!r}); it is not damaged. Read a newer checkpoint (the run lists "
+                    "them after refresh()), or pin() a step to keep it while reading"
+                ) from exc
             raise CorruptCheckpointError(f"step {step}, tensor {name!r}: {exc}") from exc
         if progress is not None:
             progress(entry.nbytes)
@@ -115,6 +122,30 @@ class Reader:
         """Read and verify one object (and its delta chain) into plain memory: what
         ``verify`` does, without torch."""
         self._read_verified(entry, lambda nbytes: memoryview(_room(nbytes)))
+
+    def gone(self, step: int, entry: TensorEntry) -> str | None:
+        """Why reading ``entry`` of ``step`` failed without damage, or ``None`` when the
+        failure is damage: asked once an object read failed (missing, short, wrong bytes).
+
+        A writer deletes a checkpoint's manifest before any of its objects (see
+        :meth:`Index.delete <ckptwise.store.index.Index.delete>`), so an object that went
+        missing or changed under a reader is damage only while the manifest of ``step`` is
+        still there and still names that object. The manifest is looked up again on the
+        store itself, not in the index, which a reader in another process has not updated.
+        Returns ``"was removed by the writer's retention"`` when the manifest is gone,
+        ``"was replaced by a new save of the same step"`` when it names other objects now.
+        A manifest that is there but cannot be read counts as damage (it is reported too).
+        """
+        try:
+            now = load_manifest(self.backend, manifest_path(step))
+        except CheckpointNotFoundError:
+            return "was removed by the writer's retention"
+        except CheckpointError:
+            return None
+        named = {e.object for e in now.entries()}
+        if entry.object not in named:
+            return "was replaced by a new save of the same step"
+        return None
 
     def _read_verified(self, entry: TensorEntry, room: Callable[[int], memoryview]) -> None:
         """Read an object's raw bytes into ``room(nbytes)`` (asked for once its size is
@@ -250,7 +281,7 @@ class Reader:
                             f"step {step}, tensor {name!r}: {exc}"
                         ) from exc
                 except CorruptCheckpointError as exc:
-                    if self._pruned(step):
+                    if self.gone(step, entry) is not None or self._pruned(step):
                         log.info("step %d was pruned while it was being verified; skipped", step)
                         found = []
                         break
@@ -268,7 +299,10 @@ class Reader:
             return True
         except CheckpointError:
             return False
-        held = self.index.manifest(step)
+        try:
+            held = self.index.manifest(step)
+        except CheckpointNotFoundError:  # this process's writer deleted or replaced it
+            return True
         objects = {e.object for e in now.entries()}
         return now.time != held.time or objects != {e.object for e in held.entries()}
 
