@@ -136,12 +136,12 @@ def main() -> int:
         flush()
     real_write = CheckpointStore.write_objects
 
-    def faulty_write(store: CheckpointStore, new: Any) -> Any:
+    def faulty_write(store: CheckpointStore, new: Any, **options: Any) -> Any:
         if rank == args.kill_rank and current == args.kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         if rank == args.fail_rank and current == args.fail_step:
             raise OSError(28, "No space left on device (injected)")
-        return real_write(store, new)
+        return real_write(store, new, **options)
 
     CheckpointStore.write_objects = faulty_write  # type: ignore[method-assign,assignment]
     target = torch.randn(WIDTH, 3, generator=torch.Generator().manual_seed(7))
