@@ -133,6 +133,10 @@ class CheckpointManager:
             share of the objects (see :mod:`ckptwise.distributed`).
         dist_timeout: how long a rank waits for the others in one checkpoint collective
             before the save fails on every rank (a dead rank usually fails it at once).
+            :meth:`restore` waits for every rank to call it a quarter of this at most (a
+            minute at most), then fails. The ranks' root, policies and options are compared
+            at creation: a manager created with other arguments than on rank 0 is refused
+            on every rank (:class:`~ckptwise.ConfigError`).
     """
 
     def __init__(

@@ -102,6 +102,7 @@ def test_a_refused_step_on_one_rank_fails_it_on_every_rank_at_once_and_saving_go
         assert "step must be an integer >= 0, got -1" in record["errors"][0][2]
         assert "loss" in record["errors"][1][2]
         assert record["saves"] == [2, 6]  # the group still works
+    assert records[0]["errors"][0][2] == records[1]["errors"][0][2]  # the same error
     assert cw.open_run(tmp_path / "run").steps() == [2, 6]
 
 

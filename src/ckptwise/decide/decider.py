@@ -111,7 +111,7 @@ class Decider:
                 raise
             failure = exc
         if self.ranks is not None:
-            decision, variant = self._agree(step, requests, decision, variant, failure)
+            decision, variant = self._agree(requests, decision, variant, failure)
         self.progress.observe(step, metrics)
         return Verdict(decision, variant, now)
 
@@ -125,7 +125,6 @@ class Decider:
 
     def _agree(
         self,
-        step: int,
         requests: frozenset[Request],
         decision: Decision,
         variant: Variant,
@@ -144,7 +143,7 @@ class Decider:
         merged = self.ranks.max_flags(flags + [int(r in requests) for r in signals])
         if merged[0]:
             mine = None if failure is None else Failure.of(self.ranks.rank, failure)
-            self.ranks.agree(mine, f"step {step}")
+            self.ranks.agree(mine, "step()")  # the same words on every rank
         if coordinator:
             seen = {r for r, on in zip(signals, merged[2:], strict=True) if on}
             self._remote = frozenset(seen) - requests - decision.requests
