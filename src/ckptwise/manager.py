@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,8 @@ from ckptwise.config.record import policy_record
 from ckptwise.decide.decider import Decider
 from ckptwise.decide.felt import Felt
 from ckptwise.decide.metrics import coerce_metrics
-from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Ranks
+from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Failure, Ranks, describe
+from ckptwise.distributed.save import fail_across_ranks
 from ckptwise.errors import CheckpointError, ConfigError
 from ckptwise.policy import (
     ContentPolicy,
@@ -139,6 +140,10 @@ class CheckpointManager:
             share of the objects (see :mod:`ckptwise.distributed`).
         dist_timeout: how long a rank waits for the others in one checkpoint collective
             before the save fails on every rank (a dead rank usually fails it at once).
+            :meth:`restore` waits for every rank to call it a quarter of this at most (a
+            minute at most), then fails. The ranks' root, policies and options are compared
+            at creation: a manager created with other arguments than on rank 0 is refused
+            on every rank (:class:`~ckptwise.ConfigError`).
     """
 
     def __init__(
@@ -192,47 +197,74 @@ class CheckpointManager:
         self.ranks = Ranks.detect(process_group, timeout=dist_timeout)
         lock: RunLock | None = None
         try:
-            if async_save is None:
-                async_save = self.ranks is None
-            if self.ranks is not None and async_save:
-                raise ConfigError(
-                    "async_save=True is not supported in multi-process runs yet; pass "
-                    "async_save=False (each rank writes its share of the save)"
+            # what may fail on one rank only is carried to the others, not raised before
+            # them: a rank that left would leave them waiting in the next collective
+            failure: Exception | None = None
+            try:
+                if async_save is None:
+                    async_save = self.ranks is None
+                if self.ranks is not None and async_save:
+                    raise ConfigError(
+                        "async_save=True is not supported in multi-process runs yet; pass "
+                        "async_save=False (each rank writes its share of the save)"
+                    )
+                if defer_copy and not async_save:
+                    raise ConfigError(
+                        "defer_copy=True defers the copy of a background save, and this manager "
+                        "saves synchronously; drop defer_copy, or pass async_save=True (one "
+                        "process)"
+                    )
+                # the lock and the run folder's upkeep belong to rank 0 alone
+                self._owns_run = self.ranks is None or self.ranks.coordinator
+                if cache is not None and self.ranks is not None:
+                    raise ConfigError(
+                        "cache= is for one writing process: with several, rank 0 cannot know "
+                        "that the other ranks' objects are uploaded before it uploads the "
+                        "manifest; drop cache= (each rank then writes to the remote store "
+                        "directly)"
+                    )
+                self._store = open_store(
+                    root,
+                    cache=cache,
+                    cache_bytes=cache_bytes,
+                    storage_options=storage_options,
+                    codec=codec,
+                    deltas=deltas,
                 )
-            if defer_copy and not async_save:
-                raise ConfigError(
-                    "defer_copy=True defers the copy of a background save, and this manager "
-                    "saves synchronously; drop defer_copy, or pass async_save=True (one process)"
+                lock = self._lock = self._store.lock()
+                if self._owns_run:
+                    lock.acquire()
+                    self._store.refresh()  # as it is now that no other writer can change it
+                    removed = self._store.clean()
+                    if removed:
+                        log.info("removed %d leftover file(s) from an interrupted save", removed)
+            except Exception as exc:
+                if self.ranks is None:
+                    raise
+                failure = exc
+            if self.ranks is not None:
+                root_url = self._store.url if failure is None else os.fspath(root)
+                self.ranks.same(
+                    {
+                        "root": root_url,
+                        "save": describe(self.save_policy),
+                        "keep": describe(self.keep_policy),
+                        "content": describe(self.content),
+                        "codec": repr(codec),
+                        "deltas": repr(deltas),
+                        "async_save": repr(async_save),
+                        "rng": repr(rng),
+                    },
+                    None if failure is None else Failure.of(self.ranks.rank, failure),
+                    "creating the CheckpointManager",
                 )
-            # the lock and the run folder's upkeep belong to rank 0 alone
-            self._owns_run = self.ranks is None or self.ranks.coordinator
-            if cache is not None and self.ranks is not None:
-                raise ConfigError(
-                    "cache= is for one writing process: with several, rank 0 cannot know that the "
-                    "other ranks' objects are uploaded before it uploads the manifest; drop cache= "
-                    "(each rank then writes to the remote store directly)"
-                )
-            self._store = open_store(
-                root,
-                cache=cache,
-                cache_bytes=cache_bytes,
-                storage_options=storage_options,
-                codec=codec,
-                deltas=deltas,
-            )
-            lock = self._lock = self._store.lock()
-            if self._owns_run:
-                lock.acquire()
-                self._store.refresh()  # as it is now that no other writer can change it
-                removed = self._store.clean()
-                if removed:
-                    log.info("removed %d leftover file(s) from an interrupted save", removed)
         except BaseException:
             if lock is not None:
                 lock.release()  # a lock not taken is left alone
             if self.ranks is not None:  # the group this manager opened
                 self.ranks.close()
             raise
+        assert lock is not None  # a rank that failed to take it raised above
         self._upkeep = Upkeep(self._store, lock, self.keep_policy, owns_run=self._owns_run)
         path: SavePath
         if self.ranks is not None:
@@ -317,26 +349,46 @@ class CheckpointManager:
         decision, whose ``reasons`` say which triggers fired.
         """
         self._check_open()
+        # with several ranks a refused input still joins the step's collective (see _step)
+        refused: ConfigError | None = None
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ConfigError(f"step must be an integer >= 0, got {step!r}")
+            refused = ConfigError(f"step must be an integer >= 0, got {step!r}")
+            if self.ranks is None:
+                raise refused
         # a background save slows the steps it runs beside: that counts as its cost too
         felt = self._felt.arrived(self.clock().timestamp(), busy=self._pipeline.busy)
         if felt:
             self._decider.waited_for_save(timedelta(seconds=felt))
         try:
-            return self._step(step, state, metrics, final)
+            return self._step(step, state, metrics, final, refused)
         finally:
             self._felt.left(self.clock().timestamp())
 
     def _step(
-        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None, final: bool
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None,
+        final: bool,
+        refused: ConfigError | None = None,
     ) -> Decision:
         self._pipeline.poll()
-        values = coerce_metrics(metrics)
+        values: Mapping[str, float] = {}
+        if refused is None:
+            try:
+                values = coerce_metrics(metrics)
+            except ConfigError as exc:
+                if self.ranks is None:
+                    raise
+                refused = exc
+        if refused is not None and self._decider.alone:
+            self._refuse_alone(step, final, refused)
         # a request is forgotten once the save answering it commits; until then it must not
         # ask for another save at every step
         answered = self._answering if self._pipeline.busy else frozenset()
-        verdict = self._decider.decide(step, values, final=final, answered=answered)
+        verdict = self._decider.decide(
+            step, values, final=final, answered=answered, refused=refused
+        )
         decision = verdict.decision
         if not decision.save:
             return decision
@@ -360,6 +412,18 @@ class CheckpointManager:
             log.info("saved step %d on a signal; exiting as on_signal(then='exit') asks", step)
             raise SystemExit(0)
         return decision
+
+    def _refuse_alone(self, step: int, final: bool, refused: ConfigError) -> NoReturn:
+        """Raise ``refused`` (a bad input to :meth:`step`) where each rank decides alone: on
+        every rank when the ranks save at this step (this rank joins the save's collectives
+        to fail it), else on this rank only (no rank waits for it). A step that is no
+        integer tells nothing: this rank cannot know what the others do, and raises alone.
+        """
+        assert self.ranks is not None
+        valid = isinstance(step, int) and not isinstance(step, bool) and step >= 0
+        if valid and self._decider.saves_alone(step, final=final):
+            fail_across_ranks(self.ranks, self._store, step, refused)
+        raise refused
 
     def save(
         self,
@@ -492,6 +556,8 @@ class CheckpointManager:
         :meth:`Run.branches`).
         """
         self._pipeline.wait()  # a background save still reads the live tensors
+        if self.ranks is not None:  # a rank restoring alone would wait out dist_timeout
+            self.ranks.meet("restore()")
         restored = self.run.restore(
             state,
             step=step,
@@ -513,6 +579,8 @@ class CheckpointManager:
         when there is none.
         """
         self._pipeline.wait()  # resume from the newest checkpoint, as restore() does
+        if self.ranks is not None:
+            self.ranks.meet("resume_values()")
         rank = self._read_rank() if self.ranks is None else self.ranks.rank
         loaded = self.run.read(step, full_only=True, rank=rank, ranks=self.ranks)
         if loaded is None:

@@ -15,8 +15,7 @@ from typing import Any
 
 from ckptwise.decide.monitor import Monitor, Watched
 from ckptwise.decide.progress import Progress
-from ckptwise.distributed.ranks import Ranks
-from ckptwise.errors import CheckpointError
+from ckptwise.distributed.ranks import Failure, Ranks
 from ckptwise.policy import (
     ContentPolicy,
     Decision,
@@ -68,6 +67,8 @@ class Decider:
         self.clock = clock
         self.monitor = None if watch is None else Monitor(watch, walk(save), files=watch_files)
         self.ranks = ranks if ranks is not None and not step_only(save) else None
+        #: whether each rank decides alone, with no message per step (several ranks)
+        self.alone = ranks is not None and self.ranks is None
         self.progress = Progress(clock())
         self._remote: frozenset[Request] = frozenset()  # other ranks' requests, on rank 0
 
@@ -78,24 +79,33 @@ class Decider:
         *,
         final: bool,
         answered: frozenset[Request] = frozenset(),
+        refused: Exception | None = None,
     ) -> Verdict:
         """The verdict for ``step``; ``metrics`` join the history after it is taken.
 
         ``answered`` are requests a save still in flight answers: they stay pending (a
         request is forgotten once its save is durable) but ask for no other save.
-        With several ranks, a rank whose policies raise still joins the step's collective
-        (saying so), and every rank raises: none waits for a rank that left.
+        With several ranks, a rank whose policies raise, or whose input to ``step()`` was
+        ``refused`` (the error to raise), still joins the step's collective (saying so),
+        and every rank raises the same error naming that rank: none waits for a rank that
+        left. Without a collective (one process, or triggers that read only the step)
+        ``refused`` is raised here.
         """
         now = self.clock()
         requests: frozenset[Request] = frozenset()
-        decision, variant, failure = Decision.no(), full(), None
+        decision, variant, failure = Decision.no(), full(), refused
+        if failure is not None and self.ranks is None:
+            raise failure
         try:
-            requests = self.monitor.poll() - answered if self.monitor is not None else frozenset()
-            training = self.progress.state(
-                step, now, metrics=metrics, requests=requests | self._remote, final=final
-            )
-            decision = self.save.decide(training)
-            variant = self.content.choose(training, decision) if decision.save else full()
+            if failure is None:
+                requests = (
+                    self.monitor.poll() - answered if self.monitor is not None else frozenset()
+                )
+                training = self.progress.state(
+                    step, now, metrics=metrics, requests=requests | self._remote, final=final
+                )
+                decision = self.save.decide(training)
+                variant = self.content.choose(training, decision) if decision.save else full()
         except Exception as exc:
             if self.ranks is None:
                 raise
@@ -104,6 +114,14 @@ class Decider:
             decision, variant = self._agree(requests, decision, variant, failure)
         self.progress.observe(step, metrics)
         return Verdict(decision, variant, now)
+
+    def saves_alone(self, step: int, *, final: bool) -> bool:
+        """Whether every rank, deciding alone from the step, saves at ``step``: the ranks
+        are then in the save's collectives, which a rank that cannot go on must join."""
+        training = self.progress.state(
+            step, self.clock(), metrics={}, requests=frozenset(), final=final
+        )
+        return self.alone and self.save.decide(training).save
 
     def _agree(
         self,
@@ -114,7 +132,8 @@ class Decider:
     ) -> tuple[Decision, Variant]:
         """Rank 0's decision on every rank: one all-reduce of a few integers per step (whether
         any rank failed to decide, whether rank 0 saves, which watched signals any rank
-        received), and rank 0's decision itself only on the steps that save."""
+        received), and rank 0's decision itself only on the steps that save. When a rank
+        failed, a second collective tells every rank which one and why."""
         assert self.ranks is not None
         coordinator = self.ranks.coordinator
         signals = [
@@ -123,9 +142,8 @@ class Decider:
         flags = [int(failure is not None), int(coordinator and decision.save)]
         merged = self.ranks.max_flags(flags + [int(r in requests) for r in signals])
         if merged[0]:
-            if failure is not None:
-                raise failure
-            raise CheckpointError("deciding whether to save failed on another rank; see its log")
+            mine = None if failure is None else Failure.of(self.ranks.rank, failure)
+            self.ranks.agree(mine, "step()")  # the same words on every rank
         if coordinator:
             seen = {r for r, on in zip(signals, merged[2:], strict=True) if on}
             self._remote = frozenset(seen) - requests - decision.requests

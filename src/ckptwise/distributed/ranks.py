@@ -5,13 +5,20 @@ same arguments). It opens the checkpoint's own ``gloo`` process group, so checkp
 collectives never queue behind (or deadlock with) the training's own collectives on the
 default group, and offers the few collectives the save and restore protocols need. A
 collective fails, on every rank, when any rank raised or died: :meth:`Ranks.agree` turns a
-local failure into the same :class:`~ckptwise.errors.CheckpointError` everywhere.
+local failure into the same :class:`~ckptwise.errors.CheckpointError` everywhere, and
+:meth:`Ranks.same` refuses, on every rank, ranks created with different arguments. A
+collective torch itself fails (a rank died, or one waited past ``dist_timeout``) raises a
+:class:`~ckptwise.errors.CheckpointError` too; gloo cannot use the group again after that.
+:meth:`Ranks.meet` waits for every rank without the group, through torch's store, so a rank
+that never comes is reported within a short wait and the group stays usable.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,13 +40,21 @@ if TYPE_CHECKING:
 else:
     from ckptwise._lazy import dist, torch
 
-__all__ = ["DEFAULT_TIMEOUT", "Failure", "Ranks"]
+__all__ = ["DEFAULT_TIMEOUT", "Failure", "Ranks", "arrival_timeout", "describe"]
 
 #: How long a rank waits for the others in one checkpoint collective. A save's longest wait
 #: is a rank that writes more than the others, so it must cover a whole save.
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 T = TypeVar("T")
+
+
+def arrival_timeout(timeout: timedelta) -> timedelta:
+    """How long :meth:`Ranks.meet` waits for every rank to call the same method: a minute,
+    or a quarter of ``timeout`` (the manager's ``dist_timeout``) when that is shorter. Ranks
+    start a restore within seconds of each other; a rank that has not come by then is not
+    coming (it called something else), and saying so beats waiting out ``dist_timeout``."""
+    return min(timeout / 4, timedelta(minutes=1))
 
 
 #: the ckptwise error classes a failure keeps when it is raised on every rank
@@ -102,11 +117,24 @@ def _destroy_at_exit() -> None:
 class Ranks:
     """This process's place among the ranks, and the checkpoint's process group."""
 
-    def __init__(self, group: Any, *, rank: int, size: int, destroyable: bool = True) -> None:
+    def __init__(
+        self,
+        group: Any,
+        *,
+        rank: int,
+        size: int,
+        destroyable: bool = True,
+        timeout: timedelta = DEFAULT_TIMEOUT,
+    ) -> None:
         self._group = group
+        #: how long a collective waits for the other ranks (the manager's ``dist_timeout``)
+        self.timeout = timeout
         self._destroyable = destroyable
         self.rank = rank
         self.size = size
+        #: collectives and meetings every rank passed: the same on every rank at the same
+        #: point of the job, so it names a meeting's store keys (see meet)
+        self._passed = 0
         _live.add(self)
 
     @property
@@ -177,7 +205,9 @@ class Ranks:
         group = dist.new_group(
             ranks=members, backend="gloo", timeout=timeout, use_local_synchronization=local
         )
-        return cls(group, rank=dist.get_rank(group), size=size, destroyable=not local)
+        return cls(
+            group, rank=dist.get_rank(group), size=size, destroyable=not local, timeout=timeout
+        )
 
     @property
     def coordinator(self) -> bool:
@@ -187,31 +217,31 @@ class Ranks:
     def gather(self, value: T) -> list[T] | None:
         """Every rank's ``value`` on rank 0 (``None`` elsewhere)."""
         out: list[Any] | None = [None] * self.size if self.coordinator else None
-        dist.gather_object(value, out, dst=self._global(0), group=self.group)
+        self._run(lambda: dist.gather_object(value, out, dst=self._global(0), group=self.group))
         return out
 
     def broadcast(self, value: T) -> T:
         """Rank 0's ``value`` on every rank."""
         box: list[Any] = [value]
-        dist.broadcast_object_list(box, src=self._global(0), group=self.group)
+        self._run(lambda: dist.broadcast_object_list(box, src=self._global(0), group=self.group))
         result: T = box[0]
         return result
 
     def all_gather(self, value: T) -> list[T]:
         """Every rank's ``value`` on every rank."""
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, value, group=self.group)
+        self._run(lambda: dist.all_gather_object(out, value, group=self.group))
         return out
 
     def max_flags(self, flags: list[int]) -> list[int]:
         """The element-wise maximum of every rank's ``flags`` (all ranks pass as many)."""
         tensor = torch.tensor(flags, dtype=torch.int64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        self._run(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group))
         return [int(v) for v in tensor.tolist()]
 
     def barrier(self) -> None:
         """Wait until every rank got here."""
-        dist.barrier(group=self.group)
+        self._run(lambda: dist.barrier(group=self.group))
 
     def agree(self, failure: Failure | None, what: str) -> None:
         """Raise on every rank when any rank failed (the first failure is named)."""
@@ -219,8 +249,92 @@ class Ranks:
         if failures:
             raise failures[0].error(what)
 
+    def same(self, values: Mapping[str, str], failure: Failure | None, what: str) -> None:
+        """Raise the same :class:`~ckptwise.errors.ConfigError` on every rank when the ranks'
+        ``values`` differ (naming each that differs and which rank has which), else raise
+        on every rank when any rank's ``failure`` is not ``None``: one collective.
+        """
+        sent = self.all_gather((dict(values), failure))
+        differ = []
+        for key in values:
+            held: dict[str, list[int]] = {}
+            for rank, (theirs, _) in enumerate(sent):
+                held.setdefault(theirs.get(key, "(missing)"), []).append(rank)
+            if len(held) > 1:
+                ways = "; ".join(f"{_ranks(r)}: {v}" for v, r in held.items())
+                differ.append(f"{key} differs ({ways})")
+        if differ:
+            raise ConfigError(
+                f"{what}: the ranks were given different arguments: {'; '.join(differ)}. "
+                "Create the manager with the same arguments on every rank; for a timestamped "
+                "run folder, compute its name on rank 0 and broadcast it (e.g. with "
+                "torch.distributed.broadcast_object_list)"
+            )
+        failures = [f for _, f in sent if f is not None]
+        if failures:
+            raise failures[0].error(what)
+
+    def meet(self, what: str, *, within: timedelta | None = None) -> None:
+        """Wait until every rank called ``what`` (every rank calls this at the same point of
+        it), at most ``within`` (by default :func:`arrival_timeout` of :attr:`timeout`);
+        else raise the same :class:`~ckptwise.errors.CheckpointError` on every rank that
+        came.
+
+        The ranks count themselves in torch's store, not in the checkpoint's group: a rank
+        that never comes fails this wait only, and the group stays usable. The first rank
+        to give up marks the meeting failed for all (a rank that comes later raises at
+        once), unless the last to arrive marked it complete first. A meeting is named by
+        how many collectives and meetings the ranks passed before it, which a failed one
+        does not change: a rank that comes late meets the failure, and a meeting at the
+        same point again fails at once (the ranks must first pass a collective together).
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        within = arrival_timeout(self.timeout) if within is None else within
+        key = f"ckptwise/{self.group.group_name}/{what}/{self._passed}"
+        store = dist.distributed_c10d._get_default_store()
+        try:
+            if store.add(f"{key}/in", 1) == self.size:
+                store.compare_set(f"{key}/out", "", "complete")
+            with contextlib.suppress(dist.DistStoreError):  # waited long enough
+                store.wait([f"{key}/out"], within)
+            gave_up = f"rank {self.rank} waited {within.total_seconds():g} s"
+            outcome = store.compare_set(f"{key}/out", "", gave_up).decode()
+        except RuntimeError as exc:  # the store itself failed: the job's rendezvous is gone
+            raise CheckpointError(f"{what}: the ranks could not meet: {exc}") from exc
+        if outcome == "complete":
+            self._passed += 1
+        else:
+            raise CheckpointError(
+                f"{what} was not called by every rank ({outcome} for the others, who "
+                f"called something else or nothing): every rank must call {what}, at the "
+                "same point of the job"
+            )
+
+    def _run(self, collective: Callable[[], object]) -> None:
+        """Run a collective on the group; torch's own failure becomes a CheckpointError."""
+        try:
+            collective()
+            self._passed += 1
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"a checkpoint collective failed on rank {self.rank}: another rank died, "
+                "called another collective or did not come within dist_timeout; the "
+                "checkpoint's process group cannot be used again (create a new "
+                f"CheckpointManager on every rank): {type(exc).__name__}: {exc}"
+            ) from exc
+
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank)
 
     def __repr__(self) -> str:
         return f"Ranks(rank={self.rank}, size={self.size})"
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def describe(value: object) -> str:
+    """``repr(value)`` without memory addresses, the same on every rank for equal values."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))

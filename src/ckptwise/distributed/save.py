@@ -24,7 +24,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -44,7 +44,7 @@ from ckptwise.store import (
     TensorEntry,
 )
 
-__all__ = ["commit_across_ranks"]
+__all__ = ["commit_across_ranks", "fail_across_ranks"]
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,23 @@ def commit_across_ranks(
         raise outcome.error(what)
     assert outcome is not None
     return outcome
+
+
+def fail_across_ranks(
+    ranks: Ranks, store: CheckpointStore, step: int, error: Exception
+) -> NoReturn:
+    """Join the save of ``step`` that the other ranks are in, only to fail it on every rank
+    with ``error`` (this rank's, named): for a rank that cannot save (its input to
+    ``step()`` was refused) while the others, each deciding alone, save this step.
+    """
+
+    def refuse() -> Snapshot:
+        raise error
+
+    commit_across_ranks(
+        ranks, store, Manifest(step=step, time=0.0, tensors={}), refuse, after_commit=lambda: None
+    )
+    raise AssertionError("a save whose capture failed on this rank commits nothing")
 
 
 def _publish(
