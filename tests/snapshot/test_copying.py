@@ -45,6 +45,13 @@ class Gate:
         monkeypatch.setattr(copying, "_fill", gated)
 
 
+def deferring(run_dir: Path) -> cw.CheckpointManager:
+    """A manager saving every step in the background, its copy deferred (``defer_copy``)."""
+    return cw.CheckpointManager(
+        run_dir, save=cw.every(1), async_save=True, defer_copy=True, rng=False
+    )
+
+
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     g = Gate(monkeypatch)
@@ -110,9 +117,7 @@ def test_step_returns_before_the_copy_and_the_next_optimizer_step_waits_for_it(
 ) -> None:
     state = net_state()
     train(state)
-    with cw.CheckpointManager(
-        run_dir, save=cw.every(1), async_save=True, defer_copy=True, rng=False
-    ) as manager:
+    with deferring(run_dir) as manager:
         manager.step(1, state)  # returns although the copy is held back
         assert gate.entered.wait(10)
         at_save = frozen(state)
@@ -135,9 +140,7 @@ def test_buffers_written_in_forward_are_copied_before_step_returns(
 ) -> None:
     state = net_state()
     train(state)
-    with cw.CheckpointManager(
-        run_dir, save=cw.every(1), async_save=True, defer_copy=True, rng=False
-    ) as manager:
+    with deferring(run_dir) as manager:
         manager.step(1, state)
         at_save = frozen(state)
         forward_backward(state)  # BatchNorm updates its running stats in place
@@ -152,9 +155,7 @@ def test_an_unguarded_in_place_write_fails_the_save_rather_than_mixing_states(
 ) -> None:
     state = net_state()
     train(state)
-    with cw.CheckpointManager(
-        run_dir, save=cw.every(1), async_save=True, defer_copy=True, rng=False
-    ) as manager:
+    with deferring(run_dir) as manager:
         manager.step(1, state)
         with torch.no_grad():
             state["model"].lin.weight.mul_(0.5)  # not through the optimizer: no hook sees it
@@ -177,9 +178,7 @@ def test_a_parameter_shared_by_two_optimizers_holds_back_both(run_dir: Path, gat
     second = torch.optim.SGD([shared], lr=0.1)
     model = nn.ParameterDict({"shared": shared, "own": own})
     state = {"model": model, "a": torch.optim.SGD([shared, own], lr=0.1), "b": first, "c": second}
-    with cw.CheckpointManager(
-        run_dir, save=cw.every(1), async_save=True, defer_copy=True, rng=False
-    ) as manager:
+    with deferring(run_dir) as manager:
         manager.step(1, state)
         before = shared.detach().clone()
         torch.autograd.backward(shared.sum() + own.sum())
@@ -221,9 +220,7 @@ def test_accelerate_wrapped_optimizer_is_guarded(run_dir: Path, gate: Gate) -> N
     state = {"model": model, "optimizer": wrapped}
     model(torch.randn(2, 8)).sum().backward()
     wrapped.step()
-    with cw.CheckpointManager(
-        run_dir, save=cw.every(1), async_save=True, defer_copy=True, rng=False
-    ) as manager:
+    with deferring(run_dir) as manager:
         manager.step(1, state)
         before = model.weight.detach().clone()
         model(torch.randn(2, 8)).sum().backward()
@@ -240,9 +237,7 @@ def test_accelerate_wrapped_optimizer_is_guarded(run_dir: Path, gate: Gate) -> N
 def test_close_removes_the_hooks(run_dir: Path) -> None:
     state = net_state()
     train(state)
-    manager = cw.CheckpointManager(
-        run_dir, save=cw.every(1), async_save=True, defer_copy=True, rng=False
-    )
+    manager = deferring(run_dir)
     manager.step(1, state)
     assert state["optimizer"]._optimizer_step_pre_hooks
     manager.close()
@@ -316,9 +311,7 @@ def test_checkpoint_is_the_state_at_step_or_the_save_fails(
     run_dir = tmp_path_factory.mktemp("run")
     state = net_state()
     train(state)
-    with cw.CheckpointManager(
-        run_dir, save=cw.every(1), async_save=True, defer_copy=True, rng=False
-    ) as manager:
+    with deferring(run_dir) as manager:
         manager.step(1, state)
         at_save = frozen(state)
         threading.Event().wait(delay)
@@ -501,9 +494,7 @@ def test_an_optimizer_that_steps_while_another_s_copy_runs_does_not_fail_the_sav
     opt_second = torch.optim.SGD([second], lr=0.1)
     model = nn.ParameterDict({"first": first, "second": second})
     state = {"model": model, "first": opt_first, "second": opt_second}
-    with cw.CheckpointManager(
-        run_dir, save=cw.every(1), async_save=True, defer_copy=True, rng=False
-    ) as manager:
+    with deferring(run_dir) as manager:
         manager.step(1, state)
         at_save = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.autograd.backward(first.sum() + second.sum())
