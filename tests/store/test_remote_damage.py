@@ -75,12 +75,14 @@ def test_an_object_deleted_from_the_bucket_is_rewritten_at_the_next_save(
     seen = len(proxy.log)
     with caplog.at_level(logging.WARNING, logger="ckptwise"):
         store.commit(2, _state(2, frozen))  # the same store, well within its recheck hour
-    assert gone in caplog.text and "is missing" in caplog.text
+    assert gone in caplog.text
+    assert "is missing" in caplog.text
     requests = proxy.log[seen:]
     heads = [r for r in requests if r.method == "HEAD" and "/objects/" in r.path]
     lists = [r for r in requests if r.method == "GET" and "/objects/" not in r.path]
     if frozen > 2:  # one listing checks them all, not a request per object
-        assert heads == [] and len(lists) == 1
+        assert heads == []
+        assert len(lists) == 1
     else:
         assert len(heads) == frozen  # so few that a HEAD each is cheaper than a listing
 
@@ -111,7 +113,8 @@ def test_an_object_deleted_from_the_bucket_is_rewritten_through_the_cache(
 
     with caplog.at_level(logging.WARNING, logger="ckptwise"):
         store.commit(2, _state(2, 3))
-    assert gone in caplog.text and "is missing" in caplog.text
+    assert gone in caplog.text
+    assert "is missing" in caplog.text
     backend.flush(WAIT)
     assert backend.upload_states() == {1: "remote", 2: "remote"}
     remote = CheckpointStore(FsspecBackend(url, **s3))
@@ -147,7 +150,8 @@ def test_an_object_damaged_in_the_cache_before_upload_never_leaves_the_machine(
     with caplog.at_level(logging.WARNING, logger="ckptwise"):
         lock.acquire()
         backend.flush(WAIT)
-    assert damaged in caplog.text and "checksum" in caplog.text
+    assert damaged in caplog.text
+    assert "checksum" in caplog.text
     assert not any(damaged in r.path for r in proxy.log if r.method == "PUT")
     bucket = _bucket(s3)
     assert not bucket.exists(_key(url, object_path(damaged)))
