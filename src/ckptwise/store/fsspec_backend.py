@@ -19,9 +19,11 @@ T = TypeVar("T")
 
 #: :meth:`FsspecBackend.sizes` asks up to this many files' sizes one request each, and more
 #: by listing their folders (on S3 one request per 1,000 files). Against ``moto_server``
-#: (``bench/remote.py --check-only``) a listing of 10 objects took 29 ms and 10 requests
-#: 42 ms; at 1,000 objects 0.38 s against 3.6 s even with 32 requests in flight.
-HEADS_AT_MOST = 8
+#: (``python -m bench.remote --check-only``) a listing of a run's 10 objects took 26 ms and
+#: a request each 166 ms; 1,000 objects 0.28 s against 7.3 s. A listing's cost grows with
+#: the objects the run holds, a request each with those the save reuses: a listing wins
+#: unless a save reuses only a few objects of a large run.
+HEADS_AT_MOST = 4
 
 
 class FsspecBackend(Direct):

@@ -25,7 +25,9 @@ that retention deleted meanwhile). The retention handshake with pins
 remote directly, and a tombstone's removal is queued behind the remote deletion of its
 manifest, so a pinner on another machine sees the tombstone until the manifest is gone.
 So a prune that deletes still makes a few small remote requests per deleted step (as the
-handshake needs), while a save makes none.
+handshake needs), while a save makes one when it reuses uploaded objects: the check that
+they are still on the remote (one listing of ``objects/``, or a ``HEAD`` each for a few; see
+:meth:`TieredBackend.sizes`), since a lifecycle rule or a person may have deleted them.
 
 **Which files go through the cache**: ``objects/``, ``checkpoints/``, ``branches/`` and the
 advisory ``run.json`` (rewritten at every prune; its upload is queued like a manifest's).
