@@ -171,3 +171,38 @@ def test_an_object_damaged_in_the_cache_before_upload_never_leaves_the_machine(
     assert all(_same(remote.load_tensors(s), _state(s, 2)) for s in (1, 2, 3))
     lock.release()
     backend.close()
+
+
+def test_a_checkpoint_whose_damaged_object_is_not_saved_again_stays_local_alone(
+    s3: dict[str, Any], proxy: S3Proxy, tmp_path: Path
+) -> None:
+    url = _url(tmp_path)
+    cache = tmp_path / "cache"
+    first = _tiered(cache, url, _options(proxy, s3))
+    CheckpointStore(first).commit(1, _state(1, 2))
+    damaged = CheckpointStore(first).manifest(1).tensors["head"].object  # trains: not saved again
+    cached = cache / "files" / object_path(damaged)
+    data = bytearray(cached.read_bytes())
+    data[0] ^= 0x01
+    cached.write_bytes(bytes(data))
+
+    backend = _tiered(cache, url, _options(proxy, s3))
+    store = CheckpointStore(backend)
+    lock = store.lock()
+    lock.acquire()
+    store.commit(2, _state(2, 2))  # later checkpoints upload, whatever waits
+    backend.flush(WAIT)
+    assert backend.upload_states() == {1: "local", 2: "remote"}
+    remote = CheckpointStore(FsspecBackend(url, **s3))
+    assert remote.steps() == [2]
+    assert remote.verify() == []
+    assert _same(remote.load_tensors(2), _state(2, 2))
+    assert not _bucket(s3).exists(_key(url, object_path(damaged)))
+
+    store.delete([1])  # retention: the checkpoint that could not be uploaded goes
+    backend.flush(WAIT)
+    assert backend.upload_states() == {2: "remote"}
+    remote.refresh()
+    assert remote.steps() == [2]
+    lock.release()
+    backend.close()

@@ -11,16 +11,17 @@ fails, the manifest stays, the index keeps it (so its objects stay referenced) a
 says so. Garbage collection never deletes an object a manifest on disk names (see
 :mod:`~ckptwise.store.index`), so no outcome leaves a manifest whose objects can vanish.
 
-Dedup does not trust a stored object forever. A reused object's size is checked on every
-save, where the run keeps it for good, in one batch for all the save's reused objects (see
+Dedup does not trust a stored object forever. A reused object's size is checked at every
+save where the run keeps it for good, in one batch for all the save's reused objects (see
 :meth:`Backend.sizes <ckptwise.store.backend.Backend.sizes>`: a stat each on a local disk, one
 listing of ``objects/`` on a remote store, or a request each when there are a few; through a
-cache the remote for every object already uploaded, the cache for the others); the first time this store reuses an object it did not write itself, and whenever its last check
-is older than ``recheck``, it is read back and hashed. An object that
-fails is written again from the live tensor, whose bytes hash to the same id, which repairs
-every older checkpoint that shares it too (a delta object is rewritten whole, as its own
-keyframe). A delta whose base cannot be read back is stored whole instead: a save never
-depends on damaged history.
+cache the remote for every object already uploaded, the cache for the others). The first
+time this store reuses an object it did not write itself, and whenever its last check is
+older than ``recheck``, it is also read back and hashed (through a cache, from the cache's
+copy while it has one). An object that fails is written again from the live tensor, whose
+bytes hash to the same id, which repairs every older checkpoint that shares it too (a delta
+object is rewritten whole, as its own keyframe). A delta whose base cannot be read back is
+stored whole instead: a save never depends on damaged history.
 
 It is long because dedup, the reuse checks, codec and delta choice and the atomic commit are
 one sequence with one failure rule (committed or absent); the codec choice itself lives in
@@ -90,7 +91,7 @@ MIN_MARGIN = 2**20
 #: What one new file may take on disk beyond its bytes: one filesystem block.
 FILE_OVERHEAD = 4096
 #: How long a reused object, once read back and hashed by a store, is trusted without
-#: another full read (its size is still checked on every save).
+#: another full read (its size is still checked at every save).
 RECHECK = timedelta(hours=1)
 #: A delta is kept only when it is this much smaller than the whole object.
 DELTA_GAIN = 0.9

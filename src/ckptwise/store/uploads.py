@@ -448,7 +448,8 @@ class Uploads:
         self.parked[op.path] = missing
         log.warning(
             "%s is not uploaded to %s: it names %s, which the remote lacks (dropped from the "
-            "cache as damaged). It goes up once a save writes %s again; until then it is "
+            "cache as damaged, or deleted from the remote). It goes up once a save writes %s "
+            "again; until then it is "
             "only in the cache %s",
             op.path,
             self.url,
