@@ -17,14 +17,19 @@ import torch
 
 from ckptwise.store import CheckpointStore, FsspecBackend, open_backend
 from ckptwise.store.layout import object_path
+from ckptwise.store.retry import RetryPolicy
 from ckptwise.store.tiered import TieredBackend
-from s3_proxy import S3Proxy
+from s3_proxy import S3Proxy, matching
 
 pytestmark = pytest.mark.integration
 
 #: the bucket the s3 fixture (conftest.py) creates for this module
 BUCKET = "remote-damage"
 WAIT = timedelta(seconds=60)
+#: quick retries, so that giving up takes milliseconds
+FAST = RetryPolicy(
+    attempts=3, first_delay=timedelta(milliseconds=10), max_delay=timedelta(milliseconds=50)
+)
 
 
 def _url(tmp_path: Path) -> str:
@@ -204,5 +209,36 @@ def test_a_checkpoint_whose_damaged_object_is_not_saved_again_stays_local_alone(
     assert backend.upload_states() == {2: "remote"}
     remote.refresh()
     assert remote.steps() == [2]
+    lock.release()
+    backend.close()
+
+
+def test_a_save_through_the_cache_goes_on_when_the_bucket_cannot_be_asked(
+    s3: dict[str, Any], proxy: S3Proxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _url(tmp_path)
+    options = {
+        **_options(proxy, s3),
+        "config_kwargs": {"retries": {"total_max_attempts": 1}},
+    }
+    backend = open_backend(url, cache=tmp_path / "cache", retry=FAST, **options)
+    assert isinstance(backend, TieredBackend)
+    backend.remote.fs.retries = 1
+    store = CheckpointStore(backend)
+    lock = store.lock()
+    lock.acquire()
+    store.commit(1, _state(1, 3))
+    backend.flush(WAIT)
+
+    proxy.fail(matching())  # the bucket is out of reach
+    with caplog.at_level(logging.WARNING, logger="ckptwise"):
+        info = store.commit(2, _state(2, 3))
+    assert "checked in the cache this time" in caplog.text
+    assert info.new_bytes == _state(2, 3)["head"].nbytes  # the reused objects not rewritten
+    proxy.heal()
+    backend.flush(WAIT)
+    remote = CheckpointStore(FsspecBackend(url, **s3))
+    assert remote.steps() == [1, 2]
+    assert remote.verify() == []
     lock.release()
     backend.close()

@@ -422,7 +422,8 @@ class TieredBackend:
         cache holds and has not uploaded is sized in the cache (it is the only copy); every
         other is asked of the remote in one batch, since the cache's copy of an uploaded file
         says nothing of the remote's (a lifecycle rule or a person may have deleted it). A
-        file found missing remotely is no longer taken as uploaded."""
+        file found missing remotely is no longer taken as uploaded. When the remote cannot
+        be asked, the cache answers (logged), as it would without a remote."""
         out: Sizes = {}
         cached: list[str] = []
         remote: list[str] = []
@@ -436,15 +437,31 @@ class TieredBackend:
                 else:
                     remote.append(path)
         out.update(sizes_one_by_one(self.local, cached))
-        if remote:
+        if not remote:
+            return out
+        try:
             asked = self.remote.sizes(remote)
-            with self._cond:
-                known = self._uploads.remote_files
-                for path, size in asked.items():
-                    missing = isinstance(size, CheckpointNotFoundError)
-                    if missing and known is not None and not self._uploads.busy(path):
-                        known.discard(path)
-            out.update(asked)
+        except StorageError as exc:
+            asked = dict.fromkeys(remote, exc)
+        unasked = {p for p, size in asked.items() if isinstance(size, StorageError)}
+        if unasked:
+            # saves only need the cache: a remote out of reach must not make every reused
+            # object look damaged (each save would then be a full one)
+            log.warning(
+                "could not ask %s whether %d reused file(s) are still there (%s); checked "
+                "in the cache this time",
+                self.url,
+                len(unasked),
+                next(iter(asked[p] for p in unasked)),
+            )
+            asked.update(sizes_one_by_one(self.local, unasked))
+        with self._cond:
+            known = self._uploads.remote_files
+            for path, size in asked.items():
+                missing = isinstance(size, CheckpointNotFoundError) and path not in unasked
+                if missing and known is not None and not self._uploads.busy(path):
+                    known.discard(path)
+        out.update(asked)
         return out
 
     def exists(self, path: str) -> bool:
