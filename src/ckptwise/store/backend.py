@@ -12,18 +12,36 @@ from the underlying filesystem are wrapped in :class:`~ckptwise.errors.StorageEr
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import timedelta
 from typing import Literal, Protocol, Self
 
+from ckptwise.errors import CheckpointError
 from ckptwise.store.layout import TMP_MARK
 
-__all__ = ["LOCAL", "REMOTE", "UPLOADING", "Backend", "Buffer", "Direct", "UploadState", "tmp_name"]
+__all__ = [
+    "LOCAL",
+    "REMOTE",
+    "UPLOADING",
+    "Backend",
+    "Buffer",
+    "Direct",
+    "Sizes",
+    "UploadState",
+    "Vouch",
+    "sizes_one_by_one",
+    "tmp_name",
+]
 
 Buffer = bytes | bytearray | memoryview
 
 #: A checkpoint's upload state: only in the cache, being uploaded, or durable remotely.
 UploadState = Literal["local", "uploading", "remote"]
+#: Each path's size, or the error asking for it raised (see :meth:`Backend.sizes`).
+Sizes = dict[str, int | CheckpointError]
+#: ``vouch(path, file)`` raises :class:`~ckptwise.errors.CorruptCheckpointError` when the
+#: local ``file`` does not hold the object ``path`` names (see :meth:`Backend.start_uploads`).
+Vouch = Callable[[str, str], None]
 LOCAL: UploadState = "local"
 UPLOADING: UploadState = "uploading"
 REMOTE: UploadState = "remote"
@@ -60,6 +78,18 @@ class Backend(Protocol):
 
     def exists(self, path: str) -> bool:
         """Whether a file exists at ``path``."""
+        ...
+
+    def sizes(self, paths: Collection[str]) -> Sizes:
+        """The size of each of ``paths`` where the run keeps it for good, or the error
+        :meth:`size` would raise for it (:class:`CheckpointNotFoundError` when missing), in
+        as few requests as the backend can: the reuse check of every save (see
+        :mod:`~ckptwise.store.commit`). A run written through a cache asks the remote about
+        every file already uploaded, and the cache about the others.
+
+        Raises:
+            StorageError: the backend could not be asked at all.
+        """
         ...
 
     def list_files(self, prefix: str) -> list[str]:
@@ -104,9 +134,12 @@ class Backend(Protocol):
         remote one (two machines must never both write one remote run)."""
         ...
 
-    def start_uploads(self, *, fence: Callable[[], None] | None = None) -> None:
+    def start_uploads(
+        self, *, fence: Callable[[], None] | None = None, vouch: Vouch | None = None
+    ) -> None:
         """Start uploading in the background, under the run's lock (``fence`` checks it is
-        still held); nothing to do for a backend that writes in place."""
+        still held; ``vouch`` checks each object's bytes before they leave the machine);
+        nothing to do for a backend that writes in place."""
         ...
 
     def detach(self) -> None:
@@ -139,7 +172,9 @@ class Direct:
     def lock_backend(self) -> Self:
         return self
 
-    def start_uploads(self, *, fence: Callable[[], None] | None = None) -> None:
+    def start_uploads(
+        self, *, fence: Callable[[], None] | None = None, vouch: Vouch | None = None
+    ) -> None:
         return None
 
     def detach(self) -> None:
@@ -147,6 +182,22 @@ class Direct:
 
     def check_fence(self) -> bool:
         return False
+
+
+class _Sized(Protocol):
+    def size(self, path: str) -> int: ...
+
+
+def sizes_one_by_one(backend: _Sized, paths: Collection[str]) -> Sizes:
+    """:meth:`Backend.sizes` by one :meth:`~Backend.size` call per path: what a backend whose
+    calls are cheap (a local disk) answers."""
+    out: Sizes = {}
+    for path in paths:
+        try:
+            out[path] = backend.size(path)
+        except CheckpointError as exc:
+            out[path] = exc
+    return out
 
 
 def tmp_name(path: str) -> str:

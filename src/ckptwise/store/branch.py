@@ -10,10 +10,10 @@ restoring a branch need no code of their own; every write through it is refused.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from ckptwise.errors import ConfigError, StorageError
-from ckptwise.store.backend import Backend, Buffer, Direct
+from ckptwise.store.backend import Backend, Buffer, Direct, Sizes
 from ckptwise.store.layout import BRANCHES, CHECKPOINTS
 
 __all__ = ["BranchBackend", "check_branch_name"]
@@ -72,6 +72,10 @@ class BranchBackend(Direct):
 
     def exists(self, path: str) -> bool:
         return self.inner.exists(self._map(path))
+
+    def sizes(self, paths: Collection[str]) -> Sizes:
+        mapped = {self._map(p): p for p in paths}
+        return {mapped[p]: size for p, size in self.inner.sizes(mapped).items()}
 
     def list_files(self, prefix: str) -> list[str]:
         return sorted(self._unmap(p) for p in self.inner.list_files(self._map(prefix)))

@@ -11,14 +11,17 @@ fails, the manifest stays, the index keeps it (so its objects stay referenced) a
 says so. Garbage collection never deletes an object a manifest on disk names (see
 :mod:`~ckptwise.store.index`), so no outcome leaves a manifest whose objects can vanish.
 
-Dedup does not trust a stored object forever. A reused object's size is checked on every
-save (one stat; on a remote store, where each is a request, only with the full checks); the
-first time this store reuses an object it did not write itself, and whenever its last check
-is older than ``recheck``, it is read back and hashed. An object that
-fails is written again from the live tensor, whose bytes hash to the same id, which repairs
-every older checkpoint that shares it too (a delta object is rewritten whole, as its own
-keyframe). A delta whose base cannot be read back is stored whole instead: a save never
-depends on damaged history.
+Dedup does not trust a stored object forever. A reused object's size is checked at every
+save where the run keeps it for good, in one batch for all the save's reused objects (see
+:meth:`Backend.sizes <ckptwise.store.backend.Backend.sizes>`: a stat each on a local disk, one
+listing of ``objects/`` on a remote store, or a request each when there are a few; through a
+cache the remote for every object already uploaded, the cache for the others). The first
+time this store reuses an object it did not write itself, and whenever its last check is
+older than ``recheck``, it is also read back and hashed (through a cache, from the cache's
+copy while it has one). An object that fails is written again from the live tensor, whose
+bytes hash to the same id, which repairs every older checkpoint that shares it too (a delta
+object is rewritten whole, as its own keyframe). A delta whose base cannot be read back is
+stored whole instead: a save never depends on damaged history.
 
 It is long because dedup, the reuse checks, codec and delta choice and the atomic commit are
 one sequence with one failure rule (committed or absent); the codec choice itself lives in
@@ -42,7 +45,7 @@ from ckptwise.errors import (
     CorruptCheckpointError,
     StorageError,
 )
-from ckptwise.store.backend import Backend
+from ckptwise.store.backend import Backend, Sizes
 from ckptwise.store.codecs import DELTA, LOSSLESS, Q8, Q8_CODEC, RAW, XOR_CODEC, get_codec
 from ckptwise.store.index import Index
 from ckptwise.store.layout import (
@@ -88,7 +91,7 @@ MIN_MARGIN = 2**20
 #: What one new file may take on disk beyond its bytes: one filesystem block.
 FILE_OVERHEAD = 4096
 #: How long a reused object, once read back and hashed by a store, is trusted without
-#: another full read (its size is still checked on every save).
+#: another full read (its size is still checked at every save).
 RECHECK = timedelta(hours=1)
 #: A delta is kept only when it is this much smaller than the whole object.
 DELTA_GAIN = 0.9
@@ -196,6 +199,26 @@ class Committer:
         #: when this store last read back and hashed an object (or wrote it), and the
         #: entry it checked it as
         self._checked: dict[str, tuple[float, tuple[Any, ...]]] = {}
+        #: the entries of objects written but not yet named by a published manifest, for
+        #: :meth:`vouch` (an object may be uploaded before its manifest is committed)
+        self._writing: dict[str, TensorEntry] = {}
+
+    def vouch(self, path: str, file: str) -> None:
+        """Check that the local ``file`` holds the object ``path`` names, as the entry this
+        store wrote it with or a committed checkpoint names it with records: what a cache's
+        uploader asks before the object leaves the machine (see
+        :meth:`Backend.start_uploads <ckptwise.store.backend.Backend.start_uploads>`). An
+        object no checkpoint names and this store did not write (debris of a writer killed
+        before its commit) has nothing to be checked against, and passes.
+
+        Raises:
+            CorruptCheckpointError: it does not.
+            StorageError: ``file``, or a delta's base, cannot be read.
+        """
+        oid = path.rpartition("/")[2]
+        entry = self._writing.get(oid) or self.index.known(oid)
+        if entry is not None:
+            self.reader.check_file(entry, file)
 
     def commit(
         self,
@@ -249,6 +272,8 @@ class Committer:
         except CheckpointError as exc:
             self._settle(manifest, path, data, exc)
         self.index.publish(manifest)
+        for entry in manifest.entries():
+            self._writing.pop(entry.object, None)  # the index knows it now
         return manifest
 
     def _settle(self, manifest: Manifest, path: str, data: bytes, error: Exception) -> NoReturn:
@@ -314,23 +339,33 @@ class Committer:
         names: dict[str, ObjectUse] = {}
         reused: dict[str, TensorEntry] = {}
         new: dict[str, NewObject] = {}
+        # first every tensor's id, so that the objects to reuse are checked in one batch
+        hashed: list[tuple[str, torch.Tensor, str, memoryview | None, Encoded | None]] = []
         for name, tensor in tensors.items():
-            dtype, shape = dtype_name(tensor.dtype), tuple(tensor.shape)
-            itemsize = tensor.dtype.itemsize
-            if name in quantize and tensor.is_floating_point() and tensor.numel():
-                quantized = Q8_CODEC.quantize(tensor)
-                raw = quantized.decoded
-                encoded: Encoded | None = Encoded(quantized.stored, Q8, quantized.note)
-            else:
-                raw, encoded = tensor_bytes(tensor), None
-            oid = object_id(raw)
-            names[name] = (oid, dtype, shape)
+            oid, raw, encoded = self._address(tensor, quantize=name in quantize)
+            names[name] = (oid, dtype_name(tensor.dtype), tuple(tensor.shape))
+            # a reused object's bytes are not kept meanwhile (a GPU tensor's are a copy)
+            stored = self.index.known(oid) is not None
+            hashed.append((name, tensor, oid, None if stored else raw, encoded))
+        sizes = self._sizes({oid for _, _, oid, raw, _ in hashed if raw is None})
+        for name, tensor, oid, kept, encoded in hashed:
             if oid in reused or oid in new:
                 continue
+            dtype, shape = names[name][1:]
+            itemsize = tensor.dtype.itemsize
             known = self.index.known(oid)
-            if known is not None and self._still_good(known, name):
+            if (
+                known is not None
+                and kept is None
+                and self._still_good(known, name, sizes[object_path(oid)])
+            ):
                 reused[oid] = known
-            elif encoded is not None:
+                continue
+            if kept is None:  # a damaged object: its bytes again, to write it anew
+                _, raw, encoded = self._address(tensor, quantize=name in quantize)
+            else:
+                raw = kept
+            if encoded is not None:
                 new[oid] = NewObject(raw, dtype, shape, itemsize, Q8, encoded.note, encoded=encoded)
             elif known is not None:
                 # a damaged object, rewritten whole: in its own codec unless that was a delta
@@ -353,8 +388,34 @@ class Committer:
             )
         return CommitPlan(names, reused, new)
 
-    def _still_good(self, known: TensorEntry, name: str) -> bool:
-        """Whether a stored object may be reused as it is (see the module docstring).
+    @staticmethod
+    def _address(tensor: torch.Tensor, *, quantize: bool) -> tuple[str, memoryview, Encoded | None]:
+        """A tensor's object id, raw bytes, and stored form when planning makes it (a float
+        tensor stored quantized, ``quantize``)."""
+        if quantize and tensor.is_floating_point() and tensor.numel():
+            quantized = Q8_CODEC.quantize(tensor)
+            raw = quantized.decoded
+            return object_id(raw), raw, Encoded(quantized.stored, Q8, quantized.note)
+        raw = tensor_bytes(tensor)
+        return object_id(raw), raw, None
+
+    def _sizes(self, oids: Iterable[str]) -> Sizes:
+        """The stored size of each object of ``oids`` (or why it is unknown), by path, in
+        one batch (see :meth:`Backend.sizes <ckptwise.store.backend.Backend.sizes>`)."""
+        paths = [object_path(oid) for oid in oids]
+        if not paths:
+            return {}
+        try:
+            return self.backend.sizes(paths)
+        except StorageError as exc:
+            failed: Sizes = {}
+            for path in paths:
+                failed[path] = exc
+            return failed
+
+    def _still_good(self, known: TensorEntry, name: str, size: int | CheckpointError) -> bool:
+        """Whether a stored object may be reused as it is (see the module docstring), given
+        its stored ``size`` (or the error asking for it raised).
 
         Logs a warning naming the object and ``name`` when it may not.
         """
@@ -367,10 +428,10 @@ class Committer:
             or now - last[0] >= self.recheck.total_seconds()
         )
         try:
-            if due or not self.planner.remote:  # a stat is cheap only on a local disk
-                size = self.backend.size(object_path(oid))
-                if size != known.stored_bytes:
-                    raise CorruptCheckpointError(f"holds {size} bytes, not {known.stored_bytes}")
+            if isinstance(size, CheckpointError):
+                raise size
+            if size != known.stored_bytes:
+                raise CorruptCheckpointError(f"holds {size} bytes, not {known.stored_bytes}")
             if due:
                 self.reader.read_raw(known)
                 self._checked[oid] = (now, _check_key(known))
@@ -448,6 +509,16 @@ class Committer:
             t0 = _time.perf_counter()
             encoded = self._encode(oid, job)
             encode_seconds += _time.perf_counter() - t0
+            self._writing[oid] = TensorEntry(
+                object=oid,
+                dtype=job.dtype,
+                shape=job.shape,
+                nbytes=len(job.raw),
+                codec=encoded.codec,
+                stored_bytes=memoryview(encoded.data).nbytes,
+                note=encoded.note,
+                bases=encoded.bases,
+            )
             stored = self.backend.write_atomic(object_path(oid), [encoded.data])
             if progress is not None:
                 progress(len(job.raw))

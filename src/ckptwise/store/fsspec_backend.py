@@ -6,16 +6,24 @@ retrying transient errors and wrapping the others in :class:`~ckptwise.errors.St
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, TypeVar
 
 from ckptwise.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
-from ckptwise.store.backend import Buffer, Direct
+from ckptwise.store.backend import Buffer, Direct, Sizes, sizes_one_by_one
 from ckptwise.store.retry import DEFAULT_RETRY, RetryPolicy, retrying
 
-__all__ = ["FsspecBackend"]
+__all__ = ["HEADS_AT_MOST", "FsspecBackend"]
 
 T = TypeVar("T")
+
+#: :meth:`FsspecBackend.sizes` asks up to this many files' sizes one request each, and more
+#: by listing their folders (on S3 one request per 1,000 files). Against ``moto_server``
+#: (``python -m bench.remote --check-only``) a listing of a run's 10 objects took 26 ms and
+#: a request each 166 ms; 1,000 objects 0.28 s against 7.3 s. A listing's cost grows with
+#: the objects the run holds, a request each with those the save reuses: a listing wins
+#: unless a save reuses only a few objects of a large run.
+HEADS_AT_MOST = 4
 
 
 class FsspecBackend(Direct):
@@ -116,6 +124,51 @@ class FsspecBackend(Direct):
 
     def exists(self, path: str) -> bool:
         return self._call("stat", path, lambda: bool(self.fs.isfile(self._fresh(path))))
+
+    def sizes(self, paths: Collection[str]) -> Sizes:
+        """See :meth:`Backend.sizes <ckptwise.store.backend.Backend.sizes>`: a request per
+        file for up to :data:`HEADS_AT_MOST` files, else one listing of each top folder
+        they are in (``objects/``)."""
+        if len(paths) <= HEADS_AT_MOST:
+            return sizes_one_by_one(self, paths)
+        folders: dict[str, list[str]] = {}
+        out: Sizes = {}
+        for path in paths:
+            top, slash, _ = path.partition("/")
+            if slash:
+                folders.setdefault(top, []).append(path)
+            else:
+                out.update(sizes_one_by_one(self, [path]))
+        for top, inside in folders.items():
+            listed = self._sizes_below(top)
+            for path in inside:
+                size = listed.get(path)
+                out[path] = (
+                    CheckpointNotFoundError(f"{self.url}/{path} does not exist")
+                    if size is None
+                    else size
+                )
+        return out
+
+    def _sizes_below(self, prefix: str) -> dict[str, int]:
+        """The size of every file below the folder ``prefix``, by root-relative path, from
+        one listing (paged by the store)."""
+
+        def find() -> dict[str, Any]:
+            try:
+                found: dict[str, Any] = self.fs.find(self._fresh(prefix), detail=True)
+            except FileNotFoundError:
+                return {}
+            return found
+
+        strip = self.root.lstrip("/")
+        out: dict[str, int] = {}
+        for p, info in self._call("list", prefix, find).items():
+            if info.get("type", "file") != "file":
+                continue
+            rel = p.lstrip("/")
+            out[rel[len(strip) :].lstrip("/") if strip else rel] = int(info.get("size") or 0)
+        return out
 
     def list_files(self, prefix: str) -> list[str]:
         def find() -> list[str]:

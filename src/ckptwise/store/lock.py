@@ -40,7 +40,7 @@ import uuid
 from typing import Any
 
 from ckptwise.errors import RunLockedError, StorageError
-from ckptwise.store.backend import Backend
+from ckptwise.store.backend import Backend, Vouch
 from ckptwise.store.fsspec_backend import FsspecBackend
 from ckptwise.store.layout import LOCK_FILE
 from ckptwise.store.local import LocalBackend
@@ -99,8 +99,10 @@ def _read_only_error(folder: str, exc: OSError) -> StorageError:
 class RunLock:
     """Exclusive write access to one run; :meth:`acquire` raises :class:`RunLockedError`."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, vouch: Vouch | None = None) -> None:
         self.backend = backend
+        #: what a cached run's uploader checks each object with (see ``start_uploads``)
+        self._vouch = vouch
         self._token = uuid.uuid4().hex
         self._fd: int | None = None
         self._path = ""
@@ -147,7 +149,7 @@ class RunLock:
             )
         self._held = True
         try:
-            self.backend.start_uploads(fence=self._verify)
+            self.backend.start_uploads(fence=self._verify, vouch=self._vouch)
         except BaseException:
             self.release()
             raise

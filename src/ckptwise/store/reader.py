@@ -8,12 +8,20 @@ stored size (plus :data:`SLACK`), and its header must claim exactly the tensor's
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckptwise.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+import blake3
+
+from ckptwise.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StorageError,
+)
 from ckptwise.store.backend import Backend
 from ckptwise.store.codecs import RAW, decode, decoded_size
 from ckptwise.store.index import Index
@@ -25,12 +33,14 @@ if TYPE_CHECKING:
 else:
     from ckptwise._lazy import torch
 
-__all__ = ["READERS", "SLACK", "Problem", "Reader"]
+__all__ = ["CHUNK", "READERS", "SLACK", "Problem", "Reader"]
 
 log = logging.getLogger("ckptwise")
 
 #: Threads reading and checking the objects of one checkpoint.
 READERS = 4
+#: Bytes read at a time when a raw object in a local file is hashed as it is read.
+CHUNK = 16 * 2**20
 #: How many bytes a compressed object may exceed the stored size its entry records by.
 SLACK = 4096
 
@@ -183,27 +193,65 @@ class Reader:
                 buffer = bytearray(size)
                 if self.backend.read_into(path, memoryview(buffer)) != size:
                     raise CorruptCheckpointError("changed while it was read")
-                stored = bytes(buffer)
-                claimed = decoded_size(entry.codec, stored)
-                if claimed != entry.nbytes:
-                    raise CorruptCheckpointError(
-                        f"decodes to {claimed} bytes, the tensor has {entry.nbytes}"
-                    )
-                base = None
-                if entry.bases:  # the base into plain memory: it is only read from
-                    base = memoryview(_room(entry.nbytes))
-                    self._read_verified(entry.ancestor(0), _given(base))
-                view = room(entry.nbytes)
-                itemsize = ITEMSIZES[entry.dtype]
-                decode(entry.codec, stored, view, itemsize=itemsize, base=base)
+                view = self._decode(entry, bytes(buffer), room)
         except CheckpointNotFoundError as exc:
             raise CorruptCheckpointError(f"object {entry.object} is missing") from exc
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(f"object {entry.object}: {exc}") from exc
-        if object_id(view) != entry.object:
+        _check_digest(entry, object_id(view))
+
+    def _decode(
+        self, entry: TensorEntry, stored: bytes, room: Callable[[int], memoryview]
+    ) -> memoryview:
+        """Decode the encoded object ``stored`` of ``entry`` into ``room(nbytes)`` (reading
+        its delta base, verified, through the backend); returns that room."""
+        claimed = decoded_size(entry.codec, stored)
+        if claimed != entry.nbytes:
             raise CorruptCheckpointError(
-                f"object {entry.object} fails its checksum (its bytes changed on disk)"
+                f"decodes to {claimed} bytes, the tensor has {entry.nbytes}"
             )
+        base = None
+        if entry.bases:  # the base into plain memory: it is only read from
+            base = memoryview(_room(entry.nbytes))
+            self._read_verified(entry.ancestor(0), _given(base))
+        view = room(entry.nbytes)
+        decode(entry.codec, stored, view, itemsize=ITEMSIZES[entry.dtype], base=base)
+        return view
+
+    def check_file(self, entry: TensorEntry, file: str) -> None:
+        """Check that the local ``file`` holds the object of ``entry``: its size, then its
+        decoded bytes against the object's address (a raw object is hashed as it is read,
+        never held whole; a delta's bases are read through the backend). What the uploader
+        of a cache asks before an object leaves the machine.
+
+        Raises:
+            CorruptCheckpointError: it does not (the message says how).
+            StorageError: ``file`` cannot be read.
+        """
+        try:
+            with open(file, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if entry.codec == RAW:
+                    if size != entry.nbytes:
+                        raise CorruptCheckpointError(f"holds {size} bytes, expected {entry.nbytes}")
+                    hasher = blake3.blake3()
+                    while chunk := f.read(CHUNK):
+                        hasher.update(chunk)
+                    digest = str(hasher.hexdigest())
+                else:
+                    if size > entry.stored_bytes + SLACK:
+                        raise CorruptCheckpointError(
+                            f"holds {size} bytes, its entry says {entry.stored_bytes}"
+                        )
+                    stored = f.read(size + 1)
+                    if len(stored) != size:
+                        raise CorruptCheckpointError("changed while it was read")
+                    digest = object_id(self._decode(entry, stored, lambda n: memoryview(_room(n))))
+        except OSError as exc:
+            raise StorageError(f"could not read {file} to check it: {exc}") from exc
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"object {entry.object}: {exc}") from exc
+        _check_digest(entry, digest)
 
     def object_nbytes(self, entry: TensorEntry) -> int:
         """How many raw bytes the object of ``entry`` holds, found without decoding or
@@ -305,6 +353,14 @@ class Reader:
             return True
         objects = {e.object for e in now.entries()}
         return now.time != held.time or objects != {e.object for e in held.entries()}
+
+
+def _check_digest(entry: TensorEntry, digest: str) -> None:
+    """Raise :class:`CorruptCheckpointError` unless ``digest`` is ``entry``'s object id."""
+    if digest != entry.object:
+        raise CorruptCheckpointError(
+            f"object {entry.object} fails its checksum (its bytes changed on disk)"
+        )
 
 
 def _given(view: memoryview) -> Callable[[int], memoryview]:

@@ -206,8 +206,9 @@ class CheckpointStore:
 
     def lock(self) -> RunLock:
         """A new :class:`~ckptwise.store.lock.RunLock` on this run, not yet taken: a writer
-        calls its ``acquire()`` before writing (which starts a cached run's uploads)."""
-        return RunLock(self.backend)
+        calls its ``acquire()`` before writing (which starts a cached run's uploads, each
+        object checked against its address before it leaves the machine)."""
+        return RunLock(self.backend, vouch=self._committer.vouch)
 
     def branch(self, name: str) -> CheckpointStore:
         """A read-only store over the checkpoints of branch ``name`` (see

@@ -25,7 +25,9 @@ that retention deleted meanwhile). The retention handshake with pins
 remote directly, and a tombstone's removal is queued behind the remote deletion of its
 manifest, so a pinner on another machine sees the tombstone until the manifest is gone.
 So a prune that deletes still makes a few small remote requests per deleted step (as the
-handshake needs), while a save makes none.
+handshake needs), while a save makes one when it reuses uploaded objects: the check that
+they are still on the remote (one listing of ``objects/``, or a ``HEAD`` each for a few; see
+:meth:`TieredBackend.sizes`), since a lifecycle rule or a person may have deleted them.
 
 **Which files go through the cache**: ``objects/``, ``checkpoints/``, ``branches/`` and the
 advisory ``run.json`` (rewritten at every prune; its upload is queued like a manifest's).
@@ -63,7 +65,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import timedelta
 from typing import TypeVar
 
@@ -75,7 +77,17 @@ from ckptwise.errors import (
     RunLockedError,
     StorageError,
 )
-from ckptwise.store.backend import LOCAL, REMOTE, UPLOADING, Backend, Buffer, UploadState
+from ckptwise.store.backend import (
+    LOCAL,
+    REMOTE,
+    UPLOADING,
+    Backend,
+    Buffer,
+    Sizes,
+    UploadState,
+    Vouch,
+    sizes_one_by_one,
+)
 from ckptwise.store.cache_folder import (
     TIERED_DIRS,
     CacheEntries,
@@ -184,14 +196,18 @@ class TieredBackend:
         """Whether the uploader runs (between :meth:`start_uploads` and :meth:`close`)."""
         return bool(self._uploads.threads)
 
-    def start_uploads(self, *, fence: Callable[[], None] | None = None) -> None:
+    def start_uploads(
+        self, *, fence: Callable[[], None] | None = None, vouch: Vouch | None = None
+    ) -> None:
         """Reconcile the cache with the remote and start uploading (see the module
         docstring); a second call does nothing.
 
         Call it only while holding the run's lock: :meth:`RunLock.acquire
         <ckptwise.store.lock.RunLock.acquire>` does, with ``fence`` its check that the lock
         is still held, which the uploader calls before each manifest upload and each
-        remote deletion.
+        remote deletion, and ``vouch`` the writing store's check of an object's bytes,
+        which it calls before each object upload (see *Damage* in
+        :mod:`~ckptwise.store.uploads`).
 
         Raises:
             StorageError: the cache cannot be written or is in use by another process, or
@@ -218,7 +234,7 @@ class TieredBackend:
                         self.local.delete(path)  # deleted remotely since: stale
                         self._entries.forget(path)
                 pending = [p for p, e in self._entries.files.items() if not e.uploaded]
-                self._uploads.start(pending, remote, fence, self.uploaders)
+                self._uploads.start(pending, remote, fence, self.uploaders, vouch)
         except BaseException:
             self._folder.release_lock()
             raise
@@ -401,6 +417,53 @@ class TieredBackend:
     def size(self, path: str) -> int:
         return self._read(path, lambda: self.local.size(path), lambda: self.remote.size(path))
 
+    def sizes(self, paths: Collection[str]) -> Sizes:
+        """See :meth:`Backend.sizes <ckptwise.store.backend.Backend.sizes>`: a file the
+        cache holds and has not uploaded is sized in the cache (it is the only copy); every
+        other is asked of the remote in one batch, since the cache's copy of an uploaded file
+        says nothing of the remote's (a lifecycle rule or a person may have deleted it). A
+        file found missing remotely is no longer taken as uploaded. When the remote cannot
+        be asked, the cache answers (logged), as it would without a remote."""
+        out: Sizes = {}
+        cached: list[str] = []
+        remote: list[str] = []
+        with self._cond:
+            for path in paths:
+                entry = self._entries.files.get(path)
+                if tiered(path) and self._uploads.hidden(path):
+                    out[path] = CheckpointNotFoundError(f"{self.url}/{path} does not exist")
+                elif tiered(path) and entry is not None and not entry.uploaded:
+                    cached.append(path)
+                else:
+                    remote.append(path)
+        out.update(sizes_one_by_one(self.local, cached))
+        if not remote:
+            return out
+        try:
+            asked = self.remote.sizes(remote)
+        except StorageError as exc:
+            asked = dict.fromkeys(remote, exc)
+        unasked = {p for p, size in asked.items() if isinstance(size, StorageError)}
+        if unasked:
+            # saves only need the cache: a remote out of reach must not make every reused
+            # object look damaged (each save would then be a full one)
+            log.warning(
+                "could not ask %s whether %d reused file(s) are still there (%s); checked "
+                "in the cache this time",
+                self.url,
+                len(unasked),
+                next(iter(asked[p] for p in unasked)),
+            )
+            asked.update(sizes_one_by_one(self.local, unasked))
+        with self._cond:
+            known = self._uploads.remote_files
+            for path, size in asked.items():
+                missing = isinstance(size, CheckpointNotFoundError) and path not in unasked
+                if missing and known is not None and not self._uploads.busy(path):
+                    known.discard(path)
+        out.update(asked)
+        return out
+
     def exists(self, path: str) -> bool:
         if not tiered(path):
             return self.remote.exists(path)
@@ -482,6 +545,8 @@ class TieredBackend:
 
     def _state(self, path: str) -> UploadState:
         with self._cond:
+            if path in self._uploads.parked:
+                return LOCAL  # waits for an object dropped as damaged to be written again
             if self._uploads.threads or self._uploads.remote_files is not None:
                 op = self._uploads.op(path)
                 entry = self._entries.files.get(path)

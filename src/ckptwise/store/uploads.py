@@ -24,6 +24,18 @@ it wait, so no manifest goes up before its objects); the failure is logged,
 the next write a minute later, or at the next flush. Training goes on meanwhile: saves only
 need the cache.
 
+**Damage.** Before an object leaves the machine the uploader has its bytes checked against
+its address (``vouch``, the writing store's check: size, decode, hash). An object that fails
+is not uploaded: its cached copy is dropped and a warning names it. A checkpoint manifest is
+uploaded only once every object it names (delta bases included) is on the remote; one naming
+a dropped object is not uploaded but *parked* (its upload state stays ``"local"``, a warning
+says why), so the remote never lists a checkpoint whose objects are not whole there. The
+writer's next save finds the object missing where it checks it (see
+:mod:`~ckptwise.store.commit`) and writes it again from the live tensor (same bytes, same
+address); once that copy is uploaded, the parked manifests go up behind it. If the tensor
+has changed meanwhile, nothing writes those bytes again: the parked checkpoint stays in the
+cache alone, as damaged as it was found, until retention deletes it.
+
 **Exiting.** The backend's ``close()`` waits for every upload. An interpreter that exits
 without it still drains the queue (an ``atexit`` hook, for up to ``exit_timeout``); a process
 killed outright leaves the remote with whole checkpoints only, and its cache for the next
@@ -50,11 +62,21 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, Protocol
 
-from ckptwise.errors import CheckpointError, RunLockedError, StorageError
+from ckptwise.errors import CheckpointError, CorruptCheckpointError, RunLockedError, StorageError
 from ckptwise.priority import lower_thread_priority
+from ckptwise.store.backend import Vouch
 from ckptwise.store.cache_folder import UPLOADED, CacheEntries, CacheFolder
+from ckptwise.store.codecs import readable
 from ckptwise.store.fsspec_backend import FsspecBackend
-from ckptwise.store.layout import BRANCHES, CHECKPOINTS, OBJECTS, PRUNING
+from ckptwise.store.layout import (
+    BRANCHES,
+    CHECKPOINTS,
+    OBJECTS,
+    PRUNING,
+    manifest_step,
+    object_path,
+)
+from ckptwise.store.manifest import MAX_MANIFEST_BYTES, decode_manifest
 
 __all__ = [
     "RESUME_AFTER",
@@ -97,6 +119,18 @@ def upload_order(path: str) -> tuple[int, str]:
 
 class _Vanished(Exception):
     """The cached file to upload is no longer there."""
+
+
+class _Damaged(Exception):
+    """The cached object to upload fails its check: it is not uploaded."""
+
+
+class _Parked(Exception):
+    """A manifest names objects the remote lacks (dropped as damaged): it waits for them."""
+
+    def __init__(self, missing: set[str]) -> None:
+        super().__init__(", ".join(sorted(missing)))
+        self.missing = missing
 
 
 @dataclass
@@ -147,6 +181,9 @@ class Uploads:
         self._fatal = False
         self._fence: Callable[[], None] | None = None
         self._fenced_at = -float("inf")
+        self._vouch: Vouch | None = None
+        #: manifests held back, each with the objects it names that the remote lacks
+        self.parked: dict[str, set[str]] = {}
 
     # -- start, flush, stop ----------------------------------------------------------------
 
@@ -156,11 +193,13 @@ class Uploads:
         remote_files: set[str],
         fence: Callable[[], None] | None,
         count: int,
+        vouch: Vouch | None = None,
     ) -> None:
         """Queue the uploads of the cached files ``pending`` (in :func:`upload_order`),
         taking ``remote_files`` as the remote's listing to keep current, and start ``count``
         threads (holding the lock). ``fence`` raises :class:`RunLockedError` once the run's
-        lock is no longer this writer's."""
+        lock is no longer this writer's; ``vouch`` checks an object before its upload (see
+        *Damage* in the module docstring; without it objects go up unchecked)."""
         pending.sort(key=upload_order)
         for path in pending:
             if path not in self.queue:  # queued earlier: keeps its place
@@ -174,6 +213,7 @@ class Uploads:
             )
         self.remote_files = remote_files
         self._fence = fence
+        self._vouch = vouch
         self._stopping = False
         self.halted, self._fatal = None, False
         self.threads = [
@@ -254,6 +294,7 @@ class Uploads:
         with self._cond:
             self.remote_files = None
             self._fence = None
+            self._vouch = None
 
     def _resume(self, *, force: bool) -> None:
         """Start a stopped uploader again (holding the lock)."""
@@ -305,6 +346,10 @@ class Uploads:
                 if error is None:
                     self._done(op)
                     self._evict()
+                elif isinstance(error, _Damaged):
+                    self._drop(op, error)
+                elif isinstance(error, _Parked):
+                    self._park(op, error.missing)
                 else:
                     self._failed(op, error)
                 self._cond.notify_all()
@@ -345,12 +390,73 @@ class Uploads:
                 "must allow hard links)"
             ) from exc
         try:
+            self._check(op.path, staged)
             self._remote.put_file(op.path, staged)
             mode = stat.S_IMODE(os.lstat(staged).st_mode)
             os.chmod(staged, mode | UPLOADED)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(staged)
+
+    def _check(self, path: str, staged: str) -> None:
+        """Raise :class:`_Damaged` for an object that fails ``vouch``, :class:`_Parked` for
+        a checkpoint manifest naming objects the remote lacks (on an uploader thread,
+        without the lock)."""
+        vouch = self._vouch
+        if not barrier(path):
+            if vouch is not None:
+                try:
+                    vouch(path, staged)
+                except CorruptCheckpointError as exc:
+                    raise _Damaged(str(exc)) from exc
+            return
+        if manifest_step(path) is None:
+            return
+        try:
+            with open(staged, "rb") as f:
+                data = f.read(MAX_MANIFEST_BYTES + 1)
+            manifest = decode_manifest(data, where=path, codecs=readable())
+        except (OSError, CheckpointError):
+            return  # not ours to judge: uploaded as it is, and readers report it broken
+        named = {object_path(e.object) for e in manifest.entries()}
+        named.update(object_path(oid) for e in manifest.entries() for oid, _, _ in e.bases)
+        with self._cond:
+            assert self.remote_files is not None
+            missing = named - self.remote_files
+        if missing:
+            raise _Parked(missing)
+
+    def _drop(self, op: Op, error: _Damaged) -> None:
+        """Drop a cached object that failed its check instead of uploading it (holding the
+        lock); a rewrite of the path meanwhile is kept, and uploaded in its turn."""
+        entry = self._entries.files.get(op.path)
+        if entry is not None and entry.version == op.version:
+            with contextlib.suppress(StorageError):
+                self._folder.local.delete(op.path)
+            self._entries.forget(op.path)
+        log.warning(
+            "%s in the cache %s: not uploaded to %s and dropped from the cache. A checkpoint "
+            "naming it is not uploaded until a save writes it again from the live tensor",
+            error,
+            self._folder.root,
+            self.url,
+        )
+
+    def _park(self, op: Op, missing: set[str]) -> None:
+        """Hold back the manifest ``op`` uploads until the remote has ``missing``
+        (holding the lock)."""
+        self.parked[op.path] = missing
+        log.warning(
+            "%s is not uploaded to %s: it names %s, which the remote lacks (dropped from the "
+            "cache as damaged, or deleted from the remote). It goes up once a save writes %s "
+            "again; until then it is "
+            "only in the cache %s",
+            op.path,
+            self.url,
+            ", ".join(sorted(missing)),
+            "it" if len(missing) == 1 else "them",
+            self._folder.root,
+        )
 
     def _done(self, op: Op) -> None:
         """Record a finished operation (holding the lock)."""
@@ -362,6 +468,12 @@ class Uploads:
         entry = self._entries.files.get(op.path)
         if entry is not None and entry.version == op.version:
             entry.uploaded = True
+        for manifest, missing in list(self.parked.items()):
+            missing.discard(op.path)
+            if not missing:
+                del self.parked[manifest]
+                if manifest in self._entries.files:
+                    self.enqueue(Op("put", manifest))  # behind the object it waited for
 
     def _failed(self, op: Op, error: BaseException) -> None:
         """Put a failed operation back in its place and stop (holding the lock)."""
@@ -410,6 +522,7 @@ class Uploads:
         """Queue ``op`` behind what is queued, merged with a queued operation on its path
         (holding the lock)."""
         path = op.path
+        self.parked.pop(path, None)  # rewritten or deleted: the new operation decides
         queued = self.queue.get(path)
         if op.kind == "put":
             if queued is not None and queued.kind == "delete":
