@@ -353,7 +353,7 @@ CONFIG_ERRORS: list[tuple[str, dict[str, Any], str]] = [
         "unknown-section",
         {"save": {"every": 10}, "kep": {"last": 3}},
         r"kep: unknown section; a policy config has save, keep, content, codec, deltas, "
-        r"async_save, on_busy, rng",
+        r"async_save, defer_copy, on_busy, rng",
     ),
     ("missing-best-metric", {"keep": {"best": {"n": 2}}}, r"keep\.best: best needs 'metric'"),
     ("missing-best-n", {"keep": {"best": {"metric": "x"}}}, r"keep\.best: best needs 'n'"),
