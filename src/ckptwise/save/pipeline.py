@@ -66,7 +66,6 @@ class Captured:
     ``commit`` tells how many bytes it has moved.
     """
 
-    step: int
     nbytes: int
     background: bool
     commit: Callable[[SaveOrder, Progress], CheckpointInfo]
@@ -134,7 +133,6 @@ class SyncPath:
         snap = _capture_whole(entries)
         total = sum(t.nbytes for t in snap.tensors.values())
         return Captured(
-            step,
             total,
             False,
             lambda order, progress: self._commit(order, progress, snap.tensors, snap.tree),
@@ -167,7 +165,6 @@ class AsyncPath:
         total = sum(t.nbytes for t in tensors.values())
         if not self._copy_fits(step, tensors):
             return Captured(
-                step,
                 total,
                 False,
                 lambda order, progress: self._commit(order, progress, tensors, snap.tree),
@@ -179,7 +176,6 @@ class AsyncPath:
             untracked=[k for k, v in entries.items() if getattr(v, "untracked_writes", False)],
         )
         return Captured(
-            step,
             total,
             True,
             lambda order, progress: self._commit(order, progress, pending.result(), snap.tree),
@@ -219,9 +215,7 @@ class RanksPath:
         self._upkeep = upkeep
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
-        return Captured(
-            step, 0, False, lambda order, progress: self._commit(order, progress, entries)
-        )
+        return Captured(0, False, lambda order, progress: self._commit(order, progress, entries))
 
     def _commit(
         self, order: SaveOrder, progress: Progress, entries: Mapping[str, Any]
