@@ -33,7 +33,6 @@ from ckptwise.decide.decider import Decider
 from ckptwise.decide.felt import Felt
 from ckptwise.decide.metrics import coerce_metrics
 from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Failure, Ranks, describe
-from ckptwise.distributed.save import fail_across_ranks
 from ckptwise.errors import CheckpointError, ConfigError
 from ckptwise.policy import (
     ContentPolicy,
@@ -111,9 +110,13 @@ class CheckpointManager:
             blocks until then; ``manager.run`` waits when asked for that very step). Errors
             are raised by the next ``step()``, ``save()``, ``prune()``, ``restore()``,
             ``wait()`` or ``close()``. A save whose copy would not fit in the memory
-            available is taken synchronously, with a warning. Not supported with several
-            processes yet. ``None`` (the default): in the background for one process,
-            synchronously with several; ``False``: always synchronously.
+            available is taken synchronously, with a warning. With several processes each
+            rank copies its own state and writes its share in the background, and the
+            ranks commit together on a process group of their own (see
+            :class:`~ckptwise.save.pipeline.RanksPath`); a save that fails on one rank
+            fails on every rank, each raising the same error (naming the rank) at its first
+            ``step()`` after the save ended. ``None`` (the default) and ``True``: in the
+            background; ``False``: synchronously.
         defer_copy: with ``async_save``, copy what a torch optimizer overwrites while the
             next forward and backward run (its next ``step()`` waits for the copy), so
             ``step()`` returns after copying the rest only. The contract you accept: until
@@ -122,7 +125,7 @@ class CheckpointManager:
             through ``.data`` (weight clipping, a hand-made update) before that step is not
             seen and can tear the checkpoint. Off by default.
         on_busy: with ``async_save``, what a new save does while one is still writing:
-            ``"wait"`` for it, or ``"skip"`` (recorded in :attr:`skipped`).
+            ``"wait"`` for it, or ``"skip"`` (recorded in :attr:`skipped`; one process only).
         storage_options: passed to fsspec for URLs (credentials, endpoint).
         cache: for a remote run (``s3://...``), a local folder (one per run) that saves are
             written to; an uploader sends them to ``root`` in the background, objects before
@@ -202,17 +205,17 @@ class CheckpointManager:
             failure: Exception | None = None
             try:
                 if async_save is None:
-                    async_save = self.ranks is None
-                if self.ranks is not None and async_save:
-                    raise ConfigError(
-                        "async_save=True is not supported in multi-process runs yet; pass "
-                        "async_save=False (each rank writes its share of the save)"
-                    )
+                    async_save = True
                 if defer_copy and not async_save:
                     raise ConfigError(
                         "defer_copy=True defers the copy of a background save, and this manager "
-                        "saves synchronously; drop defer_copy, or pass async_save=True (one "
-                        "process)"
+                        "saves synchronously; drop defer_copy, or drop async_save=False"
+                    )
+                if self.ranks is not None and async_save and on_busy == "skip":
+                    raise ConfigError(
+                        "on_busy='skip' needs one process: with several, each rank's save "
+                        "ends at its own time, so the ranks would not skip the same steps; "
+                        "drop on_busy (a save then waits for the one in flight)"
                     )
                 # the lock and the run folder's upkeep belong to rank 0 alone
                 self._owns_run = self.ranks is None or self.ranks.coordinator
@@ -253,6 +256,8 @@ class CheckpointManager:
                         "codec": repr(codec),
                         "deltas": repr(deltas),
                         "async_save": repr(async_save),
+                        "defer_copy": repr(defer_copy),
+                        "on_busy": repr(on_busy),
                         "rng": repr(rng),
                     },
                     None if failure is None else Failure.of(self.ranks.rank, failure),
@@ -268,12 +273,14 @@ class CheckpointManager:
         self._upkeep = Upkeep(self._store, lock, self.keep_policy, owns_run=self._owns_run)
         path: SavePath
         if self.ranks is not None:
-            path = RanksPath(self._store, self.ranks, self._upkeep)
+            path = RanksPath(
+                self._store, self.ranks, self._upkeep, background=bool(async_save), defer=defer_copy
+            )
         elif async_save:
             path = AsyncPath(self._store, lock, self._upkeep, defer=defer_copy)
         else:
             path = SyncPath(self._store, lock, self._upkeep)
-        self._pipeline = SavePipeline(path, show=self._owns_run)
+        self._pipeline = SavePipeline(path, show=self._owns_run, joint=self.ranks is not None)
         #: the read-only view of this run (listing, loading, verifying, exporting, pins)
         self.run = Run(self._store, settle=self._pipeline.settle)
         self._felt = Felt()
@@ -372,7 +379,17 @@ class CheckpointManager:
         final: bool,
         refused: ConfigError | None = None,
     ) -> Decision:
-        self._pipeline.poll()
+        # With several ranks a background save's failure is raised once this step's decision
+        # is taken and its save, if any, has started: each rank's writer ends at its own
+        # time, so one rank may learn of the failure a step before another, and each must
+        # still join the step's collective and the same saves as the others.
+        failed: CheckpointError | None = None
+        try:
+            self._pipeline.poll()
+        except CheckpointError as exc:
+            if self.ranks is None:
+                raise
+            failed = exc
         values: Mapping[str, float] = {}
         if refused is None:
             try:
@@ -382,7 +399,7 @@ class CheckpointManager:
                     raise
                 refused = exc
         if refused is not None and self._decider.alone:
-            self._refuse_alone(step, final, refused)
+            self._refuse_alone(step, final, refused)  # the save's failure is logged then
         # a request is forgotten once the save answering it commits; until then it must not
         # ask for another save at every step
         answered = self._answering if self._pipeline.busy else frozenset()
@@ -391,12 +408,14 @@ class CheckpointManager:
         )
         decision = verdict.decision
         if not decision.save:
+            if failed is not None:
+                raise failed
             return decision
         if self._pipeline.busy and self.on_busy == "skip":
             self.skipped.append(step)
             log.info("step %d not saved: the save of a previous step is still writing", step)
             return decision
-        self._pipeline.wait()  # what waits for its commit is not this save's to run
+        self._pipeline.before_save()  # what waits for its commit is not this save's to run
         self._answering = decision.requests
         self._save(
             step,
@@ -407,6 +426,8 @@ class CheckpointManager:
             variant=verdict.variant,
             on_commit=self._decider.on_commit(decision),
         )
+        if failed is not None:
+            raise failed
         if self._decider.wants_exit(decision):
             self.wait()
             log.info("saved step %d on a signal; exiting as on_signal(then='exit') asks", step)
@@ -422,7 +443,7 @@ class CheckpointManager:
         assert self.ranks is not None
         valid = isinstance(step, int) and not isinstance(step, bool) and step >= 0
         if valid and self._decider.saves_alone(step, final=final):
-            fail_across_ranks(self.ranks, self._store, step, refused)
+            self._pipeline.refuse(step, refused)
         raise refused
 
     def save(
@@ -558,6 +579,7 @@ class CheckpointManager:
         self._pipeline.wait()  # a background save still reads the live tensors
         if self.ranks is not None:  # a rank restoring alone would wait out dist_timeout
             self.ranks.meet("restore()")
+            self._see_commits()
         restored = self.run.restore(
             state,
             step=step,
@@ -581,6 +603,7 @@ class CheckpointManager:
         self._pipeline.wait()  # resume from the newest checkpoint, as restore() does
         if self.ranks is not None:
             self.ranks.meet("resume_values()")
+            self._see_commits()
         rank = self._read_rank() if self.ranks is None else self.ranks.rank
         loaded = self.run.read(step, full_only=True, rank=rank, ranks=self.ranks)
         if loaded is None:
@@ -589,6 +612,13 @@ class CheckpointManager:
         log.info("resuming from step %d of %s", loaded.step, self.run.url)
         self._adopt(loaded.step)
         return loaded.step, loaded.values(rng=True)
+
+    def _see_commits(self) -> None:
+        """On a rank other than 0, list the run again before a read: rank 0 wrote the
+        manifests this rank's saves took part in, and this rank's view of the run was last
+        read when its latest save began."""
+        if self.ranks is not None and not self.ranks.coordinator:
+            self._store.refresh()
 
     def _read_rank(self) -> int:
         """Whose per-rank entries this process reads alone: its rank among the ranks it

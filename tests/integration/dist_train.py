@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,14 @@ def main() -> int:
     parser.add_argument("--signal-step", type=int, default=0)
     parser.add_argument("--restore-step", type=int, default=None)
     parser.add_argument("--dump", action="store_true")
+    parser.add_argument("--sync", action="store_true", help="async_save=False")
+    parser.add_argument(
+        "--check-saves",
+        action="store_true",
+        help="record the state at each save's step(), slow the writes down so training "
+        "changes the live tensors while they run, and at the end restore every checkpoint "
+        "into a fresh model and optimizer and compare",
+    )
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -126,6 +135,7 @@ def main() -> int:
         save=cw.parse_save(args.save),
         keep=cw.parse_keep(args.keep),
         clock=clock,
+        async_save=not args.sync,
         dist_timeout=timedelta(seconds=60),
     )
     state: dict[str, Any] = {"model": model, "optimizer": opt}
@@ -137,14 +147,19 @@ def main() -> int:
     real_write = CheckpointStore.write_objects
 
     def faulty_write(store: CheckpointStore, new: Any, **options: Any) -> Any:
-        if rank == args.kill_rank and current == args.kill_step:
+        # on the writer thread of a background save: the step it writes, not the loop's
+        saving = manager._pipeline.saving
+        if rank == args.kill_rank and saving == args.kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        if rank == args.fail_rank and current == args.fail_step:
+        if rank == args.fail_rank and saving == args.fail_step:
             raise OSError(28, "No space left on device (injected)")
+        if args.check_saves:
+            time.sleep(0.3)  # the next steps change the live tensors meanwhile
         return real_write(store, new, **options)
 
     CheckpointStore.write_objects = faulty_write  # type: ignore[method-assign,assignment]
     target = torch.randn(WIDTH, 3, generator=torch.Generator().manual_seed(7))
+    at_save: dict[int, dict[str, Any]] = {}
     current = start
     try:
         for current in range(start + 1, args.steps + 1):
@@ -171,11 +186,20 @@ def main() -> int:
                 continue
             if decision.save:
                 record["saves"].append([current, list(decision.reasons)])
+                if args.check_saves:
+                    at_save[current] = full_state(model, opt)
             if current == args.stop_at:
                 flush()
                 os._exit(0)  # preempted: no close(), no clean exit
     except SystemExit:
         record["exited_at"] = current
+    if args.check_saves:
+        # each checkpoint, restored on every rank, holds each rank's state at its step()
+        record["save_checks"] = {}
+        for step, expected in at_save.items():
+            fresh, fresh_opt = build(args.mode)
+            manager.restore({"model": fresh, "optimizer": fresh_opt}, step=step)
+            record["save_checks"][step] = full_state(fresh, fresh_opt) == expected
     manager.close()
     if rank == 0:  # a manager that only reads, on one rank alone, must not wait for the others
         record["latest"] = cw.open_run(args.run).latest_step()

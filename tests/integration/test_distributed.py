@@ -39,7 +39,8 @@ def records(out: Path) -> list[dict[str, Any]]:
 
 
 def test_ddp_ranks_agree_though_their_clocks_differ_and_resume_exactly(tmp_path: Path) -> None:
-    policy = ("--save", "every(5) | every_duration(4s)", "--skew", "1.0", "--steps", "16")
+    # synchronous saves: the preemption after step 12 finds step 10 committed
+    policy = ("--save", "every(5) | every_duration(4s)", "--skew", "1.0", "--steps", "16", "--sync")
     torchrun(2, tmp_path / "run", tmp_path / "a", *policy, "--stop-at", "12")
     first = records(tmp_path / "a")
     # rank 1's clock runs twice as fast: deciding alone it would save at other steps and
@@ -71,7 +72,7 @@ def test_ddp_ranks_agree_though_their_clocks_differ_and_resume_exactly(tmp_path:
 
 
 def test_fsdp_shards_resume_exactly_on_the_same_ranks(tmp_path: Path) -> None:
-    policy = ("--mode", "fsdp", "--save", "every(3)", "--steps", "9")
+    policy = ("--mode", "fsdp", "--save", "every(3)", "--steps", "9", "--sync")
     torchrun(2, tmp_path / "run", tmp_path / "a", *policy, "--stop-at", "7")
     run = cw.open_run(tmp_path / "run")
     manifest = run.manifest(6)
@@ -166,35 +167,75 @@ def test_a_rank_killed_mid_save_fails_the_job_and_the_next_resumes(tmp_path: Pat
     assert cw.open_run(run_dir).steps() == [5, 10]
 
 
-def test_a_rank_whose_state_cannot_be_captured_fails_the_save_everywhere(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_background_saves_hold_each_ranks_state_at_its_step(tmp_path: Path, mode: str) -> None:
+    """The default, asynchronous on every rank: while each rank's (slowed) write runs,
+    training changes the live weights and Adam moments, and every checkpoint still restores
+    to the state each rank had at that step()."""
+    run_dir = tmp_path / "run"
+    torchrun(
+        2, run_dir, tmp_path / "a", "--mode", mode, "--save", "every(2)", "--keep", "all",
+        "--steps", "9", "--check-saves",
+    )  # fmt: skip
+    for record in records(tmp_path / "a"):
+        assert not record["errors"]
+        assert record["save_checks"] == {str(s): True for s in (2, 4, 6, 8)}, record["rank"]
+    run = cw.open_run(run_dir)
+    assert run.steps() == [2, 4, 6, 8]
+    assert run.verify() == []
+
+
+def _failed_once(record: dict[str, Any], sync: bool) -> tuple[str, str]:
+    """The one error a rank raised for the failed save of step 10, and the kind, checking
+    when it was raised: by the save's own step() when synchronous, else by a step() after
+    the background save ended (the first after it, on each rank, or the next save's step
+    at the latest), while the ranks stayed in step and saved step 15."""
+    ((step, kind, message),) = record["errors"]
+    if sync:
+        assert step == 10
+        assert [s for s, _ in record["saves"]] == [5, 15]
+    else:
+        assert 11 <= step <= 15, step
+        # the decision to save step 10 was returned; a save that failed at step 15 was not
+        assert [s for s, _ in record["saves"]] == [5, 10] + ([15] if step < 15 else [])
+    return kind, message
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+def test_a_rank_whose_state_cannot_be_captured_fails_the_save_everywhere(
+    tmp_path: Path, sync: bool
+) -> None:
     run_dir = tmp_path / "run"
     torchrun(
         2, run_dir, tmp_path / "a", "--save", "every(5)", "--steps", "15",
-        "--capture-fail-rank", "1", "--capture-fail-step", "10",
+        "--capture-fail-rank", "1", "--capture-fail-step", "10", *(["--sync"] if sync else []),
     )  # fmt: skip
     for record in records(tmp_path / "a"):
-        ((step, kind, message),) = record["errors"]
-        assert (step, kind) == (10, "SnapshotError")  # rank 1's error, raised on every rank
+        kind, message = _failed_once(record, sync)
+        assert kind == "SnapshotError"  # rank 1's error, raised on every rank
         assert "failed on rank 1" in message
-        assert [s for s, _ in record["saves"]] == [5, 15]  # and the ranks stayed in step
     run = cw.open_run(run_dir)
     assert run.steps() == [5, 15]
     assert run.verify() == []
 
 
-def test_a_rank_that_raises_fails_the_save_on_every_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+def test_a_rank_whose_write_fails_fails_the_save_on_every_rank(tmp_path: Path, sync: bool) -> None:
+    """ENOSPC on rank 1 only: every rank raises the same error naming rank 1, no manifest
+    names the objects rank 0 wrote, and the run goes on saving."""
     run_dir = tmp_path / "run"
     torchrun(
         2, run_dir, tmp_path / "a", "--save", "every(5)", "--steps", "15",
-        "--fail-rank", "1", "--fail-step", "10",
+        "--fail-rank", "1", "--fail-step", "10", *(["--sync"] if sync else []),
     )  # fmt: skip
+    messages = set()
     for record in records(tmp_path / "a"):
-        ((step, kind, message),) = record["errors"]
-        assert step == 10
+        kind, message = _failed_once(record, sync)
         assert kind == "CheckpointError"
         assert "failed on rank 1" in message
         assert "No space left on device" in message
-        assert [s for s, _ in record["saves"]] == [5, 15]  # the run went on saving
+        messages.add(message.split("failed on rank 1")[1])
+    assert len(messages) == 1  # the same words on every rank
     run = cw.open_run(run_dir)
     assert run.steps() == [5, 15]
     assert run.verify() == []

@@ -164,35 +164,51 @@ def test_a_request_answered_by_the_save_in_flight_asks_for_no_other(
 
 
 SEVERAL_RANKS = """
-import json, sys, torch, torch.distributed as dist, ckptwise as cw
+import json, sys, time, torch, torch.distributed as dist, ckptwise as cw
+from ckptwise.store import CheckpointStore
 dist.init_process_group("gloo")
 run, out = sys.argv[1], sys.argv[2]
+rank = dist.get_rank()
 try:
-    cw.CheckpointManager(run, save=cw.every(1), async_save=True)
+    cw.CheckpointManager(run, save=cw.every(1), on_busy="skip")
     refused = ""
 except cw.ConfigError as exc:
     refused = str(exc)
-manager = cw.CheckpointManager(run, save=cw.every(1), rng=False)  # no async_save
-manager.step(1, {"w": torch.full((4,), float(dist.get_rank()))})
-committed = cw.open_run(run).steps()  # as step() returned
-manager.close()
-rank = dist.get_rank()
+real_write = CheckpointStore.write_objects
+def slow_write(store, new, **options):
+    time.sleep(1.0)
+    return real_write(store, new, **options)
+CheckpointStore.write_objects = slow_write
+record = {"refused": refused}
+for name, options in (("default", {}), ("sync", {"async_save": False})):
+    manager = cw.CheckpointManager(f"{run}-{name}", save=cw.every(1), rng=False, **options)
+    started = time.perf_counter()
+    manager.step(1, {"w": torch.full((4,), float(rank))})
+    record[name] = {"seconds": time.perf_counter() - started}
+    record[name]["committed"] = cw.open_run(f"{run}-{name}").steps()  # as step() returned
+    manager.close()
+    record[name]["closed"] = cw.open_run(f"{run}-{name}").steps()
 with open(f"{out}.{rank}", "w") as f:
-    json.dump({"committed": committed, "refused": refused}, f)
+    json.dump(record, f)
 dist.destroy_process_group()
 """
 
 
 @pytest.mark.integration
-def test_several_processes_save_synchronously_by_default(tmp_path: Path) -> None:
+def test_several_processes_save_in_the_background_by_default(tmp_path: Path) -> None:
     script = tmp_path / "ranks.py"
     script.write_text(SEVERAL_RANKS)
     out = tmp_path / "out"
     run_job(script, str(tmp_path / "run"), str(out))
     for rank in (0, 1):
         record = json.loads(Path(f"{out}.{rank}").read_text())
-        assert record["committed"] == [1]  # every rank's step() returned after the commit
-        assert "async_save=True is not supported in multi-process runs" in record["refused"]
+        # every rank's step() returned before its (slowed) write; close() waited for it
+        assert record["default"]["seconds"] < 0.9, record
+        assert record["default"]["committed"] == []
+        assert record["default"]["closed"] == [1]
+        assert record["sync"]["seconds"] >= 1.0
+        assert record["sync"]["committed"] == [1]  # async_save=False: after the commit
+        assert "on_busy='skip' needs one process" in record["refused"]
 
 
 def test_skip_while_busy_records_the_skipped_steps(

@@ -202,12 +202,28 @@ class Ranks:
         # exit. A group of every rank is named by a counter that never repeats, and
         # close() destroys it.
         local = members is not None and len(members) != dist.get_world_size()
+        return cls._open(members, local=local, timeout=timeout)
+
+    @classmethod
+    def _open(cls, members: list[int] | None, *, local: bool, timeout: timedelta) -> Ranks:
         group = dist.new_group(
             ranks=members, backend="gloo", timeout=timeout, use_local_synchronization=local
         )
         return cls(
-            group, rank=dist.get_rank(group), size=size, destroyable=not local, timeout=timeout
+            group,
+            rank=dist.get_rank(group),
+            size=dist.get_world_size(group),
+            destroyable=not local,
+            timeout=timeout,
         )
+
+    def channel(self) -> Ranks:
+        """The same ranks on a new ``gloo`` group of their own, for collectives another
+        thread runs beside this group's (a background save's commit); every rank calls it
+        at the same point, as :meth:`detect`. Closed on its own."""
+        members = dist.get_process_group_ranks(self.group)
+        local = len(members) != dist.get_world_size()
+        return self._open(members if local else None, local=local, timeout=self.timeout)
 
     @property
     def coordinator(self) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -44,7 +44,7 @@ from ckptwise.store import (
     TensorEntry,
 )
 
-__all__ = ["commit_across_ranks", "fail_across_ranks"]
+__all__ = ["RankState", "commit_across_ranks", "fail_across_ranks", "rank_state"]
 
 
 @dataclass(frozen=True)
@@ -58,18 +58,32 @@ class _Report:
     tree: dict[str, Any]
 
 
-def _local(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Shard]]:
-    """This rank's tensors as plain tensors, and where the sharded ones sit."""
+@dataclass(frozen=True)
+class RankState:
+    """What one rank saves: its tensors as plain tensors (a ``DTensor`` as its local chunk,
+    which may be a private copy of it), where the sharded ones sit, and its state tree."""
+
+    tensors: dict[str, torch.Tensor]
+    shards: dict[str, Shard]
+    tree: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def rank_state(snapshot: Snapshot) -> RankState:
+    """This rank's part of ``snapshot``, as :func:`commit_across_ranks` saves it."""
     plain: dict[str, torch.Tensor] = {}
     shards: dict[str, Shard] = {}
-    for name, tensor in tensors.items():
+    for name, tensor in snapshot.tensors.items():
         if is_sharded(tensor):
             shard = chunk_of(tensor)
             if shard is None:
                 continue  # this rank holds no part of it
             shards[name] = shard
         plain[name] = local_part(tensor)
-    return plain, shards
+    return RankState(plain, shards, dict(snapshot.tree))
 
 
 def _assign(reports: list[_Report], store: CheckpointStore) -> list[set[str]]:
@@ -152,17 +166,19 @@ def commit_across_ranks(
     ranks: Ranks,
     store: CheckpointStore,
     manifest: Manifest,
-    capture: Callable[[], Snapshot],
+    capture: Callable[[], RankState],
     *,
     after_commit: Callable[[], object],
     progress: Progress | None = None,
 ) -> CheckpointInfo:
-    """Save this rank's state, taken by ``capture``, as part of ``manifest.step``.
+    """Save this rank's state, given by ``capture``, as part of ``manifest.step``.
 
     ``manifest`` carries rank 0's metadata (step, time, metrics, reasons, extra); its
-    tensors and tree are filled in here. ``capture`` runs inside the protocol, so a rank
-    whose state cannot be captured fails the save on every rank instead of falling out of
-    step. ``after_commit`` runs on rank 0 once the manifest is durable and before any rank
+    tensors and tree are filled in here. ``capture`` runs inside the protocol (it returns
+    the state, or a private copy taken earlier, or raises the error taking it met), so a
+    rank whose state cannot be captured fails the save on every rank instead of falling out
+    of step. ``ranks`` must be a group no other thread of this process uses meanwhile: a
+    background save runs this on its writer thread, on the checkpoint's commit channel. ``after_commit`` runs on rank 0 once the manifest is durable and before any rank
     returns (the manager prunes there); ``progress`` is told this rank's bytes hashed and
     written. Every rank returns the committed checkpoint's
     summary or raises the same error.
@@ -175,12 +191,11 @@ def commit_across_ranks(
     try:
         if not ranks.coordinator:
             store.refresh()  # rank 0 alone prunes: see what it kept before planning dedup
-        snapshot = capture()
-        tree = dict(snapshot.tree)
-        plain, shards = _local(snapshot.tensors)
-        plan = store.plan(plain, rank=ranks.rank, progress=progress)
+        state = capture()
+        tree = state.tree
+        plan = store.plan(state.tensors, rank=ranks.rank, progress=progress)
         new = {oid: len(job.raw) for oid, job in plan.new.items()}
-        report = _Report(step, plan.names, shards, new, tree)
+        report = _Report(step, plan.names, state.shards, new, tree)
     except Exception as exc:
         report = Failure.of(ranks.rank, exc)
     reports = ranks.gather(report)
@@ -233,7 +248,7 @@ def fail_across_ranks(
     ``step()`` was refused) while the others, each deciding alone, save this step.
     """
 
-    def refuse() -> Snapshot:
+    def refuse() -> RankState:
         raise error
 
     commit_across_ranks(

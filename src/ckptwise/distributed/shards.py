@@ -11,6 +11,7 @@ also decides file layout and request batching, which the store does its own way)
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -33,12 +34,13 @@ __all__ = [
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (sharded or replicated across a device mesh)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
+    """Whether ``tensor`` is a ``DTensor`` (sharded or replicated across a device mesh).
+
+    Without ``torch.distributed.tensor`` imported there is no ``DTensor``: its import takes
+    seconds, which a DDP job's first save must not pay inside ``step()``."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def chunk_of(tensor: torch.Tensor) -> Shard | None:

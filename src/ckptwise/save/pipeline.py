@@ -14,17 +14,19 @@ caller wants done once a save is durable is a callback run on the caller's threa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import torch
 
 from ckptwise.distributed.ranks import Ranks
-from ckptwise.distributed.save import commit_across_ranks
+from ckptwise.distributed.save import RankState, commit_across_ranks, fail_across_ranks, rank_state
 from ckptwise.distributed.shards import whole
+from ckptwise.errors import CheckpointError
 from ckptwise.records import CheckpointInfo
 from ckptwise.report import Progress, metered_progress
 from ckptwise.save.upkeep import Upkeep
@@ -74,13 +76,23 @@ class Captured:
 class SavePath(Protocol):
     """One way from a state to a committed checkpoint."""
 
+    #: whether its saves are written on a background thread (else on the caller's)
+    background: bool
+    #: what copies a background save's tensors, if it copies them
+    copier: SnapshotCopier | None
+
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
         """Take ``entries`` (state key -> value, as :func:`~ckptwise.snapshot.capture`
         reads them) on the training thread; the returned ``commit`` does the rest."""
         ...
 
+    def refuse(self, step: int, error: Exception) -> NoReturn:
+        """Raise ``error``, this process's reason not to save ``step``, having failed the
+        save of ``step`` with it wherever other processes save it."""
+        ...
+
     def close(self) -> None:
-        """Let go of what the path holds (threads, hooks, copies)."""
+        """Let go of what the path holds (threads, hooks, copies, process groups)."""
         ...
 
 
@@ -122,68 +134,21 @@ class _LocalCommit:
         return info
 
 
-class SyncPath:
-    """One process, synchronously: the snapshot is taken and written before ``save``
-    returns, so the state may change right after."""
+class _Copies:
+    """The private copies of a background save (see
+    :class:`~ckptwise.snapshot.copying.SnapshotCopier`), taken only when they fit in memory.
 
-    def __init__(self, store: CheckpointStore, lock: RunLock, upkeep: Upkeep) -> None:
-        self._commit = _LocalCommit(store, lock, upkeep)
-
-    def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
-        snap = _capture_whole(entries)
-        total = sum(t.nbytes for t in snap.tensors.values())
-        return Captured(
-            total,
-            False,
-            lambda order, progress: self._commit(order, progress, snap.tensors, snap.tree),
-        )
-
-    def close(self) -> None:
-        return None
-
-
-class AsyncPath:
-    """One process, in the background: the state is copied to private memory before
-    :meth:`capture` returns (with ``defer``, what the optimizers overwrite is copied while
-    the next forward and backward run instead; see
-    :class:`~ckptwise.snapshot.copying.SnapshotCopier`), and the commit reads only the copies.
-
-    A save whose copy would not fit in the memory available is taken synchronously, with
-    a warning the first time.
+    A copy that would not fit in the memory available now (keeping a tenth of it for
+    training) is not taken: that save is written synchronously, with a warning the first
+    time, never at the risk of the kernel killing the process.
     """
 
-    def __init__(
-        self, store: CheckpointStore, lock: RunLock, upkeep: Upkeep, *, defer: bool = False
-    ) -> None:
-        self._commit = _LocalCommit(store, lock, upkeep)
+    def __init__(self, *, defer: bool) -> None:
         self.copier = SnapshotCopier(defer=defer)
         self._warned_memory = False
 
-    def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
-        snap = _capture_whole(entries)
-        tensors = snap.tensors
-        total = sum(t.nbytes for t in tensors.values())
-        if not self._copy_fits(step, tensors):
-            return Captured(
-                total,
-                False,
-                lambda order, progress: self._commit(order, progress, tensors, snap.tree),
-            )
-        pending = self.copier.start(
-            tensors,
-            step=step,
-            optimizers=optimizers_in(entries.values()),
-            untracked=[k for k, v in entries.items() if getattr(v, "untracked_writes", False)],
-        )
-        return Captured(
-            total,
-            True,
-            lambda order, progress: self._commit(order, progress, pending.result(), snap.tree),
-        )
-
-    def _copy_fits(self, step: int, tensors: Mapping[str, torch.Tensor]) -> bool:
-        """Whether the private copy fits in the memory available now (keeping a tenth of it
-        for training); warns once when it does not."""
+    def fits(self, step: int, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a copy of ``tensors`` fits; warns once when it does not."""
         needed = self.copier.new_bytes(tensors)
         free = available_memory()
         if free is None or needed <= 0.9 * free:
@@ -200,25 +165,150 @@ class AsyncPath:
             self._warned_memory = True
         return False
 
+    def take(
+        self, step: int, tensors: Mapping[str, torch.Tensor], entries: Mapping[str, Any]
+    ) -> Callable[[], dict[str, torch.Tensor]]:
+        """Start copying ``tensors`` (taken from ``entries``); returns what waits for the
+        copies."""
+        pending = self.copier.start(
+            tensors,
+            step=step,
+            optimizers=optimizers_in(entries.values()),
+            untracked=[k for k, v in entries.items() if getattr(v, "untracked_writes", False)],
+        )
+        return pending.result
+
     def close(self) -> None:
         self.copier.close()
 
 
-class RanksPath:
-    """Every rank of a job together (see :mod:`ckptwise.distributed.save`): the capture
-    runs inside the save's protocol, so a rank whose state cannot be captured fails the
-    save on every rank instead of falling out of step."""
+class SyncPath:
+    """One process, synchronously: the snapshot is taken and written before ``save``
+    returns, so the state may change right after."""
 
-    def __init__(self, store: CheckpointStore, ranks: Ranks, upkeep: Upkeep) -> None:
-        self._store = store
-        self._ranks = ranks
-        self._upkeep = upkeep
+    background = False
+    copier: SnapshotCopier | None = None
+
+    def __init__(self, store: CheckpointStore, lock: RunLock, upkeep: Upkeep) -> None:
+        self._commit = _LocalCommit(store, lock, upkeep)
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
-        return Captured(0, False, lambda order, progress: self._commit(order, progress, entries))
+        snap = _capture_whole(entries)
+        total = sum(t.nbytes for t in snap.tensors.values())
+        return Captured(
+            total,
+            False,
+            lambda order, progress: self._commit(order, progress, snap.tensors, snap.tree),
+        )
+
+    def refuse(self, step: int, error: Exception) -> NoReturn:
+        raise error
+
+    def close(self) -> None:
+        return None
+
+
+class AsyncPath:
+    """One process, in the background: the state is copied to private memory before
+    :meth:`capture` returns (with ``defer``, what the optimizers overwrite is copied while
+    the next forward and backward run instead; see
+    :class:`~ckptwise.snapshot.copying.SnapshotCopier`), and the commit reads only the copies.
+    A save whose copy would not fit in memory is written synchronously (see :class:`_Copies`).
+    """
+
+    background = True
+
+    def __init__(
+        self, store: CheckpointStore, lock: RunLock, upkeep: Upkeep, *, defer: bool = False
+    ) -> None:
+        self._commit = _LocalCommit(store, lock, upkeep)
+        self._copies = _Copies(defer=defer)
+        self.copier: SnapshotCopier | None = self._copies.copier
+
+    def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
+        snap = _capture_whole(entries)
+        tensors = snap.tensors
+        total = sum(t.nbytes for t in tensors.values())
+        if not self._copies.fits(step, tensors):
+            return Captured(
+                total,
+                False,
+                lambda order, progress: self._commit(order, progress, tensors, snap.tree),
+            )
+        copied = self._copies.take(step, tensors, entries)
+        return Captured(
+            total,
+            True,
+            lambda order, progress: self._commit(order, progress, copied(), snap.tree),
+        )
+
+    def refuse(self, step: int, error: Exception) -> NoReturn:
+        raise error
+
+    def close(self) -> None:
+        self._copies.close()
+
+
+class RanksPath:
+    """Every rank of a job together (see :mod:`ckptwise.distributed.save`), synchronously
+    or, with ``background``, as :class:`AsyncPath` does on each rank: the rank's state is
+    copied before :meth:`capture` returns, and hashing, writing and the commit run on the
+    rank's writer thread.
+
+    A rank whose state cannot be captured still joins the save's protocol, to fail it on
+    every rank instead of falling out of step. The protocol runs on a process group of its
+    own, the commit channel, opened here (every rank creates its path at the same point):
+    neither the training's groups nor the checkpoint group the training thread decides and
+    restores on. That is why a background commit cannot interleave or deadlock with them:
+    on each rank one thread at a time uses the channel (a save starts only once the last
+    one ended, and :meth:`refuse` waits for it too), every rank runs the same collectives
+    on it in the same order (one save after another, by step), and a writer never waits for
+    its training thread, which waits for its writer only between saves. A rank whose copy
+    does not fit (see :class:`_Copies`) runs the same protocol on its training thread; the
+    other ranks' writers, which need nothing of it, finish it with it.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        ranks: Ranks,
+        upkeep: Upkeep,
+        *,
+        background: bool = False,
+        defer: bool = False,
+    ) -> None:
+        self._store = store
+        self._upkeep = upkeep
+        self.background = background
+        self._copies = _Copies(defer=defer) if background else None
+        self.copier = None if self._copies is None else self._copies.copier
+        self._channel = ranks.channel()
+
+    def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
+        try:
+            state = rank_state(capture(entries))
+            if self._copies is None or not self._copies.fits(step, state.tensors):
+                return Captured(
+                    state.nbytes,
+                    False,
+                    lambda order, progress: self._commit(order, progress, lambda: state),
+                )
+            copied = self._copies.take(step, state.tensors, entries)
+        except Exception as exc:
+            failure = exc
+
+            def failed() -> RankState:
+                raise failure
+
+            return Captured(0, self.background, lambda o, p: self._commit(o, p, failed))
+
+        def taken() -> RankState:
+            return dataclasses.replace(state, tensors=copied())
+
+        return Captured(state.nbytes, True, lambda o, p: self._commit(o, p, taken))
 
     def _commit(
-        self, order: SaveOrder, progress: Progress, entries: Mapping[str, Any]
+        self, order: SaveOrder, progress: Progress, taken: Callable[[], RankState]
     ) -> CheckpointInfo:
         self._upkeep.before_commit(order.step, order.now)
         ours = Manifest(
@@ -230,18 +320,25 @@ class RanksPath:
             extra=dict(order.extra),
         )
         return commit_across_ranks(
-            self._ranks,
+            self._channel,
             self._store,
             ours,
-            lambda: capture(entries),
+            taken,
             # on rank 0, once every rank's part is durable; no read-back: the other ranks
             # wait for rank 0 within a timeout
             after_commit=lambda: self._upkeep.after_commit(order.step, order.now, verify=False),
             progress=progress,
         )
 
+    def refuse(self, step: int, error: Exception) -> NoReturn:
+        fail_across_ranks(self._channel, self._store, step, error)
+
     def close(self) -> None:
-        return None
+        try:
+            if self._copies is not None:
+                self._copies.close()
+        finally:
+            self._channel.close()
 
 
 class SavePipeline:
@@ -254,10 +351,14 @@ class SavePipeline:
     save that commits if theirs failed.
     """
 
-    def __init__(self, path: SavePath, *, show: bool = True) -> None:
+    def __init__(self, path: SavePath, *, show: bool = True, joint: bool = False) -> None:
         self.path = path
         self._show = show
-        self._writer: Writer = AsyncWriter() if isinstance(path, AsyncPath) else SyncWriter()
+        #: several processes save together: a failure of the save in flight must not keep
+        #: this one out of the next save the others start (see :meth:`wait`)
+        self._joint = joint
+        self._held: CheckpointError | None = None
+        self._writer: Writer = AsyncWriter() if path.background else SyncWriter()
         self._on_commit: list[Callable[[], None]] = []
         #: the step of the last save handed to a writer
         self.saving: int | None = None
@@ -273,14 +374,40 @@ class SavePipeline:
     def last_copy(self) -> tuple[int, int]:
         """Bytes the last async save copied before ``capture`` returned, and in the
         background while training went on (only with ``defer``)."""
-        if not isinstance(self.path, AsyncPath):
+        copier = self.path.copier
+        if copier is None:
             return 0, 0
-        return self.path.copier.copied_bytes, self.path.copier.deferred_bytes
+        return copier.copied_bytes, copier.deferred_bytes
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
-        """Wait for the save in flight, then take ``entries`` for a save of ``step``."""
-        self.wait()
+        """Wait for the save in flight (see :meth:`before_save`), then take ``entries`` for
+        a save of ``step``."""
+        self.before_save()
         return self.path.capture(step, entries)
+
+    def before_save(self) -> None:
+        """Wait for the save in flight before another starts. Its failure is raised here,
+        except where several processes save together: then it is held and raised by the
+        next :meth:`write` once the new save has started, since every process must join
+        every save the others start, and each learns of a failure when its own writer
+        ends."""
+        try:
+            self.wait()
+        except CheckpointError as exc:
+            if not self._joint:
+                raise
+            self._held = self._held or exc
+
+    def refuse(self, step: int, error: Exception) -> NoReturn:
+        """Raise ``error``, this process's reason not to save ``step``, once the save in
+        flight ended, failing the save of ``step`` wherever other processes save it (see
+        :meth:`SavePath.refuse`). A failure of the save in flight is logged: the other
+        processes save ``step`` all the same, so this one must join them."""
+        try:
+            self.wait()
+        except CheckpointError as exc:
+            log.error("%s", exc)
+        self.path.refuse(step, error)
 
     def write(
         self, captured: Captured, order: SaveOrder, *, on_commit: Callable[[], None] | None = None
@@ -303,7 +430,11 @@ class SavePipeline:
         # an async path's save taken synchronously (its copy did not fit) bypasses the thread
         background = captured.background or not isinstance(self._writer, AsyncWriter)
         writer = self._writer if background else SyncWriter()
-        return self._committed(writer.write(shown, step=step))
+        info = self._committed(writer.write(shown, step=step))
+        held, self._held = self._held, None
+        if held is not None:
+            raise held
+        return info
 
     def _committed(self, info: CheckpointInfo | None) -> CheckpointInfo | None:
         """Run what waits for a commit (request files are removed only once it is durable)."""

@@ -46,7 +46,11 @@ View = tuple[Any, ...]
 
 
 def _view(tensor: torch.Tensor) -> View:
-    """Which memory a tensor reads: storage, offset, shape, strides, dtype and device."""
+    """Which memory a tensor reads: storage, offset, shape, strides, dtype and device (of
+    its local values, for a ``DTensor``: FSDP2's parameters and their optimizer states)."""
+    to_local = getattr(tensor, "to_local", None)
+    if to_local is not None:
+        tensor = to_local()
     return (
         tensor.untyped_storage().data_ptr(),
         tensor.storage_offset(),
