@@ -76,10 +76,15 @@ class Captured:
 class SavePath(Protocol):
     """One way from a state to a committed checkpoint."""
 
-    #: whether its saves are written on a background thread (else on the caller's)
-    background: bool
-    #: what copies a background save's tensors, if it copies them
-    copier: SnapshotCopier | None
+    @property
+    def background(self) -> bool:
+        """Whether its saves are written on a background thread (else on the caller's)."""
+        ...
+
+    @property
+    def copier(self) -> SnapshotCopier | None:
+        """What copies a background save's tensors, if it copies them."""
+        ...
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
         """Take ``entries`` (state key -> value, as :func:`~ckptwise.snapshot.capture`
@@ -223,7 +228,7 @@ class AsyncPath:
     ) -> None:
         self._commit = _LocalCommit(store, lock, upkeep)
         self._copies = _Copies(defer=defer)
-        self.copier: SnapshotCopier | None = self._copies.copier
+        self.copier = self._copies.copier
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
         snap = _capture_whole(entries)
