@@ -1,31 +1,48 @@
 """One checkpoint written by every rank together, committed by rank 0 once all are durable.
 
-The protocol, on the checkpoint's own process group:
+The protocol, on the checkpoint's commit channel (see
+:class:`~ckptwise.save.pipeline.RanksPath`):
 
-1. every rank hashes its tensors (a ``DTensor`` as its local chunk) and sends rank 0 the
-   object each name uses, the size of objects it has not seen stored, and its state tree;
-2. rank 0 decides which objects are new (by its own index: it alone prunes) and gives each
-   to one rank that holds it, balancing bytes, so replicated tensors (DDP) are written once
-   and the writing is split across ranks; it checks the free space for all of them;
-3. every rank writes and syncs the objects it was given, and reports their entries;
-4. rank 0 writes the one manifest (rank 0's tensors and tree, and each other rank's
+1. every rank lists its large tensors (name, dtype, shape, size, a hash of sampled pages);
+   rank 0 picks those every rank holds alike and unsharded (DDP's weights and Adam
+   moments, ZeRO-2's 16-bit weights; not ZeRO's partitions, whose pages differ) and gives
+   each to one rank to hash, balancing bytes;
+2. every rank hashes the tensors that are not shared and the shared ones it was given, and
+   takes a fingerprint of every shared one (see :func:`fingerprint`); it sends rank 0 the
+   object each hashed name uses, the fingerprints, the size of objects it has not seen
+   stored, and its state tree;
+3. rank 0 takes for each shared tensor whose fingerprint matches its hasher's the hasher's
+   object, and asks a rank whose fingerprint differs to hash that tensor itself; it decides
+   which objects are new (by its own index: it alone prunes) and gives each to one rank
+   that holds it, balancing bytes, so replicated tensors are written once and the writing
+   is split across ranks; it checks the free space for all of them;
+4. every rank writes and syncs the objects it was given (and hashes and writes the tensors
+   it was asked to), and reports their entries;
+5. rank 0 writes the one manifest (rank 0's tensors and tree, and each other rank's
    differences), prunes, and tells every rank the outcome.
 
-Content addressing makes this safe without trusting that "replicated" state really is: a
-tensor that differs on some rank simply has another object. A rank that raises fails the
-save on every rank (named, with its cause); a rank that dies fails the collectives the
-others wait in; either way no manifest is written and the objects already written are
-debris that the next prune collects.
+So the replicated part of a state is hashed about once across ranks, not once per rank.
+What that trusts: two tensors of the same name, dtype and shape on two ranks whose
+fingerprints match hold the same bytes. A fingerprint reads every byte (two 64-bit sums)
+and hashes sampled pages, so any difference in one word, and any random difference, is
+seen; a few words that change together so that both sums stay equal, outside the sampled
+pages, are not. Elsewhere content addressing needs no trust: a tensor that differs on some
+rank simply has another object. A rank that raises fails the save on every rank (named,
+with its cause); a rank that dies fails the collectives the others wait in; either way no
+manifest is written and the objects already written are debris that the next prune
+collects.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import blake3
+import numpy as np
 import torch
 
 from ckptwise.distributed.ranks import Failure, Ranks
@@ -42,9 +59,34 @@ from ckptwise.store import (
     RankView,
     Shard,
     TensorEntry,
+    tensor_bytes,
 )
 
-__all__ = ["RankState", "commit_across_ranks", "fail_across_ranks", "rank_state"]
+__all__ = [
+    "SHARED_MIN_BYTES",
+    "RankState",
+    "commit_across_ranks",
+    "fail_across_ranks",
+    "fingerprint",
+    "rank_state",
+]
+
+
+#: shared tensors smaller than this are hashed by every rank that holds them: a fingerprint
+#: would cost about as much
+SHARED_MIN_BYTES = 1 << 20
+
+#: pages of a tensor a fingerprint hashes, and their size
+_PAGES, _PAGE = 16, 4096
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """What one rank holds, before any hashing: each large plain tensor's dtype, shape,
+    size and a hash of sampled pages (see :func:`_pages`)."""
+
+    step: int
+    tensors: dict[str, tuple[str, tuple[int, ...], int, str]]
 
 
 @dataclass(frozen=True)
@@ -56,6 +98,98 @@ class _Report:
     shards: dict[str, Shard]
     new: dict[str, int]  # object id -> raw bytes: objects to write (unknown, or damaged)
     tree: dict[str, Any]
+    #: shared tensor name -> fingerprint, for every shared tensor this rank holds
+    prints: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Jobs:
+    """What rank 0 tells each rank to do after hashing: the new objects it writes, and the
+    shared tensors it must hash and write itself (its fingerprint did not match)."""
+
+    write: list[set[str]]
+    rehash: list[set[str]]
+
+
+def _pages(raw: memoryview) -> str:
+    """A hash of 16 pages spread over ``raw`` (all of it when it is small): what a rank
+    lists of a large tensor, so that per-rank tensors of one shape (ZeRO's partitions) are
+    told apart from replicated ones before anything is hashed whole."""
+    hasher = blake3.blake3(str(len(raw)).encode())
+    size = len(raw)
+    if size > _PAGES * _PAGE:
+        for i in range(_PAGES):
+            at = (size - _PAGE) * i // (_PAGES - 1)
+            hasher.update(raw[at : at + _PAGE])
+    else:
+        hasher.update(raw)
+    return hasher.hexdigest()
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    """A check that two tensors of the same dtype and shape hold the same bytes, at about a
+    fifth of the cost of hashing them: the sum and the xor of its bytes as 64-bit words
+    (every byte read once, in memory order) and a hash of 16 pages spread over it."""
+    raw = tensor_bytes(tensor)
+    size = len(raw)
+    words = np.frombuffer(raw, dtype=np.uint64, count=size // 8)
+    total = int(words.sum(dtype=np.uint64)) if words.size else 0
+    xor = int(np.bitwise_xor.reduce(words)) if words.size else 0
+    tail = bytes(raw[size - size % 8 :]).hex()
+    return f"{total:x}:{xor:x}:{tail}:{_pages(raw)}"
+
+
+def _listing(step: int, state: RankState) -> _Listing:
+    return _Listing(
+        step,
+        {
+            name: (str(t.dtype), tuple(t.shape), t.nbytes, _pages(tensor_bytes(t)))
+            for name, t in state.tensors.items()
+            if name not in state.shards and t.nbytes >= SHARED_MIN_BYTES
+        },
+    )
+
+
+def _hashers(listings: list[_Listing]) -> dict[str, int]:
+    """The shared tensors (held alike by every rank: unsharded, at least
+    :data:`SHARED_MIN_BYTES`, the same sampled pages) and the rank that hashes each,
+    balancing bytes."""
+    steps = {listing.step for listing in listings}
+    if len(steps) > 1:
+        raise CheckpointError(
+            f"the ranks are saving different steps ({sorted(steps)}): a rank fell out of step "
+            "(did one skip a save after an error?); every rank must save every step"
+        )
+    first = listings[0].tensors
+    shared = [
+        name
+        for name, held in first.items()
+        if held[2] >= SHARED_MIN_BYTES
+        and all(other.tensors.get(name) == held for other in listings[1:])
+    ]
+    load = [0] * len(listings)
+    hashers: dict[str, int] = {}
+    for name in sorted(shared, key=lambda n: (-first[n][2], n)):
+        rank = min(range(len(listings)), key=lambda r: (load[r], r))
+        load[rank] += first[name][2]
+        hashers[name] = rank
+    return hashers
+
+
+def _trust(reports: list[_Report], hashers: Mapping[str, int]) -> list[set[str]]:
+    """Give every rank's matching shared tensors their hasher's object (in place); returns,
+    for each rank, the shared tensors whose fingerprint differs from the hasher's."""
+    rehash: list[set[str]] = [set() for _ in reports]
+    for rank, report in enumerate(reports):
+        for name, hasher in hashers.items():
+            if hasher == rank:
+                continue
+            source = reports[hasher]
+            if report.prints.get(name) == source.prints.get(name) and name in source.names:
+                report.names[name] = source.names[name]
+            else:
+                rehash[rank].add(name)
+    return rehash
 
 
 @dataclass(frozen=True)
@@ -86,20 +220,15 @@ def rank_state(snapshot: Snapshot) -> RankState:
     return RankState(plain, shards, dict(snapshot.tree))
 
 
-def _assign(reports: list[_Report], store: CheckpointStore) -> list[set[str]]:
-    """For each rank, the new objects it writes: each once, by the least loaded holder.
+def _assign(reports: list[_Report], store: CheckpointStore, *, more: int = 0) -> list[set[str]]:
+    """For each rank, the new objects it writes: each once, by the least loaded holder
+    (``more``: bytes the ranks write besides, for the free space check).
 
     Rank 0's index decides what is stored (it alone prunes; the others re-read the run
     after every save, so their plans agree with it), except that an object some rank
     planned although it is stored is written again by that rank: its check of the stored
     copy failed, and the live bytes repair it (see :meth:`CheckpointStore.plan`).
     """
-    steps = {report.step for report in reports}
-    if len(steps) > 1:
-        raise CheckpointError(
-            f"the ranks are saving different steps ({sorted(steps)}): a rank fell out of step "
-            "(did one skip a save after an error?); every rank must save every step"
-        )
     sizes: dict[str, int] = {}
     holders: dict[str, list[int]] = {}
     used: set[str] = set()
@@ -123,7 +252,7 @@ def _assign(reports: list[_Report], store: CheckpointStore) -> list[set[str]]:
         rank = min(to_write[oid], key=lambda r: (load[r], r))
         load[rank] += sizes[oid]
         jobs[rank].add(oid)
-    store.check_space(sum(load))
+    store.check_space(sum(load) + more)
     return jobs
 
 
@@ -185,51 +314,90 @@ def commit_across_ranks(
     """
     step = manifest.step
     what = f"saving step {step}"
-    plan: CommitPlan | None = None
-    report: _Report | Failure
-    tree: dict[str, Any] = {}
+    state: RankState | None = None
+    listing: _Listing | Failure
     try:
         if not ranks.coordinator:
             store.refresh()  # rank 0 alone prunes: see what it kept before planning dedup
         state = capture()
-        tree = state.tree
-        plan = store.plan(state.tensors, rank=ranks.rank, progress=progress)
+        listing = _listing(step, state)
+    except Exception as exc:
+        listing = Failure.of(ranks.rank, exc)
+    listings = ranks.gather(listing)
+
+    hashers: dict[str, int] | Failure = {}
+    if listings is not None:
+        failed = next((r for r in listings if isinstance(r, Failure)), None)
+        try:
+            hashers = failed or _hashers([r for r in listings if isinstance(r, _Listing)])
+        except Exception as exc:
+            hashers = Failure.of(0, exc)
+    hashers = ranks.broadcast(hashers)
+    if isinstance(hashers, Failure):
+        raise hashers.error(what)
+
+    assert state is not None  # a rank whose capture failed raised above
+    plan: CommitPlan | None = None
+    report: _Report | Failure
+    try:
+        mine = {n: t for n, t in state.tensors.items() if hashers.get(n, ranks.rank) == ranks.rank}
+        plan = store.plan(mine, rank=ranks.rank, progress=progress)
+        prints = {n: fingerprint(state.tensors[n]) for n in hashers}
+        if progress is not None:  # the shared tensors others hash are done, if they match
+            progress(sum(t.nbytes for n, t in state.tensors.items() if n not in mine))
         new = {oid: len(job.raw) for oid, job in plan.new.items()}
-        report = _Report(step, plan.names, state.shards, new, tree)
+        report = _Report(step, dict(plan.names), state.shards, new, state.tree, prints)
     except Exception as exc:
         report = Failure.of(ranks.rank, exc)
     reports = ranks.gather(report)
 
-    jobs: list[set[str]] | Failure
+    jobs: _Jobs | Failure
     if reports is not None:
         failed = next((r for r in reports if isinstance(r, Failure)), None)
         try:
-            jobs = failed or _assign([r for r in reports if isinstance(r, _Report)], store)
+            if failed is not None:
+                jobs = failed
+            else:
+                hashed = [r for r in reports if isinstance(r, _Report)]
+                rehash = _trust(hashed, hashers)
+                listed = [r for r in listings or [] if isinstance(r, _Listing)]
+                more = sum(listed[r].tensors[n][2] for r, names in enumerate(rehash) for n in names)
+                jobs = _Jobs(_assign(hashed, store, more=more), rehash)
         except Exception as exc:
             jobs = Failure.of(0, exc)
     else:
-        jobs = []
+        jobs = _Jobs([], [])
     jobs = ranks.broadcast(jobs)
     if isinstance(jobs, Failure):
         raise jobs.error(what)
 
     assert plan is not None  # a rank whose planning failed raised above
-    written: dict[str, TensorEntry] | Failure
+    written: _Written | Failure
     try:
-        written = store.write_objects(
-            {oid: plan.new[oid] for oid in jobs[ranks.rank]}, progress=progress
-        )
+        objects = {oid: plan.new[oid] for oid in jobs.write[ranks.rank]}
+        names: dict[str, ObjectUse] = {}
+        if jobs.rehash[ranks.rank]:
+            # this rank's copy of a shared tensor differs from its hasher's: its own object
+            again = {n: state.tensors[n] for n in jobs.rehash[ranks.rank]}
+            extra = store.plan(again, rank=ranks.rank)
+            names = dict(extra.names)
+            objects.update({oid: job for oid, job in extra.new.items() if oid not in objects})
+        written = _Written(store.write_objects(objects, progress=progress), names)
     except Exception as exc:
         written = Failure.of(ranks.rank, exc)
     results = ranks.gather(written)
 
     outcome: CheckpointInfo | Failure | None = None
-    if results is not None:
+    if results is not None and reports is not None:
         outcome = next((r for r in results if isinstance(r, Failure)), None)
         if outcome is None:
             try:
-                ours = dataclasses.replace(manifest, tree=tree)
-                outcome = _publish(reports, results, store, ours)  # type: ignore[arg-type]
+                done = [r for r in results if isinstance(r, _Written)]
+                hashed = [r for r in reports if isinstance(r, _Report)]
+                for report_, result in zip(hashed, done, strict=True):
+                    report_.names.update(result.names)
+                ours = dataclasses.replace(manifest, tree=state.tree)
+                outcome = _publish(hashed, [r.entries for r in done], store, ours)
                 after_commit()
             except Exception as exc:
                 outcome = Failure.of(0, exc)
@@ -238,6 +406,15 @@ def commit_across_ranks(
         raise outcome.error(what)
     assert outcome is not None
     return outcome
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What one rank tells rank 0 after writing: the entries of the objects it wrote, and
+    the objects of the shared tensors it hashed itself."""
+
+    entries: dict[str, TensorEntry]
+    names: dict[str, ObjectUse]
 
 
 def fail_across_ranks(

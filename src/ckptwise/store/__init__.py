@@ -9,7 +9,7 @@ from ckptwise.store.backend import Backend, UploadState
 from ckptwise.store.codecs import LOSSLESS
 from ckptwise.store.commit import CommitPlan, ObjectUse
 from ckptwise.store.fsspec_backend import FsspecBackend
-from ckptwise.store.layout import CHECKPOINTS
+from ckptwise.store.layout import CHECKPOINTS, tensor_bytes
 from ckptwise.store.local import LocalBackend
 from ckptwise.store.lock import RunLock
 from ckptwise.store.manifest import FORMAT_VERSION, Manifest, RankView, Shard, TensorEntry
@@ -42,4 +42,5 @@ __all__ = [
     "is_cache_folder",
     "open_backend",
     "open_store",
+    "tensor_bytes",
 ]
