@@ -362,3 +362,62 @@ def test_the_managers_run_waits_for_the_step_in_flight_when_asked_for_it(
         found = manager.resume_values()  # resumes from the newest, as restore() does
         assert found is not None
         assert found[0] == 2
+
+
+ENDING = """
+import json, sys, time, torch, torch.distributed as dist, ckptwise as cw
+from ckptwise.save import pipeline
+from ckptwise.store import CheckpointStore
+dist.init_process_group("gloo")
+run, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+rank = dist.get_rank()
+real_write = CheckpointStore.write_objects
+def slow_write(store, new, **options):
+    time.sleep(0.5)
+    return real_write(store, new, **options)
+CheckpointStore.write_objects = slow_write
+if mode == "memory" and rank == 1:  # this rank's copy would not fit: it saves synchronously
+    pipeline.available_memory = lambda: 1024
+manager = cw.CheckpointManager(run, save=cw.every(1), rng=False)
+seconds = []
+for step in (1, 2):
+    started = time.perf_counter()
+    manager.step(step, {"w": torch.full((1000,), float(10 * step + rank))})
+    seconds.append(time.perf_counter() - started)
+with open(f"{out}.{rank}", "w") as f:
+    json.dump({"seconds": seconds, "committed": cw.open_run(run).steps()}, f)
+if mode == "exit":
+    sys.exit(0)  # no close(), no wait(): the interpreter's exit finishes the save in flight
+manager.close()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["exit", "memory"])
+def test_several_processes_end_their_saves_in_flight_and_mix_sync_and_async(
+    tmp_path: Path, mode: str
+) -> None:
+    """``exit``: every rank leaves with step 2's save in flight and no ``close()``; the
+    save still commits whole. ``memory``: rank 1's copy does not fit, so it writes its share
+    on its training thread while rank 0 writes in the background: one checkpoint all the
+    same."""
+    script = tmp_path / "ranks.py"
+    script.write_text(ENDING)
+    out = tmp_path / "out"
+    run_job(script, str(tmp_path / "run"), str(out), mode)
+    records = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
+    run = cw.open_run(tmp_path / "run")
+    assert run.steps() == [1, 2]
+    assert run.verify() == []
+    for rank in (0, 1):
+        loaded = run.read(2, rank=rank)
+        assert loaded is not None
+        assert torch.equal(loaded.values()["w"], torch.full((1000,), 20.0 + rank))
+    # (a step()'s save waits for the one before it: the first step() tells)
+    if mode == "exit":
+        assert all(r["seconds"][0] < 0.45 for r in records), records
+        assert records[0]["committed"] != [1, 2]  # step 2 was in flight at the exit
+    else:
+        assert records[0]["seconds"][0] < 0.45, records  # in the background
+        assert records[1]["seconds"][0] >= 0.5, records  # waited for its own write
