@@ -88,6 +88,13 @@ def main() -> int:
     parser.add_argument(
         "--trainer-saves", action="store_true", help="no ckptwise: the Trainer's own saves"
     )
+    parser.add_argument(
+        "--slow-writes",
+        type=float,
+        default=0.0,
+        help="seconds each rank's object writes sleep first, so training goes on changing "
+        "the live state while a background save writes",
+    )
     args = parser.parse_args()
     cpu_setup(args.stage > 0)
 
@@ -99,6 +106,18 @@ def main() -> int:
     from ckptwise.integrations.transformers import attach
 
     rank = dist.get_rank()
+    if args.slow_writes:
+        import time
+
+        from ckptwise.store import CheckpointStore
+
+        real_write = CheckpointStore.write_objects
+
+        def slow_write(store: CheckpointStore, new: Any, **options: Any) -> Any:
+            time.sleep(args.slow_writes)
+            return real_write(store, new, **options)
+
+        CheckpointStore.write_objects = slow_write  # type: ignore[method-assign,assignment]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"rank": rank, "losses": {}}

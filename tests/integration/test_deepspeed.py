@@ -2,9 +2,9 @@
 fine-tunes.
 
 Two ranks on the CPU (gloo) train the tiny MiniCPM-V-shaped model (LLM frozen) with
-ckptwise attached; a second job resumes from the first checkpoint and must reach exactly
-the same state: the same losses, and a re-saved last checkpoint whose every object already
-exists (not one byte differs from the uninterrupted run's).
+ckptwise attached, saving in the background; a second job resumes from the first checkpoint
+and must reach exactly the same state: the same losses, and a re-saved last checkpoint
+whose every object already exists (not one byte differs from the uninterrupted run's).
 """
 
 from __future__ import annotations
@@ -52,7 +52,11 @@ def test_zero_stage_resumes_bit_exactly_and_frozen_weights_are_stored_once(
             "MiniCPM-V's case, are covered on 4.51"
         )
     run_dir = tmp_path / "run"
-    straight = torchrun(run_dir, tmp_path / "a", "--stage", str(stage), "--steps", "20")
+    # saved in the background (the default) while training goes on: each rank's writes are
+    # slowed so the next steps change the live weights, masters and moments meanwhile
+    straight = torchrun(
+        run_dir, tmp_path / "a", "--stage", str(stage), "--steps", "20", "--slow-writes", "0.5"
+    )
     for record in straight:
         assert record["saves"] == [[10, ["every(10)"]], [20, ["every(10)"]]]
     run = cw.open_run(run_dir)
