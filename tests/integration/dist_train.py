@@ -108,6 +108,7 @@ def main() -> int:
     parser.add_argument("--restore-step", type=int, default=None)
     parser.add_argument("--dump", action="store_true")
     parser.add_argument("--sync", action="store_true", help="async_save=False")
+    parser.add_argument("--defer", action="store_true", help="defer_copy=True")
     parser.add_argument(
         "--check-saves",
         action="store_true",
@@ -136,6 +137,7 @@ def main() -> int:
         keep=cw.parse_keep(args.keep),
         clock=clock,
         async_save=not args.sync,
+        defer_copy=args.defer,
         dist_timeout=timedelta(seconds=60),
     )
     state: dict[str, Any] = {"model": model, "optimizer": opt}
@@ -188,6 +190,7 @@ def main() -> int:
                 record["saves"].append([current, list(decision.reasons)])
                 if args.check_saves:
                     at_save[current] = full_state(model, opt)
+                    record.setdefault("copies", []).append(list(manager.last_copy))
             if current == args.stop_at:
                 flush()
                 os._exit(0)  # preempted: no close(), no clean exit

@@ -180,19 +180,25 @@ def test_a_rank_killed_mid_save_fails_the_job_and_the_next_resumes(
             assert loss == straight["losses"][step], (rank, step)
 
 
+@pytest.mark.parametrize("defer", [False, True], ids=["copied", "deferred"])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_background_saves_hold_each_ranks_state_at_its_step(tmp_path: Path, mode: str) -> None:
-    """The default, asynchronous on every rank: while each rank's (slowed) write runs,
-    training changes the live weights and Adam moments, and every checkpoint still restores
-    to the state each rank had at that step()."""
+def test_background_saves_hold_each_ranks_state_at_its_step(
+    tmp_path: Path, mode: str, defer: bool
+) -> None:
+    """The default, asynchronous on every rank (and with ``defer_copy=True``, the optimizer's
+    tensors copied while the next forward and backward run): while each rank's (slowed)
+    write runs, training changes the live weights and Adam moments, and every checkpoint
+    still restores to the state each rank had at that step()."""
     run_dir = tmp_path / "run"
     torchrun(
         2, run_dir, tmp_path / "a", "--mode", mode, "--save", "every(2)", "--keep", "all",
-        "--steps", "9", "--check-saves",
+        "--steps", "9", "--check-saves", *(["--defer"] if defer else []),
     )  # fmt: skip
     for record in records(tmp_path / "a"):
         assert not record["errors"]
         assert record["save_checks"] == {str(s): True for s in (2, 4, 6, 8)}, record["rank"]
+        # (copied before step() returned, copied while the next steps ran)
+        assert all(after > 0 if defer else after == 0 for _, after in record["copies"])
     run = cw.open_run(run_dir)
     assert run.steps() == [2, 4, 6, 8]
     assert run.verify() == []
