@@ -204,6 +204,18 @@ def test_background_saves_hold_each_ranks_state_at_its_step(
     assert run.verify() == []
 
 
+def test_fsdp_in_a_world_of_one_defers_the_copy_soundly(tmp_path: Path) -> None:
+    """``defer_copy=True`` on FSDP2 in a world of one: the optimizer's DTensor parameters
+    are found by their local values, deferred, and every checkpoint holds its step()."""
+    torchrun(
+        1, tmp_path / "run", tmp_path / "a", "--mode", "fsdp", "--save", "every(2)",
+        "--keep", "all", "--steps", "9", "--check-saves", "--defer",
+    )  # fmt: skip
+    ((record,),) = [records(tmp_path / "a")]
+    assert record["save_checks"] == {str(s): True for s in (2, 4, 6, 8)}
+    assert all(after > 0 for _, after in record["copies"])
+
+
 def _failed_once(record: dict[str, Any], sync: bool) -> tuple[str, str]:
     """The one error a rank raised for the failed save of step 10, and the kind, checking
     when it was raised: by the save's own step() when synchronous, else by a step() after
