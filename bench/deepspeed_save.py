@@ -101,6 +101,7 @@ def job_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
         "saves": saves,
         "step_extra_s": sum(steps[s - 1] - baseline for s in saves),
         "median_step_s": baseline,
+        "step_s": [round(t, 3) for t in steps],
         "rss_peak": max(r["rss_train_peak"] for r in records),
         "ru_maxrss": max(r["ru_maxrss"] for r in records),
         "bytes": written,
