@@ -30,7 +30,7 @@ from integration.ds_train import cpu_setup, zero_config
 
 VARIANTS = ("none", "deepspeed", "sync", "async")
 
-# (hidden, layers, intermediate, heads, vocab): "full" is 162.5M parameters, "small" 4.8M
+# (hidden, layers, intermediate, heads, vocab): "full" is 162.4M parameters, "small" 4.8M
 SHAPES: dict[str, tuple[int, int, int, int, int]] = {
     "full": (768, 16, 2048, 12, 32000),
     "small": (192, 4, 512, 4, 8000),
@@ -101,7 +101,7 @@ def build_model(params: str, frozen: bool, length: int) -> tuple[Any, int, int]:
     model = LlamaForCausalLM(config)
     if frozen:
         # MiniCPM-V's current script: the LLM body frozen, a small part trained (here the
-        # last decoder layer and the final norm, about 5 % of the full-size model)
+        # last decoder layer and the final norm, 4.4 % of the full-size model)
         model.requires_grad_(False)
         model.model.layers[-1].requires_grad_(True)
         model.model.norm.requires_grad_(True)
