@@ -2,8 +2,8 @@
 
 ``decide``: time steps of a small loop without ckptwise, with a step-only policy (no
 message), and with a policy that needs rank 0's decision (one collective a step), in
-alternating blocks; ``write``: time saves of a replicated state (as DDP holds it) written by
-all ranks together, and by rank 0 alone. Rank 0 prints one JSON line of raw timings.
+alternating blocks; ``write``: time synchronous saves of a replicated state (as DDP holds it),
+each rank hashing its share of it (the default), and each rank hashing all of it. Rank 0 prints one JSON line of raw timings.
 """
 
 from __future__ import annotations
@@ -62,28 +62,26 @@ def write(megabytes: int, reps: int) -> dict[str, Any]:
     base = tempfile.mkdtemp(prefix="bench-write-") if rank == 0 else ""
     box = [base]
     dist.broadcast_object_list(box, src=0)
-    split_assign = dist_save._assign
-
-    def rank0_only(reports: Any, store: Any) -> Any:
-        jobs = split_assign(reports, store)
-        return [set().union(*jobs)] + [set() for _ in jobs[1:]]
-
-    times: dict[str, list[float]] = {"all_ranks": [], "rank0_only": []}
+    shared_min = dist_save.SHARED_MIN_BYTES
+    times: dict[str, list[float]] = {"shared": [], "each_hashes_all": []}
     for rep in range(reps):
         for kind in times:
-            dist_save._assign = split_assign if kind == "all_ranks" else rank0_only
+            # "each_hashes_all": no tensor counts as shared, so every rank hashes its
+            # whole replicated state, as before the hashing was split by tensor name
+            dist_save.SHARED_MIN_BYTES = shared_min if kind == "shared" else 2**62
             for c in chunks:
                 c.add_(1.0)  # new content: every object is written again
             manager = cw.CheckpointManager(
-                f"{box[0]}/{kind}{rep}", save=cw.every(1), rng=False, codec="raw"
-            )
+                f"{box[0]}/{kind}{rep}", save=cw.every(1), rng=False, codec="raw",
+                async_save=False,
+            )  # fmt: skip
             state = {f"w{i}": c for i, c in enumerate(chunks)}
             dist.barrier()
             started = time.perf_counter()
             manager.save(1, state)
             times[kind].append(time.perf_counter() - started)
             manager.close()
-    dist_save._assign = split_assign
+    dist_save.SHARED_MIN_BYTES = shared_min
     return {"bytes": sum(c.nbytes for c in chunks), **times}
 
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
-from integration.ds_train import cpu_setup, zero_config
+from ds_train import cpu_setup, zero_config
 
 VARIANTS = ("none", "deepspeed", "sync", "async")
 
