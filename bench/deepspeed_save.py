@@ -107,6 +107,7 @@ def job_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
         "ru_maxrss": max(r["ru_maxrss"] for r in records),
         "bytes": written,
         "bytes_on_disk": records[0].get("bytes_on_disk", 0),
+        "copied_bytes": max(r.get("copied_bytes", 0) for r in records),
     }
 
 
@@ -199,6 +200,20 @@ def training_rows(runs: dict[str, list[dict[str, Any]]], shape: str) -> list[dic
         ours = [job["rss_peak"] for job in runs[variant]]
         theirs = [job["rss_peak"] for job in runs["deepspeed"]]
         rows.append(ratio_row(figure, ours, theirs, gib))
+    if "async" in runs and "none" in runs and not refused("async"):
+        copied = statistics.median(job["copied_bytes"] for job in runs["async"])
+        extra = [
+            a["rss_peak"] - n["rss_peak"] for a, n in zip(runs["async"], runs["none"], strict=True)
+        ]
+        if copied:
+            rows.append(
+                {
+                    "figure": "extra peak RSS of a rank, async job - no-save job, / the rank's state a save copies",
+                    "ratio": statistics.median(extra) / copied,
+                    "spread": spread([e / copied for e in extra]),
+                    "measured": f"{statistics.median(extra) / 2**30:.2f} GiB over {copied / 2**30:.2f} GiB",
+                }
+            )
     for variant in ("sync", "async"):
         if variant not in runs or not has_ds or refused(variant):
             continue

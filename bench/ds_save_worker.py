@@ -198,6 +198,8 @@ def main() -> int:
         if callback is not None:
             record["saves"] = [step for step, _ in callback.saved]
             record["bytes_written"] = callback.bytes_written
+            # this rank's state as a save copies it (0 when saves are synchronous)
+            record["copied_bytes"] = sum(callback.manager.last_copy)
         dist.barrier()  # every rank's files are written
         folder = out / ("ckptwise" if callback is not None else "hf")
         if folder.exists():
