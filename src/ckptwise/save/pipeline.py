@@ -315,7 +315,13 @@ class RanksPath:
     def _commit(
         self, order: SaveOrder, progress: Progress, taken: Callable[[], RankState]
     ) -> CheckpointInfo:
-        self._upkeep.before_commit(order.step, order.now)
+
+        def prepared() -> RankState:
+            # inside the protocol: a failure here (rank 0 branching off) fails the save on
+            # every rank instead of leaving the others waiting for rank 0
+            self._upkeep.before_commit(order.step, order.now)
+            return taken()
+
         ours = Manifest(
             step=order.step,
             time=order.now.timestamp(),
@@ -328,7 +334,7 @@ class RanksPath:
             self._channel,
             self._store,
             ours,
-            taken,
+            prepared,
             # on rank 0, once every rank's part is durable; no read-back: the other ranks
             # wait for rank 0 within a timeout
             after_commit=lambda: self._upkeep.after_commit(order.step, order.now, verify=False),
