@@ -67,7 +67,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -110,7 +110,7 @@ def rss_sampler(period: float = 0.02) -> Iterator[list[int]]:
         peak[0] = max(peak[0], rss_bytes())
 
 
-def worker(argv: Sequence[str]) -> int:
+def worker(argv: Sequence[str]) -> NoReturn:
     parser = argparse.ArgumentParser(prog="bench.dcp_compare worker")
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--variant", choices=VARIANTS, required=True)
@@ -250,8 +250,13 @@ def worker(argv: Sequence[str]) -> int:
     if rank == 0:
         print("RESULT " + json.dumps(records), flush=True)
     dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    # Leave without tearing down: freeing DDP's reducer drops the last reference to the
+    # gloo group while this thread holds the GIL, and its destructor waits for gloo's
+    # worker thread, which may be freeing a finished collective's tensors and need the GIL
+    # (a dcp-save DDP job hung here for 15 minutes, rank 0 in ~ProcessGroupGloo).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +269,7 @@ def width_for(gib: float, layers: int) -> int:
     return max(16, round(math.sqrt(params / layers) / 16) * 16)
 
 
-def job(mode: str, variant: str, *, width: int, layers: int, steps: int, every: int, base: str) -> list[dict[str, Any]]:  # fmt: skip
+def job(mode: str, variant: str, *, width: int, layers: int, steps: int, every: int, base: str, timeout: float) -> list[dict[str, Any]]:  # fmt: skip
     """Run one ``torchrun`` job and return each rank's record."""
     root = tempfile.mkdtemp(prefix=f"{mode}-{variant}-", dir=base)
     env = {
@@ -281,19 +286,29 @@ def job(mode: str, variant: str, *, width: int, layers: int, steps: int, every: 
         "--width", str(width), "--layers", str(layers), "--steps", str(steps),
         "--every", str(every), "--root", root,
     ]  # fmt: skip
-    try:
-        proc = subprocess.run(
-            command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600
-        )
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    # output to files, not pipes: a rank that outlives torchrun would hold a pipe open
+    out, err = Path(base, f"{mode}-{variant}.out"), Path(base, f"{mode}-{variant}.err")
+    with out.open("w") as stdout_file, err.open("w") as stderr_file:
+        proc = subprocess.Popen(command, stdout=stdout_file, stderr=stderr_file, env=env, cwd=ROOT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # torchrun passes SIGTERM on to its ranks (each in a session of its own)
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    stdout, stderr = out.read_text(), err.read_text()
     if proc.returncode:
         raise SystemExit(
-            f"{mode} {variant} failed ({proc.returncode}):\n"
-            + proc.stdout[-2000:]
-            + proc.stderr[-6000:]
+            f"{mode} {variant} failed ({proc.returncode}; --timeout {timeout:.0f} s):\n"
+            f"{stdout[-2000:]}{stderr[-6000:]}"
         )
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
     records: list[dict[str, Any]] = json.loads(line[len("RESULT ") :])
     return records
 
@@ -421,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--dir", default=None, help="where the jobs write (default: a temp folder)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds a job may take")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -449,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                     t = time.perf_counter()
                     jobs[variant] = job(
                         mode, variant, width=width, layers=args.layers, steps=args.steps,
-                        every=args.every, base=base,
+                        every=args.every, base=base, timeout=args.timeout,
                     )  # fmt: skip
                     print(f"  rep {rep + 1} {mode} {variant}: {time.perf_counter() - t:.1f} s", flush=True)  # fmt: skip
                 raw[mode].append(jobs)
