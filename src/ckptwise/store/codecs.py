@@ -198,7 +198,9 @@ class ByteGroupedCodec:
         parts = [self._compress(memoryview(grouped[i])) for i in range(itemsize)]
         header = _HEADER.pack(_MAGIC, 1, itemsize, itemsize, 0)
         table = b"".join(_PLANE.pack(mode, len(data)) for mode, data in parts)
-        return b"".join([header, table, *(bytes(data) for _, data in parts)])
+        # joined from the planes' own buffers: a copy of each stored plane first would hold
+        # most of the object a third time
+        return b"".join([header, table, *(data for _, data in parts)])
 
     @staticmethod
     def _planes(stored: bytes) -> tuple[int, int, list[tuple[int, memoryview]]]:
