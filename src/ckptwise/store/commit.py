@@ -61,7 +61,7 @@ from ckptwise.store.layout import (
     tensor_bytes,
 )
 from ckptwise.store.manifest import Manifest, TensorEntry, dtype_name, encode_manifest
-from ckptwise.store.planner import CodecPlanner
+from ckptwise.store.planner import ENCODING_BYTES, CodecPlanner
 from ckptwise.store.reader import Reader
 
 if TYPE_CHECKING:
@@ -87,12 +87,6 @@ log = logging.getLogger("ckptwise")
 
 #: Threads encoding and writing the new objects of one commit.
 WRITERS = 4
-#: Raw bytes of objects being encoded (compressed, byte-grouped, as deltas) at once. Encoding
-#: holds about 1.3 times an object's size until it is written, so four writers on large
-#: objects held 2.6 GiB for a 1.2 GiB state (measured); with this cap a save's encoding holds
-#: at most about 0.7 GiB, or 1.3 times its largest object, which encodes alone. Raw objects
-#: are written from the tensors' own memory and count for nothing.
-ENCODING_BYTES = 512 * 2**20
 #: The space margin's share of a save's bytes, and its floor (see :func:`space_margin`).
 MARGIN_SHARE = 0.02
 MIN_MARGIN = 2**20
