@@ -11,8 +11,9 @@ is sharded with FSDP2 (``fully_shard`` on each layer and the root) for ``fsdp``.
 one job runs each variant, saving every ``--every`` steps:
 
 * ``none``: no saves (the baseline);
-* ``ckptwise-sync``: ``CheckpointManager(run, save=every(k), keep=keep_last(2), rng=False,
-  async_save=False)``, ``step()`` after every optimizer step, ``close()`` at the end;
+* ``ckptwise-sync``: ``CheckpointManager(run, save=every(k), keep=keep_all(), rng=False,
+  async_save=False)`` (every checkpoint kept, as DCP's folders are: a retention policy's
+  deletes would be a cost DCP does not pay), ``step()`` after every optimizer step, ``close()`` at the end;
 * ``ckptwise-async``: the same with ckptwise's default (a background save on every rank);
 * ``dcp-save``: ``torch.distributed.checkpoint.save`` of ``get_model_state_dict`` and
   ``get_optimizer_state_dict`` to a new folder per save;
@@ -165,7 +166,7 @@ def worker(argv: Sequence[str]) -> NoReturn:
 
     manager: cw.CheckpointManager | None = None
     if args.variant.startswith("ckptwise"):
-        run, every, keep = f"{args.root}/ckptwise", cw.every(args.every), cw.keep_last(2)
+        run, every, keep = f"{args.root}/ckptwise", cw.every(args.every), cw.keep_all()
         if args.variant == "ckptwise-sync":
             manager = cw.CheckpointManager(run, save=every, keep=keep, rng=False, async_save=False)
         else:  # async_save left out: ckptwise's default, in the background on every rank

@@ -23,10 +23,9 @@ The protocol, on the checkpoint's commit channel (see
 
 So the replicated part of a state is hashed about once across ranks, not once per rank.
 What that trusts: two tensors of the same name, dtype and shape on two ranks whose
-fingerprints match hold the same bytes. A fingerprint reads every byte (two 64-bit sums)
-and hashes sampled pages, so any difference in one word, and any random difference, is
-seen; a few words that change together so that both sums stay equal, outside the sampled
-pages, are not. Elsewhere content addressing needs no trust: a tensor that differs on some
+fingerprints match hold the same bytes. A fingerprint reads every byte (a 64-bit sum) and
+hashes sampled pages, so any difference in one word, and any random difference, is seen;
+words that change together so that the sum stays equal, outside the sampled pages, are not. Elsewhere content addressing needs no trust: a tensor that differs on some
 rank simply has another object. A rank that raises fails the save on every rank (named,
 with its cause); a rank that dies fails the collectives the others wait in; either way no
 manifest is written and the objects already written are debris that the next prune
@@ -128,15 +127,16 @@ def _pages(raw: memoryview) -> str:
 
 def fingerprint(tensor: torch.Tensor) -> str:
     """A check that two tensors of the same dtype and shape hold the same bytes, at about a
-    fifth of the cost of hashing them: the sum and the xor of its bytes as 64-bit words
-    (every byte read once, in memory order) and a hash of 16 pages spread over it."""
+    fifth of the cost of hashing them (23 against 4.3 GB/s here): the sum of its bytes as
+    64-bit words modulo 2**64 (every byte read once) and a hash of 16 pages spread over it.
+    A change of one word always changes the sum; a random change does but for a chance of
+    2**-64; changes that cancel in the sum outside the sampled pages go unseen."""
     raw = tensor_bytes(tensor)
     size = len(raw)
     words = np.frombuffer(raw, dtype=np.uint64, count=size // 8)
     total = int(words.sum(dtype=np.uint64)) if words.size else 0
-    xor = int(np.bitwise_xor.reduce(words)) if words.size else 0
     tail = bytes(raw[size - size % 8 :]).hex()
-    return f"{total:x}:{xor:x}:{tail}:{_pages(raw)}"
+    return f"{total:x}:{tail}:{_pages(raw)}"
 
 
 def _listing(step: int, state: RankState) -> _Listing:
