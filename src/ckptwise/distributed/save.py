@@ -25,8 +25,9 @@ So the replicated part of a state is hashed about once across ranks, not once pe
 What that trusts: two tensors of the same name, dtype and shape on two ranks whose
 fingerprints match hold the same bytes. A fingerprint reads every byte (a 64-bit sum) and
 hashes sampled pages, so any difference in one word, and any random difference, is seen;
-words that change together so that the sum stays equal, outside the sampled pages, are not. Elsewhere content addressing needs no trust: a tensor that differs on some
-rank simply has another object. A rank that raises fails the save on every rank (named,
+words that change together so that the sum stays equal, outside the sampled pages, are not.
+Elsewhere content addressing needs no trust: a tensor that differs on some rank simply has
+another object. A rank that raises fails the save on every rank (named,
 with its cause); a rank that dies fails the collectives the others wait in; either way no
 manifest is written and the objects already written are debris that the next prune
 collects.
@@ -115,13 +116,28 @@ def _pages(raw: memoryview) -> str:
     lists of a large tensor, so that per-rank tensors of one shape (ZeRO's partitions) are
     told apart from replicated ones before anything is hashed whole."""
     hasher = blake3.blake3(str(len(raw)).encode())
-    size = len(raw)
-    if size > _PAGES * _PAGE:
-        for i in range(_PAGES):
-            at = (size - _PAGE) * i // (_PAGES - 1)
-            hasher.update(raw[at : at + _PAGE])
-    else:
-        hasher.update(raw)
+    for page in _sampled(len(raw)):
+        hasher.update(raw[page])
+    return hasher.hexdigest()
+
+
+def _sampled(size: int) -> list[slice]:
+    """The pages :func:`_pages` reads of ``size`` bytes."""
+    if size <= _PAGES * _PAGE:
+        return [slice(0, size)]
+    return [
+        slice(at, at + _PAGE) for at in ((size - _PAGE) * i // (_PAGES - 1) for i in range(_PAGES))
+    ]
+
+
+def _pages_of(tensor: torch.Tensor) -> str:
+    """:func:`_pages` of a tensor's bytes, copying only the sampled pages off a GPU."""
+    if tensor.device.type == "cpu":
+        return _pages(tensor_bytes(tensor))
+    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+    pages = b"".join(flat[page].cpu().numpy().tobytes() for page in _sampled(flat.numel()))
+    hasher = blake3.blake3(str(flat.numel()).encode())
+    hasher.update(pages)
     return hasher.hexdigest()
 
 
@@ -143,7 +159,7 @@ def _listing(step: int, state: RankState) -> _Listing:
     return _Listing(
         step,
         {
-            name: (str(t.dtype), tuple(t.shape), t.nbytes, _pages(tensor_bytes(t)))
+            name: (str(t.dtype), tuple(t.shape), t.nbytes, _pages_of(t))
             for name, t in state.tensors.items()
             if name not in state.shards and t.nbytes >= SHARED_MIN_BYTES
         },
