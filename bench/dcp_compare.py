@@ -62,13 +62,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
+
+from bench.memory import peak_rss
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -81,34 +81,6 @@ BYTES_PER_PARAM = 12  # float32 weight + AdamW's exp_avg and exp_avg_sq
 
 # ---------------------------------------------------------------------------------------------
 # one rank of a job (runs under torchrun)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-@contextmanager
-def rss_sampler(period: float = 0.02) -> Iterator[list[int]]:
-    """Sample this process's RSS every ``period`` seconds; yields ``[peak]``, final on exit."""
-    peak = [rss_bytes()]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(period):
-            peak[0] = max(peak[0], rss_bytes())
-
-    thread = threading.Thread(target=sample, name="rss-sampler", daemon=True)
-    thread.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], rss_bytes())
 
 
 def worker(argv: Sequence[str]) -> NoReturn:
@@ -191,7 +163,7 @@ def worker(argv: Sequence[str]) -> NoReturn:
     stalls: list[float] = []
     waits: list[float] = []
     dist.barrier()
-    with rss_sampler() as peak:
+    with peak_rss() as peak:
         started = time.perf_counter()
         for step in range(1, args.steps + 1):
             t0 = time.perf_counter()

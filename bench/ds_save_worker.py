@@ -17,12 +17,13 @@ import itertools
 import json
 import resource
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench.memory import peak_rss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
@@ -50,36 +51,6 @@ class TokenData(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids = self.tokens[index]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
-class RssPeak:
-    """The largest VmRSS of this process while running, sampled every 20 ms by a thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def now() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.now())
-
-    def __enter__(self) -> RssPeak:
-        self.peak = self.now()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
 
 
 def build_model(params: str, frozen: bool, length: int) -> tuple[Any, int, int]:
@@ -184,7 +155,7 @@ def main() -> int:
     # for a save still in flight, so the last step's time includes that wait
     trainer.add_callback(Clock())
     if "refused" not in record:
-        with RssPeak() as rss:
+        with peak_rss() as rss:
             started = time.perf_counter()
             trainer.train()
             finished = time.perf_counter()
@@ -193,7 +164,7 @@ def main() -> int:
             train_s=finished - started,
             loop_s=marks[-1] - marks[0],
             step_s=[b - a for a, b in itertools.pairwise(marks)],
-            rss_train_peak=rss.peak,
+            rss_train_peak=rss[0],
         )
         if callback is not None:
             record["saves"] = [step for step, _ in callback.saved]

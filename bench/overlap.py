@@ -32,10 +32,8 @@ import os
 import shutil
 import statistics
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,38 +41,13 @@ from typing import Any
 import torch
 
 import ckptwise as cw
+from bench.memory import peak_rss
 from bench.stall import build, machine, state_bytes, torch_save, train
 
 
 def spread(values: list[float]) -> str:
     """Median with the range, for the table's detail column."""
     return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
-
-
-def rss() -> int:
-    """Resident bytes of this process now."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextmanager
-def peak_rss() -> Iterator[list[int]]:
-    """Samples the resident size every 2 ms; the list holds the peak when the block ends."""
-    peak = [rss()]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.002):
-            peak[0] = max(peak[0], rss())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield peak
-    finally:
-        done.set()
-        sampler.join()
-        peak[0] = max(peak[0], rss())
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -97,7 +70,7 @@ def loop_figures(
 
     for _ in range(2):
         step()  # warm the allocator
-    with peak_rss() as base_peak:
+    with peak_rss(0.002) as base_peak:
         base = [timed(step) for _ in range(saves * every)]
     t_base = statistics.median(base)
     t_torch = statistics.median(
@@ -124,7 +97,7 @@ def loop_figures(
         rng=False,
     )
     n = 0
-    with peak_rss() as save_peak:
+    with peak_rss(0.002) as save_peak:
         for _ in range(saves + 1):  # the first save also starts the threads: not counted
             for k in range(every):
                 n += 1
