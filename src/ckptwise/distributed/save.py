@@ -31,6 +31,9 @@ another object. A rank that raises fails the save on every rank (named,
 with its cause); a rank that dies fails the collectives the others wait in; either way no
 manifest is written and the objects already written are debris that the next prune
 collects.
+
+It is long because the protocol's rounds, what each rank sends in them and how rank 0
+decides between them are one argument: each round relies on what the one before checked.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ Checkpoints are tried newest first; one whose bytes fail verification is skipped
 one is tried. Before a restore writes into a live state, the state is checked against the
 checkpoint as a whole (see :mod:`ckptwise.snapshot.mismatch`), so a state that does not fit is left
 untouched. :class:`~ckptwise.read.run.Run` offers this as ``read`` and ``restore``.
+
+It is long because choosing the checkpoint and checking the state against it happen
+together, on one process or on every rank of a job, and a rank's choice must be theirs.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ How the state is captured and committed is a :class:`SavePath`: one process sync
 job together (:class:`RanksPath`). Nothing here calls back into the manager: what a commit
 must be followed by is the :class:`~ckptwise.save.upkeep.Upkeep` it was given, and what the
 caller wants done once a save is durable is a callback run on the caller's thread.
+
+It is long because the three paths and the pipeline that serializes them are read together:
+what runs on which thread, and which failures wait for which save, is the point of each.
 """
 
 from __future__ import annotations
