@@ -379,17 +379,9 @@ class CheckpointManager:
         final: bool,
         refused: ConfigError | None = None,
     ) -> Decision:
-        # With several ranks a background save's failure is raised once this step's decision
-        # is taken and its save, if any, has started: each rank's writer ends at its own
-        # time, so one rank may learn of the failure a step before another, and each must
-        # still join the step's collective and the same saves as the others.
-        failed: CheckpointError | None = None
-        try:
-            self._pipeline.poll()
-        except CheckpointError as exc:
-            if self.ranks is None:
-                raise
-            failed = exc
+        # with several ranks a background save's failure is held until this step's decision
+        # is taken and its save, if any, has started (see SavePipeline.poll)
+        self._pipeline.poll()
         values: Mapping[str, float] = {}
         if refused is None:
             try:
@@ -408,8 +400,7 @@ class CheckpointManager:
         )
         decision = verdict.decision
         if not decision.save:
-            if failed is not None:
-                raise failed
+            self._pipeline.raise_held()
             return decision
         if self._pipeline.busy and self.on_busy == "skip":
             self.skipped.append(step)
@@ -426,8 +417,6 @@ class CheckpointManager:
             variant=verdict.variant,
             on_commit=self._decider.on_commit(decision),
         )
-        if failed is not None:
-            raise failed
         if self._decider.wants_exit(decision):
             self.wait()
             log.info("saved step %d on a signal; exiting as on_signal(then='exit') asks", step)

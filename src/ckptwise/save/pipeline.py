@@ -400,17 +400,35 @@ class SavePipeline:
         return self.path.capture(step, entries)
 
     def before_save(self) -> None:
-        """Wait for the save in flight before another starts. Its failure is raised here,
-        except where several processes save together: then it is held and raised by the
-        next :meth:`write` once the new save has started, since every process must join
-        every save the others start, and each learns of a failure when its own writer
-        ends."""
+        """Wait for the save in flight before another starts; its failure is raised here,
+        or held where several processes save together (see :meth:`poll`)."""
+        self._hold_if_joint(self.wait)
+
+    def poll(self) -> CheckpointInfo | None:
+        """The checkpoint a background save committed since the last call, else ``None``.
+
+        Its failure is raised here, except where several processes save together: then it
+        is held, and raised by :meth:`raise_held` or by the next :meth:`write` once the new
+        save has started. Each process learns of a failure when its own writer ends, one
+        maybe a step before another, and every process must still join every decision and
+        save the others make meanwhile.
+        """
+        return self._hold_if_joint(self._writer.poll)
+
+    def raise_held(self) -> None:
+        """Raise the failure :meth:`poll` or :meth:`before_save` held, if any."""
+        held, self._held = self._held, None
+        if held is not None:
+            raise held
+
+    def _hold_if_joint(self, ended: Callable[[], CheckpointInfo | None]) -> CheckpointInfo | None:
         try:
-            self.wait()
+            return self._committed(ended())
         except CheckpointError as exc:
             if not self._joint:
                 raise
             self._held = self._held or exc
+            return None
 
     def refuse(self, step: int, error: Exception) -> NoReturn:
         """Raise ``error``, this process's reason not to save ``step``, once the save in
@@ -419,6 +437,7 @@ class SavePipeline:
         processes save ``step`` all the same, so this one must join them."""
         try:
             self.wait()
+            self.raise_held()
         except CheckpointError as exc:
             log.error("%s", exc)
         self.path.refuse(step, error)
@@ -445,9 +464,7 @@ class SavePipeline:
         background = captured.background or not isinstance(self._writer, AsyncWriter)
         writer = self._writer if background else SyncWriter()
         info = self._committed(writer.write(shown, step=step))
-        held, self._held = self._held, None
-        if held is not None:
-            raise held
+        self.raise_held()
         return info
 
     def _committed(self, info: CheckpointInfo | None) -> CheckpointInfo | None:
@@ -458,14 +475,12 @@ class SavePipeline:
                 action()
         return info
 
-    def poll(self) -> CheckpointInfo | None:
-        """The checkpoint a background save committed since the last call (raising its
-        failure), else ``None``."""
-        return self._committed(self._writer.poll())
-
     def wait(self) -> CheckpointInfo | None:
-        """Block until no save is in flight; re-raise the failure of the last one."""
-        return self._committed(self._writer.wait())
+        """Block until no save is in flight; re-raise the failure of the last one (or one
+        held, see :meth:`poll`)."""
+        info = self._committed(self._writer.wait())
+        self.raise_held()
+        return info
 
     def settle(self, step: int) -> None:
         """Before a read of ``step``: wait for its save if it is the one in flight (a read
