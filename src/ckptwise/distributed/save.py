@@ -183,8 +183,7 @@ def _hashers(listings: list[_Listing]) -> dict[str, int]:
     shared = [
         name
         for name, held in first.items()
-        if held[2] >= SHARED_MIN_BYTES
-        and all(other.tensors.get(name) == held for other in listings[1:])
+        if all(other.tensors.get(name) == held for other in listings[1:])
     ]
     load = [0] * len(listings)
     hashers: dict[str, int] = {}
@@ -326,7 +325,8 @@ def commit_across_ranks(
     the state, or a private copy taken earlier, or raises the error taking it met), so a
     rank whose state cannot be captured fails the save on every rank instead of falling out
     of step. ``ranks`` must be a group no other thread of this process uses meanwhile: a
-    background save runs this on its writer thread, on the checkpoint's commit channel. ``after_commit`` runs on rank 0 once the manifest is durable and before any rank
+    background save runs this on its writer thread, on the checkpoint's commit channel.
+    ``after_commit`` runs on rank 0 once the manifest is durable and before any rank
     returns (the manager prunes there); ``progress`` is told this rank's bytes hashed and
     written. Every rank returns the committed checkpoint's
     summary or raises the same error.

@@ -402,7 +402,7 @@ class SavePipeline:
     def before_save(self) -> None:
         """Wait for the save in flight before another starts; its failure is raised here,
         or held where several processes save together (see :meth:`poll`)."""
-        self._hold_if_joint(self.wait)
+        self._hold_if_joint(self._writer.wait)
 
     def poll(self) -> CheckpointInfo | None:
         """The checkpoint a background save committed since the last call, else ``None``.
@@ -461,7 +461,7 @@ class SavePipeline:
         )
         self.saving = step
         # an async path's save taken synchronously (its copy did not fit) bypasses the thread
-        background = captured.background or not isinstance(self._writer, AsyncWriter)
+        background = captured.background or not self.path.background
         writer = self._writer if background else SyncWriter()
         info = self._committed(writer.write(shown, step=step))
         self.raise_held()
