@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,13 +42,23 @@ if TYPE_CHECKING:
 else:
     from ckptwise._lazy import dist, torch
 
-__all__ = ["DEFAULT_TIMEOUT", "Failure", "Ranks", "arrival_timeout", "describe"]
+__all__ = ["DEFAULT_TIMEOUT", "Failure", "Ranks", "arrival_timeout", "describe", "node_name"]
 
 #: How long a rank waits for the others in one checkpoint collective. A save's longest wait
 #: is a rank that writes more than the others, so it must cover a whole save.
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 T = TypeVar("T")
+
+
+def node_name() -> str:
+    """The machine this process runs on, as the job sees it: torchrun's node rank
+    (``GROUP_RANK``, set by ``torchrun --nnodes``) when set, else the host name. Ranks of one
+    node share its local disk; ranks of two nodes share nothing but the job's collectives
+    and the run's store (two "nodes" may be one host, as in tests: the node rank tells them
+    apart)."""
+    group = os.environ.get("GROUP_RANK")
+    return f"node{group}" if group is not None else socket.gethostname()
 
 
 def arrival_timeout(timeout: timedelta) -> timedelta:
@@ -254,6 +266,12 @@ class Ranks:
         tensor = torch.tensor(flags, dtype=torch.int64)
         self._run(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group))
         return [int(v) for v in tensor.tolist()]
+
+    def leaders(self) -> list[int]:
+        """For each rank, the lowest rank of its node (see :func:`node_name`): the one that
+        writes what the node's ranks share on its local disk. A collective."""
+        nodes = self.all_gather(node_name())
+        return [nodes.index(node) for node in nodes]
 
     def barrier(self) -> None:
         """Wait until every rank got here."""
