@@ -32,6 +32,7 @@ from ckptwise.config.record import policy_record
 from ckptwise.decide.decider import Decider
 from ckptwise.decide.felt import Felt
 from ckptwise.decide.metrics import coerce_metrics
+from ckptwise.distributed.confirm import UploadConfirmer
 from ckptwise.distributed.ranks import DEFAULT_TIMEOUT, Failure, Ranks, describe
 from ckptwise.errors import CheckpointError, ConfigError
 from ckptwise.policy import (
@@ -54,7 +55,7 @@ from ckptwise.records import CheckpointInfo
 from ckptwise.save.pipeline import AsyncPath, RanksPath, SaveOrder, SavePath, SavePipeline, SyncPath
 from ckptwise.save.upkeep import Upkeep
 from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState
-from ckptwise.store import RunLock, open_store
+from ckptwise.store import RunLock, TieredBackend, open_store, rank_cache
 
 __all__ = ["RNG_KEY", "CheckpointManager", "RestoreWarning"]
 
@@ -132,8 +133,12 @@ class CheckpointManager:
             the manifest that names them, so the network is never in a save's way and a
             reader of the remote sees only whole checkpoints. Restores read the cache when
             it holds a verified copy, else the remote. :meth:`close` waits for the uploads;
-            :meth:`Run.upload_states` (``manager.run``) says which checkpoints are ``local``, ``uploading`` or
-            ``remote``. One process only.
+            :meth:`Run.upload_states` (``manager.run``) says which checkpoints are
+            ``local``, ``uploading`` or ``remote``. In a job of several ranks each node
+            names a folder on its own disk; each rank writes and uploads its objects through
+            a folder of its own inside it (``rank-00003``), and rank 0 uploads a manifest
+            once every rank has confirmed its objects are up (see
+            :mod:`ckptwise.distributed.confirm`): no node needs to see another's disk.
         cache_bytes: the most bytes of already uploaded files the cache keeps (least
             recently used go first; files not yet uploaded are always kept).
         process_group: in a multi-process job (``torchrun``), the group whose ranks save
@@ -220,12 +225,8 @@ class CheckpointManager:
                 # the lock and the run folder's upkeep belong to rank 0 alone
                 self._owns_run = self.ranks is None or self.ranks.coordinator
                 if cache is not None and self.ranks is not None:
-                    raise ConfigError(
-                        "cache= is for one writing process: with several, rank 0 cannot know "
-                        "that the other ranks' objects are uploaded before it uploads the "
-                        "manifest; drop cache= (each rank then writes to the remote store "
-                        "directly)"
-                    )
+                    # one cache folder per rank, on its node's disk (see distributed.confirm)
+                    cache = os.path.join(os.fspath(cache), rank_cache(self.ranks.rank))
                 self._store = open_store(
                     root,
                     cache=cache,
@@ -234,6 +235,10 @@ class CheckpointManager:
                     codec=codec,
                     deltas=deltas,
                 )
+                backend = self._store.backend
+                self._cached = backend if isinstance(backend, TieredBackend) else None
+                if self._cached is not None and self.ranks is not None and self._owns_run:
+                    self._cached.expect_confirmations()
                 lock = self._lock = self._store.lock()
                 if self._owns_run:
                     lock.acquire()
@@ -241,6 +246,8 @@ class CheckpointManager:
                     removed = self._store.clean()
                     if removed:
                         log.info("removed %d leftover file(s) from an interrupted save", removed)
+                elif self._cached is not None:
+                    self._store.start_uploads()  # rank 0's lock covers the job's ranks
             except Exception as exc:
                 if self.ranks is None:
                     raise
@@ -259,6 +266,7 @@ class CheckpointManager:
                         "defer_copy": repr(defer_copy),
                         "on_busy": repr(on_busy),
                         "rng": repr(rng),
+                        "cache": repr(cache is not None),
                     },
                     None if failure is None else Failure.of(self.ranks.rank, failure),
                     "creating the CheckpointManager",
@@ -272,9 +280,20 @@ class CheckpointManager:
         assert lock is not None  # a rank that failed to take it raised above
         self._upkeep = Upkeep(self._store, lock, self.keep_policy, owns_run=self._owns_run)
         path: SavePath
+        #: with several ranks and caches: the confirmations that let rank 0 upload manifests
+        self._confirmer: UploadConfirmer | None = None
         if self.ranks is not None:
+            if self._cached is not None:
+                self._confirmer = UploadConfirmer(
+                    self.ranks, self._cached, exit_timeout=self._cached.exit_timeout
+                )
             path = RanksPath(
-                self._store, self.ranks, self._upkeep, background=bool(async_save), defer=defer_copy
+                self._store,
+                self.ranks,
+                self._upkeep,
+                background=bool(async_save),
+                defer=defer_copy,
+                committed=None if self._confirmer is None else self._confirmer.committed,
             )
         elif async_save:
             path = AsyncPath(self._store, lock, self._upkeep, defer=defer_copy)
@@ -603,10 +622,21 @@ class CheckpointManager:
         return loaded.step, loaded.values(rng=True)
 
     def _see_commits(self) -> None:
-        """On a rank other than 0, list the run again before a read: rank 0 wrote the
-        manifests this rank's saves took part in, and this rank's view of the run was last
-        read when its latest save began."""
-        if self.ranks is not None and not self.ranks.coordinator:
+        """Before a read every rank makes together: on a rank other than 0, list the run
+        again (rank 0 wrote the manifests this rank's saves took part in). With caches,
+        every checkpoint committed so far is first made durable remotely (each rank's
+        objects may be on its node's disk alone), so every rank reads the same run."""
+        if self.ranks is None:
+            return
+        if self._confirmer is not None:
+            self._confirmer.drain()
+            if self.ranks.coordinator:
+                self._store.flush_uploads()
+            self.ranks.barrier()  # rank 0's manifests are up
+            if not self.ranks.coordinator:
+                assert self._cached is not None
+                self._cached.relist()
+        if not self.ranks.coordinator:
             self._store.refresh()
 
     def _read_rank(self) -> int:
@@ -626,12 +656,19 @@ class CheckpointManager:
 
     def flush_uploads(self, timeout: timedelta | None = None) -> None:
         """Block until every checkpoint committed so far is durable remotely (with a
-        ``cache``; otherwise return at once).
+        ``cache``; otherwise return at once). With several ranks every rank calls it at the
+        same point (the ranks confirm their uploads together).
 
         Raises:
             StorageError: an upload failed after its retries, or ``timeout`` passed.
         """
         self.wait()
+        if self._confirmer is not None and self.ranks is not None:
+            # several ranks: their objects first (confirmed to rank 0), then its manifests
+            self._confirmer.drain(timeout)
+            if self.ranks.coordinator:
+                self._store.flush_uploads(timeout)
+            return
         self._store.flush_uploads(timeout)
 
     def close(self) -> None:
@@ -644,8 +681,12 @@ class CheckpointManager:
         if self._closed:
             return
         try:
-            self._pipeline.close()  # a failed last save still lets go of threads and copies
-            if self._owns_run:
+            try:
+                self._pipeline.close()  # a failed last save still lets go of threads and copies
+            finally:
+                if self._confirmer is not None:  # every rank's objects up: manifests may go
+                    self._confirmer.close(self._cached.exit_timeout if self._cached else None)
+            if self._owns_run or self._cached is not None:
                 self._store.close()  # every upload done, before the lock lets another writer in
         finally:
             self._closed = True

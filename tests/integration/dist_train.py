@@ -12,6 +12,11 @@ Faults for the tests: ``--skew`` makes rank R's clock run ``1 + R * skew`` times
 --kill-step S`` SIGKILLs rank R in the middle of step S's save; ``--fail-rank R
 --fail-step S`` makes rank R's object writes raise at step S; ``--signal-rank R
 --signal-step S`` sends SIGUSR1 to rank R after step S.
+
+Remote runs: ``RUN`` may be an ``s3://`` URL, reached with the storage options in the
+environment variable ``CKPTWISE_TEST_S3`` (JSON); ``--cache DIR`` writes it through the
+node's cache folder DIR; ``--slow-uploads SECONDS`` makes each object upload of the ranks of
+node ``--slow-node`` (torchrun's ``GROUP_RANK``) take that much longer.
 """
 
 from __future__ import annotations
@@ -107,6 +112,9 @@ def main() -> int:
     parser.add_argument("--signal-step", type=int, default=0)
     parser.add_argument("--restore-step", type=int, default=None)
     parser.add_argument("--dump", action="store_true")
+    parser.add_argument("--cache", default=None)
+    parser.add_argument("--slow-uploads", type=float, default=0.0)
+    parser.add_argument("--slow-node", default="1")
     parser.add_argument("--sync", action="store_true", help="async_save=False")
     parser.add_argument("--defer", action="store_true", help="defer_copy=True")
     parser.add_argument(
@@ -128,6 +136,18 @@ def main() -> int:
     def flush() -> None:
         (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
 
+    if args.slow_uploads and os.environ.get("GROUP_RANK") == args.slow_node:
+        from ckptwise.store import FsspecBackend
+
+        real_put = FsspecBackend.put_file
+
+        def slow_put(backend: FsspecBackend, path: str, local: str) -> None:
+            if path.startswith("objects/"):
+                time.sleep(args.slow_uploads)
+            real_put(backend, path, local)
+
+        FsspecBackend.put_file = slow_put  # type: ignore[method-assign]
+    remote = os.environ.get("CKPTWISE_TEST_S3")
     model, opt = build(args.mode)
     clock = SkewedClock(1.0 + rank * args.skew)
     torch.manual_seed(100 + rank)  # each rank draws its own batches; saved per rank
@@ -139,6 +159,8 @@ def main() -> int:
         async_save=not args.sync,
         defer_copy=args.defer,
         dist_timeout=timedelta(seconds=60),
+        cache=args.cache,
+        storage_options=None if remote is None else json.loads(remote),
     )
     state: dict[str, Any] = {"model": model, "optimizer": opt}
     start = manager.restore(state, step=args.restore_step)
@@ -188,6 +210,7 @@ def main() -> int:
                 continue
             if decision.save:
                 record["saves"].append([current, list(decision.reasons)])
+                flush()  # what a harness that kills the job waits for
                 if args.check_saves:
                     at_save[current] = full_state(model, opt)
                     record.setdefault("copies", []).append(list(manager.last_copy))
@@ -205,7 +228,8 @@ def main() -> int:
             record["save_checks"][step] = full_state(fresh, fresh_opt) == expected
     manager.close()
     if rank == 0:  # a manager that only reads, on one rank alone, must not wait for the others
-        record["latest"] = cw.open_run(args.run).latest_step()
+        options = None if remote is None else json.loads(remote)
+        record["latest"] = cw.open_run(args.run, storage_options=options).latest_step()
     if args.dump:
         record["final"] = full_state(model, opt)
     flush()

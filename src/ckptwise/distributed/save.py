@@ -317,6 +317,7 @@ def commit_across_ranks(
     *,
     after_commit: Callable[[], object],
     progress: Progress | None = None,
+    stale: bool = True,
 ) -> CheckpointInfo:
     """Save this rank's state, given by ``capture``, as part of ``manifest.step``.
 
@@ -328,15 +329,20 @@ def commit_across_ranks(
     background save runs this on its writer thread, on the checkpoint's commit channel.
     ``after_commit`` runs on rank 0 once the manifest is durable and before any rank
     returns (the manager prunes there); ``progress`` is told this rank's bytes hashed and
-    written. Every rank returns the committed checkpoint's
-    summary or raises the same error.
+    written. Every rank returns the committed checkpoint's summary or raises the same error.
+
+    The other ranks plan their deduplication by their own view of the run: with ``stale``
+    they list it again first (their first save, or after a failure); otherwise they take in
+    what rank 0 committed and kept at the end of each save (:meth:`CheckpointStore.follow`),
+    which keeps them current without a listing per save, and without seeing rank 0's
+    local cache in front of a remote run.
     """
     step = manifest.step
     what = f"saving step {step}"
     state: RankState | None = None
     listing: _Listing | Failure
     try:
-        if not ranks.coordinator:
+        if not ranks.coordinator and stale:
             store.refresh()  # rank 0 alone prunes: see what it kept before planning dedup
         state = capture()
         listing = _listing(step, state)
@@ -406,7 +412,7 @@ def commit_across_ranks(
         written = Failure.of(ranks.rank, exc)
     results = ranks.gather(written)
 
-    outcome: CheckpointInfo | Failure | None = None
+    outcome: _Committed | Failure | None = None
     if results is not None and reports is not None:
         outcome = next((r for r in results if isinstance(r, Failure)), None)
         if outcome is None:
@@ -416,15 +422,28 @@ def commit_across_ranks(
                 for report_, result in zip(hashed, done, strict=True):
                     report_.names.update(result.names)
                 ours = dataclasses.replace(manifest, tree=state.tree)
-                outcome = _publish(hashed, [r.entries for r in done], store, ours)
+                info = _publish(hashed, [r.entries for r in done], store, ours)
                 after_commit()
+                outcome = _Committed(info, store.manifest(step), tuple(store.steps()))
             except Exception as exc:
                 outcome = Failure.of(0, exc)
     outcome = ranks.broadcast(outcome)
     if isinstance(outcome, Failure):
         raise outcome.error(what)
     assert outcome is not None
-    return outcome
+    if not ranks.coordinator:
+        store.follow(outcome.manifest, outcome.kept)
+    return outcome.info
+
+
+@dataclass(frozen=True)
+class _Committed:
+    """What rank 0 tells every rank at the end of a save: the checkpoint's summary, its
+    manifest, and the steps kept after pruning."""
+
+    info: CheckpointInfo
+    manifest: Manifest
+    kept: tuple[int, ...]
 
 
 @dataclass(frozen=True)

@@ -284,6 +284,7 @@ class RanksPath:
         *,
         background: bool = False,
         defer: bool = False,
+        committed: Callable[[int], object] | None = None,
     ) -> None:
         self._store = store
         self._upkeep = upkeep
@@ -291,6 +292,12 @@ class RanksPath:
         self._copies = _Copies(defer=defer) if background else None
         self.copier = None if self._copies is None else self._copies.copier
         self._channel = ranks.channel()
+        #: told each step every rank committed, on every rank, in commit order (a cached
+        #: run's upload confirmations: see ckptwise.distributed.confirm)
+        self._committed = committed
+        #: whether this rank's view of the run must be listed again before it plans (its
+        #: first save, or one after a failure); else rank 0's word keeps it current
+        self._stale = True
 
     def capture(self, step: int, entries: Mapping[str, Any]) -> Captured:
         try:
@@ -333,7 +340,8 @@ class RanksPath:
             reasons=order.reasons,
             extra=dict(order.extra),
         )
-        return commit_across_ranks(
+        stale, self._stale = self._stale, True
+        info = commit_across_ranks(
             self._channel,
             self._store,
             ours,
@@ -342,9 +350,15 @@ class RanksPath:
             # wait for rank 0 within a timeout
             after_commit=lambda: self._upkeep.after_commit(order.step, order.now, verify=False),
             progress=progress,
+            stale=stale,
         )
+        self._stale = False
+        if self._committed is not None:
+            self._committed(order.step)
+        return info
 
     def refuse(self, step: int, error: Exception) -> NoReturn:
+        self._stale = True
         fail_across_ranks(self._channel, self._store, step, error)
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ below, and reaches everything else through :class:`CheckpointStore` (open one wi
 """
 
 from ckptwise.store.backend import Backend, UploadState
+from ckptwise.store.cache_folder import rank_cache
 from ckptwise.store.codecs import LOSSLESS
 from ckptwise.store.commit import CommitPlan, ObjectUse
 from ckptwise.store.fsspec_backend import FsspecBackend
@@ -42,5 +43,6 @@ __all__ = [
     "is_cache_folder",
     "open_backend",
     "open_store",
+    "rank_cache",
     "tensor_bytes",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "CacheEntries",
     "CacheFolder",
     "Entry",
+    "rank_cache",
     "tiered",
 ]
 
@@ -55,6 +56,12 @@ TIERED_DIRS = frozenset({OBJECTS, CHECKPOINTS, BRANCHES})
 TIERED_FILES = frozenset({RUN_FILE})
 #: The mark of an uploaded file (see the module docstring).
 UPLOADED = stat.S_IXUSR
+
+
+def rank_cache(rank: int) -> str:
+    """The folder, inside the cache folder a job names, of one rank of a job of several:
+    each rank has its own (see :mod:`ckptwise.distributed.confirm`)."""
+    return f"rank-{rank:05d}"
 
 
 def tiered(path: str) -> bool:

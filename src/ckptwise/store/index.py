@@ -237,6 +237,17 @@ class Index:
             if replaced is not None:
                 self.collect_garbage()
 
+    def follow(self, manifest: Manifest, kept: Iterable[int]) -> None:
+        """Take in what another process committed and kept: add ``manifest`` (it replaces
+        one of the same step) and drop every step not in ``kept``, touching no storage and
+        collecting nothing (the process that committed and pruned owns the deletions)."""
+        with self.lock:
+            self._remove(manifest.step)
+            self._add(manifest)
+            keep = set(kept)
+            for step in [s for s in self._manifests if s not in keep]:
+                self._remove(step)
+
     def forget(self, step: int) -> None:
         """Drop ``step`` from the index without touching the disk (its manifest is gone)."""
         with self.lock:

@@ -226,6 +226,12 @@ class CheckpointStore:
         self._index.refresh()
         self._index.branches()
 
+    def follow(self, manifest: Manifest, kept: Iterable[int]) -> None:
+        """Take in a checkpoint rank 0 committed and the steps it kept after pruning (see
+        :meth:`Index.follow <ckptwise.store.index.Index.follow>`): how the other ranks of a
+        job keep their view of the run current without listing it again."""
+        self._index.follow(manifest, kept)
+
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
         return self._index.steps()
@@ -492,6 +498,12 @@ class CheckpointStore:
             RunLockedError: the lock was taken over; nothing more is uploaded.
         """
         self.backend.flush(timeout)
+
+    def start_uploads(self) -> None:
+        """Start a cached run's uploads without taking the run's lock: for a rank of a job
+        whose rank 0 holds it (each object checked against its address before it leaves the
+        machine, as under the lock). Nothing for a run without a cache."""
+        self.backend.start_uploads(vouch=self._committer.vouch)
 
     def close(self) -> None:
         """Wait for every upload, then stop uploading (a no-op for a run without a cache);

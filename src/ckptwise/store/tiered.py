@@ -65,6 +65,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable
 from datetime import timedelta
 from typing import TypeVar
@@ -94,6 +95,7 @@ from ckptwise.store.cache_folder import (
     CacheFolder,
     tiered,
 )
+from ckptwise.store.codecs import readable
 from ckptwise.store.fsspec_backend import FsspecBackend
 from ckptwise.store.layout import (
     CACHE_FILE,
@@ -102,7 +104,9 @@ from ckptwise.store.layout import (
     PRUNING,
     manifest_path,
     manifest_step,
+    object_path,
 )
+from ckptwise.store.manifest import decode_manifest
 from ckptwise.store.uploads import RESUME_AFTER as RESUME_AFTER
 from ckptwise.store.uploads import UPLOADERS, Op, Uploads, barrier, register, unregister
 
@@ -564,6 +568,79 @@ class TieredBackend:
         """:meth:`upload_state` of every listed checkpoint, by step."""
         steps = (manifest_step(p) for p in self.list_files(CHECKPOINTS))
         return {s: self._state(manifest_path(s)) for s in sorted(x for x in steps if x is not None)}
+
+    # -- several processes, one remote run (see ckptwise.distributed.confirm) ---------------
+
+    def expect_confirmations(self) -> None:
+        """Let the manifests this backend writes wait, without a warning, for objects other
+        processes upload (rank 0 of a job of several, before :meth:`start_uploads`): each
+        goes up once :meth:`confirm_step` says the others' objects are on the remote."""
+        with self._cond:
+            self._uploads.confirming = True
+
+    def unsent_objects(self) -> set[str]:
+        """The objects this cache holds that are not uploaded yet (queued, under way, or
+        stopped by a failure)."""
+        with self._cond:
+            unsent = {
+                p
+                for p, e in self._entries.files.items()
+                if p.startswith(OBJECTS + "/") and not e.uploaded
+            }
+            unsent.update(
+                p
+                for p, op in [*self._uploads.queue.items(), *self._uploads.inflight.items()]
+                if op.kind == "put" and p.startswith(OBJECTS + "/")
+            )
+            return unsent
+
+    def wait_sent(self, paths: set[str], timeout: float) -> bool | None:
+        """Wait up to ``timeout`` seconds until every object of ``paths`` is uploaded;
+        ``True`` once it is, ``False`` if some still wait, ``None`` if one was dropped as
+        damaged (it never will be). A stopped uploader whose pause is over starts again."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._uploads.resume()
+            while True:
+                sent = self._uploads.sent(paths)
+                left = deadline - time.monotonic()
+                if sent is not False or left <= 0:
+                    return sent
+                self._cond.wait(left)
+
+    def confirm_step(self, step: int) -> None:
+        """Take every object the cached manifest of ``step`` names as on the remote (the
+        processes that wrote them confirmed their uploads), which lets that manifest go up;
+        nothing if it is no longer cached (deleted by retention meanwhile)."""
+        path = manifest_path(step)
+        try:
+            manifest = decode_manifest(self.local.read_bytes(path), where=path, codecs=readable())
+        except CheckpointError:
+            return
+        named = {object_path(e.object) for e in manifest.entries()}
+        named.update(object_path(oid) for e in manifest.entries() for oid, _, _ in e.bases)
+        with self._cond:
+            self._uploads.confirm(named)
+
+    def recheck_parked(self) -> None:
+        """Ask the remote for the objects waiting manifests name (after a restart: another
+        process may have uploaded them before it died) and release those now whole."""
+        with self._cond:
+            missing = set().union(*self._uploads.parked.values()) if self._uploads.parked else set()
+        if not missing:
+            return
+        found = {p for p, size in self.remote.sizes(missing).items() if isinstance(size, int)}
+        with self._cond:
+            self._uploads.confirm(found)
+
+    def relist(self) -> None:
+        """List the remote again (a process that does not write manifests, before it reads
+        the checkpoints another process uploaded)."""
+        listed = {p for p in self.remote.list_files("") if tiered(p)}
+        with self._cond:
+            if self._uploads.remote_files is not None:
+                busy = {p for p in self._uploads.remote_files if self._uploads.busy(p)}
+                self._uploads.remote_files = listed | busy
 
     @property
     def pending(self) -> int:

@@ -184,6 +184,11 @@ class Uploads:
         self._vouch: Vouch | None = None
         #: manifests held back, each with the objects it names that the remote lacks
         self.parked: dict[str, set[str]] = {}
+        #: objects dropped as damaged and not written again since
+        self.dropped: set[str] = set()
+        #: other processes upload objects this uploader's manifests name (rank 0 of a job
+        #: of several): a manifest waits, parked without a warning, until :meth:`confirm`
+        self.confirming = False
 
     # -- start, flush, stop ----------------------------------------------------------------
 
@@ -434,6 +439,7 @@ class Uploads:
             with contextlib.suppress(StorageError):
                 self._folder.local.delete(op.path)
             self._entries.forget(op.path)
+            self.dropped.add(op.path)
         log.warning(
             "%s in the cache %s: not uploaded to %s and dropped from the cache. A checkpoint "
             "naming it is not uploaded until a save writes it again from the live tensor",
@@ -446,6 +452,9 @@ class Uploads:
         """Hold back the manifest ``op`` uploads until the remote has ``missing``
         (holding the lock)."""
         self.parked[op.path] = missing
+        if self.confirming and not missing & self.dropped:
+            log.debug("%s waits for the other ranks' uploads of its objects", op.path)
+            return
         log.warning(
             "%s is not uploaded to %s: it names %s, which the remote lacks (dropped from the "
             "cache as damaged, or deleted from the remote). It goes up once a save writes %s "
@@ -523,6 +532,7 @@ class Uploads:
         (holding the lock)."""
         path = op.path
         self.parked.pop(path, None)  # rewritten or deleted: the new operation decides
+        self.dropped.discard(path)
         queued = self.queue.get(path)
         if op.kind == "put":
             if queued is not None and queued.kind == "delete":
@@ -567,6 +577,32 @@ class Uploads:
                 del self.queue[path]
             while path in self.inflight:
                 self._cond.wait()
+
+    def confirm(self, paths: set[str]) -> None:
+        """Take the objects ``paths`` as on the remote (other processes uploaded them and
+        said so) and release the manifests that waited only for them (holding the lock)."""
+        if self.remote_files is None:
+            return
+        self.remote_files.update(paths)
+        for manifest, missing in list(self.parked.items()):
+            missing.difference_update(paths)
+            if not missing:
+                del self.parked[manifest]
+                if manifest in self._entries.files:
+                    self.enqueue(Op("put", manifest))
+
+    def sent(self, paths: set[str]) -> bool | None:
+        """Whether every object of ``paths`` is uploaded: ``True``, ``False`` (some still
+        wait), or ``None`` when one was dropped as damaged and never will be (holding the
+        lock)."""
+        if paths & self.dropped:
+            return None
+        known = self.remote_files or set()
+        return all(p in known and not self.busy(p) for p in paths)
+
+    def resume(self) -> None:
+        """Start a stopped uploader again if its pause is over (holding the lock)."""
+        self._resume(force=False)
 
     def op(self, path: str) -> Op | None:
         """The operation on ``path`` waiting or under way, if any (holding the lock)."""
