@@ -58,7 +58,9 @@ class Nodes:
         self.procs = []
         for node in (0, 1):
             delay = (slow or {}).get(node)
-            extra = [] if delay is None else ["--slow-uploads", str(delay), "--slow-node", str(node)]
+            extra = (
+                [] if delay is None else ["--slow-uploads", str(delay), "--slow-node", str(node)]
+            )
             self.procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
@@ -95,7 +97,9 @@ class Nodes:
     def record(self, node: int, tag: str) -> dict[str, Any]:
         """The rank's record as last written ({} while it is being written)."""
         try:
-            found: dict[str, Any] = json.loads((self.out(node, tag) / f"rank{node}.json").read_text())
+            found: dict[str, Any] = json.loads(
+                (self.out(node, tag) / f"rank{node}.json").read_text()
+            )
         except (OSError, ValueError):
             return {}
         return found
@@ -153,7 +157,8 @@ def test_two_nodes_upload_whole_checkpoints_and_a_killed_node_resumes_exactly(
         int(p.name.split(".")[0])
         for p in (job.cache(0) / "rank-00000" / "files" / "checkpoints").glob("*.json")
     )
-    assert committed and max(committed) > max(uploaded, default=0), (uploaded, committed)
+    assert committed
+    assert max(committed) > max(uploaded, default=0), (uploaded, committed)
 
     # both nodes start again on their caches: node 1 uploads what it held, rank 0 then
     # uploads the manifests it had committed, and the job resumes from the newest
