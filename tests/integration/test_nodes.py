@@ -160,6 +160,20 @@ def test_two_nodes_upload_whole_checkpoints_and_a_killed_node_resumes_exactly(
     assert committed
     assert max(committed) > max(uploaded, default=0), (uploaded, committed)
 
+    # from any machine: the bucket, and each node's cache folder for what waits there
+    listed = cli(s3, "ls", job.run, "--json", "--cache", str(job.cache(0)),
+                 "--cache", str(job.cache(1)))  # fmt: skip
+    rows = {row["step"]: row for row in json.loads(listed)["checkpoints"]}
+    waiting = rows[max(committed)]
+    assert waiting["upload"] == "local"
+    assert waiting["uploads"]["rank 0"] == "local"  # the manifest waits for rank 1
+    assert set(waiting["uploads"]) == {"rank 0", "rank 1"}
+    for step in uploaded:
+        assert rows[step]["uploads"] == {"rank 0": "remote", "rank 1": "remote"}
+    # the bucket alone lists only what is whole there
+    alone = json.loads(cli(s3, "ls", job.run, "--json"))["checkpoints"]
+    assert [row["step"] for row in alone] == uploaded
+
     # both nodes start again on their caches: node 1 uploads what it held, rank 0 then
     # uploads the manifests it had committed, and the job resumes from the newest
     job.start("c", "--steps", "20", "--keep", "all")
@@ -175,3 +189,25 @@ def test_two_nodes_upload_whole_checkpoints_and_a_killed_node_resumes_exactly(
     final = remote(s3, job.run)
     assert final.verify() == []
     assert final.steps() == [5, 10, 15, 20]
+    assert cli(s3, "verify", job.run).strip().endswith(": ok")
+    assert "20" in cli(s3, "du", job.run)
+    cli(s3, "export", job.run, str(tmp_path / "exported"))
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
+def cli(s3: dict[str, Any], *args: str) -> str:
+    """``ckptwise ARGS`` in a process of its own, reaching the bucket as any machine would
+    (fsspec's environment settings)."""
+    env = {
+        **os.environ,
+        "FSSPEC_S3_ENDPOINT_URL": s3["endpoint_url"],
+        "FSSPEC_S3_KEY": s3["key"],
+        "FSSPEC_S3_SECRET": s3["secret"],
+        "AWS_DEFAULT_REGION": s3["client_kwargs"]["region_name"],
+    }
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ckptwise")), *args],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout

@@ -10,6 +10,7 @@ training process checks before it deletes that step.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +29,7 @@ from ckptwise.cli.common import (
     human_size,
     open_cached_run,
     open_cli_run,
+    rank_folders,
 )
 from ckptwise.cli.ranking import run_ranking, unknown_metric
 from ckptwise.cli.simulate_cmd import simulate_command
@@ -68,19 +70,40 @@ def cli() -> None:
 @click.option(
     "--cache",
     metavar="DIR",
+    multiple=True,
     help="The writer's local cache folder (cache=): also list what it has not uploaded "
-    "yet, and show where each checkpoint is durable (local, uploading, remote).",
+    "yet, and show where each checkpoint is durable (local, uploading, remote). For a job "
+    "of several ranks, each node's cache folder (repeat --cache for several nodes): the "
+    "state is shown per rank.",
 )
 def ls_command(
-    run: str, as_json: bool, branch: str | None, extra_metrics: str | None, cache: str | None
+    run: str,
+    as_json: bool,
+    branch: str | None,
+    extra_metrics: str | None,
+    cache: tuple[str, ...],
 ) -> None:
     """List the committed checkpoints of RUN (a folder or fsspec URL)."""
     states: dict[int, str] | None = None
-    if cache is None:
+    by_rank: dict[str, dict[int, str]] = {}
+    if not cache:
         opened = open_cli_run(run)
     else:
-        opened = open_cached_run(run, cache)
-        states = dict(opened.upload_states() or {})
+        folders, single = rank_folders(cache)
+        first = folders.get(0)
+        opened = open_cli_run(run) if first is None else open_cached_run(run, first)
+        if first is not None:
+            states = dict(opened.upload_states() or {})
+        if not single:
+            by_rank = {
+                f"rank {r}": dict(opened.rank_upload_states(f)) for r, f in folders.items() if r > 0
+            }
+            if first is not None:
+                by_rank = {"rank 0": states or {}, **by_rank}
+            states = {
+                info.step: _worst(ranks.get(info.step, "remote") for ranks in by_rank.values())
+                for info in opened.checkpoints()
+            }
     branches = opened.branches()
     if branch is not None:
         try:
@@ -117,6 +140,8 @@ def ls_command(
         )
         if states is not None:
             rows[-1]["upload"] = states.get(info.step, "remote")
+        if by_rank:
+            rows[-1]["uploads"] = {r: st.get(info.step, "remote") for r, st in by_rank.items()}
     physical = opened.physical_bytes()
     if as_json:
         echo_json(
@@ -149,7 +174,9 @@ def ls_command(
         cells += [row["holds"]] if slim else []
         cells += [_number(row["metrics"].get(m)) for m in metrics]
         cells += [human_size(row["logical_bytes"])]
-        cells += [row["upload"]] if states is not None else []
+        if states is not None:
+            waiting = [r for r, st in row.get("uploads", {}).items() if st != "remote"]
+            cells += [row["upload"] + (f" ({', '.join(waiting)})" if waiting else "")]
         cells += [", ".join(row["kept_because"])]
         table.append(cells)
     print_table(f"{run}: {len(rows)} checkpoint(s){title_when}", columns, table)
@@ -267,3 +294,9 @@ for command in (
 def main() -> None:
     """Entry point of the ``ckptwise`` console script."""
     cli(prog_name="ckptwise")
+
+
+def _worst(states: Iterable[str]) -> str:
+    """The least durable of several ranks' upload states."""
+    order = ["local", "uploading", "remote"]
+    return min(states, key=order.index, default="remote")

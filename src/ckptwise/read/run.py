@@ -47,13 +47,16 @@ from ckptwise.records import CheckpointInfo
 from ckptwise.snapshot import RNG_KEY
 from ckptwise.store import (
     CheckpointStore,
+    FsspecBackend,
     Manifest,
     Problem,
     TensorEntry,
+    TieredBackend,
     UploadState,
     is_cache_folder,
     open_store,
 )
+from ckptwise.store.layout import object_path
 
 if TYPE_CHECKING:
     import torch
@@ -132,6 +135,32 @@ class Run:
         """For a run opened through a ``cache``: each checkpoint's upload state (``"local"``,
         ``"uploading"`` while the writer holds the cache, ``"remote"``); ``None`` otherwise."""
         return self._store.upload_states()
+
+    def rank_upload_states(self, cache: str | os.PathLike[str]) -> dict[int, UploadState]:
+        """Where the objects one rank of a job of several wrote through its own cache folder
+        (``cache``: a ``rank-00003`` folder inside the folder a node named as ``cache=``) are
+        durable, for each listed checkpoint: ``"local"`` or ``"uploading"`` (while its
+        writer runs) when the folder still holds some of them unsent, else ``"remote"``.
+        Rank 0's folder answers :meth:`upload_states` for the manifests themselves.
+
+        Raises:
+            ConfigError: ``cache`` is no cache folder of this run.
+        """
+        if not is_cache_folder(cache):
+            raise ConfigError(
+                f"{os.fspath(cache)} is no ckptwise cache folder (it holds no cache.json); pass "
+                "a rank's folder inside the folder the job was given as cache="
+            )
+        remote = self._store.backend.lock_backend()
+        if not isinstance(remote, FsspecBackend):
+            raise ConfigError(f"{self.url} is not a remote run: it has no upload states")
+        folder = TieredBackend(cache, remote)
+        out: dict[int, UploadState] = {}
+        for manifest in self._store.iter_manifests():
+            named = {object_path(e.object) for e in manifest.entries()}
+            named.update(object_path(o) for e in manifest.entries() for o, _, _ in e.bases)
+            out[manifest.step] = folder.objects_state(named)
+        return out
 
     def exists(self) -> bool:
         """Whether anything of a run is there (an empty or missing folder is no run)."""

@@ -564,6 +564,14 @@ class TieredBackend:
             return REMOTE
         return UPLOADING if self._folder.in_use() else LOCAL
 
+    def objects_state(self, paths: set[str]) -> UploadState:
+        """Where the objects ``paths`` this cache wrote are durable, as a reader sees them:
+        ``"remote"`` unless the cache still holds one unsent (then ``"uploading"`` while its
+        writer runs, else ``"local"``)."""
+        if not any(self._folder.unsent(p) for p in paths):
+            return REMOTE
+        return UPLOADING if self._folder.in_use() else LOCAL
+
     def upload_states(self) -> dict[int, UploadState]:
         """:meth:`upload_state` of every listed checkpoint, by step."""
         steps = (manifest_step(p) for p in self.list_files(CHECKPOINTS))
