@@ -26,9 +26,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from s3_server import free_port, moto_s3
-
 from bench.overlap import spread
+from s3_server import free_port, moto_s3
 
 
 def main() -> None:

@@ -146,7 +146,7 @@ def main() -> int:
                 time.sleep(args.slow_uploads)
             real_put(backend, path, local)
 
-        FsspecBackend.put_file = slow_put  # type: ignore[method-assign]
+        FsspecBackend.put_file = slow_put  # type: ignore[method-assign,assignment]
     remote = os.environ.get("CKPTWISE_TEST_S3")
     model, opt = build(args.mode)
     clock = SkewedClock(1.0 + rank * args.skew)
