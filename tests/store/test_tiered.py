@@ -4,6 +4,7 @@ requests (:mod:`s3_proxy`). Assertions are on order and state, never on wall tim
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -550,3 +551,84 @@ def test_an_interpreter_exiting_without_close_finishes_the_uploads(
     remote = _remote(url, s3)
     assert remote.steps() == [1, 2, 3]
     assert remote.verify() == []
+
+
+def _from_another_rank(
+    writer: CheckpointStore, publisher: CheckpointStore, step: int
+) -> dict[str, torch.Tensor]:
+    """What a job of two ranks commits (see ckptwise.distributed.save), by hand: ``writer``
+    (rank 1's store, its own cache) writes the objects, ``publisher`` (rank 0's) the
+    manifest naming them."""
+    from ckptwise.store import Manifest
+
+    saved = _tensors(step)
+    plan = writer.plan(saved, rank=1)
+    written = writer.write_objects(plan.new)
+    entries = {
+        name: dataclasses.replace(written[oid], dtype=dtype, shape=shape)
+        for name, (oid, dtype, shape) in plan.names.items()
+    }
+    publisher.publish(Manifest(step=step, time=float(step), tensors=entries))
+    return saved
+
+
+def test_rank_0s_manifest_waits_for_the_other_ranks_confirmed_uploads(
+    s3: dict[str, Any], proxy: S3Proxy, tmp_path: Path
+) -> None:
+    url = _url(tmp_path)
+    options = _through(proxy, s3)
+    first = _tiered(tmp_path / "rank-00000", url, options)
+    first.expect_confirmations()
+    lock, publisher = _writer(first)
+    other = _tiered(tmp_path / "rank-00001", url, options)
+    writer = CheckpointStore(other)
+    writer.start_uploads()  # rank 0's lock covers the job
+    held = proxy.hold(matching("PUT", "/objects/"))
+    saved = _from_another_rank(writer, publisher, 1)
+    unsent = other.unsent_objects()
+    assert unsent == _objects(publisher, 1)
+    assert other.wait_sent(unsent, 0.2) is False  # held at the proxy
+    first.flush(WAIT)  # the manifest does not go up: rank 0 has no word of its objects
+    remote = _remote(url, s3)
+    assert remote.steps() == []
+    assert first.upload_state(1) == "local"
+    held.release.set()
+    assert other.wait_sent(unsent, 30) is True
+    first.flush(WAIT)
+    remote.refresh()
+    assert remote.steps() == []  # uploaded, but not confirmed: rank 0 never lists the bucket
+    first.confirm_step(1)
+    first.flush(WAIT)
+    remote.refresh()
+    assert remote.steps() == [1]
+    assert remote.verify() == []
+    assert _same(remote.load_tensors(1), saved)
+
+    # rank 1's uploads fail (then the job dies) before step 2's objects are up: restarted
+    # on the same caches, rank 0 asks the remote for them once rank 1 says its leftovers
+    # are up (the recovery round)
+    proxy.fail(matching("PUT", "/objects/"))
+    _from_another_rank(writer, publisher, 2)
+    with pytest.raises(StorageError):
+        other.close(WAIT)  # its uploader gave up: step 2's objects stay in its cache
+    lock.release()
+    first.close()
+    proxy.heal()
+    again = _tiered(tmp_path / "rank-00000", url, options)
+    again.expect_confirmations()
+    lock, _ = _writer(again)
+    again.flush(WAIT)
+    remote.refresh()
+    assert remote.steps() == [1]  # step 2 waits: its objects were only in rank 1's cache
+    assert again.upload_state(2) == "local"
+    other_again = _tiered(tmp_path / "rank-00001", url, options)
+    CheckpointStore(other_again).start_uploads()
+    other_again.flush(WAIT)
+    again.recheck_parked()
+    again.flush(WAIT)
+    remote.refresh()
+    assert remote.steps() == [1, 2]
+    assert remote.verify() == []
+    lock.release()
+    again.close()
+    other_again.close()
