@@ -629,10 +629,15 @@ class CheckpointManager:
         if self.ranks is None:
             return
         if self._confirmer is not None:
-            self._confirmer.drain()
-            if self.ranks.coordinator:
-                self._store.flush_uploads()
-            self.ranks.barrier()  # rank 0's manifests are up
+            failure: Failure | None = None
+            try:
+                self._confirmer.drain()
+                if self.ranks.coordinator:
+                    self._store.flush_uploads()
+            except CheckpointError as exc:
+                failure = Failure.of(self.ranks.rank, exc)
+            # rank 0's manifests are up (or every rank raises why not)
+            self.ranks.agree(failure, "making the committed checkpoints durable before reading")
             if not self.ranks.coordinator:
                 assert self._cached is not None
                 self._cached.relist()
