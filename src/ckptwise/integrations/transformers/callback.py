@@ -259,25 +259,24 @@ class CheckpointCallback(TrainerCallback):
         it. The folder is removed once training has taken its first step (or ends).
 
         Without DeepSpeed each rank gets a whole folder of its own state. Under DeepSpeed
-        the ranks of each node (see :func:`ckptwise.distributed.node_name`) share one folder
-        on the node, so nodes need no shared file system: each rank writes the files it
-        loads itself, and the lowest rank of the node what they all load (see
+        the ranks of a node (see :func:`ckptwise.distributed.ranks.node_name`) share one
+        folder on it, so nodes need no shared file system: each rank writes the files it
+        loads itself, and the node's lowest rank what they all load (see
         :meth:`_resume_deepspeed`).
 
-        A DeepSpeed checkpoint saved by another number of processes is resumed through
-        DeepSpeed's Universal Checkpointing: on each node, the lowest rank writes every
-        saved rank's files and converts them with DeepSpeed's own ``ds_to_universal`` (a
-        few seconds for a small model; for a large one, about the time to read and write the
-        checkpoint twice), and ``"checkpoint": {"load_universal": true}`` is set in the
-        DeepSpeed config the ``Trainer`` hands ``deepspeed.initialize``. The fp32 master
-        weights, Adam moments and step, the LR schedule and the step count carry over
-        exactly; frozen parameters (which hold no optimizer state) come from the model as
-        built, as at the start of any fine-tune. What cannot carry over: the data order
-        (``Trainer`` skips as many batches of the new data loader as steps were done, and
-        each step now takes a different global batch) and each new rank's RNG (a rank the
-        checkpoint had gets its saved RNG states, a new one keeps the seeded state
-        ``Trainer`` starts with), so the resumed losses follow the uninterrupted run's
-        closely but not bit for bit.
+        A DeepSpeed checkpoint saved by another number of processes resumes through
+        DeepSpeed's Universal Checkpointing: on each node the lowest rank writes every saved
+        rank's files and converts them with DeepSpeed's own ``ds_to_universal`` (reading and
+        writing them all once more), and ``"checkpoint": {"load_universal": true}`` is set in
+        the DeepSpeed config the ``Trainer`` hands ``deepspeed.initialize``. Exact: the fp32
+        master weights, Adam moments and steps, the LR schedule and the step count (frozen
+        parameters, which hold no optimizer state, come from the model as built, as at the
+        start of any fine-tune). Not exact: the data order (``Trainer`` skips as many batches
+        of the new data loader as steps were done, and each step takes another global batch)
+        and the RNG of new ranks (a rank the checkpoint had gets its saved RNG states back; a
+        new one keeps the seeded state ``Trainer`` starts with, as ``Trainer`` does when a
+        rank's RNG file is missing). So the losses follow the uninterrupted run's closely,
+        not bit for bit.
 
         Raises:
             ConfigError: DeepSpeed lacks the universal conversion (on another world size).

@@ -408,7 +408,9 @@ def deepspeed_configs(trainer: Any) -> list[dict[str, Any]]:
     for config in (
         getattr(plugin, "deepspeed_config", None),
         getattr(getattr(plugin, "hf_ds_config", None), "config", None),
-        getattr(getattr(trainer.args, "hf_deepspeed_config", None), "config", None),
+        getattr(
+            getattr(getattr(trainer, "args", None), "hf_deepspeed_config", None), "config", None
+        ),
     ):
         if isinstance(config, dict):
             found.setdefault(id(config), config)
