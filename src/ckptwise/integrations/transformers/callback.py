@@ -340,11 +340,13 @@ class CheckpointCallback(TrainerCallback):
         set_load_universal(configs, universal)
         leaders = [0] if ranks is None else ranks.leaders()
         leader = leaders[rank] == rank
-        url = manager.run.url
-        made = self._on_every_rank(lambda: str(scratch_folder(url, "hf-resume")) if leader else "")
-        node = Path(made[leaders[rank]])
-        folder = node / f"checkpoint-{step}"
-        self._resume_dir = node if leader else None
+
+        def make() -> str:
+            if not leader:
+                return ""
+            self._resume_dir = scratch_folder(manager.run.url, "hf-resume")
+            return str(self._resume_dir)
+
         # a rank the checkpoint did not have was given saved rank 0's values
         saved_rank = rank if rank < saved_by else 0
 
@@ -354,7 +356,7 @@ class CheckpointCallback(TrainerCallback):
             engine: Mapping[str, Any] = loaded.values()["deepspeed"]
             return engine
 
-        def write() -> None:
+        def write(folder: Path) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             if not (universal or all_ranks):
                 write_deepspeed_own(folder, values["deepspeed"])
@@ -371,7 +373,13 @@ class CheckpointCallback(TrainerCallback):
             if rank < saved_by and RNG_KEY in values:
                 write_rng(folder, values[RNG_KEY], rank=rank, world_size=world)
 
-        self._on_every_rank(write)
+        try:
+            made = self._on_every_rank(make)
+            folder = Path(made[leaders[rank]]) / f"checkpoint-{step}"
+            self._on_every_rank(lambda: write(folder))
+        except BaseException:
+            self._cleanup_resume_dir()  # a leader's folder, made or half written
+            raise
         return folder
 
     def _on_every_rank(self, work: Callable[[], T]) -> list[T]:
