@@ -2,7 +2,8 @@
 
 Each writing manager of a multi-process run opens two gloo groups (its decisions and its commits); ``close()`` destroys them, a
 manager whose construction fails does not leave one behind, and a closed manager still reads
-on each rank alone.
+on each rank alone. :meth:`Ranks.each` raises one rank's failure on every rank, and the
+group goes on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,26 @@ if mode == "exit":  # a manager never closed: its group is destroyed at exit all
     dropped = cw.CheckpointManager(run + "-dropped", save=cw.every(1), rng=False)
     del dropped  # collected without close()
     gc.collect()
+    sys.exit(0)
+if mode == "each":  # Ranks.each: every rank's result, or one rank's failure on all of them
+    from ckptwise.distributed.ranks import Ranks
+
+    ranks = Ranks.detect()
+    record = {"results": ranks.each(lambda: 10 * rank, "gathering"), "leaders": ranks.leaders()}
+
+    def refuse():
+        if rank == 1:
+            raise cw.ConfigError("rank 1 refuses")
+        return rank
+
+    try:
+        ranks.each(refuse, "refusing")
+    except Exception as exc:
+        record["error"] = [type(exc).__name__, str(exc)]
+    record["after"] = ranks.each(lambda: "again", "again")  # the group is still usable
+    ranks.close()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(record, f)
     sys.exit(0)
 record = {"before": groups()}
 try:
@@ -99,3 +120,17 @@ def test_the_group_of_a_manager_never_closed_is_destroyed_before_the_interpreter
     out = torchrun(tmp_path, "exit")
     for rank in (0, 1):
         assert json.loads(Path(f"{out}.exit.{rank}").read_text()) == {"groups": 1}  # default
+
+
+def test_each_gives_every_ranks_result_or_raises_one_ranks_failure_on_all(tmp_path: Path) -> None:
+    out = torchrun(tmp_path, "each")
+    for rank in (0, 1):
+        record = json.loads(Path(f"{out}.{rank}").read_text())
+        assert record["results"] == [0, 10]
+        assert record["leaders"] == [0, 0]  # one node: rank 0 writes what it shares
+        kind, message = record["error"]
+        assert kind == "ConfigError"  # the failing rank's class, on every rank
+        assert "rank 1 refuses" in message
+        if rank == 0:
+            assert message.startswith("refusing failed on rank 1")
+        assert record["after"] == ["again", "again"]

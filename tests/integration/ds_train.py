@@ -89,6 +89,11 @@ def main() -> int:
         "--trainer-saves", action="store_true", help="no ckptwise: the Trainer's own saves"
     )
     parser.add_argument(
+        "--dump-start",
+        help="a folder where the engine saves itself (DeepSpeed's own save_checkpoint, tag "
+        "'start') as training begins, after resuming: the state it resumed to",
+    )
+    parser.add_argument(
         "--slow-writes",
         type=float,
         default=0.0,
@@ -158,6 +163,16 @@ def main() -> int:
         train_dataset=SyntheticImageText(256, seed=1),
         callbacks=[Losses()],
     )
+    if args.dump_start:
+        dump = args.dump_start
+
+        class DumpStart(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+                engine: Any = trainer.model_wrapped  # the DeepSpeed engine, once training began
+                engine.save_checkpoint(dump, tag="start")
+                return control
+
+        trainer.add_callback(DumpStart())
     if args.trainer_saves:
         trainer.train()
         files = [f for f in (out / "hf").rglob("*") if f.is_file()]
@@ -167,6 +182,12 @@ def main() -> int:
         resume = None
         if args.resume is not None:
             resume = callback.resume_checkpoint(None if args.resume < 0 else args.resume)
+        if resume is not None:  # what this rank's node got, before training removes it
+            folder = Path(resume)
+            record["resume_folder"] = str(folder)
+            record["resume_files"] = sorted(
+                str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()
+            )
         record["resumed_from"] = resume and int(resume.rsplit("-", 1)[1])
         trainer.train(resume_from_checkpoint=resume)
         record["saves"] = [[step, list(reasons)] for step, reasons in callback.saved]

@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ckptwise.errors import (
     CheckpointError,
@@ -282,6 +282,21 @@ class Ranks:
         failures = [f for f in self.all_gather(failure) if f is not None]
         if failures:
             raise failures[0].error(what)
+
+    def each(self, work: Callable[[], T], what: str) -> list[T]:
+        """Every rank's result of ``work`` (which each rank calls), or else the first failure
+        raised on every rank (its own error on the rank that failed), as :meth:`agree` does:
+        a rank that fails does not leave the others waiting for it. A collective."""
+        try:
+            mine: tuple[T | None, Failure | None] = (work(), None)
+        except Exception as exc:
+            self.all_gather((None, Failure.of(self.rank, exc)))
+            raise
+        sent = self.all_gather(mine)
+        failures = [f for _, f in sent if f is not None]
+        if failures:
+            raise failures[0].error(what)
+        return [cast(T, result) for result, _ in sent]
 
     def same(self, values: Mapping[str, str], failure: Failure | None, what: str) -> None:
         """Raise the same :class:`~ckptwise.errors.ConfigError` on every rank when the ranks'

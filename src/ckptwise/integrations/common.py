@@ -100,6 +100,8 @@ def scratch_folder(run_url: str, kind: str) -> Path:
     Folders of the same ``kind`` next to it that a process of this host that is gone left
     (it was killed before training removed them), or that this process left (training
     failed before its first step), are removed: one adapter per run writes in a process.
+    Under DeepSpeed the lowest rank of each node makes the node's folder (see
+    :meth:`ckptwise.integrations.transformers.CheckpointCallback.resume_checkpoint`).
     """
     folder = resume_scratch(run_url, f"{kind}-{os.getpid()}@{_HOST}")
     with contextlib.suppress(OSError):

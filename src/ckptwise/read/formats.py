@@ -70,7 +70,9 @@ def resume_scratch(run_url: str, kind: str) -> Path:
 
     For a local run it sits inside the run folder, on the same disk as the checkpoints
     (a model's weights may not fit the system's temporary folder); for a remote run, in the
-    temporary folder.
+    temporary folder, on the local disk of the machine that calls this. Ranks that share a
+    machine may share one folder, which one of them makes; each machine (node) of a job
+    makes its own, so nodes need no shared file system beyond the run's store.
     """
     if "://" in run_url:
         return Path(tempfile.mkdtemp(prefix=f"ckptwise-{kind}-"))

@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -30,19 +30,26 @@ from ckptwise.integrations.transformers.arguments import Weights
 from ckptwise.integrations.transformers.deepspeed import (
     EngineFiles,
     consolidated_weights,
+    deepspeed_configs,
     is_deepspeed_checkpoint,
+    set_load_universal,
 )
 from ckptwise.integrations.transformers.folder import (
     full_weights,
+    write_deepspeed_node,
+    write_deepspeed_own,
+    write_rng,
     write_trainer_folder,
     write_weights,
 )
 from ckptwise.manager import CheckpointManager
-from ckptwise.snapshot import ModelWeights
+from ckptwise.snapshot import RNG_KEY, ModelWeights
 
 __all__ = ["CheckpointCallback"]
 
 log = logging.getLogger("ckptwise")
+
+T = TypeVar("T")
 
 
 class _TrainerStateEntry:
@@ -115,6 +122,11 @@ class CheckpointCallback(TrainerCallback):
         self._metrics: dict[str, float] = {}
         self._evaluations_left = 0
         self._resume_dir: Path | None = None
+        # the user's own "load_universal" (resuming sets it for each engine it loads)
+        self._load_universal = any(
+            isinstance(c.get("checkpoint"), Mapping) and bool(c["checkpoint"].get("load_universal"))
+            for c in deepspeed_configs(trainer)
+        )
         self._last_saved: int | None = None
         self._trained = False
 
@@ -243,48 +255,137 @@ class CheckpointCallback(TrainerCallback):
     def resume_checkpoint(self, step: int | None = None) -> str | None:
         """Write the newest verified checkpoint as a ``Trainer`` folder; ``None`` if none.
 
-        Pass the result to ``trainer.train(resume_from_checkpoint=...)``. The folder is
-        removed once training has taken its first step (or ends).
+        Pass the result to ``trainer.train(resume_from_checkpoint=...)``; every rank calls
+        it. The folder is removed once training has taken its first step (or ends).
+
+        Without DeepSpeed each rank gets a whole folder of its own state. Under DeepSpeed
+        the ranks of a node (see :func:`ckptwise.distributed.ranks.node_name`) share one
+        folder on it, so nodes need no shared file system: each rank writes the files it
+        loads itself, and the node's lowest rank what they all load (see
+        :meth:`_resume_deepspeed`).
+
+        A DeepSpeed checkpoint saved by another number of processes resumes through
+        DeepSpeed's Universal Checkpointing: on each node the lowest rank writes every saved
+        rank's files and converts them with DeepSpeed's own ``ds_to_universal`` (reading and
+        writing them all once more), and ``"checkpoint": {"load_universal": true}`` is set in
+        the DeepSpeed config the ``Trainer`` hands ``deepspeed.initialize``. Exact: the fp32
+        master weights, Adam moments and steps, the LR schedule and the step count (frozen
+        parameters, which hold no optimizer state, come from the model as built, as at the
+        start of any fine-tune). Not exact: the data order (``Trainer`` skips as many batches
+        of the new data loader as steps were done, and each step takes another global batch)
+        and the RNG of new ranks (a rank the checkpoint had gets its saved RNG states back; a
+        new one keeps the seeded state ``Trainer`` starts with, as ``Trainer`` does when a
+        rank's RNG file is missing). So the losses follow the uninterrupted run's closely,
+        not bit for bit.
+
+        Raises:
+            ConfigError: DeepSpeed lacks the universal conversion (on another world size).
+            CheckpointError: the conversion failed, or writing the folder failed on a rank
+                (raised on every rank).
         """
         self._cleanup_resume_dir()
         found = self._open_manager().resume_values(step)
         if found is None:
+            if getattr(self.trainer, "is_deepspeed_enabled", False):
+                set_load_universal(deepspeed_configs(self.trainer), self._load_universal)
             return None
         step, values = found
+        if "deepspeed" in values:
+            folder = self._resume_deepspeed(step, values)
+        else:
+            folder = self._resume_alone(step, values)
+        log.info("resuming from ckptwise checkpoint %d through %s", step, folder)
+        return str(folder)
+
+    def _resume_alone(self, step: int, values: Mapping[str, Any]) -> Path:
+        """A whole folder of this rank's own state (whose weights need not be rank 0's:
+        ranks that do not synchronise)."""
         ranks = self.manager.ranks
         rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.size)
-        deepspeed = "deepspeed" in values
-        saved_by = self.manager.run.manifest(step).world_size
-        if deepspeed and saved_by != world:
-            raise ConfigError(
-                f"checkpoint {step} was saved by {saved_by} DeepSpeed processes and this job "
-                f"has {world}: DeepSpeed resumes ZeRO checkpoints on the same number of "
-                "processes only; run with that many, or export() the weights"
-            )
-        # DeepSpeed loads one folder on every rank (ZeRO-2 reads rank 0's model states);
-        # otherwise each rank gets a whole folder of its own state, whose weights need not be
-        # rank 0's (ranks that do not synchronise)
-        shared = ranks is not None and deepspeed
-        mine = not shared or rank == 0
-        scratch = str(scratch_folder(self.manager.run.url, "hf-resume")) if mine else ""
-        if shared:
-            assert ranks is not None
-            scratch = ranks.broadcast(scratch)
-        folder = write_trainer_folder(
-            Path(scratch) / f"checkpoint-{step}",
+        scratch = scratch_folder(self.manager.run.url, "hf-resume")
+        self._resume_dir = scratch
+        return write_trainer_folder(
+            scratch / f"checkpoint-{step}",
             values,
             model=self.trainer.model,
-            weights=None if deepspeed else self._weights_of(values["model"]),
-            rank=rank if shared else 0,
+            weights=self._weights_of(values["model"]),
             world_size=world,
             rng_rank=rank,
         )
-        if shared:
-            assert ranks is not None
-            ranks.barrier()
-        self._resume_dir = Path(scratch) if mine else None
-        log.info("resuming from ckptwise checkpoint %d through %s", step, folder)
-        return str(folder)
+
+    def _resume_deepspeed(self, step: int, values: Mapping[str, Any]) -> Path:
+        """The folder this rank's DeepSpeed engine resumes from, one per node.
+
+        What ``engine.load_checkpoint`` reads on each rank: ZeRO-3, its own model states
+        and optimizer partition; ZeRO-1/2, its optimizer partition and the model states
+        that data-parallel rank 0 saved (every saved rank's partitions with
+        ``elastic_checkpoint``); with ``load_universal``, the whole universal folder. Each
+        rank writes its own files and RNG states; the node's leader (its lowest rank)
+        makes the folder and writes ``latest``, ``trainer_state.json``, ``scheduler.pt``
+        and the files of other saved ranks that its ranks load, reading them from the run
+        (``run.read(step, rank=r)``). When the number of processes changed, the leader
+        converts every saved rank's files into a universal checkpoint instead.
+        """
+        manager = self.manager
+        ranks = manager.ranks
+        rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.size)
+        saved_by = manager.run.manifest(step).world_size
+        configs = deepspeed_configs(self.trainer)
+        universal = saved_by != world or self._load_universal
+        all_ranks = any(
+            isinstance(c.get("zero_optimization"), Mapping)
+            and bool(c["zero_optimization"].get("elastic_checkpoint"))
+            for c in configs
+        )
+        set_load_universal(configs, universal)
+        leaders = [0] if ranks is None else ranks.leaders()
+        leader = leaders[rank] == rank
+
+        def make() -> str:
+            if not leader:
+                return ""
+            self._resume_dir = scratch_folder(manager.run.url, "hf-resume")
+            return str(self._resume_dir)
+
+        # a rank the checkpoint did not have was given saved rank 0's values
+        saved_rank = rank if rank < saved_by else 0
+
+        def engine_of(r: int) -> Mapping[str, Any]:
+            loaded = manager.run.read(step, rank=r)
+            assert loaded is not None  # an explicit step either reads or raises
+            engine: Mapping[str, Any] = loaded.values()["deepspeed"]
+            return engine
+
+        def write(folder: Path) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not (universal or all_ranks):
+                write_deepspeed_own(folder, values["deepspeed"])
+            if leader:
+                write_deepspeed_node(
+                    folder,
+                    values,
+                    engine_of,
+                    rank=saved_rank,
+                    saved_by=saved_by,
+                    all_ranks=all_ranks,
+                    universal=universal,
+                )
+            if rank < saved_by and RNG_KEY in values:
+                write_rng(folder, values[RNG_KEY], rank=rank, world_size=world)
+
+        try:
+            made = self._on_every_rank(make)
+            folder = Path(made[leaders[rank]]) / f"checkpoint-{step}"
+            self._on_every_rank(lambda: write(folder))
+        except BaseException:
+            self._cleanup_resume_dir()  # a leader's folder, made or half written
+            raise
+        return folder
+
+    def _on_every_rank(self, work: Callable[[], T]) -> list[T]:
+        """Every rank's result of ``work``, or the first failure raised on every rank."""
+        ranks = self.manager.ranks
+        return [work()] if ranks is None else ranks.each(work, "resume_checkpoint()")
 
     def _weights_of(self, saved: Mapping[str, Any]) -> Mapping[str, Any]:
         """The model's weights to write from a checkpoint's ``model`` entry."""

@@ -14,25 +14,48 @@ Restore: the dicts are rebuilt and ``torch.save``-d under their own names in a
 ``checkpoint-N/global_stepN/`` folder, which ``Trainer`` loads with its own DeepSpeed resume
 code (``deepspeed_load_checkpoint``). DeepSpeed reads those files with
 ``weights_only=False``; ckptwise writes them from its own verified data and never reads them.
+On another number of ranks, every saved rank's files are converted by DeepSpeed's own
+``ds_to_universal`` into its universal checkpoint (:func:`to_universal`), which the engine
+loads on any number of ranks with ``"checkpoint": {"load_universal": true}`` in its config
+(:func:`set_load_universal`).
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.util
+import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ckptwise.errors import ConfigError, CorruptCheckpointError, SnapshotError
+from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError, SnapshotError
 from ckptwise.jsonvalues import Decode, Encode, ValueType, decode_value, encode_value
 from ckptwise.read.run import Run
 
-__all__ = ["EngineFiles", "consolidated_weights", "is_deepspeed_checkpoint", "write_engine_files"]
+__all__ = [
+    "EngineFiles",
+    "consolidated_weights",
+    "deepspeed_configs",
+    "engine_file_names",
+    "engine_scheduler",
+    "engine_tag",
+    "is_deepspeed_checkpoint",
+    "per_rank_file",
+    "set_load_universal",
+    "to_universal",
+    "write_engine_files",
+]
+
+log = logging.getLogger("ckptwise")
 
 #: the tag key of DeepSpeed's values: the snapshot stores them as plain JSON, so
 #: ``Run.read`` gives them back without importing DeepSpeed
@@ -220,24 +243,65 @@ class EngineFiles:
         )
 
 
-def write_engine_files(saved: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+def write_engine_files(
+    saved: Mapping[str, Any], folder: Path, *, only: Callable[[str], bool] | None = None
+) -> dict[str, Any]:
     """Write one rank's captured DeepSpeed files under ``folder``; returns them by name.
 
-    ``saved`` is what :meth:`EngineFiles.state_dict` returned, as a checkpoint gives it back.
+    ``saved`` is what :meth:`EngineFiles.state_dict` returned, as a checkpoint gives it back;
+    ``only`` picks the files to write by name (all by default).
     """
-    files = saved.get("files")
-    if not isinstance(files, Mapping):
-        raise CorruptCheckpointError("the DeepSpeed entry of this checkpoint has no files")
     written: dict[str, Any] = {}
-    for name, plain in files.items():
+    for name, plain in _files(saved).items():
+        if only is not None and not only(name):
+            continue
+        parts = Path(name).parts
+        path = folder.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written[name] = _from_plain(plain, name)
+        torch.save(written[name], path)
+    return written
+
+
+def _files(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The files of one rank's DeepSpeed entry by name, each name checked to be a plain
+    relative path."""
+    files = saved.get("files")
+    if not isinstance(files, Mapping) or not files:
+        raise CorruptCheckpointError("the DeepSpeed entry of this checkpoint has no files")
+    for name in files:
         parts = Path(str(name)).parts
         if not parts or ".." in parts or Path(str(name)).is_absolute():
             raise CorruptCheckpointError(f"the DeepSpeed file name {name!r} is not a plain path")
-        path = folder.joinpath(*parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        written[str(name)] = _from_plain(plain, str(name))
-        torch.save(written[str(name)], path)
-    return written
+    return {str(name): plain for name, plain in files.items()}
+
+
+def engine_file_names(saved: Mapping[str, Any]) -> list[str]:
+    """The names of one rank's DeepSpeed files (``global_stepN/...``)."""
+    return list(_files(saved))
+
+
+def engine_tag(saved: Mapping[str, Any]) -> str:
+    """The folder DeepSpeed saved one rank's files in (``global_stepN``): the tag that
+    ``latest`` names."""
+    return Path(next(iter(_files(saved)))).parts[0]
+
+
+#: a file of one rank's own: its optimizer partition (``*optim_states.pt``) or, under ZeRO-3,
+#: its model states (``zero_pp_rank_R_mp_rank_XX_model_states.pt``)
+_PER_RANK = re.compile(r"(optim_states\.pt$|zero_pp_rank_\d+_)")
+
+
+def per_rank_file(name: str) -> bool:
+    """Whether the DeepSpeed file ``name`` is loaded by its own rank only.
+
+    ``engine.load_checkpoint`` reads, on each rank, the model states it finds under the
+    rank's name and the optimizer partition of its data-parallel rank (every rank's with
+    ZeRO-2's ``elastic_checkpoint``). Under ZeRO-3 both are per rank; under ZeRO-1/2 the model
+    states are one file, ``mp_rank_00_model_states.pt``, that data-parallel rank 0 alone
+    saves and every rank loads.
+    """
+    return _PER_RANK.search(Path(name).name) is not None
 
 
 def is_deepspeed_checkpoint(run: Run, step: int) -> bool:
@@ -268,3 +332,111 @@ def consolidated_weights(run: Run, step: int) -> dict[str, torch.Tensor]:
         return weights
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def to_universal(saved: Path, out: Path, *, ranks: int) -> None:
+    """Convert the DeepSpeed checkpoint ``saved`` (a ``global_stepN`` folder holding every
+    saved rank's files) into DeepSpeed's universal checkpoint ``out`` (a folder of the same
+    name) with DeepSpeed's own ``deepspeed.checkpoint.ds_to_universal``; it also writes
+    ``out.parent / "latest_universal"``, which the engine loads it by.
+
+    The conversion is a fresh Python process (its own worker processes are forked from it,
+    not from a training rank that holds a process group and perhaps a GPU context), given
+    ``--inject_missing_state``: a ``Trainer``'s engine saves no ``universal_checkpoint_info``
+    (Megatron-DeepSpeed's client state), which ZeRO-1/2 conversion otherwise requires.
+
+    Raises:
+        ConfigError: this DeepSpeed has no universal conversion.
+        CheckpointError: the conversion failed (its output's end is in the message).
+    """
+    module = "deepspeed.checkpoint.ds_to_universal"
+    version = _deepspeed_version()
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise ConfigError(
+            f"resuming on another number of processes converts the checkpoint with DeepSpeed's "
+            f"{module}, which DeepSpeed {version} lacks: upgrade DeepSpeed "
+            "(pip install -U deepspeed), or resume on as many processes as saved it"
+        )
+    cpus = os.cpu_count() or 1
+    command = [
+        sys.executable,
+        "-m",
+        module,
+        "--input_folder",
+        str(saved),
+        "--output_folder",
+        str(out),
+        "--num_extract_workers",
+        str(max(1, min(ranks, cpus, 8))),
+        "--num_merge_workers",
+        str(max(1, min(2, cpus))),  # DeepSpeed's default: merging holds whole parameters
+        "--inject_missing_state",
+    ]
+    log.info("converting %s into DeepSpeed's universal checkpoint %s", saved, out)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    log.debug("ds_to_universal said:\n%s%s", done.stdout, done.stderr)
+    if done.returncode != 0:
+        said = (done.stdout + done.stderr).strip()[-3000:]
+        raise CheckpointError(
+            f"DeepSpeed {version}'s universal checkpoint conversion ({module}) failed with exit "
+            f"status {done.returncode}, so this checkpoint cannot resume on another number of "
+            "processes here: resume on as many processes as saved it, or upgrade DeepSpeed. "
+            f"Its output ends:\n{said}"
+        )
+
+
+def _deepspeed_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("deepspeed")
+    except Exception:
+        return "(not installed)"
+
+
+def deepspeed_configs(trainer: Any) -> list[dict[str, Any]]:
+    """The DeepSpeed config dicts of a ``Trainer``, each once: the one accelerate hands
+    ``deepspeed.initialize`` (``accelerator.state.deepspeed_plugin``'s) and the training
+    arguments' copy, which a hyperparameter search builds the next one from."""
+    state = getattr(getattr(trainer, "accelerator", None), "state", None)
+    plugin = getattr(state, "deepspeed_plugin", None)
+    found: dict[int, dict[str, Any]] = {}
+    for config in (
+        getattr(plugin, "deepspeed_config", None),
+        getattr(getattr(plugin, "hf_ds_config", None), "config", None),
+        getattr(
+            getattr(getattr(trainer, "args", None), "hf_deepspeed_config", None), "config", None
+        ),
+    ):
+        if isinstance(config, dict):
+            found.setdefault(id(config), config)
+    return list(found.values())
+
+
+def set_load_universal(configs: list[dict[str, Any]], on: bool) -> None:
+    """Set ``"checkpoint": {"load_universal": on}`` in each config: the engine that
+    ``trainer.train()`` creates next then loads a universal checkpoint (or a plain one)."""
+    for config in configs:
+        checkpoint = config.setdefault("checkpoint", {})
+        if not isinstance(checkpoint, dict):
+            raise ConfigError(
+                f"the DeepSpeed config's 'checkpoint' is {checkpoint!r}, not a mapping: make it "
+                'a mapping, e.g. "checkpoint": {}'
+            )
+        checkpoint["load_universal"] = on
+
+
+def engine_scheduler(saved: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The LR scheduler's state in one rank's DeepSpeed entry (in its model states, which
+    ZeRO-3 ranks each save and ZeRO-1/2's data-parallel rank 0 alone), or ``None``."""
+    for name, plain in _files(saved).items():
+        if name.endswith("model_states.pt"):
+            state = _from_plain(plain, name)
+            scheduler = state.get("lr_scheduler") if isinstance(state, Mapping) else None
+            if isinstance(scheduler, Mapping):
+                return dict(scheduler)
+    return None

@@ -4,25 +4,43 @@
 (all with ``weights_only=True``): the weights (``save_pretrained``'s layout, or one
 safetensors file), ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state.pth`` and
 ``trainer_state.json``; with several processes one ``rng_state_{rank}.pth`` per rank, and
-under DeepSpeed its ``global_stepN/`` files instead of weights, optimizer and scheduler. The
-same weights writer makes the folders ``export`` writes.
+under DeepSpeed its ``global_stepN/`` files instead of weights and optimizer (or its
+universal checkpoint, on another number of processes). Under DeepSpeed one folder serves
+the ranks of a node: each rank writes its own files into it, and one rank what they share.
+The same weights writer makes the folders ``export`` writes.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ckptwise.integrations.transformers.deepspeed import write_engine_files
+from ckptwise.integrations.transformers.deepspeed import (
+    engine_file_names,
+    engine_scheduler,
+    engine_tag,
+    per_rank_file,
+    to_universal,
+    write_engine_files,
+)
 from ckptwise.read.formats import write_safetensors
 from ckptwise.snapshot import RNG_KEY
 
-__all__ = ["full_weights", "write_trainer_folder", "write_weights"]
+__all__ = [
+    "full_weights",
+    "write_deepspeed_node",
+    "write_deepspeed_own",
+    "write_rng",
+    "write_trainer_folder",
+    "write_weights",
+]
 
 #: entries of a checkpoint that become the Trainer's ``torch.save`` files
 _TORCH_FILES = {"optimizer": "optimizer.pt", "scheduler": "scheduler.pt", "scaler": "scaler.pt"}
@@ -73,47 +91,98 @@ def write_trainer_folder(
     values: Mapping[str, Any],
     *,
     model: Any,
-    weights: Mapping[str, torch.Tensor] | None,
-    rank: int = 0,
+    weights: Mapping[str, torch.Tensor],
     world_size: int = 1,
-    rng_rank: int | None = None,
+    rng_rank: int = 0,
 ) -> Path:
-    """Write ``rank``'s part of ``folder`` (named ``checkpoint-N``) from a checkpoint's saved
-    ``values``; when several ranks share one folder each calls it with its own ``rank``.
-
-    Rank 0 writes what is shared: the weights, ``optimizer.pt``, ``scheduler.pt`` (or, for
-    DeepSpeed, ``latest``) and ``trainer_state.json``; each rank writes its RNG states
-    (``rng_state_{rng_rank}.pth`` when there are several; ``rng_rank`` defaults to
-    ``rank``) and its DeepSpeed files.
+    """Write one process's whole ``folder`` (named ``checkpoint-N``) from a checkpoint's saved
+    ``values``: the weights, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
+    ``trainer_state.json`` and the RNG states (``rng_state_{rng_rank}.pth`` when
+    ``world_size`` is over 1). DeepSpeed's folders are written by :func:`write_deepspeed_own`
+    and :func:`write_deepspeed_node`.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    engine = values.get("deepspeed")
-    if engine is not None:
-        files = write_engine_files(engine, folder)
-        if rank == 0:
-            (folder / "latest").write_text(Path(next(iter(files))).parts[0])
-            _scheduler_from_engine(files, folder)
-    elif rank == 0:
-        assert weights is not None
-        write_weights(model, weights, folder)
-        for key, name in _TORCH_FILES.items():
-            if key in values:
-                torch.save(values[key], folder / name)
+    write_weights(model, weights, folder)
+    for key, name in _TORCH_FILES.items():
+        if key in values:
+            torch.save(values[key], folder / name)
     if RNG_KEY in values:
-        owner = rank if rng_rank is None else rng_rank
-        name = "rng_state.pth" if world_size == 1 else f"rng_state_{owner}.pth"
-        torch.save(_hf_rng(values[RNG_KEY]), folder / name)
-    if rank == 0:
-        (folder / "trainer_state.json").write_text(json.dumps(values["trainer_state"], indent=2))
+        write_rng(folder, values[RNG_KEY], rank=rng_rank, world_size=world_size)
+    _write_trainer_state(folder, values)
     return folder
 
 
-def _scheduler_from_engine(files: Mapping[str, Any], folder: Path) -> None:
-    """``scheduler.pt`` for a scheduler ``Trainer`` made itself (it loads that file when the
-    scheduler is not DeepSpeed's); DeepSpeed keeps the same state in its model states."""
-    for name, state in files.items():
-        if name.endswith("model_states.pt") and isinstance(state, Mapping):
-            scheduler = state.get("lr_scheduler")
-            if isinstance(scheduler, Mapping):
-                torch.save(dict(scheduler), folder / "scheduler.pt")
-                return
+def write_rng(folder: Path, saved: Mapping[str, Any], *, rank: int, world_size: int) -> None:
+    """Write saved RNG states as the file ``Trainer`` loads on process ``rank`` of
+    ``world_size`` (``rng_state.pth`` for one process)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "rng_state.pth" if world_size == 1 else f"rng_state_{rank}.pth"
+    torch.save(_hf_rng(saved), folder / name)
+
+
+def _write_trainer_state(folder: Path, values: Mapping[str, Any]) -> None:
+    (folder / "trainer_state.json").write_text(json.dumps(values["trainer_state"], indent=2))
+
+
+def write_deepspeed_own(folder: Path, engine: Mapping[str, Any]) -> None:
+    """Write the DeepSpeed files of ``engine`` (one saved rank's entry) that its own rank
+    alone loads (see :func:`~ckptwise.integrations.transformers.deepspeed.per_rank_file`)."""
+    write_engine_files(engine, folder, only=per_rank_file)
+
+
+def write_deepspeed_node(
+    folder: Path,
+    values: Mapping[str, Any],
+    engine_of: Callable[[int], Mapping[str, Any]],
+    *,
+    rank: int,
+    saved_by: int,
+    all_ranks: bool,
+    universal: bool,
+) -> None:
+    """Write what the ranks of one node share in ``folder`` (``checkpoint-N``): DeepSpeed's
+    files but those each rank writes for itself (:func:`write_deepspeed_own`),
+    ``trainer_state.json`` and ``scheduler.pt``.
+
+    ``values`` are the saved values this process resumes from (saved rank ``rank``'s);
+    ``engine_of(r)`` reads saved rank ``r``'s DeepSpeed entry, of the ``saved_by`` ranks that
+    saved, when it is needed. By default that is ``latest`` and the files of saved rank 0
+    that every rank loads (ZeRO-1/2's model states; none under ZeRO-3). With ``all_ranks``
+    every saved rank's files are written, as ZeRO-2's ``elastic_checkpoint`` loads them all
+    on each rank. With ``universal`` every saved rank's files are written to a folder beside
+    ``folder`` and converted into DeepSpeed's universal checkpoint in ``folder``
+    (``global_stepN/`` and ``latest_universal``), which the engine loads on any number of
+    ranks when its config says ``load_universal``; the saved files are removed after.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    own = values["deepspeed"]
+    scheduler = engine_scheduler(own)
+    if universal:
+        raw = Path(tempfile.mkdtemp(prefix="saved-", dir=folder.parent))
+        try:
+            for r in range(saved_by):
+                engine = own if r == rank else engine_of(r)
+                write_engine_files(engine, raw)
+                scheduler = scheduler or engine_scheduler(engine)
+                del engine  # one saved rank in memory at a time
+            tag = engine_tag(own)
+            to_universal(raw / tag, folder / tag, ranks=saved_by)
+        finally:
+            shutil.rmtree(raw, ignore_errors=True)
+    elif all_ranks:
+        for r in range(saved_by):
+            write_engine_files(own if r == rank else engine_of(r), folder)
+    elif rank != 0 and not any(n.endswith("model_states.pt") for n in engine_file_names(own)):
+        # ZeRO-1/2: this rank saved no model states; saved rank 0's are every rank's
+        zero = engine_of(0)
+        write_engine_files(zero, folder, only=lambda name: not per_rank_file(name))
+        scheduler = engine_scheduler(zero)
+    else:
+        write_engine_files(own, folder, only=lambda name: not per_rank_file(name))
+    if not universal:
+        (folder / "latest").write_text(engine_tag(own))
+    if scheduler is not None:
+        # for a scheduler Trainer made itself, which it loads from scheduler.pt (DeepSpeed's
+        # own is restored by the engine from its model states, where this state comes from)
+        torch.save(scheduler, folder / "scheduler.pt")
+    _write_trainer_state(folder, values)
