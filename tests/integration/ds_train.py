@@ -100,6 +100,15 @@ def main() -> int:
         help="seconds each rank's object writes sleep first, so training goes on changing "
         "the live state while a background save writes",
     )
+    parser.add_argument("--cache", default=None, help="the node's cache folder (cache=)")
+    parser.add_argument(
+        "--slow-uploads",
+        type=float,
+        default=0.0,
+        help="seconds each object upload of the ranks of node --slow-node (torchrun's "
+        "GROUP_RANK) sleeps first",
+    )
+    parser.add_argument("--slow-node", default="1")
     args = parser.parse_args()
     cpu_setup(args.stage > 0)
 
@@ -123,6 +132,23 @@ def main() -> int:
             return real_write(store, new, **options)
 
         CheckpointStore.write_objects = slow_write  # type: ignore[method-assign,assignment]
+    if args.slow_uploads and os.environ.get("GROUP_RANK") == args.slow_node:
+        import time
+
+        from ckptwise.store import FsspecBackend
+
+        real_put = FsspecBackend.put_file
+
+        def slow_put(backend: FsspecBackend, path: str, local: str) -> None:
+            if path.startswith("objects/"):
+                time.sleep(args.slow_uploads)
+            real_put(backend, path, local)
+
+        FsspecBackend.put_file = slow_put  # type: ignore[method-assign,assignment]
+    remote = os.environ.get("CKPTWISE_TEST_S3")  # storage options of an s3:// RUN
+    options: dict[str, Any] = {} if args.cache is None else {"cache": args.cache}
+    if remote is not None:
+        options["storage_options"] = json.loads(remote)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"rank": rank, "losses": {}}
@@ -178,7 +204,9 @@ def main() -> int:
         files = [f for f in (out / "hf").rglob("*") if f.is_file()]
         record["bytes_written"] = sum(f.stat().st_size for f in files)
     else:
-        callback = attach(trainer, args.run, save=cw.parse_save(args.save), keep=cw.keep_all())
+        callback = attach(
+            trainer, args.run, save=cw.parse_save(args.save), keep=cw.keep_all(), **options
+        )
         resume = None
         if args.resume is not None:
             resume = callback.resume_checkpoint(None if args.resume < 0 else args.resume)

@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from safetensors.torch import load_file
 
 import ckptwise as cw
 from ckptwise.integrations.transformers.deepspeed import engine_scheduler, write_engine_files
+from nodes_job import Nodes
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("deepspeed")
@@ -308,3 +310,44 @@ def test_zero_stage_resumes_on_another_number_of_ranks_through_universal_checkpo
     ]:
         assert got[0] == pytest.approx(expected[0], rel=0.02)
         assert got == pytest.approx(expected, rel=0.03)
+
+
+#: the bucket of the module's S3-compatible server (the ``s3`` fixture, tests/conftest.py)
+BUCKET = "deepspeed"
+
+
+@pytest.mark.parametrize("straight", [3], ids=["zero3"], indirect=True)
+def test_zero3_on_two_nodes_through_caches_to_s3_survives_a_killed_node(
+    tmp_path: Path, straight: Straight, s3: dict[str, Any]
+) -> None:
+    """MiniCPM-V's multi-node launch without a shared file system: each node has its own
+    cache folder and temporary folder, the run is in the bucket. Node 1 is killed (SIGKILL,
+    every process) while its objects of step 10 are still uploading; the bucket then lists
+    no checkpoint, and the job relaunched on the same caches uploads step 10 and resumes
+    from it bit-exactly, each node reading and writing only its own files."""
+    job = Nodes(SCRIPT, s3, tmp_path, "s3://deepspeed/run")
+    job.start("a", "--stage", "3", "--steps", "20", slow={1: 2.0})
+    deadline = time.monotonic() + 300
+    while 10 not in job.committed():
+        assert time.monotonic() < deadline, "step 10 was never committed"
+        time.sleep(0.05)
+    job.kill(1)
+    job.wait(ok=False, timeout=90)
+    bucket = cw.open_run(job.run, storage_options=s3)
+    assert bucket.steps() == []  # step 10 waits for node 1's objects: never listed half
+    assert bucket.verify() == []
+
+    job.start("b", "--stage", "3", "--steps", "20", "--resume")
+    job.wait()
+    resumed = [job.record(node, "b") for node in (0, 1)]
+    for node, (before, after) in enumerate(zip(straight.records, resumed, strict=True)):
+        assert after["resumed_from"] == 10
+        assert sorted(after["losses"], key=int) == [str(s) for s in range(11, 21)]
+        for step, loss in after["losses"].items():
+            assert loss == before["losses"][step], step
+        # the node's own temporary folder, holding its own rank's per-rank files only
+        assert Path(after["resume_folder"]).is_relative_to(tmp_path / f"tmp-node{node}")
+        assert not [f for f in after["resume_files"] if f"rank_{1 - node}_" in f]
+    bucket.refresh()
+    assert bucket.steps() == [10, 20]
+    assert bucket.verify() == []
