@@ -16,6 +16,23 @@ from typing import Any
 from s3_server import free_port
 
 
+def slow_uploads(seconds: float) -> None:
+    """Make every object upload of this process take ``seconds`` longer (in a node's job:
+    its objects lag behind the other node's)."""
+    import time
+
+    from ckptwise.store import FsspecBackend
+
+    real_put = FsspecBackend.put_file
+
+    def slow_put(backend: FsspecBackend, path: str, local: str) -> None:
+        if path.startswith("objects/"):
+            time.sleep(seconds)
+        real_put(backend, path, local)
+
+    FsspecBackend.put_file = slow_put  # type: ignore[method-assign,assignment]
+
+
 class Nodes:
     """Two node launches of one job (started together; see :meth:`start`)."""
 

@@ -137,16 +137,9 @@ def main() -> int:
         (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
 
     if args.slow_uploads and os.environ.get("GROUP_RANK") == args.slow_node:
-        from ckptwise.store import FsspecBackend
+        from nodes_job import slow_uploads
 
-        real_put = FsspecBackend.put_file
-
-        def slow_put(backend: FsspecBackend, path: str, local: str) -> None:
-            if path.startswith("objects/"):
-                time.sleep(args.slow_uploads)
-            real_put(backend, path, local)
-
-        FsspecBackend.put_file = slow_put  # type: ignore[method-assign,assignment]
+        slow_uploads(args.slow_uploads)
     remote = os.environ.get("CKPTWISE_TEST_S3")
     model, opt = build(args.mode)
     clock = SkewedClock(1.0 + rank * args.skew)
@@ -238,4 +231,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # the tests' helpers (nodes_job)
     sys.exit(main())

@@ -133,18 +133,9 @@ def main() -> int:
 
         CheckpointStore.write_objects = slow_write  # type: ignore[method-assign,assignment]
     if args.slow_uploads and os.environ.get("GROUP_RANK") == args.slow_node:
-        import time
+        from nodes_job import slow_uploads
 
-        from ckptwise.store import FsspecBackend
-
-        real_put = FsspecBackend.put_file
-
-        def slow_put(backend: FsspecBackend, path: str, local: str) -> None:
-            if path.startswith("objects/"):
-                time.sleep(args.slow_uploads)
-            real_put(backend, path, local)
-
-        FsspecBackend.put_file = slow_put  # type: ignore[method-assign,assignment]
+        slow_uploads(args.slow_uploads)
     remote = os.environ.get("CKPTWISE_TEST_S3")  # storage options of an s3:// RUN
     options: dict[str, Any] = {} if args.cache is None else {"cache": args.cache}
     if remote is not None:
@@ -228,4 +219,5 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # the tests' helpers (nodes_job)
     sys.exit(main())
