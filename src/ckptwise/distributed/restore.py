@@ -2,8 +2,8 @@
 
 A rank restores its own view of the checkpoint (its per-rank state, such as RNG and data
 position, and its chunks of sharded tensors). Sharded tensors are cut to the chunk each
-live ``DTensor`` holds now, from whichever saved chunks overlap it; on one process they are
-put back together whole.
+live ``DTensor`` holds now, from whichever saved chunks overlap it (a tensor saved whole,
+by one process, is one such chunk); on one process they are put back together whole.
 
 When the number of ranks changed, :func:`plan_rank` says what each rank gets (see
 :class:`RankPlan`): a rank that existed restores its own entries; a rank that did not
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ckptwise.distributed.shards import chunk_of, copy_overlap, is_sharded, local_part, pieces_of
 from ckptwise.errors import CheckpointError, CorruptCheckpointError
 from ckptwise.snapshot import RNG_KEY
-from ckptwise.store import CheckpointStore, Manifest, TensorEntry
+from ckptwise.store import CheckpointStore, Manifest, Shard, TensorEntry
 
 if TYPE_CHECKING:
     import torch
@@ -274,9 +274,17 @@ def read_rank(
     if names is not None:
         view = {n: e for n, e in view.items() if n in names}
         sharded &= set(names)
-    plain = {n: e for n, e in view.items() if n not in sharded}
+    # a tensor saved whole (by one process) that is sharded now: one chunk covering it all
+    whole_now = {
+        n for n, e in view.items() if n not in sharded and n in live and is_sharded(live[n])
+    }
+    plain = {n: e for n, e in view.items() if n not in sharded and n not in whole_now}
     targets = {n: t for n, t in live.items() if n in plain and not is_sharded(t)}
     out = store.load_tensors(step, into=targets, entries=plain, progress=progress)
+    for name in sorted(whole_now):
+        entry = view[name]
+        piece = dataclasses.replace(entry, shard=Shard(entry.shape, (0,) * len(entry.shape)))
+        out[name] = _fill_chunk(store, step, name, live[name], [piece], progress)
     for name in sharded:
         pieces = pieces_of(views, name)
         target = live.get(name)

@@ -381,8 +381,13 @@ def restore_state(
             _on_every_rank(
                 ranks, lambda: prepare(manifest, plan, say=False), f"checking step {newest[0]}"
             )
-            if sharded_names(manifest) - live.keys() and prime_optimizers(state):
-                live = capture(entries).tensors  # sharded optimizer state to read into
+            # sharded optimizer state to read into, from saved chunks or (saved by one
+            # process) from whole tensors
+            wanted = sharded_names(manifest)
+            if any(is_sharded(t) for t in live.values()):
+                wanted |= manifest.view(plan.source).keys()
+            if wanted - live.keys() and prime_optimizers(state):
+                live = capture(entries).tensors
     with Transfer("restoring", show=ranks is None or ranks.coordinator) as transfer:
         loaded = read_first_good(
             store,
