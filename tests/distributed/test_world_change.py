@@ -189,3 +189,17 @@ def test_rng_state_loads_only_the_generators_it_is_given() -> None:
     RngState().load_state_dict({"numpy": wanted})
     assert _same_numpy(np.random.get_state(), wanted)
     assert torch.equal(torch.get_rng_state(), torch_before)
+
+
+def test_a_trainer_folder_holds_an_rng_file_only_for_every_generator(tmp_path: Path) -> None:
+    """``Trainer`` loads an RNG file whole: a new rank given only some generators gets none,
+    and keeps its own (Trainer logs that it found no RNG file for the process)."""
+    pytest.importorskip("transformers")
+    from ckptwise.integrations.transformers.folder import write_trainer_folder
+
+    every = RngState().state_dict()
+    for name, rng in [("some", {"numpy": every["numpy"]}), ("all", every)]:
+        folder = write_trainer_folder(
+            tmp_path / name, {RNG_KEY: rng}, model=None, weights=None, rank=1, world_size=2
+        )
+        assert (folder / "rng_state_1.pth").exists() == (name == "all")

@@ -99,7 +99,9 @@ def write_trainer_folder(
         for key, name in _TORCH_FILES.items():
             if key in values:
                 torch.save(values[key], folder / name)
-    if RNG_KEY in values:
+    # a rank that did not exist when the checkpoint was saved is given only the generators
+    # every rank held alike; Trainer reads all or none, and without the file keeps its own
+    if RNG_KEY in values and {"python", "numpy", "torch"} <= values[RNG_KEY].keys():
         owner = rank if rng_rank is None else rng_rank
         name = "rng_state.pth" if world_size == 1 else f"rng_state_{owner}.pth"
         torch.save(_hf_rng(values[RNG_KEY]), folder / name)
