@@ -190,7 +190,7 @@ def main() -> int:
         for current in range(start + 1, args.steps + 1):
             if args.data == "full":
                 x = torch.randn(16, WIDTH, generator=torch.Generator().manual_seed(1000 + current))
-                record.setdefault("draws", {})[current] = torch.rand(()).item().hex()
+                record.setdefault("draws", {})[current] = float(torch.rand(()).item()).hex()
             else:
                 x = torch.randn(16, WIDTH)
             loss = (model(x) - x @ target).pow(2).mean()

@@ -165,8 +165,8 @@ def test_a_run_resumes_on_another_number_of_ranks_exactly(tmp_path: Path, mode: 
     draws one number a step: a rank that existed goes on with its own stream; a rank that
     did not keeps the generator its job seeded, and never draws rank 0's numbers.
     """
-    common = ("--mode", mode, "--data", "full", "--save", "every(3)", "--steps", "8")
-    common += ("--dump-step", "6")
+    common = ["--mode", mode, "--data", "full", "--save", "every(3)", "--steps", "8"]
+    common += ["--dump-step", "6"]
     torchrun(2, tmp_path / "run2", tmp_path / "s2", *common)
     torchrun(1, tmp_path / "run1", tmp_path / "s1", *common)
     resume = ("--restore-step", "6", "--dump")
