@@ -85,7 +85,7 @@ def _same_numpy(a: Any, b: Any) -> bool:
 def test_the_checkpoint_says_which_entries_differed_between_the_ranks(root: Path) -> None:
     manifest = cw.open_run(root).manifest(STEP)
     assert manifest.world_size == 2
-    assert rank_differences(manifest) == ({"data", RNG_KEY}, {"torch"})
+    assert rank_differences(manifest) == (frozenset({"data", RNG_KEY}), frozenset({"torch"}))
 
 
 def test_a_new_rank_takes_what_every_rank_held_alike_and_keeps_its_own_per_rank_entries(
@@ -106,8 +106,8 @@ def test_a_new_rank_takes_what_every_rank_held_alike_and_keeps_its_own_per_rank_
     assert _same_numpy(numpy, saved_numpy)
     (warning,) = [str(w.message) for w in caught]
     assert "saved by 2 process(es) and is restored on 3" in warning
-    assert "rank 2 did not exist then" in warning
-    assert "it keeps its own 'data'" in warning
+    assert "rank 2 did not exist then: it restores rank 0's 'model', which every saved" in warning
+    assert "of the entries that differed between the saved ranks it keeps its own 'data'" in warning
     assert "it keeps its own RNG states (torch)" in warning
 
 

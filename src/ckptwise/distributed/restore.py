@@ -152,36 +152,44 @@ class RankPlan:
                 del tree[RNG_KEY]
         return tree
 
-    def message(self, where: str, *, left: Collection[str], taken: Collection[str]) -> str:
-        """One line saying what this rank restores after the change in the number of
-        ranks: ``left`` are the per-rank entries it leaves as they are, ``taken`` those it
-        takes from rank 0 though they differed between the saved ranks."""
+    def message(self, where: str, *, entries: Collection[str], leave: bool) -> str:
+        """One line saying what this rank restores of ``entries`` after the change in the
+        number of ranks; ``leave``: a new rank keeps its own value of the entries that
+        differed between the saved ranks (else it takes rank 0's)."""
         said = f"{where} was saved by {self.saved_by} process(es) and is restored on {self.now_on}"
-        per_rank = sorted(self.per_rank - {RNG_KEY})
+        named = sorted(e for e in entries if e != RNG_KEY)
+        differed = [e for e in named if e in self.per_rank]
         if self.existed:
             said += f"; rank {self.rank} restores its own state"
             gone = range(self.now_on, self.saved_by)
-            what = [*map(repr, per_rank), *(["RNG states"] if RNG_KEY in self.per_rank else [])]
+            what = [*map(repr, differed), *(["RNG states"] if RNG_KEY in self.per_rank else [])]
             if gone and what:
                 said += (
                     f"; the per-rank entries of rank(s) {_span(gone)} ({', '.join(what)}) are "
                     "restored by no rank"
                 )
             return said
-        said += (
-            f"; rank {self.rank} did not exist then: it restores rank 0's copy of what every "
-            "saved rank held alike"
-        )
-        if self.saved_by == 1:
-            said += " (a checkpoint of one process holds one state, given to every rank)"
-        differed = "; of the entries that differed between the saved ranks it"
-        if left:
-            said += f"{differed} keeps its own {', '.join(map(repr, sorted(left)))}"
-        if taken:
-            said += f"{differed} takes rank 0's {', '.join(map(repr, sorted(taken)))}"
+        said += f"; rank {self.rank} did not exist then"
+        alike = [e for e in named if e not in self.per_rank]
+        if alike:
+            said += f": it restores rank 0's {_names(alike)}"
+            if self.saved_by == 1:
+                said += " (a checkpoint of one process holds one state, given to every rank)"
+            else:
+                said += ", which every saved rank held alike"
+        if differed:
+            said += "; of the entries that differed between the saved ranks it " + (
+                f"keeps its own {_names(differed)}"
+                if leave
+                else f"takes rank 0's {_names(differed)}"
+            )
         if self.rng_kept:
             said += f"; it keeps its own RNG states ({', '.join(sorted(self.rng_kept))})"
         return said
+
+
+def _names(entries: Collection[str]) -> str:
+    return ", ".join(map(repr, entries))
 
 
 def _span(ranks: range) -> str:

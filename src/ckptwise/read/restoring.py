@@ -182,7 +182,7 @@ def read_first_good(
     rank: int,
     ranks: Ranks | None,
     prepare: Callable[[Manifest, RankPlan], Collection[str] | None] | None = None,
-    leave_per_rank: bool = False,
+    restoring: Collection[str] | None = None,
     stacklevel: int = 1,
     progress: Progress | None = None,
 ) -> Loaded | None:
@@ -198,9 +198,9 @@ def read_first_good(
     read: it raises to stop the read (on every rank), and returns the names of the tensors
     to read (``None``: all of them). A read for resuming (``full_only``) of a checkpoint
     saved by another number of ranks says what this rank gets in a :class:`RestoreWarning`:
-    with ``leave_per_rank`` a rank the checkpoint lacked leaves the entries that differed
-    between the saved ranks as they are (the caller's to do), without it it is given rank
-    0's. ``stacklevel`` places the warnings as :func:`warnings.warn` would for the caller.
+    for a restore of the entries ``restoring``, a rank the checkpoint lacked keeps its own
+    value of those that differed between the saved ranks (the restore's to do); for an
+    adapter's values (``None``) it is given rank 0's. ``stacklevel`` places the warnings as :func:`warnings.warn` would for the caller.
     ``progress`` is told the bytes read and checked.
     """
     for path, why in dict(store.broken).items():
@@ -255,12 +255,12 @@ def read_first_good(
             assert manifest is not None
             assert plan is not None
             if full_only and plan.changed:
-                others = sorted(plan.per_rank - {RNG_KEY}) if not plan.existed else []
+                entries = plan.tree(manifest).keys() if restoring is None else restoring
                 warnings.warn(
                     plan.message(
                         f"checkpoint at step {candidate} of {store.url}",
-                        left=others if leave_per_rank else (),
-                        taken=() if leave_per_rank else others,
+                        entries=[e for e in entries if e in manifest.tree_of(plan.source)],
+                        leave=restoring is not None,
                     ),
                     RestoreWarning,
                     stacklevel=stacklevel + 1,
@@ -397,7 +397,7 @@ def restore_state(
             rank=rank,
             ranks=ranks,
             prepare=prepare,
-            leave_per_rank=True,
+            restoring=list(state),
             stacklevel=stacklevel + 1,
             progress=transfer.advance,
         )
