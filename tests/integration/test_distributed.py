@@ -153,7 +153,7 @@ def test_fsdp_restores_on_fewer_ranks_and_on_one_process(tmp_path: Path) -> None
     assert exported["2.weight"].tolist() == saved["weights"]["2.weight"]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])  # each about 20 s: four short jobs
 def test_a_run_resumes_on_another_number_of_ranks_exactly(tmp_path: Path, mode: str) -> None:
     """2 ranks → 1 and 1 → 2 through ``manager.restore``, DDP's replicated state and FSDP2's
     shards (a one-process checkpoint of FSDP2 holds whole tensors, cut to each rank's chunk).
