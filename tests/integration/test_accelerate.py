@@ -66,7 +66,7 @@ def test_two_processes_stop_and_resume_bit_identically(tmp_path: Path) -> None:
         assert a["weights"] == b["weights"]
 
 
-@pytest.mark.slow  # about a minute: four short jobs, on one process and on two
+@pytest.mark.slow  # 30 s to a minute: four short jobs, on one process and on two
 def test_a_run_resumes_on_another_number_of_processes(tmp_path: Path) -> None:
     """2 processes → 1 and 1 → 2 through ``manager.restore``.
 

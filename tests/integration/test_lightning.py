@@ -255,7 +255,7 @@ def test_several_processes_under_torchrun_resume_each_rank_exactly(
     assert read(tmp_path / "a.jsonl.rank0") != read(tmp_path / "a.jsonl.rank1")
 
 
-@pytest.mark.slow  # about a minute: four DDP jobs of 14 steps, on one rank and on two
+@pytest.mark.slow  # 30 s to a minute: four DDP jobs of 14 steps, on one rank and on two
 def test_ddp_resumes_on_another_number_of_ranks_exactly(tmp_path: Path) -> None:
     """2 ranks → 1 and 1 → 2 through ``resume_checkpoint()``.
 
