@@ -206,8 +206,11 @@ def plan_rank(
     generator only when it was alike on every saved rank and is alike on every rank now;
     otherwise it keeps its own.
     """
+    plan = RankPlan(rank=rank, saved_by=manifest.world_size, now_on=now_on)
+    if not plan.changed:  # every rank restores its own: nothing to compare
+        return plan
     per_rank, differing = rank_differences(manifest)
-    plan = RankPlan(rank=rank, saved_by=manifest.world_size, now_on=now_on, per_rank=per_rank)
+    plan = dataclasses.replace(plan, per_rank=per_rank)
     if plan.existed:
         return plan
     saved = _generators(manifest.tree_of(0)).keys()
