@@ -5,7 +5,16 @@
 on its own random batches (its RNG, saved per rank, draws them), and writes ``OUT/rankR.json``:
 each step's loss as an exact hex float, which steps saved and why, what it restored from,
 what went wrong, and (``--dump``) the whole model and optimizer state, gathered from the
-shards, after the restore and at the end.
+shards, after the restore and at the end (``--dump-step S``: also after step S).
+
+``--data full`` gives every rank the same batch of each step instead, drawn from a generator
+seeded by the step: the averaged gradient is then every rank's own, exactly (on up to two
+ranks), so a run trains bit-identically on one rank or two and a resume on another number of
+ranks can be compared with an uninterrupted run bit for bit. Each rank's RNG is still
+seeded apart from the others' and saved: each step draws one number from it (recorded, as a
+dropout mask would draw, without touching the loss), and the job records a digest of it
+before and after the restore and at each save, and the ``RestoreWarning`` lines the restore
+gave.
 
 Faults for the tests: ``--skew`` makes rank R's clock run ``1 + R * skew`` times as fast;
 ``--stop-at S`` ends every rank after step S as a preemption would; ``--kill-rank R
@@ -22,11 +31,13 @@ node ``--slow-node`` (torchrun's ``GROUP_RANK``) take that much longer.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
 import sys
 import time
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -92,6 +103,11 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     return {"weights": weights, "moments": moments}
 
 
+def rng_digest() -> str:
+    """A digest of this process's torch RNG state."""
+    return hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("run")
@@ -115,6 +131,8 @@ def main() -> int:
     parser.add_argument("--cache", default=None)
     parser.add_argument("--slow-uploads", type=float, default=0.0)
     parser.add_argument("--slow-node", default="1")
+    parser.add_argument("--dump-step", type=int, default=0)
+    parser.add_argument("--data", choices=["rank", "full"], default="rank")
     parser.add_argument("--sync", action="store_true", help="async_save=False")
     parser.add_argument("--defer", action="store_true", help="defer_copy=True")
     parser.add_argument(
@@ -156,7 +174,12 @@ def main() -> int:
         storage_options=None if remote is None else json.loads(remote),
     )
     state: dict[str, Any] = {"model": model, "optimizer": opt}
-    start = manager.restore(state, step=args.restore_step)
+    record["rng_before"] = rng_digest()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", cw.RestoreWarning)
+        start = manager.restore(state, step=args.restore_step)
+    record["warnings"] = [str(w.message) for w in caught if w.category is cw.RestoreWarning]
+    record["rng_after"] = rng_digest()
     record["restored"] = start
     if args.dump:
         record["state"] = full_state(model, opt)
@@ -180,7 +203,11 @@ def main() -> int:
     current = start
     try:
         for current in range(start + 1, args.steps + 1):
-            x = torch.randn(16, WIDTH)
+            if args.data == "full":
+                x = torch.randn(16, WIDTH, generator=torch.Generator().manual_seed(1000 + current))
+                record.setdefault("draws", {})[current] = float(torch.rand(()).item()).hex()
+            else:
+                x = torch.randn(16, WIDTH)
             loss = (model(x) - x @ target).pow(2).mean()
             opt.zero_grad()
             loss.backward()
@@ -203,10 +230,13 @@ def main() -> int:
                 continue
             if decision.save:
                 record["saves"].append([current, list(decision.reasons)])
+                record.setdefault("rng", {})[current] = rng_digest()  # as step() saved it
                 flush()  # what a harness that kills the job waits for
                 if args.check_saves:
                     at_save[current] = full_state(model, opt)
                     record.setdefault("copies", []).append(list(manager.last_copy))
+            if current == args.dump_step:
+                record["at_step"] = full_state(model, opt)
             if current == args.stop_at:
                 flush()
                 os._exit(0)  # preempted: no close(), no clean exit

@@ -6,7 +6,12 @@ each step's loss (as an exact hex float) to OUT, one JSON line per step. Under `
 with ``--ddp`` it trains with Lightning's ``ddp`` strategy (with ``--fsdp``, its
 ``ModelParallelStrategy``, which shards the model with FSDP2's ``fully_shard`` and runs on the
 CPU, where Lightning's FSDP1 strategy refuses to), each rank on its own order of the data, and
-appends to ``OUT.rankR``.
+appends to ``OUT.rankR``. With ``--same-data`` every rank trains on the same batches (one
+order of the data, and dropout masks alike, every rank's torch RNG being seeded alike), so
+the run trains bit-identically on one rank or two; ``--resume-step S`` resumes from step S
+rather than the newest checkpoint; ``--dump FILE`` writes the weights and optimizer state
+each rank holds when training starts (after a resume: what it restored) to ``FILE``
+(``FILE.rankR`` under ``torchrun``).
 """
 
 from __future__ import annotations
@@ -27,13 +32,33 @@ from ckptwise.integrations.lightning import CheckpointCallback
 
 class Tiny(L.LightningModule):
     def __init__(
-        self, losses: str | None = None, step_sleep: float = 0.0, shard: bool = False
+        self,
+        losses: str | None = None,
+        step_sleep: float = 0.0,
+        shard: bool = False,
+        dump: str | None = None,
     ) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
         self.losses = losses
         self.step_sleep = step_sleep
         self.shard = shard
+        self.dump = dump
+
+    def on_train_start(self) -> None:
+        if self.dump:  # Lightning has restored the weights and optimizer state by now
+            (opt,) = self.trainer.optimizers
+            doc = {
+                "weights": {k: v.tolist() for k, v in self.state_dict().items()},
+                "moments": {
+                    f"{i}/{k}": v.tolist()
+                    for i, s in opt.state_dict()["state"].items()
+                    for k, v in s.items()
+                    if isinstance(v, torch.Tensor)
+                },
+            }
+            with open(self.dump, "w") as f:
+                json.dump(doc, f)
 
     def configure_model(self) -> None:
         if self.shard:  # FSDP2: each Linear its own unit, then the root
@@ -68,6 +93,7 @@ class Tiny(L.LightningModule):
 
 
 def loaders(rank: int = 0) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """The training and validation data; ``rank`` picks the training order."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(120, 8, generator=g)
     y = x[:, :2].sum(dim=1, keepdim=True)
@@ -94,6 +120,9 @@ def run(
     val_every: int = 5,
     ddp: bool = False,
     fsdp: bool = False,
+    same_data: bool = False,
+    resume_step: int | None = None,
+    dump: str | None = None,
     **callback_options: Any,
 ) -> CheckpointCallback:
     torch.manual_seed(0)
@@ -105,6 +134,7 @@ def run(
         dist.init_process_group("gloo")  # before the callback: its manager joins this job
         rank = dist.get_rank()
         losses = f"{losses}.rank{rank}" if losses else None
+        dump = f"{dump}.rank{rank}" if dump else None
         strategy: Any = "ddp"
         if fsdp:
             from lightning.pytorch.strategies import ModelParallelStrategy
@@ -117,7 +147,7 @@ def run(
             "devices": dist.get_world_size(),
             "use_distributed_sampler": False,
         }
-    model = Tiny(losses, step_sleep, shard=fsdp)
+    model = Tiny(losses, step_sleep, shard=fsdp, dump=dump)
     callback = CheckpointCallback(
         root, save=save or cw.every(5), keep=keep or cw.keep_last(2), **callback_options
     )
@@ -135,8 +165,9 @@ def run(
         num_sanity_val_steps=0,
         **spread,
     )
-    train, val = loaders(rank)
-    trainer.fit(model, train, val, ckpt_path=callback.resume_checkpoint() if resume else None)
+    train, val = loaders(0 if same_data else rank)
+    resume_from = callback.resume_checkpoint(resume_step) if resume else None
+    trainer.fit(model, train, val, ckpt_path=resume_from)
     return callback
 
 
@@ -150,6 +181,9 @@ def main() -> None:
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--no-final", action="store_true", help="do not save the last step")
+    parser.add_argument("--same-data", action="store_true")
+    parser.add_argument("--resume-step", type=int)
+    parser.add_argument("--dump")
     args = parser.parse_args()
     torch.set_num_threads(1)
     run(
@@ -161,6 +195,9 @@ def main() -> None:
         ddp=args.ddp,
         fsdp=args.fsdp,
         final=not args.no_final,
+        same_data=args.same_data,
+        resume_step=args.resume_step,
+        dump=args.dump,
     )
 
 

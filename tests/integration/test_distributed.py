@@ -2,8 +2,9 @@
 
 Each test launches ``dist_train.py`` (2 or 4 ranks on the CPU) and checks what every rank
 recorded and what the run folder holds: one decision for all ranks even when their clocks
-disagree, bit-exact resume, sharded save and restore on another number of ranks, and a
-rank that dies or raises in the middle of a save.
+disagree, bit-exact resume, sharded save and restore on another number of ranks (DDP and
+FSDP2, 2 → 1 and 1 → 2, against an uninterrupted run on the new number; FSDP2 4 → 2 and on
+one process), and a rank that dies or raises in the middle of a save.
 """
 
 from __future__ import annotations
@@ -150,6 +151,63 @@ def test_fsdp_restores_on_fewer_ranks_and_on_one_process(tmp_path: Path) -> None
     cli("export", str(run_dir), str(tmp_path / "export"), "--step", "6")
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert exported["2.weight"].tolist() == saved["weights"]["2.weight"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])  # each about 20 s: four short jobs
+def test_a_run_resumes_on_another_number_of_ranks_exactly(tmp_path: Path, mode: str) -> None:
+    """2 ranks → 1 and 1 → 2 through ``manager.restore``, DDP's replicated state and FSDP2's
+    shards (a one-process checkpoint of FSDP2 holds whole tensors, cut to each rank's chunk).
+
+    Every rank trains on the same batch of each step (``--data full``): the averaged
+    gradient is then each rank's own, exactly, so the run trains bit-identically on one rank
+    or two (checked first), and a resume on the other number must match the uninterrupted
+    run on that number bit for bit. Each rank's RNG is seeded apart from the others' and
+    draws one number a step: a rank that existed goes on with its own stream; a rank that
+    did not keeps the generator its job seeded, and never draws rank 0's numbers.
+    """
+    common = ["--mode", mode, "--data", "full", "--save", "every(3)", "--steps", "8"]
+    common += ["--dump-step", "6"]
+    torchrun(2, tmp_path / "run2", tmp_path / "s2", *common)
+    torchrun(1, tmp_path / "run1", tmp_path / "s1", *common)
+    resume = ("--restore-step", "6", "--dump")
+    torchrun(1, tmp_path / "run2", tmp_path / "r21", *common, *resume)
+    torchrun(2, tmp_path / "run1", tmp_path / "r12", *common, *resume)
+    (s1,), s2 = records(tmp_path / "s1"), records(tmp_path / "s2")
+    assert s1["losses"] == s2[0]["losses"] == s2[1]["losses"]
+    assert s1["at_step"] == s2[0]["at_step"]
+
+    def after(values: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in values.items() if int(k) > 6}
+
+    (r21,) = records(tmp_path / "r21")
+    assert r21["restored"] == 6
+    assert not r21["errors"]
+    assert r21["state"] == s2[0]["at_step"]  # weights and Adam moments, every value
+    assert r21["losses"] == after(s1["losses"])
+    assert r21["draws"] == after(s2[0]["draws"])  # rank 0's own stream, where it stopped
+    (warning,) = r21["warnings"]
+    assert "saved by 2 process(es) and is restored on 1" in warning
+    assert "rank(s) 1 (RNG states) are restored by no rank" in warning
+
+    r12 = records(tmp_path / "r12")
+    for rank, record in enumerate(r12):
+        assert record["restored"] == 6
+        assert not record["errors"]
+        assert record["state"] == s1["at_step"]
+        assert record["losses"] == after(s2[rank]["losses"])
+    assert r12[0]["draws"] == after(s1["draws"])
+    assert r12[0]["warnings"] == [
+        f"checkpoint at step 6 of {tmp_path / 'run1'} was saved by 1 process(es) and is "
+        "restored on 2; rank 0 restores its own state"
+    ]
+    new = r12[1]
+    assert new["rng_after"] == new["rng_before"]
+    # what a fresh rank 1 draws first (in the uninterrupted run), not rank 0's numbers
+    assert list(new["draws"].values()) == [s2[1]["draws"]["1"], s2[1]["draws"]["2"]]
+    assert not set(new["draws"].values()) & set(s1["draws"].values())
+    (warning,) = new["warnings"]
+    assert "rank 1 did not exist then" in warning
+    assert "it keeps its own RNG states (numpy, python, torch)" in warning
 
 
 @pytest.mark.parametrize("killed", [0, 1])

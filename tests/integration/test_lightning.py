@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -252,6 +253,63 @@ def test_several_processes_under_torchrun_resume_each_rank_exactly(
         assert straight == resumed, rank
     # the ranks saw different data, and each resumed its own position in it
     assert read(tmp_path / "a.jsonl.rank0") != read(tmp_path / "a.jsonl.rank1")
+
+
+@pytest.mark.slow  # 30 s to a minute: four DDP jobs of 14 steps, on one rank and on two
+def test_ddp_resumes_on_another_number_of_ranks_exactly(tmp_path: Path) -> None:
+    """2 ranks → 1 and 1 → 2 through ``resume_checkpoint()``.
+
+    Every rank trains on the same batches (``--same-data``) and every rank's torch RNG is
+    seeded alike, so dropout masks are alike too: the averaged gradient is each rank's own,
+    exactly, and the run trains bit-identically on one rank or two (checked first). A
+    resume on the other number must then match the uninterrupted run on that number bit for
+    bit: every rank restores the saved weights and optimizer state exactly, and the rank
+    that did not exist takes rank 0's torch RNG (alike on every rank then and now) while
+    keeping its own numpy and Python generators (never seeded, they differ per process).
+    """
+
+    def torchrun(ranks: int, run_dir: Path, name: str, *args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             str(ranks), str(SCRIPT), str(run_dir), "--ddp", "--same-data", "--steps", "14",
+             "--losses", str(tmp_path / name), "--dump", str(tmp_path / f"{name}.state"),
+             *args],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    def read(name: str) -> dict[int, str]:
+        return losses(tmp_path / name)
+
+    def restored(name: str) -> Any:
+        return json.loads((tmp_path / name).read_text())
+
+    def saved(run_dir: Path) -> dict[str, Any]:
+        values = cw.open_run(run_dir).load(10)["lightning"]
+        weights = {k: v.tolist() for k, v in values["state_dict"].items()}
+        (opt,) = values["optimizer_states"]
+        moments = {f"{i}/{k}": v.tolist() for i, s in opt["state"].items() for k, v in s.items()}
+        return {"weights": weights, "moments": moments}
+
+    torchrun(2, tmp_path / "two", "s2")  # saves steps 5, 10 and 14
+    torchrun(1, tmp_path / "one", "s1")
+    resume = ("--resume", "--resume-step", "10")
+    fewer = torchrun(1, tmp_path / "two", "r21", *resume)
+    more = torchrun(2, tmp_path / "one", "r12", *resume)
+    straight = read("s1.rank0")
+    assert sorted(straight) == list(range(1, 15))
+    assert read("s2.rank0") == read("s2.rank1") == straight
+    after = {step: loss for step, loss in straight.items() if step > 10}
+    assert restored("r21.state.rank0") == saved(tmp_path / "two")
+    assert read("r21.rank0") == after
+    assert "saved by 2 process(es) and is restored on 1; rank 0 restores its own state" in fewer
+    for rank in (0, 1):
+        assert restored(f"r12.state.rank{rank}") == saved(tmp_path / "one")
+        assert read(f"r12.rank{rank}") == after
+    assert "rank 1 did not exist then" in more
+    assert "it keeps its own RNG states (numpy, python)" in more
 
 
 def test_a_policy_file_sets_the_managers_options_too(tmp_path: Path) -> None:

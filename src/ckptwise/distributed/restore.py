@@ -1,35 +1,221 @@
 """Reading one rank's part of a checkpoint, on the same or another number of ranks.
 
 A rank restores its own view of the checkpoint (its per-rank state, such as RNG and data
-position, and its chunks of sharded tensors). A rank the checkpoint did not have (more
-ranks now than then) restores rank 0's per-rank state; a checkpoint of one process is all
-rank 0's, so the one-process read path is the same. Sharded tensors are cut to the chunk
-each live ``DTensor`` holds now, from whichever saved chunks overlap it; on one process
-they are put back together whole.
+position, and its chunks of sharded tensors). Sharded tensors are cut to the chunk each
+live ``DTensor`` holds now, from whichever saved chunks overlap it (a tensor saved whole,
+by one process, is one such chunk); on one process they are put back together whole.
+
+When the number of ranks changed, :func:`plan_rank` says what each rank gets (see
+:class:`RankPlan`): a rank that existed restores its own entries; a rank that did not
+(more ranks now than then) restores rank 0's view of the entries every saved rank held
+alike, and of the entries that differed between the saved ranks, which have no saved
+counterpart for it, whatever its caller decides (:func:`~ckptwise.read.restoring.restore_state`
+leaves them as they are, adapters whose framework loads one state on every rank take
+rank 0's). Of the RNG states, each generator is judged alone: a new rank takes rank 0's
+only when every rank held it alike then and holds it alike now (the framework seeded every
+rank with one seed), and otherwise keeps its own, so that no two ranks draw one stream
+that did not before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Collection, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptwise.distributed.shards import chunk_of, copy_overlap, is_sharded, local_part, pieces_of
 from ckptwise.errors import CheckpointError, CorruptCheckpointError
-from ckptwise.store import CheckpointStore, Manifest, TensorEntry
+from ckptwise.snapshot import RNG_KEY
+from ckptwise.store import CheckpointStore, Manifest, Shard, TensorEntry
 
 if TYPE_CHECKING:
     import torch
 else:
     from ckptwise._lazy import torch
 
-__all__ = ["damaged_object", "placeholders", "prime_optimizers", "read_rank", "sharded_names"]
+__all__ = [
+    "RankPlan",
+    "damaged_object",
+    "placeholders",
+    "plan_rank",
+    "prime_optimizers",
+    "rank_differences",
+    "read_rank",
+    "sharded_names",
+]
 
 
 def sharded_names(manifest: Manifest) -> set[str]:
     """Names of the tensors saved as chunks of a sharded tensor."""
     views = [manifest.view(r) for r in range(manifest.world_size)]
     return {n for view in views for n, e in view.items() if e.shard is not None}
+
+
+def rank_differences(manifest: Manifest) -> tuple[frozenset[str], frozenset[str]]:
+    """The entries whose saved values differ between the ranks that saved ``manifest``,
+    and the RNG generators (``"torch"``, ``"numpy"``, ...) that do.
+
+    A sharded tensor's chunks differ by nature and are left out: they are resharded. An
+    entry held by some ranks only differs too. A checkpoint of one process has none.
+    """
+    entries: set[str] = set()
+    generators: set[str] = set()
+    if manifest.world_size == 1:
+        return frozenset(), frozenset()
+    trees = [manifest.tree_of(r) for r in range(manifest.world_size)]
+    views = [manifest.view(r) for r in range(manifest.world_size)]
+    first_tree, first_view = trees[0], views[0]
+    for tree, view in zip(trees[1:], views[1:], strict=True):
+        for key in first_tree.keys() | tree.keys():
+            if key == RNG_KEY:
+                mine, theirs = _generators(first_tree), _generators(tree)
+                generators |= {
+                    g for g in mine.keys() | theirs.keys() if mine.get(g) != theirs.get(g)
+                }
+            elif first_tree.get(key) != tree.get(key):
+                entries.add(key)
+        for name in first_view.keys() | view.keys():
+            a, b = first_view.get(name), view.get(name)
+            if (a is not None and a.shard is not None) or (b is not None and b.shard is not None):
+                continue
+            if (
+                a is None
+                or b is None
+                or (a.object, a.dtype, a.shape) != (b.object, b.dtype, b.shape)
+            ):
+                # capture names a tensor after its path, which starts with its entry's key
+                key, _, rest = name.partition("/")
+                if key == RNG_KEY:
+                    generators.add(rest.partition("/")[0])
+                else:
+                    entries.add(key)
+    if generators:
+        entries.add(RNG_KEY)
+    return frozenset(entries), frozenset(generators)
+
+
+def _generators(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The saved state of each RNG generator in a state tree, by generator."""
+    node = tree.get(RNG_KEY)
+    state = node.get("state") if isinstance(node, dict) else None
+    return dict(state) if isinstance(state, dict) else {}
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank restores of a checkpoint saved by ``saved_by`` ranks, now that the
+    job has ``now_on``.
+
+    A rank that existed then (``rank < saved_by``) restores its own saved entries. A new
+    rank reads rank 0's view: exact for what every saved rank held alike (replicated
+    weights and optimizer state, a one-process checkpoint's whole state) and for sharded
+    tensors, which are resharded. ``per_rank`` names the entries that differed between the
+    saved ranks (a data position of each rank's own, the RNG states), which a new rank has
+    no saved counterpart of. ``rng_kept`` names the RNG generators a new rank leaves as
+    they are.
+    """
+
+    rank: int
+    saved_by: int
+    now_on: int
+    per_rank: frozenset[str] = frozenset()
+    rng_kept: frozenset[str] = frozenset()
+
+    @property
+    def existed(self) -> bool:
+        """Whether this rank saved its own part of the checkpoint."""
+        return self.rank < self.saved_by
+
+    @property
+    def source(self) -> int:
+        """The saved rank whose view this rank reads."""
+        return self.rank if self.existed else 0
+
+    @property
+    def changed(self) -> bool:
+        """Whether the number of ranks changed since the save."""
+        return self.saved_by != self.now_on
+
+    def tree(self, manifest: Manifest, *, leave: Collection[str] = ()) -> dict[str, Any]:
+        """The state tree this rank restores: :attr:`source`'s, without the entries in
+        ``leave`` and with the RNG entry holding only the generators it takes (none: no
+        RNG entry)."""
+        tree = {k: v for k, v in manifest.tree_of(self.source).items() if k not in leave}
+        if RNG_KEY in tree and self.rng_kept:
+            node = dict(tree[RNG_KEY])
+            state = {g: v for g, v in _generators(tree).items() if g not in self.rng_kept}
+            if state:
+                tree[RNG_KEY] = {**node, "state": state}
+            else:
+                del tree[RNG_KEY]
+        return tree
+
+    def message(self, where: str, *, entries: Collection[str], leave: bool) -> str:
+        """One line saying what this rank restores of ``entries`` after the change in the
+        number of ranks; ``leave``: a new rank keeps its own value of the entries that
+        differed between the saved ranks (else it takes rank 0's)."""
+        said = f"{where} was saved by {self.saved_by} process(es) and is restored on {self.now_on}"
+        named = sorted(e for e in entries if e != RNG_KEY)
+        differed = [e for e in named if e in self.per_rank]
+        if self.existed:
+            said += f"; rank {self.rank} restores its own state"
+            gone = range(self.now_on, self.saved_by)
+            what = [*map(repr, differed), *(["RNG states"] if RNG_KEY in self.per_rank else [])]
+            if gone and what:
+                said += (
+                    f"; the per-rank entries of rank(s) {_span(gone)} ({', '.join(what)}) are "
+                    "restored by no rank"
+                )
+            return said
+        said += f"; rank {self.rank} did not exist then"
+        alike = [e for e in named if e not in self.per_rank]
+        if alike:
+            said += f": it restores rank 0's {_names(alike)}"
+            if self.saved_by == 1:
+                said += " (a checkpoint of one process holds one state, given to every rank)"
+            else:
+                said += ", which every saved rank held alike"
+        if differed:
+            said += "; of the entries that differed between the saved ranks it " + (
+                f"keeps its own {_names(differed)}"
+                if leave
+                else f"takes rank 0's {_names(differed)}"
+            )
+        if self.rng_kept:
+            said += f"; it keeps its own RNG states ({', '.join(sorted(self.rng_kept))})"
+        return said
+
+
+def _names(entries: Collection[str]) -> str:
+    return ", ".join(map(repr, entries))
+
+
+def _span(ranks: range) -> str:
+    return str(ranks.start) if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
+
+
+def plan_rank(
+    manifest: Manifest, rank: int, *, now_on: int, alike: Collection[str] | None = None
+) -> RankPlan:
+    """What ``rank`` of a job of ``now_on`` ranks restores of ``manifest``.
+
+    ``alike`` names the RNG generators whose live states are the same on every rank now
+    (``None``: all of them, as on one process). A new rank takes rank 0's saved state of a
+    generator only when it was alike on every saved rank and is alike on every rank now;
+    otherwise it keeps its own.
+    """
+    plan = RankPlan(rank=rank, saved_by=manifest.world_size, now_on=now_on)
+    if not plan.changed:  # every rank restores its own: nothing to compare
+        return plan
+    per_rank, differing = rank_differences(manifest)
+    plan = dataclasses.replace(plan, per_rank=per_rank)
+    if plan.existed:
+        return plan
+    saved = _generators(manifest.tree_of(0)).keys()
+    kept = {g for g in saved if g in differing or (alike is not None and g not in alike)}
+    return dataclasses.replace(plan, rng_kept=frozenset(kept))
 
 
 def placeholders(manifest: Manifest, rank: int) -> dict[str, torch.Tensor]:
@@ -99,9 +285,17 @@ def read_rank(
     if names is not None:
         view = {n: e for n, e in view.items() if n in names}
         sharded &= set(names)
-    plain = {n: e for n, e in view.items() if n not in sharded}
+    # a tensor saved whole (by one process) that is sharded now: one chunk covering it all
+    whole_now = {
+        n for n, e in view.items() if n not in sharded and n in live and is_sharded(live[n])
+    }
+    plain = {n: e for n, e in view.items() if n not in sharded and n not in whole_now}
     targets = {n: t for n, t in live.items() if n in plain and not is_sharded(t)}
     out = store.load_tensors(step, into=targets, entries=plain, progress=progress)
+    for name in sorted(whole_now):
+        entry = view[name]
+        piece = dataclasses.replace(entry, shard=Shard(entry.shape, (0,) * len(entry.shape)))
+        out[name] = _fill_chunk(store, step, name, live[name], [piece], progress)
     for name in sharded:
         pieces = pieces_of(views, name)
         target = live.get(name)

@@ -15,6 +15,14 @@ The model is unwrapped (``DistributedDataParallel`` and the like), so checkpoint
 parameter names that load into the bare model; the grad scaler of mixed precision is
 included when there is one. Prepared data loaders fetch a batch ahead, so the
 :class:`~ckptwise.ResumableSampler` must not count what it yields: advance it after each step.
+
+On another number of processes than saved the run, ``manager.restore`` puts back the
+weights, optimizer and scheduler exactly on every process, and the sampler's position,
+which is one for all processes (it moves by the batches of all). With
+``DataLoaderConfiguration(split_batches=True)`` every step trains on the same samples
+whatever the number of processes, and the losses follow an uninterrupted run on the new
+number up to float rounding (the gradients of the parts are summed in another order);
+otherwise a step's batch grows or shrinks with the number of processes.
 """
 
 from __future__ import annotations

@@ -23,6 +23,16 @@ process group must exist before the callback is created, so its manager joins th
 rank then saves its own state (its shards, under FSDP2) and resumes from its own ``.ckpt``,
 which holds whole tensors that Lightning shards again on load.
 
+On another number of ranks than saved the run (one ``RestoreWarning`` per rank says what
+it got), a rank that existed resumes from its own state, exactly. A new rank resumes from
+rank 0's, as Lightning loads its own checkpoint on every rank: the weights and optimizer
+state exactly, and rank 0's data position too (one order for every rank is exact; with a
+sampler seeded per rank, the new rank reads rank 0's order, which the warning names when
+the saved ranks' positions differed). Of the RNG states it takes rank 0's generators only
+where every rank held them alike (``seed_everything`` seeds every rank alike) and keeps
+its own otherwise. Data order unchanged, the losses then match an uninterrupted run on
+the new number of ranks bit for bit.
+
 The last step of training is saved (reason ``"final"``) when the policy did not save it,
 unless ``final=False``. The callback closes its manager (releasing the run's lock) when
 ``fit`` ends and opens a new one when it starts again; a new callback on the same run in the

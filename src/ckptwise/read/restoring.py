@@ -12,6 +12,8 @@ together, on one process or on every rank of a job, and a rank's choice must be 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import warnings
@@ -21,8 +23,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ckptwise.distributed.ranks import Failure, Ranks
 from ckptwise.distributed.restore import (
+    RankPlan,
     damaged_object,
     placeholders,
+    plan_rank,
     prime_optimizers,
     read_rank,
     sharded_names,
@@ -59,6 +63,7 @@ __all__ = [
     "RestoreWarning",
     "candidates",
     "catch_up",
+    "live_rng_alike",
     "read_first_good",
     "restore_state",
     "variant_of",
@@ -95,10 +100,15 @@ class Loaded:
     tensors: Mapping[str, torch.Tensor]
     #: whose part of a multi-process checkpoint was read
     rank: int = 0
+    #: what the rank read gets when the number of ranks changed (see :class:`RankPlan`)
+    plan: RankPlan | None = None
 
     @property
     def tree(self) -> dict[str, Any]:
-        """The state tree of the rank read (rank 0's for a rank the checkpoint lacked)."""
+        """The state tree of the rank read: rank 0's for a rank the checkpoint lacked, whose
+        RNG entry then holds only the generators it takes (see :func:`plan_rank`)."""
+        if self.plan is not None:
+            return self.plan.tree(self.manifest)
         return self.manifest.tree_of(self.rank if self.rank < self.manifest.world_size else 0)
 
     def values(self, *, rng: bool = False) -> dict[str, Any]:
@@ -106,6 +116,32 @@ class Loaded:
         ``"__rng__"`` only with ``rng=True``."""
         tree = self.tree
         return {k: rebuild(tree, self.tensors, k) for k in tree if rng or k != RNG_KEY}
+
+
+def live_rng_alike(ranks: Ranks | None) -> frozenset[str] | None:
+    """The RNG generators whose live state is the same on every rank (``None`` on one
+    process); every rank calls it at the same point, before anything is restored."""
+    if ranks is None:
+        return None
+    snap = capture({RNG_KEY: RngState()})
+    mine: dict[str, str] = {}
+    for generator, node in snap.tree[RNG_KEY]["state"].items():
+        digest = hashlib.blake2b(json.dumps(node, sort_keys=True).encode(), digest_size=16)
+        prefix = f"{RNG_KEY}/{generator}"
+        for name in sorted(n for n in snap.tensors if n == prefix or n.startswith(prefix + "/")):
+            digest.update(
+                snap.tensors[name]
+                .detach()
+                .cpu()
+                .contiguous()
+                .view(-1)
+                .view(torch.uint8)
+                .numpy()
+                .tobytes()
+            )
+        mine[generator] = digest.hexdigest()
+    every = ranks.all_gather(mine)
+    return frozenset(g for g, d in mine.items() if all(o.get(g) == d for o in every))
 
 
 def candidates(store: CheckpointStore, step: int | None, *, full_only: bool) -> list[int]:
@@ -145,7 +181,8 @@ def read_first_good(
     full_only: bool,
     rank: int,
     ranks: Ranks | None,
-    prepare: Callable[[Manifest], Collection[str] | None] | None = None,
+    prepare: Callable[[Manifest, RankPlan], Collection[str] | None] | None = None,
+    restoring: Collection[str] | None = None,
     stacklevel: int = 1,
     progress: Progress | None = None,
 ) -> Loaded | None:
@@ -156,11 +193,15 @@ def read_first_good(
     raises :class:`~ckptwise.CheckpointNotFoundError` saying so; without, the run is listed
     again and the newest checkpoint now is read (at most :data:`MOST_REMOVED` times).
 
-    ``prepare`` is called with each candidate's manifest before any of its tensors is read:
-    it raises to stop the read (on every rank), and returns the names of the tensors to
-    read (``None``: all of them). ``stacklevel`` places the warnings as
-    :func:`warnings.warn` would for the caller. ``progress`` is told the bytes read and
-    checked.
+    ``prepare`` is called with each candidate's manifest, and what ``rank`` restores of it
+    (see :func:`~ckptwise.distributed.restore.plan_rank`), before any of its tensors is
+    read: it raises to stop the read (on every rank), and returns the names of the tensors
+    to read (``None``: all of them). A read for resuming (``full_only``) of a checkpoint
+    saved by another number of ranks says what this rank gets in a :class:`RestoreWarning`:
+    for a restore of the entries ``restoring``, a rank the checkpoint lacked keeps its own
+    value of those that differed between the saved ranks (the restore's to do); for an
+    adapter's values (``None``) it is given rank 0's. ``stacklevel`` places the warnings as :func:`warnings.warn` would for the caller.
+    ``progress`` is told the bytes read and checked.
     """
     for path, why in dict(store.broken).items():
         warnings.warn(
@@ -171,6 +212,8 @@ def read_first_good(
     tried = candidates(store, step, full_only=full_only)
     if ranks is not None:
         tried = ranks.broadcast(tried)
+    alike = live_rng_alike(ranks)
+    now_on = rank + 1 if ranks is None else ranks.size
     failed: list[int] = []  # failed verification
     removed: list[int] = []  # removed (or saved again) while read
     queue = list(tried)
@@ -179,9 +222,11 @@ def read_first_good(
         failure: Exception | None = None
         manifest: Manifest | None = None
         tensors: dict[str, torch.Tensor] = {}
+        plan: RankPlan | None = None
         try:
             manifest = store.manifest(candidate)
-            names = None if prepare is None else prepare(manifest)
+            plan = plan_rank(manifest, rank, now_on=now_on, alike=alike)
+            names = None if prepare is None else prepare(manifest, plan)
             tensors = read_rank(
                 store, manifest, rank=rank, into=into, names=names, progress=progress
             )
@@ -208,7 +253,19 @@ def read_first_good(
                 failure = kind(f"rank {first.rank}: {first.message}")
         if failure is None:
             assert manifest is not None
-            return Loaded(candidate, manifest, tensors, rank)
+            assert plan is not None
+            if full_only and plan.changed:
+                entries = plan.tree(manifest).keys() if restoring is None else restoring
+                warnings.warn(
+                    plan.message(
+                        f"checkpoint at step {candidate} of {store.url}",
+                        entries=[e for e in entries if e in manifest.tree_of(plan.source)],
+                        leave=restoring is not None,
+                    ),
+                    RestoreWarning,
+                    stacklevel=stacklevel + 1,
+                )
+            return Loaded(candidate, manifest, tensors, rank, plan)
         if step is not None:
             raise failure
         if gone:
@@ -277,13 +334,15 @@ def restore_state(
     entries = {**state, RNG_KEY: RngState()} if rng else dict(state)
     rank = ranks.rank if ranks is not None else rank or 0
 
-    def prepare(manifest: Manifest, say: bool = True) -> set[str]:
+    def prepare(manifest: Manifest, plan: RankPlan, say: bool = True) -> set[str]:
         """Check ``state`` against one checkpoint; the names of the tensors it needs."""
-        mine = rank if rank < manifest.world_size else 0
-        tree = manifest.tree_of(mine)
-        names = tensor_names(tree, entries)
+        mine = plan.source
+        leave = _left(plan)
+        tree = plan.tree(manifest, leave=leave)
+        names = tensor_names(tree, [k for k in entries if k not in leave])
         where = f"checkpoint at step {manifest.step} of {url}"
-        found, blamed = fit_problems(state, tree, placeholders(manifest, mine), strict=strict)
+        kept = {k: v for k, v in state.items() if k not in leave}
+        found, blamed = fit_problems(kept, tree, placeholders(manifest, mine), strict=strict)
         if found:
             # blame the state only if the checkpoint holds what its manifest says: one
             # object that does is proof enough (another damaged one is found by the read)
@@ -317,12 +376,18 @@ def restore_state(
         newest = ranks.broadcast(candidates(store, step, full_only=True)[:1])
         if newest:
             manifest = store.manifest(newest[0])
+            plan = plan_rank(manifest, rank, now_on=ranks.size)
             # checked before optimizers are primed: a state that does not fit stays as is
             _on_every_rank(
-                ranks, lambda: prepare(manifest, say=False), f"checking step {newest[0]}"
+                ranks, lambda: prepare(manifest, plan, say=False), f"checking step {newest[0]}"
             )
-            if sharded_names(manifest) - live.keys() and prime_optimizers(state):
-                live = capture(entries).tensors  # sharded optimizer state to read into
+            # sharded optimizer state to read into, from saved chunks or (saved by one
+            # process) from whole tensors
+            wanted = sharded_names(manifest)
+            if any(is_sharded(t) for t in live.values()):
+                wanted |= manifest.view(plan.source).keys()
+            if wanted - live.keys() and prime_optimizers(state):
+                live = capture(entries).tensors
     with Transfer("restoring", show=ranks is None or ranks.coordinator) as transfer:
         loaded = read_first_good(
             store,
@@ -332,6 +397,7 @@ def restore_state(
             rank=rank,
             ranks=ranks,
             prepare=prepare,
+            restoring=list(state),
             stacklevel=stacklevel + 1,
             progress=transfer.advance,
         )
@@ -340,18 +406,13 @@ def restore_state(
             return 0
         transfer.total = loaded.manifest.logical_bytes
         where = f"checkpoint at step {loaded.step} of {url}"
-        saved_by, now_on = loaded.manifest.world_size, 1 if ranks is None else ranks.size
-        if saved_by != now_on:
-            warnings.warn(
-                f"{where} was saved by {saved_by} process(es) and is restored on {now_on}: "
-                "sharded tensors are resharded; per-rank entries (RNG states, data positions) "
-                f"are those of rank {rank if rank < saved_by else 0}",
-                RestoreWarning,
-                stacklevel=stacklevel + 1,
-            )
-        tree = loaded.tree
+        assert loaded.plan is not None
+        leave = _left(loaded.plan)
+        tree = loaded.plan.tree(loaded.manifest, leave=leave)
         tensors = {k: like(t, shaped[k]) if k in shaped else t for k, t in loaded.tensors.items()}
-        apply(state, tree, tensors, strict=strict, where=where)
+        kept = {k: v for k, v in state.items() if k not in leave}
+        apply(kept, tree, tensors, strict=strict, where=where)
+        state.update(kept)  # apply() replaces plain values in the mapping it is given
         if rng and RNG_KEY in tree:
             apply({RNG_KEY: RngState()}, tree, loaded.tensors, where=where)
         left = [k for k in tree if k not in state and k != RNG_KEY]
@@ -365,6 +426,12 @@ def restore_state(
             )
         transfer.finish(loaded.manifest.logical_bytes, f"restored step {loaded.step}")
     return loaded.step
+
+
+def _left(plan: RankPlan) -> frozenset[str]:
+    """The entries a rank leaves as they are in a restore: on a rank the checkpoint lacked,
+    those that differed between the saved ranks (the RNG states are judged by generator)."""
+    return frozenset() if plan.existed else plan.per_rank - {RNG_KEY}
 
 
 def _unless_removed(store: CheckpointStore, manifest: Manifest, rank: int, name: str) -> None:

@@ -315,6 +315,11 @@ class Run:
         holds a ``DTensor`` for them). With ``ranks`` (a multi-process job, every rank
         calling), the ranks agree: a checkpoint counts as verified only if it verified on
         every rank.
+
+        A rank the checkpoint did not have reads rank 0's entries, as a framework that loads
+        one checkpoint on every rank does, and of the RNG states only the generators
+        :meth:`restore` would give it; a read for resuming (``full_only``) on another number
+        of ranks says so in a :class:`RestoreWarning`.
         """
         self._committed(step)
         return read_first_good(
@@ -381,6 +386,18 @@ class Run:
         restore the same step, or all raise. Without ``ranks``, ``rank`` picks whose
         per-rank state (RNG, data position) a multi-process checkpoint gives back (rank 0's
         by default).
+
+        On another number of ranks than saved it (one :class:`RestoreWarning` per rank says
+        what it got): sharded tensors (FSDP2's) are cut to each rank's chunk now, and what
+        every saved rank held alike (DDP's weights and optimizer state; all of a checkpoint
+        of one process) is restored on every rank, bit-exactly. A rank that existed then
+        restores its own per-rank entries; those of ranks that are gone are restored by
+        none. A rank that did not exist keeps its own value of each entry that differed
+        between the saved ranks (a data position of its own), and its own RNG generators
+        unless every rank held them alike then and holds them alike now (one seed for all
+        ranks), when it takes rank 0's: no two ranks draw one random stream that did not.
+        A checkpoint of one process cannot tell which of its entries were meant per rank:
+        each new rank gets them all, but the RNG generators the live ranks hold apart.
 
         Tensors are read straight into the state's own memory where they fit, once the check
         has passed. Bytes that fail verification while being read may still leave such

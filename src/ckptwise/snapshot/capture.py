@@ -306,7 +306,10 @@ class RngState:
     """The random number generators of this process as a stateful object.
 
     Covers Python's ``random``, numpy's legacy global generator, torch's CPU generator and,
-    when CUDA is initialised, every CUDA device's generator.
+    when CUDA is initialised, every CUDA device's generator. Loading a state that holds only
+    some of them (``"python"``, ``"numpy"``, ``"torch"``, ``"cuda"``) leaves the others as
+    they are: a rank that did not exist when a checkpoint was saved keeps its own
+    generators where the saved ranks' differed (see :func:`ckptwise.distributed.restore.plan_rank`).
     """
 
     def state_dict(self) -> dict[str, Any]:
@@ -320,9 +323,12 @@ class RngState:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
+        if "python" in state:
+            random.setstate(state["python"])
+        if "numpy" in state:
+            np.random.set_state(state["numpy"])
+        if "torch" in state:
+            torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             states = state["cuda"]
             if len(states) == torch.cuda.device_count():

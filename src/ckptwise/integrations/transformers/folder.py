@@ -114,7 +114,12 @@ def write_trainer_folder(
 
 def write_rng(folder: Path, saved: Mapping[str, Any], *, rank: int, world_size: int) -> None:
     """Write saved RNG states as the file ``Trainer`` loads on process ``rank`` of
-    ``world_size`` (``rng_state.pth`` for one process)."""
+    ``world_size`` (``rng_state.pth`` for one process). Nothing when some generator is
+    missing: a rank that did not exist when the checkpoint was saved is given only the
+    generators every rank held alike, and ``Trainer`` reads all or none (without the file
+    it keeps its own, and says so)."""
+    if not {"python", "numpy", "torch"} <= saved.keys():
+        return
     folder.mkdir(parents=True, exist_ok=True)
     name = "rng_state.pth" if world_size == 1 else f"rng_state_{rank}.pth"
     torch.save(_hf_rng(saved), folder / name)
