@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,16 +46,16 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    figures: dict[str, Any] = {"state_bytes": state_bytes(model, opt), "local": [], "s3": []}
-    figures["durable"] = []
+    figures: dict[str, Any] = {"state_bytes": state_bytes(model, opt), "durable": []}
     step = 0
     for rep in range(args.reps):
-        for mode in ("local", "s3"):
+        for mode in ("none", "local", "s3"):
+            manager: cw.CheckpointManager | None = None
             if mode == "local":
                 manager = cw.CheckpointManager(
                     f"{args.local}/r{rep}", save=cw.every(args.every), keep=cw.keep_last(2)
                 )
-            else:
+            elif mode == "s3":
                 manager = cw.CheckpointManager(
                     f"{args.remote}-r{rep}",
                     save=cw.every(args.every),
@@ -64,33 +64,39 @@ def main() -> None:
                     storage_options=options,
                 )
             remote = FsspecBackend(f"{args.remote}-r{rep}", **options)
-            times: list[float] = []
-            stalls: list[float] = []
-            pending: float | None = None
-            for _ in range(args.saves * args.every + 1):
+            dist.barrier()
+            began, store_cpu = time.perf_counter(), cpu_seconds(os.environ.get("BENCH_STORE_PID"))
+            for _ in range(args.saves * args.every):
                 step += 1
-                start = time.perf_counter()
                 train()
-                took = time.perf_counter() - start
-                if pending is not None:  # the step after a save: what it took beyond a plain one
-                    stalls.append(pending + max(0.0, took - statistics.median(times)))
-                    pending = None
-                else:
-                    times.append(took)
+                if manager is None:
+                    continue
                 start = time.perf_counter()
                 decision = manager.step(step, state)
                 if decision.save:
-                    pending = time.perf_counter() - start
+                    figures.setdefault(f"{mode}_stall", []).append(time.perf_counter() - start)
                     if mode == "s3" and rank == 0:
                         threading.Thread(
                             target=watch, args=(remote, step, figures["durable"]), daemon=True
                         ).start()
-            manager.close()
-            figures[mode].extend(stalls)
-            figures.setdefault(f"{mode}_step", []).append(statistics.median(times))
+            figures.setdefault(f"{mode}_block", []).append(time.perf_counter() - began)
+            if manager is not None:
+                start = time.perf_counter()
+                manager.close()  # the last save committed (s3: and durable in the bucket)
+                figures.setdefault(f"{mode}_close", []).append(time.perf_counter() - start)
+            used = cpu_seconds(os.environ.get("BENCH_STORE_PID")) - store_cpu
+            figures.setdefault(f"{mode}_store_cpu", []).append(used)
     if rank == 0:
         print("RESULT " + json.dumps(figures), flush=True)
     dist.destroy_process_group()
+
+
+def cpu_seconds(pid: str | None) -> float:
+    """The CPU time the process ``pid`` (the object store's server) has used so far."""
+    if not pid:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def watch(remote: FsspecBackend, step: int, out: list[float]) -> None:
