@@ -32,7 +32,7 @@ from collections import deque
 from datetime import timedelta
 
 from ckptwise.distributed.ranks import Ranks
-from ckptwise.errors import CheckpointError
+from ckptwise.errors import CheckpointError, StorageError
 from ckptwise.store.tiered import TieredBackend
 
 __all__ = ["UploadConfirmer"]
@@ -89,18 +89,38 @@ class UploadConfirmer:
             self._cond.notify_all()
 
     def drain(self, timeout: timedelta | None = None) -> None:
-        """Wait until every checkpoint committed so far is confirmed on every rank; every
-        rank calls it at the same point. After ``timeout`` the ranks stop confirming
-        together (what is left stays in the caches, whole, for a restart on them).
+        """Wait until every checkpoint committed so far is confirmed on every rank (each
+        rank waits for its own view of the same confirmations; the confirming goes on
+        after a timeout).
 
         Raises:
+            StorageError: ``timeout`` passed first (the confirmations go on).
             CheckpointError: the confirmations stopped (a rank died): what this rank knows.
         """
+        self._wait(timeout, give_up=False)
+
+    def _wait(self, timeout: timedelta | None, *, give_up: bool) -> None:
+        """:meth:`drain`; with ``give_up``, once ``timeout`` passed the ranks stop
+        confirming together (what is left stays in the caches, whole, for a restart on
+        them) instead of raising."""
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
         with self._cond:
+            if self._queue and not self._stopped:
+                log.info(
+                    "waiting for every rank's uploads of %d checkpoint(s) to %s",
+                    sum(step is not None for step, _ in self._queue),
+                    self._backend.url,
+                )
             while self._queue and not self._stopped:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
+                    if not give_up:
+                        raise StorageError(
+                            f"the uploads to {self._backend.url} were not all confirmed within "
+                            f"{timeout}: {len(self._queue)} checkpoint(s) still wait for some "
+                            "rank's objects (they go on uploading; call flush_uploads() again "
+                            "to wait longer)"
+                        )
                     self._give_up = True
                     self._cond.notify_all()
                     left = None
@@ -110,10 +130,13 @@ class UploadConfirmer:
                 raise self.error
 
     def close(self, timeout: timedelta | None = None) -> None:
-        """:meth:`drain`, then stop the thread and destroy the group. Safe to call twice."""
+        """Wait as :meth:`drain` does, then stop the thread and destroy the group; every rank
+        calls it at the same point. After ``timeout`` the ranks stop confirming together
+        (what is left stays in the caches, whole, for a restart on them). Safe to call
+        twice."""
         try:
             if not self._stopped:
-                self.drain(timeout)
+                self._wait(timeout, give_up=True)
         finally:
             with self._cond:
                 self._closing = True
@@ -215,6 +238,6 @@ def _drain_at_exit() -> None:
     """Finish the confirmations of managers the program did not close."""
     for confirmer in list(_live):
         try:
-            confirmer.drain(confirmer.exit_timeout)
+            confirmer._wait(confirmer.exit_timeout, give_up=True)
         except CheckpointError as exc:
             log.warning("exiting with uploads unconfirmed: %s", exc)
