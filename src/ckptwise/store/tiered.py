@@ -48,9 +48,11 @@ Uploaded files that are gone from the remote are dropped from the cache (an obje
 them is uploaded again, in case a checkpoint in the cache still names it). The uploader then
 checks the lock before each manifest upload and each remote deletion.
 
-**One process.** A cache serves one writing process: in a multi-process (torchrun) save
-every rank's objects would have to be on the remote before rank 0 uploads the manifest,
-which this backend does not coordinate.
+**One process per cache folder.** A cache serves one writing process. In a job of several
+ranks each rank writes through a folder of its own and uploads only its objects; rank 0's
+manifests wait (parked, without a warning: :meth:`TieredBackend.expect_confirmations`)
+until the other ranks confirm their objects are up (:meth:`TieredBackend.confirm_step`,
+driven by :mod:`ckptwise.distributed.confirm`).
 
 >>> backend = TieredBackend("/scratch/exp1", FsspecBackend("s3://bucket/exp1"))  # doctest: +SKIP
 
