@@ -113,10 +113,15 @@ def test_every_code_block_runs(name: str, tmp_path: Path, monkeypatch: pytest.Mo
         torch.set_num_threads(threads)
         os.environ.clear()
         os.environ.update(environment)
-    text = path.read_text()
-    fenced = [line for line in text.splitlines() if line.startswith("```") and line != "```"]
+    opened: list[str] = []  # the language of each fenced block, as it opens
+    inside = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            if not inside:
+                opened.append(line[3:].strip())
+            inside = not inside
     untested = [
-        line for line in fenced if line.strip("`") not in ("python", "bash", "yaml", "text")
+        lang or "(none)" for lang in opened if lang not in ("python", "bash", "yaml", "text")
     ]
-    assert not untested, f"{name}: code blocks of a language the doc test does not run: {untested}"
-    assert len(ran) >= len([f for f in fenced if f.strip("`") != "text"])
+    assert not untested, f"{name}: blocks the doc test does not run or mark as text: {untested}"
+    assert len(ran) >= sum(lang != "text" for lang in opened)
