@@ -6,6 +6,9 @@
         --ckptwise_save "after(20, every(10) | on_improvement(eval_loss))" \\
         --ckptwise_keep "last(2) | best(1, eval_loss)"
 
+With ``--deepspeed examples/ds_config_zero3_cpu.json --bf16`` under ``torchrun`` it runs
+MiniCPM-V's DeepSpeed ZeRO-3 launch on the CPU (see :func:`ckptwise.testing.deepspeed_on_cpu`).
+
 ``--use_ckptwise false`` runs the ``Trainer``'s own ``save_steps``/``save_total_limit``
 checkpointing instead, for comparison. Each step's loss is appended to ``--losses_file``.
 """
@@ -91,9 +94,19 @@ class BytesRecorder(TrainerCallback):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    given = sys.argv[1:] if argv is None else argv
+    deepspeed = any(a.startswith("--deepspeed") for a in given)
+    if deepspeed and not torch.cuda.is_available():
+        from ckptwise.testing import deepspeed_on_cpu
+
+        cpu = deepspeed_on_cpu()  # before the arguments are parsed (see its docstring)
     dataclasses: Any = (ScriptArguments, TrainingArguments, CkptwiseArguments)
     parser = HfArgumentParser(dataclasses)
     script, training, ckpt = parser.parse_args_into_dataclasses(args=argv)
+    if deepspeed and not torch.cuda.is_available():
+        training.accelerator_config.use_configured_state = cpu["accelerator_config"][
+            "use_configured_state"
+        ]
     training.use_cpu = True
     training.report_to = []
     training.dataloader_num_workers = 0

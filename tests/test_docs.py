@@ -2,7 +2,7 @@
 
 Python blocks run in one namespace per document (with the invisible setup blocks the
 documents hold, see :mod:`docs_setup`), in a fresh working folder. Shell blocks run their
-``ckptwise`` commands for real there; ``export CKPTWISE_SAVE=...`` lines are parsed as the
+``ckptwise`` and ``torchrun`` commands for real there; ``export CKPTWISE_SAVE=...`` lines are parsed as the
 adapter parses them; lines that install or set up the project are checked for what they
 name (``pip install`` extras exist in ``pyproject.toml``, ``bash scripts/X.sh`` and ``python
 -m bench.X`` exist), since running them would install from the network or run this suite
@@ -70,6 +70,17 @@ def run_shell(example: Example) -> None:
                 assert name == "ckptwise", requirement
                 named = {e.strip() for e in extras.rstrip("]").split(",") if e.strip()}
                 assert named <= _extras(), f"{requirement}: no such extra"
+        elif head == "torchrun":
+            proc = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", *words[1:]],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+            )
+            assert proc.returncode == 0, (
+                f"{shlex.join(words)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+            )
         elif head == "bash":
             assert (ROOT / words[1]).is_file(), words
         elif words[:2] == ["python", "-m"]:
