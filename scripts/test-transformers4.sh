@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(bash scripts/venv-transformers4.sh)
 set +e
+# (the two-node S3 test needs the object store's server, which this stack's pins exclude: it
+# runs in the main environment)
 "$VENV/bin/python" -m pytest -p no:cacheprovider tests/integration/test_transformers.py \
-  tests/integration/test_deepspeed.py "$@"
+  tests/integration/test_deepspeed.py -k "not through_caches_to_s3" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
