@@ -39,7 +39,7 @@ class MiniCPMVLikeConfig(PretrainedConfig):
         vision_layers: int = 2,
         query_num: int = 8,
         llm_hidden: int = 128,
-        llm_layers: int = 4,
+        llm_layers: int = 2,
         **kwargs: Any,
     ) -> None:
         self.vision_dim = vision_dim
@@ -131,11 +131,16 @@ class MiniCPMVLike(PreTrainedModel):
         return self.llm(inputs_embeds=embeds, labels=full_labels)
 
 
-def build_model(seed: int = 0, **sizes: int) -> MiniCPMVLike:
-    """The model with the LLM frozen, as MiniCPM-V's ``--tune_llm false`` runs it; ``sizes``
-    override :class:`MiniCPMVLikeConfig`'s defaults."""
+#: the sizes :func:`build_model` gives beyond the config class's defaults: like a real
+#: checkpoint's, the model's config is its own (a folder without its config.json builds the
+#: class's defaults, a 2-layer LLM, and does not load)
+SIZES = {"llm_layers": 4}
+
+
+def build_model(seed: int = 0) -> MiniCPMVLike:
+    """The model with the LLM frozen, as MiniCPM-V's ``--tune_llm false`` runs it."""
     torch.manual_seed(seed)
-    model = MiniCPMVLike(MiniCPMVLikeConfig(**sizes))
+    model = MiniCPMVLike(MiniCPMVLikeConfig(**SIZES))
     model.llm.requires_grad_(False)
     return model
 

@@ -181,9 +181,7 @@ def main() -> int:
         disable_tqdm=True,
         use_cpu=True,  # bf16 on a CPU needs it on transformers 5
     )
-    # three LLM layers, not the config class's four: a trained model's config is its own,
-    # which an export must carry (from_pretrained builds the class's defaults without it)
-    model = build_model(seed=training.seed, llm_layers=3)
+    model = build_model(seed=training.seed)
     trainer = CPMTrainer(
         model=model,
         args=training,

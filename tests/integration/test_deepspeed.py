@@ -173,7 +173,7 @@ def test_export_loads_with_from_pretrained_as_the_model_was_trained(
     trained = load_file(str(straight.trained))
     as_trained = torch.bfloat16 if straight.stage else torch.float32
     assert {t.dtype for t in trained.values()} == {as_trained}
-    initial = build_model(seed=42, llm_layers=3).state_dict()  # as ds_train.py builds it
+    initial = build_model(seed=42).state_dict()
     run = str(straight.run)
     # the CLI's default, the callback's default, then the CLI's fp32 (DDP's model is fp32)
     for dtype in ["as-trained", "callback"] + (["fp32"] if straight.stage else []):

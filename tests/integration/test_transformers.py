@@ -439,9 +439,9 @@ def test_export_of_a_trainer_run_loads_as_trained_with_its_tokenizer(tmp_path: P
     ``ckptwise export RUN OUT`` alone makes a folder that ``from_pretrained`` loads as it was
     trained. Here a bf16 model whose config says nothing of its dtype (so only the record
     knows it), and ``callback.export(..., dtype="fp32")`` for an fp32 folder."""
-    # its own config (3 LLM layers, not the class's 4) and bf16 weights, which its config
-    # does not say (.to() leaves config.dtype unset): only the record knows both
-    model: Any = build_model(llm_layers=3)
+    # its own config (4 LLM layers, not the config class's 2) and bf16 weights, which its
+    # config does not say (.to() leaves config.dtype unset): only the record knows both
+    model: Any = build_model()
     model.to(torch.bfloat16)
     assert model.config.dtype is None
     trainer = CPMTrainer(
@@ -454,7 +454,7 @@ def test_export_of_a_trainer_run_loads_as_trained_with_its_tokenizer(tmp_path: P
     callback = attach(trainer, tmp_path / "run", save=cw.on_final(), keep=cw.keep_last(1))
     trainer.train()
     trained = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    initial = build_model(llm_layers=3).resampler.query.bfloat16()
+    initial = build_model().resampler.query.bfloat16()
     assert not torch.equal(trained["resampler.query"], initial)
 
     out = tmp_path / "export"
