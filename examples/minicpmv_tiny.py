@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel, Trainer
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Trainer,
+)
 
 IMAGE = 16  # pixels per side
 PATCH = 4
@@ -32,7 +39,7 @@ class MiniCPMVLikeConfig(PretrainedConfig):
         vision_layers: int = 2,
         query_num: int = 8,
         llm_hidden: int = 128,
-        llm_layers: int = 4,
+        llm_layers: int = 2,
         **kwargs: Any,
     ) -> None:
         self.vision_dim = vision_dim
@@ -124,12 +131,29 @@ class MiniCPMVLike(PreTrainedModel):
         return self.llm(inputs_embeds=embeds, labels=full_labels)
 
 
+#: the sizes :func:`build_model` gives beyond the config class's defaults: like a real
+#: checkpoint's, the model's config is its own (a folder without its config.json builds the
+#: class's defaults, a 2-layer LLM, and does not load)
+SIZES = {"llm_layers": 4}
+
+
 def build_model(seed: int = 0) -> MiniCPMVLike:
     """The model with the LLM frozen, as MiniCPM-V's ``--tune_llm false`` runs it."""
     torch.manual_seed(seed)
-    model = MiniCPMVLike(MiniCPMVLikeConfig())
+    model = MiniCPMVLike(MiniCPMVLikeConfig(**SIZES))
     model.llm.requires_grad_(False)
     return model
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the model's vocabulary (``w0`` ... ``w255``), built here:
+    the ``processing_class`` a fine-tuning script hands ``Trainer``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<unk>": VOCAB - 1}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<unk>")
 
 
 def trainable_fraction(model: nn.Module) -> float:

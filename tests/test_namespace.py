@@ -26,6 +26,7 @@ PUBLIC = {
     "ckptwise.data",
     "ckptwise.errors",
     "ckptwise.read.formats",
+    "ckptwise.read.hf_model",  # the model a Trainer checkpoint records, and export's dtypes
     "ckptwise.integrations.transformers.deepspeed",  # `ckptwise export` of a DeepSpeed run
     "ckptwise.jsonvalues",
     "ckptwise.manager",

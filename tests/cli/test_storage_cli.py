@@ -205,19 +205,28 @@ def test_a_misspelt_metric_lists_what_the_run_recorded(run: Path, tmp_path: Path
 
 
 def test_export_hf_warns_when_the_folder_cannot_load(run: Path, tmp_path: Path) -> None:
+    """A checkpoint that records no model (a plain loop's, or a Trainer's saved before
+    ckptwise recorded it): each warning names its fix."""
     bare = CliRunner().invoke(cli, ["export", str(run), str(tmp_path / "hf"), "--format", "hf"])
     assert bare.exit_code == 0, bare.output
-    assert "has no config.json (no --config-from)" in bare.stderr
-    assert "from_pretrained cannot load it" in bare.stderr
+    assert "has no config.json (no --config-from, and step 3 records no model config" in bare.stderr
+    assert "from_pretrained cannot load it; pass --config-from MODEL_DIR" in bare.stderr
+    # bf16 and fp32 as stored, which from_pretrained would cast to one dtype
+    assert "bfloat16 (1 tensors), float32 (1 tensors)" in bare.stderr
+    assert "pass --dtype bf16 (or fp16, fp32)" in bare.stderr
     assert (tmp_path / "hf" / "model.safetensors").exists()
     empty = tmp_path / "no_config"
     empty.mkdir()
     (empty / "tokenizer.json").write_text("{}")
-    args = ["export", str(run), str(tmp_path / "hf2"), "--format", "hf", "--config-from"]
+    args = ["export", str(run), str(tmp_path / "hf2"), "--dtype", "bf16", "--config-from"]
     partial = CliRunner().invoke(cli, [*args, str(empty)])
     assert f"{empty} has no config.json" in partial.stderr
     assert (tmp_path / "hf2" / "tokenizer.json").exists()
-    (empty / "config.json").write_text('{"model_type": "x"}')
+    (empty / "config.json").write_text('{"model_type": "x", "torch_dtype": "float32"}')
     whole = CliRunner().invoke(cli, [*args, str(empty)])
     assert whole.exit_code == 0
     assert whole.stderr == ""
+    config = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert config == {"model_type": "x", "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    weights = load_file(str(tmp_path / "hf2" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}

@@ -109,12 +109,20 @@ def main() -> int:
         "GROUP_RANK) sleeps first",
     )
     parser.add_argument("--slow-node", default="1")
+    parser.add_argument(
+        "--export", help="a folder where rank 0 exports the last checkpoint (callback.export)"
+    )
+    parser.add_argument(
+        "--dump-final",
+        help="a safetensors file where rank 0 writes the model as the engine held it when "
+        "training ended (accelerate's get_state_dict: under ZeRO-3 gathered, in bf16)",
+    )
     args = parser.parse_args()
     cpu_setup(args.stage > 0)
 
     import torch.distributed as dist
-    from minicpmv_tiny import CPMTrainer, SyntheticImageText, build_model
-    from transformers import TrainerCallback, TrainingArguments
+    from minicpmv_tiny import CPMTrainer, SyntheticImageText, build_model, build_tokenizer
+    from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
     import ckptwise as cw
     from ckptwise.integrations.transformers import attach
@@ -178,6 +186,8 @@ def main() -> int:
         model=model,
         args=training,
         train_dataset=SyntheticImageText(256, seed=1),
+        processing_class=build_tokenizer(),  # recorded for export, as a script's tokenizer
+        data_collator=default_data_collator,  # not the padding collator a tokenizer implies
         callbacks=[Losses()],
     )
     if args.dump_start:
@@ -210,7 +220,15 @@ def main() -> int:
         record["resumed_from"] = resume and int(resume.rsplit("-", 1)[1])
         trainer.train(resume_from_checkpoint=resume)
         record["saves"] = [[step, list(reasons)] for step, reasons in callback.saved]
+        if args.export and rank == 0:
+            callback.export(args.export, "latest")
         record["bytes_written"] = callback.bytes_written
+    if args.dump_final:
+        from safetensors.torch import save_file
+
+        final = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # every rank
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in final.items()}, args.dump_final)
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
     dist.barrier()
     dist.destroy_process_group()  # an explicit teardown: without it the exit can abort

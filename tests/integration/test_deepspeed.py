@@ -10,7 +10,8 @@ state: the same losses, and a re-saved last checkpoint whose every object alread
 node's folder holding only its own rank's files. Resuming on one rank, and from that job's
 checkpoint on two again, goes through DeepSpeed's universal checkpoint: the resumed engine
 holds exactly the saved weights, Adam moments and schedule, and the losses stay close to
-the run that kept its number of ranks.
+the run that kept its number of ranks. ``ckptwise export`` of each run loads with
+``from_pretrained`` as the model was trained.
 """
 
 from __future__ import annotations
@@ -30,14 +31,22 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from minicpmv_tiny import build_model
+from click.testing import CliRunner
+from minicpmv_tiny import MiniCPMVLike, build_model
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import ckptwise as cw
+from ckptwise.cli.main import cli
 from ckptwise.integrations.transformers.deepspeed import engine_scheduler, write_engine_files
 from nodes_job import Nodes
 
 pytestmark = pytest.mark.integration
+#: from_pretrained's defaults: transformers 5 takes config.json's dtype; 4.x loads fp32 unless
+#: told to read it
+AUTO: dict[str, Any] = (
+    {} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": "auto"}
+)
 pytest.importorskip("deepspeed")
 
 SCRIPT = Path(__file__).with_name("ds_train.py")
@@ -93,6 +102,10 @@ class Straight:
     stage: int
     run: Path
     records: list[dict[str, Any]]
+    #: the model as the engine held it when training ended (step 20), in its dtypes
+    trained: Path
+    #: what ``callback.export(..., "latest")`` wrote on rank 0 after training
+    exported: Path
 
     def copy(self, to: Path) -> Path:
         """A copy of the run, for a test that saves into it."""
@@ -113,9 +126,10 @@ def straight(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     # saved in the background (the default) while training goes on: each rank's writes are
     # slowed so the next steps change the live weights, masters and moments meanwhile
     records = torchrun(
-        tmp / "run", tmp / "a", "--stage", str(stage), "--steps", "20", "--slow-writes", "0.5"
-    )
-    return Straight(stage, tmp / "run", records)
+        tmp / "run", tmp / "a", "--stage", str(stage), "--steps", "20", "--slow-writes", "0.5",
+        "--dump-final", str(tmp / "trained.safetensors"), "--export", str(tmp / "exported"),
+    )  # fmt: skip
+    return Straight(stage, tmp / "run", records, tmp / "trained.safetensors", tmp / "exported")
 
 
 @pytest.mark.parametrize("straight", [0, 2, 3], ids=["ddp", "zero2", "zero3"], indirect=True)
@@ -145,24 +159,47 @@ def test_zero_stage_resumes_bit_exactly_and_frozen_weights_are_stored_once(
     # moments, RNG, scheduler, ...) already existed, so it added nothing
     assert cw.open_run(run_dir).info(20).new_bytes == 0
 
-    # one consolidated model on one process, without DeepSpeed's process group
-    out = tmp_path / "export"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ckptwise", "export", str(run_dir), str(out), "--step", "20"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    exported = load_file(str(out / "model.safetensors"))
-    model = build_model(seed=42)
-    assert exported.keys() == model.state_dict().keys()
-    if not stage:
-        return  # DDP saved the model itself: export is the one-process path
-    for name, initial in model.state_dict().items():
-        if name.startswith("llm."):  # frozen: as DeepSpeed holds them, in bf16
-            assert torch.equal(exported[name], initial.to(torch.bfloat16)), name
-        else:  # trained: the fp32 master weights
-            assert exported[name].dtype == torch.float32, name
-    assert not torch.equal(exported["resampler.query"], model.state_dict()["resampler.query"])
+
+@pytest.mark.parametrize("straight", [0, 2, 3], ids=["ddp", "zero2", "zero3"], indirect=True)
+def test_export_loads_with_from_pretrained_as_the_model_was_trained(
+    tmp_path: Path, straight: Straight
+) -> None:
+    """``ckptwise export RUN OUT`` alone (one process, no process group) writes a folder that
+    ``from_pretrained`` with its defaults loads as the engine held the model when training
+    ended: under DeepSpeed bf16 every tensor in bf16, the trained ones DeepSpeed's fp32
+    masters rounded as DeepSpeed rounds them; with DDP the fp32 model. The tokenizer comes
+    with it. ``callback.export`` (in the training job) writes the same; ``--dtype fp32`` keeps
+    the masters whole."""
+    trained = load_file(str(straight.trained))
+    as_trained = torch.bfloat16 if straight.stage else torch.float32
+    assert {t.dtype for t in trained.values()} == {as_trained}
+    initial = build_model(seed=42).state_dict()
+    run = str(straight.run)
+    # the CLI's default, the callback's default, then the CLI's fp32 (DDP's model is fp32)
+    for dtype in ["as-trained", "callback"] + (["fp32"] if straight.stage else []):
+        out = tmp_path / dtype
+        if dtype == "callback":
+            out = straight.exported
+        else:
+            chosen = [] if dtype == "as-trained" else ["--dtype", dtype]
+            result = CliRunner().invoke(cli, ["export", run, str(out), "--step", "20", *chosen])
+            assert result.exit_code == 0, result.output
+            assert "warning" not in result.stderr  # (zero_to_fp32's progress bars are there)
+        found: Any = MiniCPMVLike.from_pretrained(out, output_loading_info=True, **AUTO)
+        loaded, info = found
+        assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+        state = loaded.state_dict()
+        assert state.keys() == trained.keys()
+        want = torch.float32 if dtype == "fp32" else as_trained
+        for name, tensor in trained.items():
+            assert state[name].dtype == want, name
+            assert torch.equal(state[name].to(as_trained), tensor), name
+            if name.startswith("llm."):  # frozen
+                assert torch.equal(state[name], initial[name].to(as_trained).to(want)), name
+        assert AutoTokenizer.from_pretrained(out)("w3 w7")["input_ids"] == [3, 7]
+    assert not torch.equal(state["resampler.query"], initial["resampler.query"])
+    if straight.stage:  # the fp32 masters hold more than the bf16 model upcast
+        assert not torch.equal(state["resampler.query"], trained["resampler.query"].float())
 
 
 @pytest.mark.parametrize("straight", [2, 3], ids=["zero2", "zero3"], indirect=True)

@@ -18,10 +18,25 @@ from typing import Any
 import peft
 import pytest
 import torch
-from minicpmv_tiny import CPMTrainer, MiniCPMVLike, SyntheticImageText, build_model
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+import transformers
+from click.testing import CliRunner
+from minicpmv_tiny import (
+    CPMTrainer,
+    MiniCPMVLike,
+    SyntheticImageText,
+    build_model,
+    build_tokenizer,
+)
+from transformers import (
+    AutoTokenizer,
+    HfArgumentParser,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
 
 import ckptwise as cw
+from ckptwise.cli.main import cli
 from ckptwise.integrations.transformers import (
     CkptwiseArguments,
     attach,
@@ -29,6 +44,11 @@ from ckptwise.integrations.transformers import (
 )
 
 pytestmark = pytest.mark.integration
+#: from_pretrained's defaults: transformers 5 takes config.json's dtype; 4.x loads fp32 unless
+#: told to read it
+AUTO: dict[str, Any] = (
+    {} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": "auto"}
+)
 
 SCRIPT = Path(__file__).parents[2] / "examples" / "finetune_minicpmv.py"
 #: what a run folder holds (docs/FORMAT.md); anything else was left behind by someone
@@ -412,6 +432,52 @@ def test_final_export_loads_with_from_pretrained_and_gives_the_same_outputs(
     }
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_export_of_a_trainer_run_loads_as_trained_with_its_tokenizer(tmp_path: Path) -> None:
+    """The checkpoint records the config, the dtype the model trained in and the tokenizer:
+    ``ckptwise export RUN OUT`` alone makes a folder that ``from_pretrained`` loads as it was
+    trained. Here a bf16 model whose config says nothing of its dtype (so only the record
+    knows it), and ``callback.export(..., dtype="fp32")`` for an fp32 folder."""
+    # its own config (4 LLM layers, not the config class's 2) and bf16 weights, which its
+    # config does not say (.to() leaves config.dtype unset): only the record knows both
+    model: Any = build_model()
+    model.to(torch.bfloat16)
+    assert model.config.dtype is None
+    trainer = CPMTrainer(
+        model=model,
+        args=make_trainer(tmp_path / "out", max_steps=3, eval_strategy="no", bf16=True).args,
+        train_dataset=SyntheticImageText(64, seed=1),
+        processing_class=build_tokenizer(),
+        data_collator=default_data_collator,
+    )
+    callback = attach(trainer, tmp_path / "run", save=cw.on_final(), keep=cw.keep_last(1))
+    trainer.train()
+    trained = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    initial = build_model().resampler.query.bfloat16()
+    assert not torch.equal(trained["resampler.query"], initial)
+
+    out = tmp_path / "export"
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    for folder, dtype in (
+        (out, torch.bfloat16),
+        (callback.export(tmp_path / "fp32", "latest", dtype="fp32"), torch.float32),
+    ):
+        found: Any = MiniCPMVLike.from_pretrained(folder, output_loading_info=True, **AUTO)
+        loaded, info = found
+        assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+        state = loaded.state_dict()
+        assert state.keys() == trained.keys()
+        for name, tensor in trained.items():
+            assert state[name].dtype == dtype, name
+            assert torch.equal(state[name], tensor.to(dtype)), name
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer("w3 w200 nothing")["input_ids"] == [3, 200, 255]
 
 
 def test_lora_adapter_with_modules_to_save_exports_for_peft(tmp_path: Path) -> None:

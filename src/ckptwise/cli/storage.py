@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -20,7 +19,14 @@ from ckptwise.cli.common import echo_json, human_size, open_cli_run, warn
 from ckptwise.cli.ranking import recorded_metrics, run_ranking, unknown_metric
 from ckptwise.cli.table import Column, print_table
 from ckptwise.errors import CheckpointError
-from ckptwise.read.formats import copy_hf_metadata, write_safetensors
+from ckptwise.read.hf_model import (
+    AS_TRAINED,
+    DTYPE_CHOICES,
+    ExportedFolder,
+    Layout,
+    export_dtype,
+    write_model_folder,
+)
 from ckptwise.read.run import Run, open_run
 
 __all__ = ["archive_command", "diff_command", "du_command", "export_command", "show_command"]
@@ -223,10 +229,21 @@ def diff_command(run: str, a: int, b: int, show_all: bool, as_json: bool) -> Non
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["safetensors", "hf"]),
-    default="safetensors",
+    type=click.Choice(["auto", "safetensors", "hf"]),
+    default="auto",
     show_default=True,
-    help="One file, or a Hugging Face style folder.",
+    help="One file, or a Hugging Face style folder; auto: the folder when the checkpoint "
+    "records its model (Trainer runs) or --config-from is given, else the file.",
+)
+@click.option(
+    "--dtype",
+    # one spelling on the command line (Run.export also takes bfloat16, float16, float32)
+    type=click.Choice(list(DTYPE_CHOICES[:4])),
+    default=AS_TRAINED,
+    show_default=True,
+    help="as-trained: each tensor in the dtype the model was trained in (DeepSpeed bf16: "
+    "the bf16 model, not the fp32 master copies); bf16/fp16/fp32: every float tensor so "
+    "(fp32 keeps DeepSpeed's master weights). config.json says the same.",
 )
 @click.option(
     "--key",
@@ -237,7 +254,8 @@ def diff_command(run: str, a: int, b: int, show_all: bool, as_json: bool) -> Non
 @click.option(
     "--config-from",
     type=click.Path(exists=True, file_okay=False),
-    help="With --format hf: copy config/tokenizer JSON files from this folder.",
+    help="Copy config/tokenizer JSON files from this model folder (over those the "
+    "checkpoint recorded); for checkpoints that record no model.",
 )
 def export_command(
     run: str,
@@ -247,37 +265,61 @@ def export_command(
     mode: str | None,
     as_json: bool,
     fmt: str,
+    dtype: str,
     key: str,
     config_from: str | None,
 ) -> None:
-    """Write a checkpoint's weights as model.safetensors any tool loads."""
+    """Write a checkpoint's weights as model.safetensors, or a folder from_pretrained loads."""
     opened = open_cli_run(run)
     chosen = _resolve(opened, step, metric, mode)
-    metadata_from = config_from if fmt == "hf" else None
-    if config_from is not None and fmt != "hf":
-        warn("--config-from is used with --format hf only; no config was copied")
+    if config_from is not None and fmt == "safetensors":
+        warn("--config-from is used with --format hf or auto only; no config was copied")
+        config_from = None
+    layout: Layout = "hf" if fmt == "hf" else "safetensors" if fmt == "safetensors" else "auto"
     try:
         if key == "model" and "deepspeed" in opened.manifest(chosen).tree:
-            path = _export_deepspeed(opened, chosen, out, metadata_from)
+            done = _export_deepspeed(opened, chosen, out, config_from, dtype, layout)
         else:
-            path = opened.export(chosen, out, key=key, config_from=metadata_from)
+            done = opened.export_folder(
+                chosen, out, key=key, config_from=config_from, dtype=dtype, layout=layout
+            )
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    if fmt == "hf" and not (Path(out) / "config.json").exists():
+    hf = "config.json" in done.files or layout == "hf" or config_from is not None
+    if hf and "config.json" not in done.files:
         where = f"{config_from} has no config.json" if config_from else "no --config-from"
         warn(
-            f"{out} has no config.json ({where}), so from_pretrained cannot load it; pass "
-            "--config-from MODEL_DIR, the folder holding the model's config.json and "
-            "tokenizer files"
+            f"{out} has no config.json ({where}, and step {chosen} records no model config: "
+            "it was saved before ckptwise recorded it, or not by the Trainer adapter), so "
+            "from_pretrained cannot load it; pass --config-from MODEL_DIR, the folder holding "
+            "the model's config.json and tokenizer files"
+        )
+    if hf and done.mixed:
+        held = ", ".join(f"{name} ({n} tensors)" for name, n in sorted(done.mixed.items()))
+        warn(
+            f"step {chosen} does not record the dtype the model was trained in, so its "
+            f"weights were written as stored: {held}; from_pretrained casts them all to one "
+            "dtype, so pass --dtype bf16 (or fp16, fp32) to choose it"
         )
     if as_json:
-        files = sorted(p.name for p in Path(out).iterdir() if p.is_file())
-        echo_json({"run": run, "step": chosen, "format": fmt, "path": str(path), "files": files})
+        echo_json(
+            {
+                "run": run,
+                "step": chosen,
+                "format": "hf" if hf else "safetensors",
+                "dtype": done.dtype,
+                "path": str(done.path),
+                "files": list(done.files),
+            }
+        )
         return
-    click.echo(f"exported step {chosen} to {path}")
+    dtype_note = f" ({done.dtype})" if done.dtype else ""
+    click.echo(f"exported step {chosen}{dtype_note} to {done.path}")
 
 
-def _export_deepspeed(opened: Run, step: int, out: str, config_from: str | None) -> Path:
+def _export_deepspeed(
+    opened: Run, step: int, out: str, config_from: str | None, dtype: str, layout: Layout
+) -> ExportedFolder:
     """A DeepSpeed checkpoint holds engine partitions, not a model: consolidate them."""
     try:
         from ckptwise.integrations.transformers.deepspeed import consolidated_weights
@@ -286,11 +328,17 @@ def _export_deepspeed(opened: Run, step: int, out: str, config_from: str | None)
             f"step {step} was saved by DeepSpeed; exporting it needs DeepSpeed and "
             f"transformers ({exc.name} is missing): pip install 'ckptwise[deepspeed,transformers]'"
         ) from exc
-    weights = consolidated_weights(opened, step)
-    path = write_safetensors(weights, Path(out) / "model.safetensors", step=step)
-    if config_from is not None:
-        copy_hf_metadata(config_from, out)
-    return path
+    cast = export_dtype(dtype)
+    record = opened.hf_model(step)
+    return write_model_folder(
+        consolidated_weights(opened, step),
+        out,
+        record=record,
+        dtype=cast,
+        layout=layout,
+        config_from=config_from,
+        step=step,
+    )
 
 
 @click.command("archive")

@@ -32,7 +32,15 @@ from ckptwise.distributed.restore import read_rank
 from ckptwise.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from ckptwise.policy import KeepBest, RetentionContext
 from ckptwise.read.archive import archive_copy
-from ckptwise.read.formats import copy_hf_metadata, write_safetensors
+from ckptwise.read.hf_model import (
+    AS_TRAINED,
+    HF_MODEL_KEY,
+    ExportedFolder,
+    HfModelRecord,
+    Layout,
+    export_dtype,
+    write_model_folder,
+)
 from ckptwise.read.restoring import (
     MOST_REMOVED,
     Loaded,
@@ -44,7 +52,7 @@ from ckptwise.read.restoring import (
 )
 from ckptwise.read.usage import TensorChange, Usage, diff_manifests, usage_of
 from ckptwise.records import CheckpointInfo
-from ckptwise.snapshot import RNG_KEY
+from ckptwise.snapshot import RNG_KEY, rebuild, tensor_names
 from ckptwise.store import (
     CheckpointStore,
     FsspecBackend,
@@ -490,16 +498,58 @@ class Run:
         *,
         key: str = "model",
         config_from: str | os.PathLike[str] | None = None,
+        dtype: str = AS_TRAINED,
+        layout: Layout = "auto",
     ) -> Path:
         """Write the weights under ``key`` as ``out_dir/model.safetensors``; returns the path.
 
         The file is plain safetensors: ``safetensors.torch.load_file`` reads it and
-        ``model.load_state_dict`` accepts what it returns. With ``config_from`` (a model
-        folder) its config and tokenizer JSON files are copied too, so the folder loads with
-        ``from_pretrained``.
+        ``model.load_state_dict`` accepts what it returns. A checkpoint the ``Trainer``
+        adapter saved records its model (see :meth:`hf_model`): the folder then also gets
+        ``config.json`` and the tokenizer/processor files, and loads with
+        ``from_pretrained``. ``config_from`` (a model folder) adds its config and tokenizer
+        JSON files, over the recorded ones. ``dtype`` is the policy: ``"as-trained"`` (each
+        tensor in the dtype the model trained in, where the checkpoint records it; else as
+        stored), ``"bf16"``, ``"fp16"`` or ``"fp32"``; ``config.json``'s ``dtype`` says the
+        same, so ``from_pretrained`` keeps it. ``layout="safetensors"`` writes the weights
+        file alone; ``"hf"`` the folder even without a record (see
+        :func:`~ckptwise.read.hf_model.write_model_folder`).
+
+        Raises:
+            ConfigError: an unknown ``dtype``.
+            CheckpointError: the checkpoint has no tensors under ``key``.
         """
+        cast = export_dtype(dtype)
         return self._named(
-            step, lambda chosen: self._export(chosen, out_dir, key=key, config_from=config_from)
+            step,
+            lambda chosen: (
+                self._export(
+                    chosen, out_dir, key=key, config_from=config_from, dtype=cast, layout=layout
+                ).path
+            ),
+        )
+
+    def export_folder(
+        self,
+        step: int,
+        out_dir: str | os.PathLike[str],
+        *,
+        key: str = "model",
+        config_from: str | os.PathLike[str] | None = None,
+        dtype: str = AS_TRAINED,
+        layout: Layout = "auto",
+    ) -> ExportedFolder:
+        """:meth:`export` of the committed ``step``, saying what it wrote: the files, the
+        dtype ``config.json`` got, and (without a record) whether the stored weights mix
+        dtypes."""
+        self._committed(step)
+        return self._export(
+            step,
+            out_dir,
+            key=key,
+            config_from=config_from,
+            dtype=export_dtype(dtype),
+            layout=layout,
         )
 
     def _export(
@@ -509,7 +559,9 @@ class Run:
         *,
         key: str,
         config_from: str | os.PathLike[str] | None,
-    ) -> Path:
+        dtype: torch.dtype | None,
+        layout: Layout,
+    ) -> ExportedFolder:
         """:meth:`export` of the step ``chosen``."""
         manifest = self.manifest(chosen)
         prefix = f"{key}/"
@@ -521,10 +573,33 @@ class Run:
             )
         read = read_rank(self._store, manifest, rank=0, names=names)
         weights = {n[len(prefix) :]: read[n] for n in names}
-        path = write_safetensors(weights, Path(out_dir) / "model.safetensors", step=chosen)
-        if config_from is not None:
-            copy_hf_metadata(config_from, out_dir)
-        return path
+        record = self.hf_model(chosen) if key == "model" else None
+        return write_model_folder(
+            weights,
+            out_dir,
+            record=record,
+            dtype=dtype,
+            layout=layout,
+            config_from=config_from,
+            step=chosen,
+        )
+
+    def hf_model(self, step: int) -> HfModelRecord | None:
+        """The Hugging Face model the ``Trainer`` adapter recorded with ``step``: its config,
+        the dtype it trained in and its tokenizer/processor files; ``None`` for a
+        checkpoint saved without one (by another adapter, or before ckptwise recorded it).
+
+        Raises:
+            CorruptCheckpointError: the record is malformed.
+        """
+        manifest = self.manifest(step)
+        tree = manifest.tree
+        if HF_MODEL_KEY not in tree:
+            return None
+        names = sorted(tensor_names(tree, [HF_MODEL_KEY]))
+        tensors = read_rank(self._store, manifest, rank=0, names=names) if names else {}
+        value = rebuild(tree, tensors, HF_MODEL_KEY)
+        return HfModelRecord.from_value(value, f"checkpoint at step {step}")
 
     def archive(
         self,

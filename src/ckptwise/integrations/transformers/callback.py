@@ -42,7 +42,15 @@ from ckptwise.integrations.transformers.folder import (
     write_trainer_folder,
     write_weights,
 )
+from ckptwise.integrations.transformers.model_record import ModelRecorder
 from ckptwise.manager import CheckpointManager
+from ckptwise.read.hf_model import (
+    AS_TRAINED,
+    HF_MODEL_KEY,
+    cast_weights,
+    export_dtype,
+    write_model_folder,
+)
 from ckptwise.snapshot import RNG_KEY, ModelWeights
 
 __all__ = ["CheckpointCallback"]
@@ -78,6 +86,24 @@ class _TrainerStateEntry:
         raise ConfigError(
             "Trainer restores its own state from a checkpoint folder: pass "
             "callback.resume_checkpoint() to trainer.train(resume_from_checkpoint=...)"
+        )
+
+
+class _ModelRecordEntry:
+    """The model's record for export (see :mod:`.model_record`), made when a save takes it."""
+
+    def __init__(self, recorder: ModelRecorder) -> None:
+        self.recorder = recorder
+
+    def state_dict(self) -> dict[str, Any]:
+        value = self.recorder.value()
+        assert value is not None  # state() adds the entry only for a model it records
+        return value
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        raise ConfigError(
+            f"{HF_MODEL_KEY!r} records the model for export and restores nothing: leave it out "
+            "of the state passed to restore"
         )
 
 
@@ -129,6 +155,7 @@ class CheckpointCallback(TrainerCallback):
         )
         self._last_saved: int | None = None
         self._trained = False
+        self._recorder = ModelRecorder(trainer)
 
     def _open_manager(self) -> CheckpointManager:
         """The manager, reopened if training ended (and closed it) since it was created."""
@@ -148,6 +175,7 @@ class CheckpointCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self._open_manager()
         self._trained = False
+        self._recorder.refresh()  # the processor may have changed between sessions
         return control
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -211,23 +239,27 @@ class CheckpointCallback(TrainerCallback):
         """What one checkpoint holds (the RNG states are added by the manager).
 
         Under DeepSpeed the engine's own checkpoint stands for the model, optimizer and
-        scheduler: each rank's partitions, as ``engine.save_checkpoint`` gives them.
+        scheduler: each rank's partitions, as ``engine.save_checkpoint`` gives them. For a
+        ``PreTrainedModel`` (not a peft one) ``hf_model`` records what export needs besides
+        the weights (see :mod:`.model_record`).
         """
         trainer = self.trainer
+        out: dict[str, Any]
         if getattr(trainer, "is_deepspeed_enabled", False):
             engine = EngineFiles(trainer.model_wrapped, trainer.state.global_step)
-            return {"deepspeed": engine, "trainer_state": _TrainerStateEntry(trainer)}
-        out: dict[str, Any] = {
-            "model": ModelWeights(trainer.model, trainable_only=self.weights == "trainable")
-        }
-        if trainer.optimizer is not None:
-            out["optimizer"] = trainer.optimizer
-        if trainer.lr_scheduler is not None:
-            out["scheduler"] = trainer.lr_scheduler
-        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
-        if scaler is not None:
-            out["scaler"] = scaler
-        out["trainer_state"] = _TrainerStateEntry(trainer)
+            out = {"deepspeed": engine, "trainer_state": _TrainerStateEntry(trainer)}
+        else:
+            out = {"model": ModelWeights(trainer.model, trainable_only=self.weights == "trainable")}
+            if trainer.optimizer is not None:
+                out["optimizer"] = trainer.optimizer
+            if trainer.lr_scheduler is not None:
+                out["scheduler"] = trainer.lr_scheduler
+            scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+            if scaler is not None:
+                out["scaler"] = scaler
+            out["trainer_state"] = _TrainerStateEntry(trainer)
+        if self._recorder.records():
+            out[HF_MODEL_KEY] = _ModelRecordEntry(self._recorder)
         return out
 
     def _decide(self, state: Any) -> None:
@@ -406,12 +438,28 @@ class CheckpointCallback(TrainerCallback):
             )
         return self.manager.run.best_step(*self.best)
 
-    def export(self, out_dir: str | os.PathLike[str], step: int | str = "best") -> Path:
+    def export(
+        self, out_dir: str | os.PathLike[str], step: int | str = "best", *, dtype: str = AS_TRAINED
+    ) -> Path:
         """Write a checkpoint's weights as a folder ``from_pretrained`` loads.
 
-        ``step`` is a step number, ``"best"`` or ``"latest"``. For a peft model the folder is
-        an adapter folder (``PeftModel.from_pretrained`` loads it over the base model).
+        ``step`` is a step number, ``"best"`` or ``"latest"``. The folder holds
+        ``model.safetensors``, ``config.json`` and the tokenizer/processor files (as the
+        checkpoint recorded them; for a checkpoint saved before ckptwise recorded them, the
+        live model's and ``processing_class``'s). ``dtype`` is the policy (see
+        :func:`~ckptwise.read.hf_model.export_dtype`): ``"as-trained"`` writes each tensor
+        in the dtype the model was trained in (under DeepSpeed bf16, the bf16 model; not the
+        fp32 master copies), ``"bf16"``, ``"fp16"`` or ``"fp32"`` every floating-point one
+        so; ``config.json`` says the same, so ``from_pretrained(out_dir)`` loads the model
+        as trained. For a peft model the folder is an adapter folder
+        (``PeftModel.from_pretrained`` loads it over the base model).
+
+        >>> callback.export("best-model", "best")  # doctest: +SKIP
+
+        Raises:
+            ConfigError: an unknown ``dtype``, or ``"best"`` with no metric to rank by.
         """
+        cast = export_dtype(dtype)
         run = self.manager.run
         chosen = (
             self.best_step()
@@ -424,7 +472,15 @@ class CheckpointCallback(TrainerCallback):
             weights: Mapping[str, Any] = consolidated_weights(run, chosen)
         else:
             weights = self._weights_of(run.load(chosen)["model"])
-        write_weights(self.trainer.model, weights, out)
+        record = run.hf_model(chosen)
+        if record is None and self._recorder.records():
+            record = self._recorder.record()  # saved before ckptwise recorded the model
+        if record is not None:
+            write_model_folder(weights, out, record=record, dtype=cast, layout="hf", step=chosen)
+            return out
+        if cast is not None:
+            weights = cast_weights(weights, dtype=cast, record=None)[0]
+        write_weights(self.trainer.model, weights, out)  # peft: an adapter folder
         processing = getattr(self.trainer, "processing_class", None)
         if processing is not None and hasattr(processing, "save_pretrained"):
             processing.save_pretrained(str(out))

@@ -1,0 +1,179 @@
+"""The model a checkpoint records for export (``hf_model``), read back and exported under
+each dtype policy; records from a damaged or newer store are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ckptwise as cw
+from ckptwise.errors import CorruptCheckpointError, FormatError
+from ckptwise.read.hf_model import (
+    HF_MODEL_KEY,
+    HfModelRecord,
+    cast_weights,
+    export_dtype,
+    write_model_folder,
+)
+
+RECORD = HfModelRecord(
+    config={"model_type": "tiny", "architectures": ["Tiny"], "hidden_size": 4},
+    dtype="bfloat16",
+    dtypes={"norm.weight": "float32"},
+    files={"tokenizer.json": b'{"version": "1.0"}', "chat_template.jinja": b""},
+)
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    """As DeepSpeed's zero_to_fp32 gives a bf16 run: trained fp32 masters, frozen bf16."""
+    return {
+        "proj.weight": torch.linspace(-1, 1, 12).reshape(3, 4) / 3,  # fp32, not bf16-exact
+        "embed.weight": torch.randn(5, 4).to(torch.bfloat16),
+        "norm.weight": torch.full((4,), 1 / 3),
+        "steps": torch.arange(3),
+    }
+
+
+def _save(run_dir: Path, steps: int = 2) -> None:
+    with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:
+        for step in range(1, steps + 1):
+            manager.step(step, {"model": _weights(), HF_MODEL_KEY: RECORD.to_value()})
+
+
+def test_the_record_reads_back_and_its_files_are_stored_once(run_dir: Path) -> None:
+    torch.manual_seed(0)
+    _save(run_dir)
+    run = cw.open_run(run_dir)
+    assert run.hf_model(1) == RECORD
+    tree = run.manifest(2).tree[HF_MODEL_KEY]["value"]
+    assert tree["config"] == RECORD.config  # plain JSON in the manifest, readable as is
+    files = [n for n in run.manifest(2).tensors if n.startswith(f"{HF_MODEL_KEY}/files/")]
+    assert sorted(files) == ["hf_model/files/chat_template.jinja", "hf_model/files/tokenizer.json"]
+    assert run.first_stored(2)["hf_model/files/tokenizer.json"] == 1  # dedup: written once
+
+
+def test_a_checkpoint_without_a_record_has_none(run_dir: Path) -> None:
+    with cw.CheckpointManager(run_dir, save=cw.every(1)) as manager:
+        manager.step(1, {"model": _weights()})
+    assert cw.open_run(run_dir).hf_model(1) is None
+
+
+def test_export_as_trained_writes_the_folder_from_pretrained_loads_as_trained(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    _save(run_dir, steps=1)
+    run = cw.open_run(run_dir)
+    out = tmp_path / "out"
+    path = run.export(1, out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chat_template.jinja",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    assert (out / "tokenizer.json").read_bytes() == b'{"version": "1.0"}'
+    config = json.loads((out / "config.json").read_text())
+    assert config == {**RECORD.config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    weights, stored = load_file(str(path)), _weights()
+    assert {k: v.dtype for k, v in weights.items()} == {
+        "proj.weight": torch.bfloat16,  # the fp32 master, rounded as DeepSpeed rounds it
+        "embed.weight": torch.bfloat16,
+        "norm.weight": torch.float32,  # the model held it in fp32
+        "steps": torch.int64,  # never cast
+    }
+    assert torch.equal(weights["proj.weight"], stored["proj.weight"].to(torch.bfloat16))
+    assert torch.equal(weights["norm.weight"], stored["norm.weight"])
+
+
+@pytest.mark.parametrize(
+    ("policy", "dtype"),
+    [("fp32", torch.float32), ("float16", torch.float16), ("bf16", torch.bfloat16)],
+)
+def test_a_chosen_dtype_casts_every_float_tensor_and_the_config_says_so(
+    run_dir: Path, tmp_path: Path, policy: str, dtype: torch.dtype
+) -> None:
+    _save(run_dir, steps=1)
+    out = tmp_path / policy
+    weights = load_file(str(cw.open_run(run_dir).export(1, out, dtype=policy)))
+    assert {v.dtype for k, v in weights.items() if k != "steps"} == {dtype}
+    assert torch.equal(weights["proj.weight"], _weights()["proj.weight"].to(dtype))
+    name = str(dtype).removeprefix("torch.")
+    assert json.loads((out / "config.json").read_text())["dtype"] == name
+
+
+def test_layout_safetensors_writes_the_weights_alone(run_dir: Path, tmp_path: Path) -> None:
+    _save(run_dir, steps=1)
+    cw.open_run(run_dir).export(1, tmp_path / "out", layout="safetensors")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.safetensors"]
+
+
+def test_config_from_goes_over_the_recorded_files_with_the_exported_dtype(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    _save(run_dir, steps=1)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "base", "torch_dtype": "float32"}')
+    (base / "tokenizer.json").write_text("{}")
+    out = tmp_path / "out"
+    cw.open_run(run_dir).export(1, out, config_from=base)
+    config = json.loads((out / "config.json").read_text())
+    assert config == {"model_type": "base", "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    assert (out / "tokenizer.json").read_text() == "{}"
+
+
+def test_without_a_record_as_trained_keeps_the_stored_dtypes() -> None:
+    weights = _weights()
+    cast, main = cast_weights(weights, dtype=None, record=None)
+    assert main is None  # mixed: no one dtype to put in config.json
+    assert all(cast[k] is weights[k] for k in weights)
+    _, main = cast_weights({"w": torch.zeros(2, dtype=torch.float16)}, dtype=None, record=None)
+    assert main == "float16"
+
+
+def test_without_a_record_the_folder_says_the_stored_dtypes_are_mixed(tmp_path: Path) -> None:
+    done = write_model_folder(_weights(), tmp_path / "out", record=None, layout="hf")
+    assert done.files == ("model.safetensors",)
+    assert done.dtype is None
+    assert done.mixed == {"bfloat16": 1, "float32": 2}
+
+
+def test_an_unknown_dtype_policy_names_the_choices() -> None:
+    with pytest.raises(cw.ConfigError, match=r"as-trained, bf16, fp16, fp32, got 'int8'"):
+        export_dtype("int8")
+    assert export_dtype("as-trained") is None
+    assert export_dtype("bf16") is torch.bfloat16
+
+
+def _value(**changes: Any) -> dict[str, Any]:
+    return {**RECORD.to_value(), **changes}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([], "is not a mapping"),
+        (_value(version=None), "has no valid version"),
+        (_value(config="x"), "has no config mapping"),
+        (_value(dtype="int8"), "names the dtype 'int8'"),
+        (_value(dtypes={"w": "int64"}), "malformed per-tensor dtypes"),
+        (_value(files={"../config.json": torch.zeros(1, dtype=torch.uint8)}), "'../config.json'"),
+        (_value(files={"config.json": torch.zeros(1, dtype=torch.uint8)}), "'config.json'"),
+        (_value(files={"/etc/x": torch.zeros(1, dtype=torch.uint8)}), "'/etc/x'"),
+        (_value(files={"model.safetensors": torch.zeros(1, dtype=torch.uint8)}), "model.safe"),
+        (_value(files={"a.json": torch.zeros(1)}), "as something other than bytes"),
+    ],
+)
+def test_a_malformed_record_is_refused(value: Any, message: str) -> None:
+    with pytest.raises(CorruptCheckpointError, match=message):
+        HfModelRecord.from_value(value, "checkpoint at step 1")
+
+
+def test_a_record_from_a_newer_ckptwise_says_to_upgrade() -> None:
+    with pytest.raises(FormatError, match=r"upgrade ckptwise"):
+        HfModelRecord.from_value(_value(version=2), "checkpoint at step 1")
