@@ -47,6 +47,7 @@ STORE = "ckptwise.store"
 #: here: they go through ``Run`` and ``CheckpointManager``.
 STORE_USERS = {
     "ckptwise.read.archive",
+    "ckptwise.distributed.confirm",
     "ckptwise.config.options",
     "ckptwise.distributed.restore",
     "ckptwise.distributed.save",

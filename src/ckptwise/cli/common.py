@@ -11,8 +11,7 @@ from typing import Any
 import click
 
 from ckptwise.errors import CheckpointError
-from ckptwise.read.run import Run, open_run
-from ckptwise.store import is_cache_folder
+from ckptwise.read.run import Run, cache_folders, open_run
 
 __all__ = [
     "RUN_FILES",
@@ -138,29 +137,11 @@ def open_cached_run(run: str, cache: str) -> Run:
 
 
 def rank_folders(caches: Iterable[str]) -> tuple[dict[int, str], bool]:
-    """The cache folders named on the command line, by rank, and whether they are one
-    writer's own cache folder (one process, as rank 0) rather than nodes' folders of a job
-    of several (each ``rank-NNNNN`` folder inside them)."""
-    found: dict[int, str] = {}
-    single: list[str] = []
-    for cache in caches:
-        if is_cache_folder(cache):
-            single.append(cache)
-            continue
-        inside = sorted(Path(cache).glob("rank-[0-9]*")) if os.path.isdir(cache) else []
-        ranks = [r for r in inside if r.name[5:].isdigit() and is_cache_folder(r)]
-        if not ranks:
-            raise click.ClickException(
-                f"{cache} is no ckptwise cache folder: it holds no cache.json and no rank-NNNNN "
-                "folders; pass the folder the writer (or a node of the job) was given as cache="
-            )
-        found.update((int(folder.name[5:]), str(folder)) for folder in ranks)
-    if single and (found or len(single) > 1):
-        raise click.ClickException(
-            "--cache names a one-process cache folder beside other folders: name one "
-            "writer's cache folder, or the nodes' cache folders of one job"
-        )
-    return ({0: single[0]}, True) if single else (found, False)
+    """:func:`~ckptwise.read.run.cache_folders`, its error said the command line's way."""
+    try:
+        return cache_folders(caches)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _is_url(run: str) -> bool:

@@ -33,7 +33,7 @@ from datetime import timedelta
 
 from ckptwise.distributed.ranks import Ranks
 from ckptwise.errors import CheckpointError, StorageError
-from ckptwise.store.tiered import TieredBackend
+from ckptwise.store import TieredBackend
 
 __all__ = ["UploadConfirmer"]
 

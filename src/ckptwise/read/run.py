@@ -21,7 +21,7 @@ work behind them lives in the modules named above.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,7 +64,6 @@ from ckptwise.store import (
     is_cache_folder,
     open_store,
 )
-from ckptwise.store.layout import object_path
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +79,7 @@ __all__ = [
     "TensorChange",
     "TensorEntry",
     "Usage",
+    "cache_folders",
     "open_run",
 ]
 
@@ -87,6 +87,36 @@ T = TypeVar("T")
 Mode = Literal["min", "max"]
 #: what names one checkpoint: a step, ``"latest"`` or ``"best"`` (or their text)
 StepSpec = int | str | None
+
+
+def cache_folders(caches: Iterable[str | os.PathLike[str]]) -> tuple[dict[int, str], bool]:
+    """The cache folders ``caches`` name, by rank, and whether they are one writer's own
+    cache folder (one process, given as rank 0) rather than the folders the nodes of a job
+    of several were given (each ``rank-NNNNN`` folder inside them).
+
+    Raises:
+        ConfigError: a folder is neither, or a one-process folder comes with others.
+    """
+    found: dict[int, str] = {}
+    single: list[str] = []
+    for cache in (os.fspath(c) for c in caches):
+        if is_cache_folder(cache):
+            single.append(cache)
+            continue
+        inside = sorted(Path(cache).glob("rank-[0-9]*")) if os.path.isdir(cache) else []
+        ranks = [r for r in inside if r.name[5:].isdigit() and is_cache_folder(r)]
+        if not ranks:
+            raise ConfigError(
+                f"{cache} is no ckptwise cache folder: it holds no cache.json and no rank-NNNNN "
+                "folders; pass the folder the writer (or a node of the job) was given as cache="
+            )
+        found.update((int(folder.name[5:]), str(folder)) for folder in ranks)
+    if single and (found or len(single) > 1):
+        raise ConfigError(
+            "a one-process cache folder was named beside other folders: name one writer's "
+            "cache folder, or the nodes' cache folders of one job"
+        )
+    return ({0: single[0]}, True) if single else (found, False)
 
 
 def open_run(
@@ -165,9 +195,7 @@ class Run:
         folder = TieredBackend(cache, remote)
         out: dict[int, UploadState] = {}
         for manifest in self._store.iter_manifests():
-            named = {object_path(e.object) for e in manifest.entries()}
-            named.update(object_path(o) for e in manifest.entries() for o, _, _ in e.bases)
-            out[manifest.step] = folder.objects_state(named)
+            out[manifest.step] = folder.objects_state(manifest)
         return out
 
     def exists(self) -> bool:

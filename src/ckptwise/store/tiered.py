@@ -108,7 +108,7 @@ from ckptwise.store.layout import (
     manifest_step,
     object_path,
 )
-from ckptwise.store.manifest import decode_manifest
+from ckptwise.store.manifest import Manifest, decode_manifest
 from ckptwise.store.uploads import RESUME_AFTER as RESUME_AFTER
 from ckptwise.store.uploads import UPLOADERS, Op, Uploads, barrier, register, unregister
 
@@ -566,11 +566,11 @@ class TieredBackend:
             return REMOTE
         return UPLOADING if self._folder.in_use() else LOCAL
 
-    def objects_state(self, paths: set[str]) -> UploadState:
-        """Where the objects ``paths`` this cache wrote are durable, as a reader sees them:
-        ``"remote"`` unless the cache still holds one unsent (then ``"uploading"`` while its
-        writer runs, else ``"local"``)."""
-        if not any(self._folder.unsent(p) for p in paths):
+    def objects_state(self, manifest: Manifest) -> UploadState:
+        """Where the objects of ``manifest`` that this cache wrote are durable, as a reader
+        sees them: ``"remote"`` unless the cache still holds one unsent (then
+        ``"uploading"`` while its writer runs, else ``"local"``)."""
+        if not any(self._folder.unsent(p) for p in _named(manifest)):
             return REMOTE
         return UPLOADING if self._folder.in_use() else LOCAL
 
@@ -627,10 +627,8 @@ class TieredBackend:
             manifest = decode_manifest(self.local.read_bytes(path), where=path, codecs=readable())
         except CheckpointError:
             return
-        named = {object_path(e.object) for e in manifest.entries()}
-        named.update(object_path(oid) for e in manifest.entries() for oid, _, _ in e.bases)
         with self._cond:
-            self._uploads.confirm(named)
+            self._uploads.confirm(_named(manifest))
 
     def recheck_parked(self) -> None:
         """Ask the remote for the objects waiting manifests name (after a restart: another
@@ -663,6 +661,13 @@ class TieredBackend:
         """Bytes of the files the cache holds."""
         with self._cond:
             return self._entries.bytes
+
+
+def _named(manifest: Manifest) -> set[str]:
+    """The paths of every object ``manifest`` names, delta bases included."""
+    named = {object_path(e.object) for e in manifest.entries()}
+    named.update(object_path(oid) for e in manifest.entries() for oid, _, _ in e.bases)
+    return named
 
 
 def upload_states(backend: Backend) -> dict[int, UploadState] | None:
