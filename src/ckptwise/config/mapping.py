@@ -9,14 +9,13 @@ options a file may set (``content``, ``codec``, ...) from :mod:`~ckptwise.config
 
 from __future__ import annotations
 
-import json
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
+from ckptwise.config.files import load_policy_file
 from ckptwise.config.options import OPTIONS, dump_options, read_options
 from ckptwise.config.registry import KEEP, SAVE, Registry, Spelling
 from ckptwise.config.values import closest, read_int
@@ -155,42 +154,13 @@ def unknown_policy(name: str, registry: Registry, other: Registry) -> str:
     return f"unknown {registry.kind}; {near}allowed: {allowed}"
 
 
-def _load(source: str | os.PathLike[str]) -> Any:
-    path = Path(source)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read policy file {path}: {exc}") from exc
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            return tomllib.loads(text)
-        if suffix == ".json":
-            return json.loads(text)
-        if suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as exc:
-                raise ConfigError(
-                    f"{path} is YAML, which needs PyYAML: pip install 'ckptwise[config]'"
-                ) from exc
-            return yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} does not parse: {exc}") from exc
-    except Exception as exc:
-        if type(exc).__module__.startswith("yaml"):
-            raise ConfigError(f"{path} does not parse: {exc}") from exc
-        raise
-    raise ConfigError(f"{path}: policy files end in .yaml, .yml, .toml or .json")
-
-
 def policy_from_config(source: Mapping[str, Any] | str | os.PathLike[str]) -> Policy:
     """Build the policies a config describes: a mapping with ``save`` and/or ``keep`` and
     any manager options (``content``, ``codec``, ``deltas``, ``async_save``, ``on_busy``,
     ``rng``), or the path of a YAML, TOML or JSON file holding one (optionally under a
     ``ckptwise`` key).
     """
-    doc = source if isinstance(source, Mapping) else _load(source)
+    doc = source if isinstance(source, Mapping) else load_policy_file(Path(source))
     if isinstance(doc, Mapping) and "ckptwise" in doc and isinstance(doc["ckptwise"], Mapping):
         doc = doc["ckptwise"]
     if not isinstance(doc, Mapping):
