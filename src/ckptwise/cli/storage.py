@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ckptwise.cli.common import echo_json, human_size, open_cli_run, warn
+from ckptwise.cli.common import CommandError, echo_json, human_size, open_cli_run, warn
 from ckptwise.cli.ranking import recorded_metrics, run_ranking, unknown_metric
 from ckptwise.cli.table import Column, print_table
 from ckptwise.errors import CheckpointError
@@ -79,6 +79,15 @@ def _resolve(opened: Run, step: str, metric: str | None, mode: str | None) -> in
                 f"ranking by {metric}, the metric of the run's {ranking.policy}; the run does "
                 "not record whether lower or higher is better: assuming lower (pass --mode max "
                 "otherwise)"
+            )
+        if not any(metric in info.metrics for info in infos):
+            # early in a run, before the first evaluation: not a misspelt --metric
+            raise CommandError(
+                f"--step best ranks by {metric}, the metric of the run's {ranking.policy}, and "
+                f"no checkpoint has recorded it yet (they recorded: "
+                f"{', '.join(recorded_metrics(infos)) or 'no metrics'}); pass --step latest or "
+                "a step number",
+                kind="CheckpointNotFoundError",
             )
     problem = unknown_metric(metric, infos)
     if problem is not None:
