@@ -6,13 +6,14 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ckptwise.errors import CheckpointError
-from ckptwise.read.run import Run, open_run
-from ckptwise.store import is_cache_folder
+
+if TYPE_CHECKING:
+    from ckptwise.read.run import Run
 
 __all__ = [
     "RUN_FILES",
@@ -121,6 +122,8 @@ def open_cli_run(run: str) -> Run:
             f"no ckptwise run here: {run} holds no checkpoints/, objects/ or run.json; {hint}",
             kind="CheckpointNotFoundError",
         )
+    from ckptwise.read.run import open_run  # not at import: `ckptwise --help` needs no run
+
     try:
         return open_run(run)
     except CheckpointError as exc:
@@ -131,6 +134,8 @@ def open_cached_run(run: str, cache: str) -> Run:
     """The remote run at ``run`` read through a writer's cache folder ``cache``: what the
     writer has not uploaded yet is listed too. Nothing is written to either (the writer may
     be running)."""
+    from ckptwise.read.run import open_run
+
     try:
         return open_run(run, cache=cache)
     except CheckpointError as exc:
@@ -141,6 +146,8 @@ def rank_folders(caches: Iterable[str]) -> tuple[dict[int, str], bool]:
     """The cache folders named on the command line, by rank, and whether they are one
     writer's own cache folder (one process, as rank 0) rather than nodes' folders of a job
     of several (each ``rank-NNNNN`` folder inside them)."""
+    from ckptwise.store import is_cache_folder
+
     found: dict[int, str] = {}
     single: list[str] = []
     for cache in caches:

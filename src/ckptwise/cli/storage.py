@@ -12,7 +12,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -21,7 +21,9 @@ from ckptwise.cli.ranking import recorded_metrics, run_ranking, unknown_metric
 from ckptwise.cli.table import Column, print_table
 from ckptwise.errors import CheckpointError
 from ckptwise.read.formats import copy_hf_metadata, write_safetensors
-from ckptwise.read.run import Run, open_run
+
+if TYPE_CHECKING:
+    from ckptwise.read.run import Run
 
 __all__ = ["archive_command", "diff_command", "du_command", "export_command", "show_command"]
 
@@ -328,7 +330,7 @@ def archive_command(
         info = opened.archive(chosen, out, lossy=prefixes)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    manifest = open_run(out).manifest(chosen)
+    manifest = open_cli_run(out).manifest(chosen)
     lossy = {n: e.note for n, e in manifest.tensors.items() if e.lossy}
     original = sum(e.nbytes for e in manifest.tensors.values())
     if as_json:
