@@ -82,6 +82,37 @@ def test_ls_du_and_verify_of_a_run_import_no_torch(tmp_path: Path) -> None:
     assert [m for m in imported if m.split(".")[0] == "torch"]
 
 
+#: what ``ckptwise --help`` must not import: the heavy libraries, and the machinery the
+#: commands use only when they run (a run, the store, the policies, the tables)
+HELP_BANNED = (
+    "torch",
+    "numpy",
+    "fsspec",
+    "transformers",
+    "safetensors",
+    "yaml",
+    "rich.console",
+    "ckptwise.store",
+    "ckptwise.read.run",
+    "ckptwise.policy",
+    "ckptwise.config",
+    "ckptwise.simulate",
+    "ckptwise.manager",
+)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["simulate", "--help"], ["export", "--help"]])
+def test_help_imports_only_the_command_line(args: list[str]) -> None:
+    """``ckptwise --help`` answers from click and the command definitions alone (the
+    console script runs the same ``ckptwise.cli.main:main``)."""
+    proc = _python("-X", "importtime", "-m", "ckptwise", *args)
+    assert proc.returncode == 0, proc.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()]
+    assert "ckptwise.cli.main" in imported  # the log is there
+    heavy = [m for m in imported if m.startswith(HELP_BANNED)]
+    assert not heavy, heavy
+
+
 def test_the_torch_free_dtype_table_matches_torch() -> None:
     assert set(DTYPES) == set(ITEMSIZES)  # this torch has every dtype of the format
     for name, dtype in DTYPES.items():

@@ -99,3 +99,33 @@ def test_the_manager_records_its_policy(tmp_path: Path) -> None:
         "mode": "max",
     }
     assert _best(tmp_path / "run", tmp_path / "out") == (2, "")
+
+
+def test_a_run_knows_its_direction_before_its_metric_appears(tmp_path: Path) -> None:
+    """keep_best(2, "eval_loss") (lower is better by default) over a run whose first
+    checkpoints come before the first evaluation: ``ls`` says "lower is better" from the
+    first checkpoint on and never "direction unknown", and ``export --step best`` waits for
+    the metric instead of blaming a --metric nobody passed."""
+    root = tmp_path / "run"
+    keep = cw.keep_last(3) | cw.keep_best(2, "eval_loss")
+    ranked_by = {"metric": "eval_loss", "policy": "keep_best", "mode": "min"}
+    runner = CliRunner()
+    with cw.CheckpointManager(root, save=cw.every(1), keep=keep, async_save=False) as manager:
+        for step in range(1, 9):
+            evaluated = {"eval_loss": 1 / step} if step % 4 == 0 else {}
+            manager.step(step, {"model": {"w": torch.full((2,), step)}}, metrics=evaluated)
+            assert _ls_json(root)["ranked_by"] == ranked_by, step
+            text = runner.invoke(cli, ["ls", str(root)]).output
+            assert "eval_loss (the run's keep_best, lower is better)" in text, step
+            best = runner.invoke(
+                cli, ["export", str(root), str(tmp_path / f"out{step}"), "--step", "best"]
+            )
+            if step < 4:
+                assert best.exit_code == 1, best.output
+                assert "no checkpoint has recorded it yet" in best.output
+                assert "--metric" not in best.output
+            else:
+                assert best.exit_code == 0, best.output
+                assert f"exported step {4 if step < 8 else 8}" in best.output
+    run = cw.open_run(root)
+    assert all("policy" in run.manifest(s).extra for s in run.steps())

@@ -197,3 +197,10 @@ def test_a_bad_option_value_is_named_once() -> None:
     assert result.exit_code == 2
     assert "--step-time: '-1s' is not a duration" in result.output
     assert result.output.count("--step-time") == 1, result.output
+
+
+def test_a_bad_save_flag_gets_an_example_in_the_flag_s_own_spelling() -> None:
+    result = CliRunner().invoke(cli, ["simulate", "--steps", "100", "--save", "every(-5)"])
+    assert result.exit_code == 2
+    assert "save.every.interval: -5 is not a positive integer; e.g. every(1000)" in result.output
+    assert "cw." not in result.output

@@ -313,14 +313,16 @@ CONFIG_ERRORS: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown-trigger",
         {"save": {"evry": 1000}},
-        r"save\.evry: unknown trigger; allowed: every, at_steps, schedule, geometric, "
+        r"save\.evry: unknown trigger; did you mean 'every'\? allowed: every, at_steps, "
+        r"schedule, geometric, "
         r"every_duration, overhead_budget, optimal_interval, on_improvement, on_signal, "
         r"on_file, final, never, after, any, all",
     ),
     (
         "unknown-parameter",
         {"save": {"on_improvement": {"metrc": "eval_loss"}}},
-        r"save\.on_improvement\.metrc: unknown parameter; on_improvement takes metric, mode, "
+        r"save\.on_improvement\.metrc: unknown parameter; did you mean 'metric'\? "
+        r"on_improvement takes metric, mode, "
         r"min_delta, patience",
     ),
     (
@@ -352,7 +354,8 @@ CONFIG_ERRORS: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown-section",
         {"save": {"every": 10}, "kep": {"last": 3}},
-        r"kep: unknown section; a policy config has save, keep, content, codec, deltas, "
+        r"kep: unknown section; did you mean 'keep'\? a policy config has save, keep, "
+        r"content, codec, deltas, "
         r"async_save, defer_copy, on_busy, rng",
     ),
     ("missing-best-metric", {"keep": {"best": {"n": 2}}}, r"keep\.best: best needs 'metric'"),
@@ -454,12 +457,12 @@ CONFIG_ERRORS: list[tuple[str, dict[str, Any], str]] = [
     (
         "factory-rejects",
         {"save": {"every": 0}},
-        r"save\.every: every\(interval\) must be a positive integer, got 0",
+        r"save\.every\.interval: 0 is not a positive integer; e\.g\. every: 1000$",
     ),
     (
         "keep-factory-rejects",
         {"keep": {"last": 0}},
-        r"keep\.last: keep_last\(n\) must be a positive integer, got 0",
+        r"keep\.last\.n: 0 is not a positive integer; e\.g\. last: 3$",
     ),
 ]
 

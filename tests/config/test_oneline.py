@@ -9,6 +9,7 @@ import pytest
 
 import ckptwise as cw
 from ckptwise.config import Policy, parse_keep, parse_save, policy_from_config
+from ckptwise.config.registry import KEEP, SAVE
 from ckptwise.errors import ConfigError
 from ckptwise.policy import RetentionPolicy, Trigger, after
 from policy_support import all_of, any_of, keep_any
@@ -166,7 +167,11 @@ def test_parse_keep(text: str, expected: RetentionPolicy) -> None:
 
 
 ONE_LINE_ERRORS: list[tuple[Callable[[str], object], str, str]] = [
-    (parse_save, "evry(1000)", r"unknown policy 'evry'; allowed: every, at_steps"),
+    (
+        parse_save,
+        "evry(1000)",
+        r"unknown policy 'evry'; did you mean 'every'\? allowed: every, at_steps",
+    ),
     (parse_save, "every(10) | keep_last(3)", r"'keep_last' is a retention policy"),
     (parse_keep, "first(3)", r"unknown policy 'first'; allowed: last, best, every"),
     (parse_save, "every(1, 2, 3)", r"every takes at most 2 positional values"),
@@ -324,3 +329,57 @@ def test_after_in_one_line_equals_the_config_form() -> None:
 def test_after_errors(text: str, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         parse_save(text)
+
+
+# -- examples in the spelling of the line ---------------------------------------------------------
+
+#: a bad value for each built-in policy, in the one-line form, and the example it gets
+BAD_VALUES: list[tuple[Callable[[str], object], str, str]] = [
+    (
+        parse_save,
+        "every(-5)",
+        "save.every.interval: -5 is not a positive integer; e.g. every(1000)",
+    ),
+    (parse_save, "every(0)", "e.g. every(1000)"),
+    (parse_save, "at_steps(-1)", "at_steps(steps) must be an integer >= 0, got -1"),
+    (parse_save, "schedule({0: 0})", "schedule interval at step 0 must be a positive integer"),
+    (parse_save, "geometric(first=0)", "e.g. geometric(first=100, factor=2.0, max_interval=5000)"),
+    (parse_save, "geometric(factor=1)", "geometric(factor) must be a number > 1, got 1.0; e.g. "),
+    (parse_save, "every_duration(-5)", "-5 is a negative duration; e.g. every_duration(30m)"),
+    (parse_save, "every_duration(0s)", "'0s' is not a positive duration; e.g. every_duration(30m)"),
+    (parse_save, "overhead_budget(2)", "e.g. overhead_budget(0.02)"),
+    (parse_save, "optimal_interval(0)", "e.g. optimal_interval(4h)"),
+    (parse_save, "optimal_interval(4h, first_after=-1)", "-1 is a negative duration"),
+    (parse_save, "on_improvement(x, patience=-1)", "e.g. on_improvement(eval_loss, mode=min)"),
+    (
+        parse_save,
+        "on_signal([])",
+        "give at least one signal name; e.g. on_signal(SIGTERM, SIGUSR1)",
+    ),
+    (parse_save, "on_file('../x')", "on_file needs a plain file name inside the run folder"),
+    (parse_keep, "last(0)", "keep.last.n: 0 is not a positive integer; e.g. last(3)"),
+    (parse_keep, "best(0, eval_loss)", "e.g. best(2, eval_loss, mode=min)"),
+    (parse_keep, "every(-10)", "e.g. every(10000)"),
+    (parse_keep, "within(0)", "0 is not a positive duration; e.g. within(7d)"),
+    (parse_keep, "budget(0)", "0 is not a positive size; e.g. budget(200GB)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "expected"), BAD_VALUES, ids=[t for _, t, _ in BAD_VALUES]
+)
+def test_value_errors_of_a_line_speak_its_spelling_not_python(
+    parse: Callable[[str], object], text: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    message = str(info.value)
+    assert expected in message
+    for python in ("cw.", "timedelta(", "2**30", "('SIGTERM',)"):
+        assert python not in message, python
+
+
+def test_every_built_in_policy_is_covered_by_a_bad_value() -> None:
+    named = {text.split("(")[0] for _, text, _ in BAD_VALUES}
+    assert set(SAVE.names) - {"final", "never"} <= named
+    assert set(KEEP.names) - {"all"} <= named

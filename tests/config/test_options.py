@@ -113,7 +113,11 @@ def test_content_forms(value: object, content: ContentPolicy) -> None:
 @pytest.mark.parametrize(
     ("config", "pattern"),
     [
-        ({"content": "slim"}, r"content: unknown variant 'slim'; allowed: full, weights_only"),
+        (
+            {"content": "slim"},
+            r"content: unknown content policy 'slim'; allowed: full, weights_only, "
+            r"trainable_only, full_every",
+        ),
         ({"content": {"weights_only": {"dtype": "x"}}}, r"content\.weights_only\.dtype: unknown"),
         ({"content": {"weights_only": {"cast": "int8"}}}, r"content\.weights_only: cast must be"),
         (
@@ -143,6 +147,45 @@ def test_content_forms(value: object, content: ContentPolicy) -> None:
 def test_option_errors_name_the_key(config: dict[str, Any], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         policy_from_config(config)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            {"full_evry": 5000},
+            "content.full_evry: unknown content policy 'full_evry'; did you mean "
+            "'full_every'? allowed: full, weights_only, trainable_only, full_every",
+        ),
+        (
+            "weights_onyl",
+            "content: unknown content policy 'weights_onyl'; did you mean 'weights_only'?",
+        ),
+        (
+            {"full_every": 10, "otherwise": "trainable_onl"},
+            "content.full_every.otherwise: unknown content policy 'trainable_onl'; did you mean "
+            "'trainable_only'? allowed: full, weights_only, trainable_only",
+        ),
+        (
+            {"full_every": {"intervl": 10}},
+            "content.full_every.intervl: unknown parameter; did you mean 'interval'?",
+        ),
+        (
+            {"weights_only": {"cst": "bfloat16"}},
+            "content.weights_only.cst: unknown parameter; did you mean 'cast'?",
+        ),
+        (
+            {"full_every": 0},
+            "content.full_every.interval: 0 is not a positive integer; e.g. full_every: 5000",
+        ),
+    ],
+)
+def test_a_misspelt_content_key_is_named_with_the_closest_one(
+    content: object, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        policy_from_config({"content": content})
+    assert str(info.value).startswith(message)
 
 
 def test_options_round_trip_through_to_config(tmp_path: Path) -> None:

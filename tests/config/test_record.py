@@ -10,7 +10,7 @@ import pytest
 
 import ckptwise as cw
 from ckptwise.config import RankedBy, policy_from_config, policy_ranking, policy_record, ranking_of
-from ckptwise.policy import Decision, TrainingState
+from ckptwise.policy import Decision, KeepAny, TrainingState
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,13 @@ class EveryOther:
             cw.after(100, cw.every(10) & cw.on_improvement("eval_loss")),
             cw.keep_last(2),
             ("eval_loss", "min", "on_improvement"),
+        ),
+        (
+            # a KeepAny built around another, as the constructor allows: to_config flattens
+            # it, so the ranking must find the keep_best inside too
+            cw.every(10),
+            KeepAny((KeepAny((cw.keep_last(2), cw.keep_best(1, "eval_loss"))),)),
+            ("eval_loss", "min", "keep_best"),
         ),
         (None, None, None),
     ],

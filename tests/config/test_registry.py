@@ -424,3 +424,19 @@ def test_after_is_written_beside_the_triggers_it_holds_back() -> None:
         "any": [{"after": 10, "every": {"interval": 5, "start": 0}}, {"final": True}]
     }
     assert_round_trips(save=mixed)
+
+
+# -- the examples errors show ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec"),
+    [("save", s) for s in SAVE.specs.values()] + [("keep", s) for s in KEEP.specs.values()],
+    ids=lambda v: v if isinstance(v, str) else v.name,
+)
+def test_every_example_builds_the_same_policy_in_both_spellings(kind: str, spec: Spec) -> None:
+    in_file = yaml.safe_load(f"{kind}:\n  {spec.example_in('file')}\n")
+    built = getattr(policy_from_config(in_file), kind)
+    parse = cw.parse_save if kind == "save" else cw.parse_keep
+    assert parse(spec.example_in("line")) == built
+    assert isinstance(built, spec.cls)

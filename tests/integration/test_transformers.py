@@ -230,6 +230,40 @@ def test_training_releases_the_run_and_attach_again_in_the_same_process_works(
     cw.CheckpointManager(run, save=cw.every(1)).close()
 
 
+def test_a_requeued_finished_job_ends_at_once_without_a_step_or_a_save(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scheduler requeues a job that had finished: the same script resumes from the
+    checkpoint at max_steps. ``Trainer`` alone would take one more step there (6 is not a
+    whole number of epochs, so the loop resumes mid-epoch and checks max_steps only after a
+    step) and ckptwise would save it as ``final``; instead training ends at once."""
+    run = tmp_path / "run"
+    policy: dict[str, Any] = {"save": cw.every(4), "keep": cw.keep_last(2)}
+    first = make_trainer(tmp_path / "out", max_steps=6, eval_strategy="no")
+    attach(first, run, **policy)
+    first.train()
+    assert [c.step for c in cw.open_run(run).checkpoints()] == [4, 6]
+
+    requeued = make_trainer(tmp_path / "out", max_steps=6, eval_strategy="no")
+    callback = attach(requeued, run, **policy)
+    with caplog.at_level(logging.INFO, logger="ckptwise"):
+        requeued.train(resume_from_checkpoint=callback.resume_checkpoint())
+    assert "checkpoint 6 is at max_steps (6): training is already finished" in caplog.text
+    assert requeued.state.global_step == 6
+    assert callback.saved == []
+    assert [c.step for c in cw.open_run(run).checkpoints()] == [4, 6]
+    assert first.model is not None
+    assert requeued.model is not None
+    trained, resumed = first.model.state_dict(), requeued.model.state_dict()
+    assert all(torch.equal(trained[name], resumed[name]) for name in trained)  # no step taken
+    assert "get_batch_samples" not in vars(requeued)  # the Trainer is itself again
+
+    # asked for more steps, the same trainer trains on as usual
+    requeued.args.max_steps = 8
+    requeued.train(resume_from_checkpoint=callback.resume_checkpoint())
+    assert callback.saved == [(8, ("every(4)",))]
+
+
 @pytest.mark.parametrize("where", ["folder", "memory"])
 def test_train_and_resume_leave_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str

@@ -6,12 +6,14 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ckptwise.errors import CheckpointError
-from ckptwise.read.run import Run, cache_folders, open_run
+
+if TYPE_CHECKING:
+    from ckptwise.read.run import Run
 
 __all__ = [
     "RUN_FILES",
@@ -120,6 +122,8 @@ def open_cli_run(run: str) -> Run:
             f"no ckptwise run here: {run} holds no checkpoints/, objects/ or run.json; {hint}",
             kind="CheckpointNotFoundError",
         )
+    from ckptwise.read.run import open_run  # not at import: `ckptwise --help` needs no run
+
     try:
         return open_run(run)
     except CheckpointError as exc:
@@ -130,6 +134,8 @@ def open_cached_run(run: str, cache: str) -> Run:
     """The remote run at ``run`` read through a writer's cache folder ``cache``: what the
     writer has not uploaded yet is listed too. Nothing is written to either (the writer may
     be running)."""
+    from ckptwise.read.run import open_run
+
     try:
         return open_run(run, cache=cache)
     except CheckpointError as exc:
@@ -138,6 +144,8 @@ def open_cached_run(run: str, cache: str) -> Run:
 
 def rank_folders(caches: Iterable[str]) -> tuple[dict[int, str], bool]:
     """:func:`~ckptwise.read.run.cache_folders`, its error said the command line's way."""
+    from ckptwise.read.run import cache_folders
+
     try:
         return cache_folders(caches)
     except CheckpointError as exc:

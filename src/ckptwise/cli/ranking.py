@@ -18,11 +18,11 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ckptwise.config import ranking_of
-from ckptwise.read.run import Run
-from ckptwise.records import CheckpointInfo
+if TYPE_CHECKING:
+    from ckptwise.read.run import Run
+    from ckptwise.records import CheckpointInfo
 
 __all__ = ["Ranking", "recorded_metrics", "run_ranking", "unknown_metric"]
 
@@ -69,6 +69,8 @@ def unknown_metric(metric: str, checkpoints: Sequence[CheckpointInfo]) -> str | 
 def run_ranking(run: Run, checkpoints: Sequence[CheckpointInfo]) -> Ranking | None:
     """The metric the run's ``keep_best`` (else its ``on_improvement``) ranks by; ``None``
     when the run has neither."""
+    from ckptwise.config import ranking_of  # the policies: not needed by `ckptwise --help`
+
     extra: Mapping[str, Any] = {}
     if checkpoints:
         extra = run.manifest(checkpoints[-1].step).extra

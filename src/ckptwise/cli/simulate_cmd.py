@@ -1,26 +1,21 @@
-"""``ckptwise simulate``: replay a policy on a simulated clock, without training."""
+"""``ckptwise simulate``: replay a policy on a simulated clock, without training.
+
+The policies and the simulator are imported when the command runs: ``ckptwise --help``
+(which imports this module to list the command) stays light.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-import ckptwise as cw
 from ckptwise.cli.common import human_size, warn
-from ckptwise.config import (
-    Policy,
-    parse_bytes,
-    parse_duration,
-    parse_keep,
-    parse_save,
-    policy_from_config,
-    to_config,
-)
 from ckptwise.errors import CheckpointError
-from ckptwise.policy import KeepAny, KeepBest, OnImprovement, RetentionPolicy, Trigger, walk
-from ckptwise.simulate import simulate
+
+if TYPE_CHECKING:
+    from ckptwise.policy import RetentionPolicy, Trigger
 
 __all__ = ["simulate_command"]
 
@@ -61,6 +56,9 @@ def _policy(
     save_total_limit: int | None,
 ) -> tuple[Trigger, RetentionPolicy | None]:
     """The policy the options describe; flags override what the file says."""
+    import ckptwise as cw
+    from ckptwise.config import Policy, parse_keep, parse_save, policy_from_config
+
     policy = policy_from_config(config) if config else Policy()
     if save:
         policy = Policy(parse_save(save), policy.keep)
@@ -82,6 +80,8 @@ def _unmet_metrics(
     save: Trigger, keep: RetentionPolicy | None, metrics: dict[int, dict[str, float]] | None
 ) -> list[str]:
     """What the policy reads that the metrics trace never reports, in words."""
+    from ckptwise.policy import KeepBest, OnImprovement, walk
+
     reported = {name for values in (metrics or {}).values() for name in values}
 
     def missing(metric: str) -> str:
@@ -106,6 +106,8 @@ def _unmet_metrics(
 
 
 def _retention_leaves(keep: RetentionPolicy | None) -> list[RetentionPolicy]:
+    from ckptwise.policy import KeepAny
+
     if keep is None:
         return []
     if isinstance(keep, KeepAny):
@@ -172,6 +174,9 @@ def simulate_command(
     as_json: bool,
 ) -> None:
     """Replay a run without training: saves, kept checkpoints, bytes, time, lost work."""
+    from ckptwise.config import parse_bytes, parse_duration, to_config
+    from ckptwise.simulate import simulate
+
     try:
         save_policy, keep_policy = _policy(config, save, keep, save_steps, save_total_limit)
     except CheckpointError as exc:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ckptwise.cli.common import echo_json, human_size, open_cli_run, warn
+from ckptwise.cli.common import CommandError, echo_json, human_size, open_cli_run, warn
 from ckptwise.cli.ranking import recorded_metrics, run_ranking, unknown_metric
 from ckptwise.cli.table import Column, print_table
 from ckptwise.errors import CheckpointError
@@ -27,7 +27,9 @@ from ckptwise.read.hf_model import (
     export_dtype,
     write_model_folder,
 )
-from ckptwise.read.run import Run, open_run
+
+if TYPE_CHECKING:
+    from ckptwise.read.run import Run
 
 __all__ = ["archive_command", "diff_command", "du_command", "export_command", "show_command"]
 
@@ -85,6 +87,15 @@ def _resolve(opened: Run, step: str, metric: str | None, mode: str | None) -> in
                 f"ranking by {metric}, the metric of the run's {ranking.policy}; the run does "
                 "not record whether lower or higher is better: assuming lower (pass --mode max "
                 "otherwise)"
+            )
+        if not any(metric in info.metrics for info in infos):
+            # early in a run, before the first evaluation: not a misspelt --metric
+            raise CommandError(
+                f"--step best ranks by {metric}, the metric of the run's {ranking.policy}, and "
+                f"no checkpoint has recorded it yet (they recorded: "
+                f"{', '.join(recorded_metrics(infos)) or 'no metrics'}); pass --step latest or "
+                "a step number",
+                kind="CheckpointNotFoundError",
             )
     problem = unknown_metric(metric, infos)
     if problem is not None:
@@ -367,7 +378,7 @@ def archive_command(
         info = opened.archive(chosen, out, lossy=prefixes)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    manifest = open_run(out).manifest(chosen)
+    manifest = open_cli_run(out).manifest(chosen)
     lossy = {n: e.note for n, e in manifest.tensors.items() if e.lossy}
     original = sum(e.nbytes for e in manifest.tensors.values())
     if as_json:

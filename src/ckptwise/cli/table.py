@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
-from rich import box
-from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 __all__ = ["Column", "print_table"]
 
@@ -31,6 +32,11 @@ class Column:
 
 def print_table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> None:
     """Print ``rows`` under ``title``: drawn on a terminal, plain when piped."""
+    # rich draws only on a terminal; imported here, `--help` and piped output never load it
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console(highlight=False)
     if not console.is_terminal:
         _print_plain(title, columns, rows)
@@ -79,6 +85,8 @@ def _narrowest(
 ) -> int:
     """The width ``table`` needs with its wrapping columns as narrow as their longest word
     (rich would cut the other columns to fit a narrower terminal)."""
+    from rich.measure import Measurement
+
     natural = Measurement.get(console, console.options.update_width(10**6), table).maximum
     saved = 0
     for i, column in enumerate(columns):

@@ -20,6 +20,7 @@ in the README. :func:`to_config` turns policy objects back into a dict that
 allowed.
 
 The modules: :mod:`~ckptwise.config.values` (durations, sizes, parameter readers),
+:mod:`~ckptwise.config.files` (YAML, TOML and JSON files, refusing a key given twice),
 :mod:`~ckptwise.config.registry` (the one table of built-in policies),
 :mod:`~ckptwise.config.mapping` (dicts and files), :mod:`~ckptwise.config.oneline` and
 :mod:`~ckptwise.config.record` (what a run records of its policies).

@@ -9,17 +9,16 @@ options a file may set (``content``, ``codec``, ...) from :mod:`~ckptwise.config
 
 from __future__ import annotations
 
-import json
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
+from ckptwise.config.files import load_policy_file
 from ckptwise.config.options import OPTIONS, dump_options, read_options
-from ckptwise.config.registry import KEEP, SAVE, Registry
-from ckptwise.config.values import read_int
+from ckptwise.config.registry import KEEP, SAVE, Registry, Spelling
+from ckptwise.config.values import closest, read_int
 from ckptwise.errors import CheckpointError, ConfigError
 from ckptwise.policy.base import After, AllOf, AnyOf, KeepAny, RetentionPolicy, Trigger
 from ckptwise.policy.content import ContentPolicy
@@ -64,8 +63,10 @@ class Policy:
         return {"save": self.save, "keep": self.keep, **self.options()}
 
 
-def save_from_data(node: object, where: str) -> Trigger:
-    """The trigger that the ``save`` mapping ``node`` (found at ``where``) describes."""
+def save_from_data(node: object, where: str, *, spelling: Spelling = "file") -> Trigger:
+    """The trigger that the ``save`` mapping ``node`` (found at ``where``) describes;
+    ``spelling`` says how examples in errors are written (the one-line form passes
+    ``"line"``)."""
     if not isinstance(node, Mapping) or not node:
         raise ConfigError(
             f"{where}: expected a mapping of triggers such as {{every: 1000}}, got {node!r}"
@@ -79,7 +80,7 @@ def save_from_data(node: object, where: str) -> Trigger:
                 "{after: 2000, every: 1000}"
             )
         try:
-            return After(start, save_from_data(items, where))
+            return After(start, save_from_data(items, where, spelling=spelling))
         except ConfigError as exc:
             if str(exc).startswith(where):
                 raise
@@ -92,7 +93,9 @@ def save_from_data(node: object, where: str) -> Trigger:
         if key in ("any", "all"):
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"{path}: expected a non-empty list of trigger mappings")
-            parts = [save_from_data(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            parts = [
+                save_from_data(v, f"{path}[{i}]", spelling=spelling) for i, v in enumerate(value)
+            ]
             if len(parts) == 1:
                 triggers.append(parts[0])
             else:
@@ -106,15 +109,16 @@ def save_from_data(node: object, where: str) -> Trigger:
             value = {spec.bare: value, **beside}
         else:
             loose.update(beside)  # a mapping names its parameters inside: these are misplaced
-        triggers.append(spec.build(value, path))
+        triggers.append(spec.build(value, path, spelling))
     for key in loose:
         owner = owners[key].name
         raise ConfigError(f"{where}.{key}: '{key}' only goes with '{owner}' (e.g. {owner}: 1000)")
     return triggers[0] if len(triggers) == 1 else AnyOf.of(*triggers)
 
 
-def keep_from_data(node: object, where: str) -> RetentionPolicy:
-    """The retention policy that the ``keep`` mapping ``node`` (found at ``where``) describes."""
+def keep_from_data(node: object, where: str, *, spelling: Spelling = "file") -> RetentionPolicy:
+    """The retention policy that the ``keep`` mapping ``node`` (found at ``where``) describes;
+    ``spelling`` as for :func:`save_from_data`."""
     if not isinstance(node, Mapping) or not node:
         raise ConfigError(f"{where}: expected a mapping such as {{last: 3}}, got {node!r}")
     policies: list[RetentionPolicy] = []
@@ -124,12 +128,14 @@ def keep_from_data(node: object, where: str) -> RetentionPolicy:
         if key == "any":
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"{path}: expected a non-empty list of retention mappings")
-            policies.extend(keep_from_data(v, f"{path}[{i}]") for i, v in enumerate(value))
+            policies.extend(
+                keep_from_data(v, f"{path}[{i}]", spelling=spelling) for i, v in enumerate(value)
+            )
             continue
         spec = KEEP.get(key)
         if spec is None:
             raise ConfigError(f"{path}: {unknown_policy(key, KEEP, SAVE)}")
-        policies.append(spec.build(value, path))
+        policies.append(spec.build(value, path, spelling))
     return policies[0] if len(policies) == 1 else KeepAny.of(*policies)
 
 
@@ -137,44 +143,15 @@ def unknown_policy(name: str, registry: Registry, other: Registry) -> str:
     """Why ``name`` is not a policy of ``registry`` (a retention policy given as a trigger,
     the reverse, or a name neither knows), and what ``registry`` allows."""
     ours, theirs = ("save", "keep") if registry is SAVE else ("keep", "save")
-    allowed = ", ".join(
-        [*registry.names, *(("after", "any", "all") if ours == "save" else ("any",))]
-    )
+    names = [*registry.names, *(("after", "any", "all") if ours == "save" else ("any",))]
+    allowed = ", ".join(names)
     if other.get(name) is not None or (name == "after" and ours == "keep"):
         return (
             f"{name!r} is a {'save trigger' if theirs == 'save' else other.kind}, which goes under {theirs} (the {theirs}= argument, "
             f"--{theirs}, CKPTWISE_{theirs.upper()}), not {ours}; {ours} takes {allowed}"
         )
-    return f"unknown {registry.kind}; allowed: {allowed}"
-
-
-def _load(source: str | os.PathLike[str]) -> Any:
-    path = Path(source)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read policy file {path}: {exc}") from exc
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            return tomllib.loads(text)
-        if suffix == ".json":
-            return json.loads(text)
-        if suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as exc:
-                raise ConfigError(
-                    f"{path} is YAML, which needs PyYAML: pip install 'ckptwise[config]'"
-                ) from exc
-            return yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} does not parse: {exc}") from exc
-    except Exception as exc:
-        if type(exc).__module__.startswith("yaml"):
-            raise ConfigError(f"{path} does not parse: {exc}") from exc
-        raise
-    raise ConfigError(f"{path}: policy files end in .yaml, .yml, .toml or .json")
+    near = closest(name, [*names, *registry.aliases])
+    return f"unknown {registry.kind}; {near}allowed: {allowed}"
 
 
 def policy_from_config(source: Mapping[str, Any] | str | os.PathLike[str]) -> Policy:
@@ -183,7 +160,7 @@ def policy_from_config(source: Mapping[str, Any] | str | os.PathLike[str]) -> Po
     ``rng``), or the path of a YAML, TOML or JSON file holding one (optionally under a
     ``ckptwise`` key).
     """
-    doc = source if isinstance(source, Mapping) else _load(source)
+    doc = source if isinstance(source, Mapping) else load_policy_file(Path(source))
     if isinstance(doc, Mapping) and "ckptwise" in doc and isinstance(doc["ckptwise"], Mapping):
         doc = doc["ckptwise"]
     if not isinstance(doc, Mapping):
@@ -194,7 +171,8 @@ def policy_from_config(source: Mapping[str, Any] | str | os.PathLike[str]) -> Po
     unknown = [k for k in doc if k not in SECTIONS]
     if unknown:
         raise ConfigError(
-            f"{unknown[0]}: unknown section; a policy config has {', '.join(SECTIONS)}"
+            f"{unknown[0]}: unknown section; {closest(str(unknown[0]), SECTIONS)}a policy "
+            f"config has {', '.join(SECTIONS)}"
         )
     save = doc.get("save")
     keep = doc.get("keep")

@@ -212,7 +212,7 @@ def parse_save(text: str, *, source: str | None = None) -> Trigger:
         parser = _Parser(text, SAVE)
         node = parser.parse()
         try:
-            return save_from_data(node, "save")
+            return save_from_data(node, "save", spelling="line")
         except ConfigError as exc:
             raise ConfigError(f"in {parser.text!r}: {exc}") from exc
     except ConfigError as exc:
@@ -229,7 +229,7 @@ def parse_keep(text: str, *, source: str | None = None) -> RetentionPolicy:
             at = next(i for i, (t, _) in enumerate(parser.tokens) if t == "&")
             raise parser.error("retention policies combine with '|' only, not '&'", at)
         try:
-            return keep_from_data(node, "keep")
+            return keep_from_data(node, "keep", spelling="line")
         except ConfigError as exc:
             raise ConfigError(f"in {parser.text!r}: {exc}") from exc
     except ConfigError as exc:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ckptwise.config.values import read_int, read_str
+from ckptwise.config.values import closest, read_int, read_positive_int, read_str
 from ckptwise.errors import CheckpointError, ConfigError
 from ckptwise.policy.content import (
     ContentPolicy,
@@ -49,11 +49,14 @@ _VARIANTS: dict[str, Callable[..., Variant]] = {
     "trainable_only": trainable_only,
     "trainable": trainable_only,
 }
-_VARIANT_NAMES = "full, weights_only, trainable_only"
+_VARIANT_NAMES = ("full", "weights_only", "trainable_only")
+#: what a ``content`` value may name: the variants, and ``full_every`` of two of them
+_CONTENT_NAMES = (*_VARIANT_NAMES, "full_every")
 
 
-def read_variant(value: object, where: str) -> Variant:
-    """``full``, ``weights_only`` or ``trainable_only``, bare or as ``{name: {key, cast}}``."""
+def read_variant(value: object, where: str, *, names: tuple[str, ...] = _VARIANT_NAMES) -> Variant:
+    """``full``, ``weights_only`` or ``trainable_only``, bare or as ``{name: {key, cast}}``;
+    ``names``: what the value at ``where`` may name, as an unknown name's error lists it."""
     params: object = {}
     if isinstance(value, str):
         name = value
@@ -62,12 +65,18 @@ def read_variant(value: object, where: str) -> Variant:
         params = {} if params is True or params is None else params
     else:
         raise ConfigError(
-            f"{where}: {value!r} is not a content variant; write one of {_VARIANT_NAMES}, "
-            "e.g. `weights_only` or `{weights_only: {cast: bfloat16}}`"
+            f"{where}: {value!r} is not a content variant; write one of "
+            f"{', '.join(_VARIANT_NAMES)}, e.g. `weights_only` or "
+            "`{weights_only: {cast: bfloat16}}`"
         )
     factory = _VARIANTS.get(name)
     if factory is None:
-        raise ConfigError(f"{where}: unknown variant {name!r}; allowed: {_VARIANT_NAMES}")
+        # a mapping's key is a step further down the path than a bare name
+        path = f"{where}.{name}" if isinstance(value, Mapping) else where
+        raise ConfigError(
+            f"{path}: unknown content policy {name!r}; {closest(name, [*names, *_VARIANTS])}"
+            f"allowed: {', '.join(names)}"
+        )
     if not isinstance(params, Mapping):
         raise ConfigError(f"{where}.{name}: {params!r} is not a mapping of key and cast")
     allowed = () if name == "full" else ("key", "cast")
@@ -76,7 +85,10 @@ def read_variant(value: object, where: str) -> Variant:
         key = str(raw)
         if key not in allowed:
             takes = ", ".join(allowed) or "no parameters"
-            raise ConfigError(f"{where}.{name}.{key}: unknown parameter; {name} takes {takes}")
+            raise ConfigError(
+                f"{where}.{name}.{key}: unknown parameter; {closest(key, allowed)}{name} takes "
+                f"{takes}"
+            )
         kwargs[key] = None if item is None else read_str(item, f"{where}.{name}.{key}")
     try:
         return factory(**kwargs)
@@ -94,20 +106,25 @@ def read_content(value: object, where: str = "content") -> ContentPolicy:
             params["interval"] = inner
         params.update(items)  # `otherwise` may stand beside a bare interval
         path = f"{where}.full_every"
-        unknown = [k for k in params if k not in ("interval", "otherwise")]
+        allowed = ("interval", "otherwise")
+        unknown = [k for k in params if k not in allowed]
         if unknown:
             raise ConfigError(
-                f"{path}.{unknown[0]}: unknown parameter; full_every takes interval, otherwise"
+                f"{path}.{unknown[0]}: unknown parameter; {closest(unknown[0], allowed)}"
+                "full_every takes interval, otherwise"
             )
         if "interval" not in params:
             raise ConfigError(f"{path}: full_every needs 'interval' (e.g. full_every: 5000)")
-        interval = read_int(params["interval"], f"{path}.interval")
+        try:
+            interval = read_positive_int(params["interval"], f"{path}.interval")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; e.g. full_every: 5000") from exc
         otherwise = read_variant(params.get("otherwise", "weights_only"), f"{path}.otherwise")
         try:
             return full_every(interval, otherwise=otherwise)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
-    return read_variant(value, where)
+    return read_variant(value, where, names=_CONTENT_NAMES)
 
 
 def _dump_variant(variant: Variant) -> object:

@@ -14,7 +14,7 @@ RankedBy(metric='eval_loss', mode='min', policy='keep_best')
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,15 +41,24 @@ class RankedBy:
 
 def policy_ranking(save: Trigger | None, keep: RetentionPolicy | None) -> RankedBy | None:
     """The ranking of these policies: their ``keep_best``, else their ``on_improvement``."""
-    if keep is not None:
-        for part in keep.policies if isinstance(keep, KeepAny) else (keep,):
-            if isinstance(part, KeepBest):
-                return RankedBy(part.metric, part.mode, "keep_best")
+    for part in _retention_leaves(keep):
+        if isinstance(part, KeepBest):
+            return RankedBy(part.metric, part.mode, "keep_best")
     if save is not None:
         for trigger in walk(save):
             if isinstance(trigger, OnImprovement):
                 return RankedBy(trigger.metric, trigger.mode, "on_improvement")
     return None
+
+
+def _retention_leaves(keep: RetentionPolicy | None) -> Iterator[RetentionPolicy]:
+    """Every policy inside ``keep``, also through a ``KeepAny`` built directly around
+    another (``KeepAny.of`` and ``|`` flatten; the constructor does not)."""
+    if isinstance(keep, KeepAny):
+        for inner in keep.policies:
+            yield from _retention_leaves(inner)
+    elif keep is not None:
+        yield keep
 
 
 def policy_record(

@@ -5,23 +5,32 @@ Each :class:`Spec` ties a config name to its class, its factory and its paramete
 becomes a config value again. Reading (:mod:`~ckptwise.config.mapping`,
 :mod:`~ckptwise.config.oneline`) and writing back (:func:`~ckptwise.config.to_config`) both
 go through :data:`SAVE` and :data:`KEEP`, so a new built-in policy needs one entry here.
+
+An error about a value ends with an example of the policy in the form the user wrote it
+(:data:`Spelling`): ``every: 1000`` in a file, ``every(1000)`` on a command line. The
+readers check what the factories check for counts, durations and sizes, because the
+factories' own messages show the Python spelling (``cw.every(1000)``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ckptwise.config.values import (
+    closest,
     format_duration,
     read_duration,
     read_float,
     read_int,
     read_int_list,
+    read_positive_duration,
+    read_positive_int,
+    read_positive_size,
     read_schedule,
     read_signals,
-    read_size,
     read_str,
 )
 from ckptwise.errors import ConfigError
@@ -65,11 +74,31 @@ from ckptwise.policy.triggers import (
     schedule,
 )
 
-__all__ = ["KEEP", "SAVE", "Param", "Registry", "Spec"]
+__all__ = ["KEEP", "SAVE", "Param", "Registry", "Spec", "Spelling", "flow"]
+
+#: how the user wrote a policy, so an example in a message is written the same way:
+#: ``"file"``, a mapping in a YAML, TOML or JSON file (``every: 1000``); ``"line"``, the
+#: one-line form of flags and environment variables (``every(1000)``)
+Spelling = Literal["file", "line"]
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 
 
 def _same(value: Any) -> Any:
     return value
+
+
+def flow(value: object) -> str:
+    """``value`` (config data) as YAML flow text, which the one-line form reads too:
+    ``{n: 2, metric: eval_loss}``, ``[1000, 5000]``, ``30m``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{flow(k)}: {flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(flow(v) for v in value) + "]"
+    text = str(value)
+    return text if _PLAIN.match(text) else repr(text)
 
 
 @dataclass(frozen=True)
@@ -94,7 +123,8 @@ class Spec:
     be a mapping (``schedule: {0: 2000}``). ``shorthand`` turns some other bare value into
     parameters (``best: eval_loss``). ``siblings`` may also stand beside the bare value in the
     enclosing mapping (``every: 1000`` and ``start: 200``). The factory's own name (``on_final``,
-    ``keep_last``) is always accepted besides ``name`` and ``aliases``.
+    ``keep_last``) is always accepted besides ``name`` and ``aliases``. ``example`` is a value
+    that :meth:`build` accepts, shown in error messages (see :meth:`example_in`).
     """
 
     name: str
@@ -107,27 +137,54 @@ class Spec:
     takes_mapping: bool = False
     shorthand: Callable[[object], dict[str, object] | None] | None = None
     siblings: tuple[str, ...] = ()
+    example: object = True
 
-    def build(self, value: object, where: str) -> Any:
-        """The policy that the config ``value`` found at ``where`` describes."""
+    def build(self, value: object, where: str, spelling: Spelling = "file") -> Any:
+        """The policy that the config ``value`` found at ``where`` describes; a bad value's
+        error ends with :meth:`example_in` ``spelling``."""
         known = {p.name: p for p in self.params}
         params = self._params(value, where, known)
         unknown = [k for k in params if k not in known]
         if unknown:
             raise ConfigError(
-                f"{where}.{unknown[0]}: unknown parameter; {self.name} takes "
-                f"{', '.join(known) or 'no parameters'}"
+                f"{where}.{unknown[0]}: unknown parameter; {closest(unknown[0], known)}"
+                f"{self.name} takes {', '.join(known) or 'no parameters'}"
             )
         kwargs = {}
-        for param in self.params:
-            if param.name in params:
-                kwargs[param.name] = param.read(params[param.name], f"{where}.{param.name}")
-            elif param.required:
-                raise ConfigError(f"{where}: {self.name} needs {param.name!r}")
         try:
-            return self.factory(**kwargs)
+            for param in self.params:
+                if param.name in params:
+                    kwargs[param.name] = param.read(params[param.name], f"{where}.{param.name}")
+                elif param.required:
+                    raise ConfigError(f"{where}: {self.name} needs {param.name!r}")
+            try:
+                return self.factory(**kwargs)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from exc
         except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from exc
+            if "e.g." in str(exc):  # the message has its own example
+                raise
+            raise ConfigError(f"{exc}; e.g. {self.example_in(spelling)}") from exc
+
+    def example_in(self, spelling: Spelling) -> str:
+        """:attr:`example` as the user would write it: ``every: 1000`` in a file,
+        ``every(1000)`` on a command line."""
+        if spelling == "file":
+            return f"{self.name}: {flow(self.example)}"
+        if self.bare == "":
+            return self.name
+        if self.variadic and isinstance(self.example, (list, tuple)):
+            return f"{self.name}({', '.join(flow(v) for v in self.example)})"
+        if not isinstance(self.example, Mapping) or self.takes_mapping:
+            return f"{self.name}({flow(self.example)})"
+        required = [p.name for p in self.params if p.required]
+        items = list(self.example.items())
+        lead = 0
+        while lead < len(items) and lead < len(required) and items[lead][0] == required[lead]:
+            lead += 1
+        args = [flow(v) for _, v in items[:lead]]
+        args += [f"{k}={flow(v)}" for k, v in items[lead:]]
+        return f"{self.name}({', '.join(args)})"
 
     def _params(self, value: object, where: str, known: Mapping[str, Param]) -> dict[str, object]:
         if self.shorthand is not None:
@@ -208,10 +265,11 @@ SAVE = Registry(
             "every",
             Every,
             every,
-            (Param("interval", read_int, required=True), Param("start", read_int)),
+            (Param("interval", read_positive_int, required=True), Param("start", read_int)),
             bare="interval",
             aliases=("every_steps",),
             siblings=("start",),
+            example=1000,
         ),
         Spec(
             "at_steps",
@@ -220,6 +278,7 @@ SAVE = Registry(
             (Param("steps", read_int_list, sorted, required=True),),
             bare="steps",
             variadic=True,
+            example=[1000, 5000],
         ),
         Spec(
             "schedule",
@@ -228,23 +287,26 @@ SAVE = Registry(
             (Param("intervals", read_schedule, dict, required=True),),
             bare="intervals",
             takes_mapping=True,
+            example={0: 2000, 10000: 500},
         ),
         Spec(
             "geometric",
             Geometric,
             geometric,
             (
-                Param("first", read_int),
+                Param("first", read_positive_int),
                 Param("factor", read_float),
-                Param("max_interval", read_int),
+                Param("max_interval", read_positive_int),
             ),
+            example={"first": 100, "factor": 2.0, "max_interval": 5000},
         ),
         Spec(
             "every_duration",
             EveryDuration,
             every_duration,
-            (Param("interval", read_duration, format_duration, required=True),),
+            (Param("interval", read_positive_duration, format_duration, required=True),),
             bare="interval",
+            example="30m",
         ),
         Spec(
             "overhead_budget",
@@ -255,16 +317,18 @@ SAVE = Registry(
                 Param("first_after", read_duration, format_duration),
             ),
             bare="fraction",
+            example=0.02,
         ),
         Spec(
             "optimal_interval",
             OptimalInterval,
             optimal_interval,
             (
-                Param("mtbf", read_duration, format_duration, required=True),
+                Param("mtbf", read_positive_duration, format_duration, required=True),
                 Param("first_after", read_duration, format_duration),
             ),
             bare="mtbf",
+            example="4h",
         ),
         Spec(
             "on_improvement",
@@ -277,6 +341,7 @@ SAVE = Registry(
                 Param("patience", read_int),
             ),
             bare="metric",
+            example={"metric": "eval_loss", "mode": "min"},
         ),
         Spec(
             "on_signal",
@@ -285,8 +350,11 @@ SAVE = Registry(
             (Param("signals", read_signals, list), Param("then", read_str)),
             bare="signals",
             variadic=True,
+            example=["SIGTERM", "SIGUSR1"],
         ),
-        Spec("on_file", OnFile, on_file, (Param("name", read_str),), bare="name"),
+        Spec(
+            "on_file", OnFile, on_file, (Param("name", read_str),), bare="name", example="SAVE_NOW"
+        ),
         Spec("final", OnFinal, on_final, bare=""),
         Spec("never", Never, never, bare=""),
     ],
@@ -295,38 +363,49 @@ SAVE = Registry(
 KEEP = Registry(
     "retention policy",
     [
-        Spec("last", KeepLast, keep_last, (Param("n", read_int, required=True),), bare="n"),
+        Spec(
+            "last",
+            KeepLast,
+            keep_last,
+            (Param("n", read_positive_int, required=True),),
+            bare="n",
+            example=3,
+        ),
         Spec(
             "best",
             KeepBest,
             keep_best,
             (
-                Param("n", read_int, required=True),
+                Param("n", read_positive_int, required=True),
                 Param("metric", read_str, required=True),
                 Param("mode", read_str),
             ),
             shorthand=_best_metric,
+            example={"n": 2, "metric": "eval_loss", "mode": "min"},
         ),
         Spec(
             "every",
             KeepEvery,
             keep_every,
-            (Param("interval", read_int, required=True),),
+            (Param("interval", read_positive_int, required=True),),
             bare="interval",
+            example=10000,
         ),
         Spec(
             "within",
             KeepWithin,
             keep_within,
-            (Param("age", read_duration, format_duration, required=True),),
+            (Param("age", read_positive_duration, format_duration, required=True),),
             bare="age",
+            example="7d",
         ),
         Spec(
             "budget",
             KeepBudget,
             keep_budget,
-            (Param("max_bytes", read_size, required=True),),
+            (Param("max_bytes", read_positive_size, required=True),),
             bare="max_bytes",
+            example="200GB",
         ),
         Spec("all", KeepAll, keep_all, bare=""),
     ],

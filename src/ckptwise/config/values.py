@@ -7,14 +7,16 @@ starts with ``where`` (the key path, e.g. ``save.every.interval``).
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from decimal import Decimal
 
 from ckptwise.errors import ConfigError
 
 __all__ = [
+    "closest",
     "format_duration",
     "parse_bytes",
     "parse_duration",
@@ -22,6 +24,9 @@ __all__ = [
     "read_float",
     "read_int",
     "read_int_list",
+    "read_positive_duration",
+    "read_positive_int",
+    "read_positive_size",
     "read_schedule",
     "read_signals",
     "read_size",
@@ -31,6 +36,13 @@ __all__ = [
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|d|h|m|s)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*$", re.IGNORECASE)
+
+
+def closest(name: str, allowed: Iterable[str]) -> str:
+    """``"did you mean 'x'? "`` for the allowed name closest to a misspelt ``name``, or ``""``
+    when none is close."""
+    match = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.7)
+    return f"did you mean {match[0]!r}? " if match else ""
 
 
 def parse_duration(value: object, *, where: str = "duration") -> timedelta:
@@ -107,6 +119,17 @@ def read_int(value: object, where: str) -> int:
     return value
 
 
+def read_positive_int(value: object, where: str) -> int:
+    """:func:`read_int` of a count or an interval: 1 or more.
+
+    The policy factories check the same, but their messages show the Python spelling
+    (``cw.every(1000)``); this one leaves the example to the config form reading it."""
+    number = read_int(value, where)
+    if number < 1:
+        raise ConfigError(f"{where}: {value!r} is not a positive integer")
+    return number
+
+
 def read_float(value: object, where: str) -> float:
     """A number, also from text."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -144,16 +167,37 @@ def read_signals(value: object, where: str) -> list[str]:
         return ["SIGTERM", "SIGUSR1"]
     if isinstance(value, str):
         return [value]
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and value:
         return [read_str(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: give at least one signal name")
     raise ConfigError(f"{where}: {value!r} is not a signal name or a list of them")
 
 
 def read_duration(value: object, where: str) -> timedelta:
-    """:func:`parse_duration` as a reader."""
-    return parse_duration(value, where=where)
+    """:func:`parse_duration` as a reader; a policy's durations are never negative."""
+    delta = parse_duration(value, where=where)
+    if delta < timedelta(0):
+        raise ConfigError(f"{where}: {value!r} is a negative duration")
+    return delta
+
+
+def read_positive_duration(value: object, where: str) -> timedelta:
+    """:func:`read_duration` of an interval or an age: longer than zero."""
+    delta = read_duration(value, where)
+    if not delta:
+        raise ConfigError(f"{where}: {value!r} is not a positive duration")
+    return delta
 
 
 def read_size(value: object, where: str) -> int:
     """:func:`parse_bytes` as a reader."""
     return parse_bytes(value, where=where)
+
+
+def read_positive_size(value: object, where: str) -> int:
+    """:func:`read_size` of a budget: at least one byte."""
+    size = read_size(value, where)
+    if size < 1:
+        raise ConfigError(f"{where}: {value!r} is not a positive size")
+    return size

@@ -176,7 +176,31 @@ class CheckpointCallback(TrainerCallback):
         self._open_manager()
         self._trained = False
         self._recorder.refresh()  # the processor may have changed between sessions
+        self._end_if_finished(state, control)
         return control
+
+    def _end_if_finished(self, state: Any, control: Any) -> None:
+        """End a ``train()`` that resumed at ``max_steps`` (a scheduler requeued a finished
+        job) before it takes a step.
+
+        ``Trainer`` checks ``max_steps`` only after a step, and its loop resumes mid-epoch
+        when ``max_steps`` is no whole number of epochs: it would train one step past
+        ``max_steps``, which the callback would save as ``final``. No callback event comes
+        between here and that step's optimizer step, so the stop also hands the loop no
+        batches (an instance attribute over ``Trainer.get_batch_samples``, removed when
+        training ends or starts again): it finds none, and stops.
+        """
+        self.trainer.__dict__.pop("get_batch_samples", None)  # a train() that raised
+        if not (state.max_steps and state.global_step >= state.max_steps):
+            return
+        log.warning(
+            "checkpoint %d is at max_steps (%d): training is already finished; this train() "
+            "takes no step and saves nothing (raise max_steps to train on)",
+            state.global_step,
+            state.max_steps,
+        )
+        control.should_training_stop = True
+        self.trainer.get_batch_samples = lambda *args, **kwargs: ([], None)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         control.should_save = False
@@ -217,6 +241,7 @@ class CheckpointCallback(TrainerCallback):
             if self._trained:  # also when training stopped early (EarlyStoppingCallback)
                 self._save_final(state.global_step)
         finally:
+            self.trainer.__dict__.pop("get_batch_samples", None)  # see _end_if_finished
             self._cleanup_resume_dir()
             self.manager.close()  # waits for a save in flight, releases the run's lock
         return control
