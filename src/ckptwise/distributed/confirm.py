@@ -70,10 +70,6 @@ class UploadConfirmer:
         self._give_up = False
         self._closing = False
         self._stopped = False
-        #: the steps whose manifests were released, in order (rank 0 uploads them)
-        self.confirmed: list[int] = []
-        #: when each step was confirmed (``time.monotonic()``), for measurements
-        self.confirmed_at: dict[int, float] = {}
         #: the failure that stopped the confirmations (a rank died)
         self.error: CheckpointError | None = None
         self._thread = threading.Thread(target=self._work, name="ckptwise-confirm", daemon=True)
@@ -212,9 +208,6 @@ class UploadConfirmer:
             )
             return
         self._backend.confirm_step(step)
-        with self._cond:
-            self.confirmed.append(step)
-            self.confirmed_at[step] = time.monotonic()
 
 
 _live: weakref.WeakSet[UploadConfirmer] = weakref.WeakSet()
