@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,19 @@ import pytest
 import ckptwise as cw
 from s3_proxy import S3Proxy, s3_proxy
 from s3_server import moto_s3
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """Put ``os.environ`` back after each test.
+
+    Libraries write to it as a side effect: transformers 4.x's ``TrainingArguments(bf16=True)``
+    sets ``ACCELERATE_MIXED_PRECISION``, which would make every later ``Trainer`` in the
+    process wrap its model's ``forward`` in bf16 autocast."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
