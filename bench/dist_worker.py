@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from datetime import timedelta
@@ -52,6 +53,9 @@ def decide(steps: int, blocks: int) -> dict[str, Any]:
             times[kind].append((time.perf_counter() - started) / steps)
     for manager in managers.values():
         manager.close()
+    dist.barrier()
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
     return dict(times)
 
 
@@ -82,6 +86,9 @@ def write(megabytes: int, reps: int) -> dict[str, Any]:
             times[kind].append(time.perf_counter() - started)
             manager.close()
     dist_save.SHARED_MIN_BYTES = shared_min
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(base, ignore_errors=True)
     return {"bytes": sum(c.nbytes for c in chunks), **times}
 
 

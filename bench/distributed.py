@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,12 +86,17 @@ def write_throughput(ranks: int, megabytes: int) -> dict[str, Any]:
 def deepspeed_bytes(stage: int) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-ds-"))
     common = ("--stage", str(stage), "--steps", "20", "--save-steps", "5")
-    torchrun(2, str(DS_TRAIN), str(work / "run"), str(work / "ours"), *common, "--save", "every(5)")
-    torchrun(
-        2, str(DS_TRAIN), str(work / "unused"), str(work / "theirs"), *common, "--trainer-saves"
-    )
-    ours = json.loads((work / "ours" / "rank0.json").read_text())["bytes_written"]
-    theirs = json.loads((work / "theirs" / "rank0.json").read_text())["bytes_written"]
+    try:
+        torchrun(
+            2, str(DS_TRAIN), str(work / "run"), str(work / "ours"), *common, "--save", "every(5)"
+        )
+        torchrun(
+            2, str(DS_TRAIN), str(work / "unused"), str(work / "theirs"), *common, "--trainer-saves"
+        )
+        ours = json.loads((work / "ours" / "rank0.json").read_text())["bytes_written"]
+        theirs = json.loads((work / "theirs" / "rank0.json").read_text())["bytes_written"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return {
         "figure": f"bytes written, 4 saves of a ZeRO-{stage} MiniCPM-V-shaped run: ckptwise / Trainer + DeepSpeed",
         "ratio": ours / theirs,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -108,6 +109,7 @@ def main() -> None:
         f"restore of step {restored} into a fresh GPU model: {t_restore:.2f} s, "
         f"bit-exact: {exact}, on the GPU: {on_gpu}"
     )
+    shutil.rmtree(work, ignore_errors=True)
     if not (immune and exact and on_gpu):
         raise SystemExit(1)
 

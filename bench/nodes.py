@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,30 @@ def main() -> None:
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-nodes-"))
+    try:
+        outputs, procs = run_nodes(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # gigabytes of caches and runs
+    if any(proc.returncode for proc in procs):
+        raise SystemExit("\n".join(out[-4000:] for out in outputs))
+    line = next(x for x in outputs[0].splitlines() if "RESULT " in x)
+    figures = json.loads(line.split("RESULT ", 1)[1])
+    figures["table"] = table(figures, args.saves)
+    print(
+        f"two nodes (1 rank each, DDP), {figures['state_bytes'] / 2**30:.2f} GiB of state, "
+        f"{args.saves} saves per block, {args.reps} blocks each"
+    )
+    print(f"{'figure':58} {'value':>7}  detail (median [range])")
+    for name, value, detail in figures["table"]:
+        print(f"{name:58} {value:7.2f}  {detail}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(figures, indent=1))
+
+
+def run_nodes(
+    args: argparse.Namespace, work: Path
+) -> tuple[list[str], list[subprocess.Popen[str]]]:
+    """Both nodes' ``torchrun`` launches against one moto server; their outputs."""
     with moto_s3("nodes") as options:
         env = {
             **os.environ,
@@ -70,20 +95,7 @@ def main() -> None:
             for node in (0, 1)
         ]  # fmt: skip
         outputs = [proc.communicate(timeout=3600)[0] for proc in procs]
-    if any(proc.returncode for proc in procs):
-        raise SystemExit("\n".join(out[-4000:] for out in outputs))
-    line = next(x for x in outputs[0].splitlines() if "RESULT " in x)
-    figures = json.loads(line.split("RESULT ", 1)[1])
-    figures["table"] = table(figures, args.saves)
-    print(
-        f"two nodes (1 rank each, DDP), {figures['state_bytes'] / 2**30:.2f} GiB of state, "
-        f"{args.saves} saves per block, {args.reps} blocks each"
-    )
-    print(f"{'figure':58} {'value':>7}  detail (median [range])")
-    for name, value, detail in figures["table"]:
-        print(f"{name:58} {value:7.2f}  {detail}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(figures, indent=1))
+    return outputs, procs
 
 
 def store_pid(endpoint: str) -> str:
