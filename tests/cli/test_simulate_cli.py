@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -203,4 +204,23 @@ def test_a_bad_save_flag_gets_an_example_in_the_flag_s_own_spelling() -> None:
     result = CliRunner().invoke(cli, ["simulate", "--steps", "100", "--save", "every(-5)"])
     assert result.exit_code == 2
     assert "save.every.interval: -5 is not a positive integer; e.g. every(1000)" in result.output
+    assert "Invalid value for --save:" in result.output
+    assert "cw." not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "named", "example"),
+    [
+        (["--save", "every(5)", "--keep", "lst(2)"], "--keep", "did you mean 'last'?"),
+        (["--save-steps", "0"], "--save-steps", "e.g. --save-steps 1000"),
+        (["--save-steps", "5", "--save-total-limit", "0"], "--save-total-limit", "e.g. "),
+    ],
+)
+def test_each_bad_policy_option_is_named_with_an_example_in_its_own_spelling(
+    args: list[str], named: str, example: str
+) -> None:
+    result = CliRunner().invoke(cli, ["simulate", "--steps", "100", *args])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {named}:" in result.output
+    assert example in result.output
     assert "cw." not in result.output

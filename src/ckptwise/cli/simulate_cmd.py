@@ -59,15 +59,32 @@ def _policy(
     import ckptwise as cw
     from ckptwise.config import Policy, parse_keep, parse_save, policy_from_config
 
-    policy = policy_from_config(config) if config else Policy()
+    def parsed(option: str, parse: Any, value: str) -> Any:
+        try:
+            return parse(value)
+        except CheckpointError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from exc
+
+    policy = parsed("--config", policy_from_config, config) if config else Policy()
     if save:
-        policy = Policy(parse_save(save), policy.keep)
+        policy = Policy(parsed("--save", parse_save, save), policy.keep)
     if keep:
-        policy = Policy(policy.save, parse_keep(keep))
+        policy = Policy(policy.save, parsed("--keep", parse_keep, keep))
     if save_steps is not None:
+        if save_steps <= 0:
+            raise click.BadParameter(
+                f"{save_steps} is not a positive number of steps; e.g. --save-steps 1000",
+                param_hint="--save-steps",
+            )
         # as TrainingArguments(save_steps=N) under attach(): the last step is saved too
         policy = Policy(cw.every(save_steps) | cw.on_final(), policy.keep)
     if save_total_limit is not None:
+        if save_total_limit <= 0:
+            raise click.BadParameter(
+                f"{save_total_limit} is not a positive number of checkpoints; e.g. "
+                "--save-total-limit 3 (leave it out to keep them all)",
+                param_hint="--save-total-limit",
+            )
         policy = Policy(policy.save, cw.keep_last(save_total_limit))
     if policy.save is None:
         raise click.UsageError(
@@ -177,10 +194,7 @@ def simulate_command(
     from ckptwise.config import parse_bytes, parse_duration, to_config
     from ckptwise.simulate import simulate
 
-    try:
-        save_policy, keep_policy = _policy(config, save, keep, save_steps, save_total_limit)
-    except CheckpointError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    save_policy, keep_policy = _policy(config, save, keep, save_steps, save_total_limit)
     step_td = _parse_option("--step-time", step_time, parse_duration)
     cost_td = _parse_option("--save-cost", save_cost, parse_duration)
     size = _parse_option("--checkpoint-bytes", checkpoint_bytes, parse_bytes)
