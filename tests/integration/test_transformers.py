@@ -516,6 +516,47 @@ def test_export_of_a_trainer_run_loads_as_trained_with_its_tokenizer(tmp_path: P
         assert tokenizer("w3 w200 nothing")["input_ids"] == [3, 200, 255]
 
 
+def test_a_trained_only_run_exports_only_with_the_frozen_weights_of_its_base(
+    tmp_path: Path,
+) -> None:
+    """``weights="trainable"`` never saves the frozen LLM: ``ckptwise export`` refuses to
+    write a folder that would load with it newly initialized, and takes it from ``--base``
+    (the model the run fine-tuned); ``callback.export`` takes it from the live model."""
+    base = tmp_path / "base"
+    build_model().save_pretrained(base)  # the model before fine-tuning
+    model = build_model()
+    trainer = CPMTrainer(
+        model=model,
+        args=make_trainer(tmp_path / "out", max_steps=3, eval_strategy="no").args,
+        train_dataset=SyntheticImageText(64, seed=1),
+    )
+    callback = attach(
+        trainer, tmp_path / "run", save=cw.on_final(), keep=cw.keep_last(1), weights="trainable"
+    )
+    trainer.train()
+    trained = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    assert not any(name.startswith("llm.") for name in callback.manager.run.load(3)["model"])
+
+    refused = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), str(tmp_path / "x")])
+    assert refused.exit_code == 1
+    assert "step 3 holds the trained weights only" in refused.output
+    assert "--base MODEL_DIR" in refused.output
+    assert not (tmp_path / "x" / "model.safetensors").exists()
+
+    out = tmp_path / "export"
+    args = ["export", str(tmp_path / "run"), str(out), "--base", str(base)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    for folder in (out, callback.export(tmp_path / "live", "latest")):
+        found: Any = MiniCPMVLike.from_pretrained(folder, output_loading_info=True, **AUTO)
+        loaded, info = found
+        assert not any(info.values()), info  # nothing newly initialized
+        state = loaded.state_dict()
+        assert state.keys() == trained.keys()
+        for name, tensor in trained.items():
+            assert torch.equal(state[name], tensor), name
+
+
 def test_lora_adapter_with_modules_to_save_exports_for_peft(tmp_path: Path) -> None:
     base = build_model()
     config = peft.LoraConfig(

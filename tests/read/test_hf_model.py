@@ -3,16 +3,18 @@ each dtype policy; records from a damaged or newer store are refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import ckptwise as cw
 from ckptwise.errors import CorruptCheckpointError, FormatError
+from ckptwise.read.formats import read_model_folder
 from ckptwise.read.hf_model import (
     HF_MODEL_KEY,
     HfModelRecord,
@@ -176,4 +178,92 @@ def test_a_malformed_record_is_refused(value: Any, message: str) -> None:
 
 def test_a_record_from_a_newer_ckptwise_says_to_upgrade() -> None:
     with pytest.raises(FormatError, match=r"upgrade ckptwise"):
-        HfModelRecord.from_value(_value(version=2), "checkpoint at step 1")
+        HfModelRecord.from_value(_value(version=3), "checkpoint at step 1")
+
+
+TRAINABLE = dataclasses.replace(RECORD, trainable_only=True)
+
+
+def test_a_trained_only_record_is_version_2_so_older_readers_refuse_it() -> None:
+    assert RECORD.to_value()["version"] == 1  # the others stay readable by older readers
+    value = TRAINABLE.to_value()
+    assert value["version"] == 2
+    assert value["trainable_only"] is True
+    assert HfModelRecord.from_value(value, "step 1") == TRAINABLE
+    with pytest.raises(CorruptCheckpointError, match=r"trainable_only 'yes'"):
+        HfModelRecord.from_value({**value, "trainable_only": "yes"}, "step 1")
+
+
+def _trained_only(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in weights.items() if k == "proj.weight"}
+
+
+def test_a_trained_only_checkpoint_is_not_exported_without_its_frozen_weights(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(cw.CheckpointError, match=r"step 7 holds the trained weights only.*--base"):
+        write_model_folder(_trained_only(_weights()), tmp_path / "out", record=TRAINABLE, step=7)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_base_supplies_the_tensors_the_checkpoint_lacks(tmp_path: Path, sharded: bool) -> None:
+    torch.manual_seed(0)
+    trained, initial = _weights(), _weights()  # the base: the model before fine-tuning
+    base = tmp_path / "base"
+    base.mkdir()
+    if sharded:  # as save_pretrained shards a large model
+        names = sorted(initial)
+        halves = {
+            "model-00001-of-00002.safetensors": names[:2],
+            "model-00002-of-00002.safetensors": names[2:],
+        }
+        for shard, held in halves.items():
+            save_file({n: initial[n] for n in held}, str(base / shard))
+        weight_map = {n: shard for shard, held in halves.items() for n in held}
+        (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        save_file(initial, str(base / "model.safetensors"))
+    out = write_model_folder(
+        _trained_only(trained), tmp_path / "out", record=TRAINABLE, base=base, step=7
+    )
+    written = load_file(str(out.path))
+    assert written.keys() == trained.keys()
+    assert torch.equal(written["proj.weight"], trained["proj.weight"].bfloat16())  # trained
+    for name in ("embed.weight", "norm.weight", "steps"):  # from the base, as trained casts
+        dtype = {"norm.weight": torch.float32, "steps": torch.int64}.get(name, torch.bfloat16)
+        assert torch.equal(written[name], initial[name].to(dtype)), name
+
+
+def test_run_export_takes_base_too(run_dir: Path, tmp_path: Path) -> None:
+    with cw.CheckpointManager(run_dir, save=cw.every(1), rng=False) as manager:
+        manager.step(1, {"model": _trained_only(_weights()), HF_MODEL_KEY: TRAINABLE.to_value()})
+    run = cw.open_run(run_dir)
+    with pytest.raises(cw.CheckpointError, match=r"--base MODEL_DIR \(base= in Python\)"):
+        run.export(1, tmp_path / "out")
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file(_weights(), str(base / "model.safetensors"))
+    path = run.export(1, tmp_path / "out", base=base)
+    assert set(load_file(str(path))) == set(_weights())
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({}, r"holds no model.safetensors.*\.bin weights are not read"),
+        ({"pytorch_model.bin": b"x"}, r"holds no model.safetensors"),
+        ({"model.safetensors.index.json": b"[1]"}, r"is not a safetensors index"),
+        (
+            {"model.safetensors.index.json": b'{"weight_map": {"w": "../model.safetensors"}}'},
+            r"names the shard '../model.safetensors'",
+        ),
+    ],
+)
+def test_a_base_folder_without_safetensors_weights_is_refused(
+    tmp_path: Path, files: dict[str, bytes], message: str
+) -> None:
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(cw.ConfigError, match=message):
+        read_model_folder(tmp_path)

@@ -268,6 +268,12 @@ def diff_command(run: str, a: int, b: int, show_all: bool, as_json: bool) -> Non
     help="Copy config/tokenizer JSON files from this model folder (over those the "
     "checkpoint recorded); for checkpoints that record no model.",
 )
+@click.option(
+    "--base",
+    type=click.Path(exists=True, file_okay=False),
+    help="The model the run fine-tuned (a folder of safetensors weights): the tensors the "
+    "checkpoint lacks come from it, e.g. the frozen weights of a weights='trainable' run.",
+)
 def export_command(
     run: str,
     out: str,
@@ -279,6 +285,7 @@ def export_command(
     dtype: str,
     key: str,
     config_from: str | None,
+    base: str | None,
 ) -> None:
     """Write a checkpoint's weights as model.safetensors, or a folder from_pretrained loads."""
     opened = open_cli_run(run)
@@ -289,10 +296,16 @@ def export_command(
     layout: Layout = "hf" if fmt == "hf" else "safetensors" if fmt == "safetensors" else "auto"
     try:
         if key == "model" and "deepspeed" in opened.manifest(chosen).tree:
-            done = _export_deepspeed(opened, chosen, out, config_from, dtype, layout)
+            done = _export_deepspeed(opened, chosen, out, config_from, dtype, layout, base)
         else:
             done = opened.export_folder(
-                chosen, out, key=key, config_from=config_from, dtype=dtype, layout=layout
+                chosen,
+                out,
+                key=key,
+                config_from=config_from,
+                dtype=dtype,
+                layout=layout,
+                base=base,
             )
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -329,7 +342,13 @@ def export_command(
 
 
 def _export_deepspeed(
-    opened: Run, step: int, out: str, config_from: str | None, dtype: str, layout: Layout
+    opened: Run,
+    step: int,
+    out: str,
+    config_from: str | None,
+    dtype: str,
+    layout: Layout,
+    base: str | None,
 ) -> ExportedFolder:
     """A DeepSpeed checkpoint holds engine partitions, not a model: consolidate them."""
     try:
@@ -348,6 +367,7 @@ def _export_deepspeed(
         dtype=cast,
         layout=layout,
         config_from=config_from,
+        base=base,
         step=step,
     )
 

@@ -1,4 +1,5 @@
-"""Files other tools read: plain safetensors, Hugging Face style folders, resume scratch space.
+"""Files other tools read and write: plain safetensors, Hugging Face style folders, resume
+scratch space.
 
 ``export`` (the :class:`~ckptwise.read.run.Run` method and ``ckptwise export``), the ``Trainer``
 adapter's resume folder and the Lightning adapter's resume file all write through here, so
@@ -7,12 +8,15 @@ each format is produced in one place.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ckptwise.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +24,7 @@ else:
     from ckptwise._lazy import torch
 
 
-__all__ = ["copy_hf_metadata", "resume_scratch", "write_safetensors"]
+__all__ = ["copy_hf_metadata", "read_model_folder", "resume_scratch", "write_safetensors"]
 
 #: JSON files of a model folder that describe one saved state, not the model: never copied
 _STATE_FILES = frozenset({"model.safetensors.index.json", "trainer_state.json"})
@@ -49,6 +53,49 @@ def write_safetensors(
     if step is not None:
         metadata["ckptwise_step"] = str(step)
     save_file(plain, str(out), metadata=metadata)
+    return out
+
+
+def read_model_folder(
+    folder: str | os.PathLike[str], *, skip: Collection[str] = ()
+) -> dict[str, torch.Tensor]:
+    """The weights of a model folder ``save_pretrained`` wrote (``model.safetensors``, or
+    the shards ``model.safetensors.index.json`` names), but those named in ``skip``.
+
+    Only safetensors are read: a folder of ``pytorch_model.bin`` files is refused, since
+    reading one means unpickling it.
+
+    Raises:
+        ConfigError: the folder holds no safetensors weights, or its index is unreadable.
+    """
+    from safetensors import safe_open
+
+    root = Path(folder)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted({str(v) for v in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{index} is not a safetensors index ({exc})") from exc
+    elif (root / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise ConfigError(
+            f"{root} holds no model.safetensors (nor model.safetensors.index.json): give the "
+            "folder save_pretrained wrote; .bin weights are not read (that would unpickle "
+            "them), so convert them with save_pretrained(..., safe_serialization=True)"
+        )
+    skipped = set(skip)
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        path = root / shard
+        if Path(shard).name != shard or not path.is_file():
+            raise ConfigError(f"{index} names the shard {shard!r}, which {root} does not hold")
+        with safe_open(str(path), framework="pt") as opened:
+            for name in opened.keys():  # noqa: SIM118 (safe_open is no mapping)
+                if name not in skipped:
+                    out[name] = opened.get_tensor(name)
     return out
 
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckptwise.errors import ConfigError, CorruptCheckpointError, FormatError
-from ckptwise.read.formats import copy_hf_metadata, write_safetensors
+from ckptwise.errors import CheckpointError, ConfigError, CorruptCheckpointError, FormatError
+from ckptwise.read.formats import copy_hf_metadata, read_model_folder, write_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -51,8 +51,10 @@ __all__ = [
 
 #: the checkpoint entry (a top-level key of the state) that holds an :class:`HfModelRecord`
 HF_MODEL_KEY = "hf_model"
-#: the version of the entry's layout; a reader refuses a newer one
-RECORD_VERSION = 1
+#: the version of the entry's layout; a reader refuses a newer one. A record of a model
+#: saved without its frozen weights is written as version 2, so that a reader from before
+#: ``trainable_only`` refuses it rather than export a folder that lacks them
+RECORD_VERSION = 2
 #: the default dtype policy
 AS_TRAINED = "as-trained"
 #: the dtype policies ``export`` takes, short and long names
@@ -101,17 +103,22 @@ class HfModelRecord:
             ``dtype`` (a norm kept in fp32); names the weights lack are ignored.
         files: other files of the model folder by name (tokenizer, processor, generation
             config, remote code), their bytes.
+        trainable_only: the checkpoint holds the trained parameters only (the ``Trainer``
+            adapter's ``weights="trainable"``): the frozen ones were never saved, so an
+            export must take them from the model the run fine-tuned (``base``).
     """
 
     config: Mapping[str, Any]
     dtype: str | None = None
     dtypes: Mapping[str, str] | None = None
     files: Mapping[str, bytes] | None = None
+    trainable_only: bool = False
 
     def to_value(self) -> dict[str, Any]:
         """The checkpoint entry: JSON, with each file as a ``uint8`` tensor."""
         return {
-            "version": RECORD_VERSION,
+            "version": 2 if self.trainable_only else 1,
+            **({"trainable_only": True} if self.trainable_only else {}),
             "config": dict(self.config),
             "dtype": self.dtype,
             "dtypes": dict(self.dtypes or {}),
@@ -147,6 +154,9 @@ class HfModelRecord:
         config, dtype, dtypes, files = (
             value.get(k) for k in ("config", "dtype", "dtypes", "files")
         )
+        trainable_only = value.get("trainable_only", False)
+        if not isinstance(trainable_only, bool):
+            raise bad(f"says trainable_only {trainable_only!r}, not true or false")
         if not isinstance(config, Mapping):
             raise bad("has no config mapping")
         if dtype is not None and dtype not in _FLOAT_NAMES:
@@ -164,7 +174,9 @@ class HfModelRecord:
             if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
                 raise bad(f"holds the file {name!r} as something other than bytes")
             out[name] = data.numpy().tobytes()
-        return cls(dict(config), dtype, {str(k): str(v) for k, v in dtypes.items()}, out)
+        return cls(
+            dict(config), dtype, {str(k): str(v) for k, v in dtypes.items()}, out, trainable_only
+        )
 
 
 def _empty() -> torch.Tensor:
@@ -232,10 +244,17 @@ def write_model_folder(
     dtype: torch.dtype | None = None,
     layout: Layout = "auto",
     config_from: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
     step: int | None = None,
 ) -> ExportedFolder:
     """Write ``weights`` as ``out/model.safetensors`` under a dtype policy (see
     :func:`cast_weights`) and, for a Hugging Face folder, what ``from_pretrained`` needs.
+
+    ``base`` (a model folder of safetensors weights, see
+    :func:`~ckptwise.read.formats.read_model_folder`) supplies every tensor ``weights``
+    lacks: the frozen weights of a checkpoint saved with the trained ones only. Such a
+    checkpoint (``record.trainable_only``) is refused without ``base``, since its folder
+    would load with the frozen weights newly initialized.
 
     ``layout="hf"`` also writes ``record``'s files and ``config.json`` (then copies
     ``config_from``'s JSON files over them, see :func:`copy_hf_metadata`), and sets
@@ -245,6 +264,17 @@ def write_model_folder(
     (the weights file alone).
     """
     folder = Path(out)
+    if base is not None:
+        weights = {**read_model_folder(base, skip=weights.keys()), **weights}
+    elif record is not None and record.trainable_only:
+        where = f"step {step}" if step is not None else "the checkpoint"
+        raise CheckpointError(
+            f"{where} holds the trained weights only (saved with weights='trainable'): the "
+            "frozen ones were never saved, so the folder would load with them newly "
+            "initialized. Pass --base MODEL_DIR (base= in Python), the folder of the model "
+            "this run fine-tuned, to take them from there; or export from the training "
+            "script with callback.export(), which takes them from the live model"
+        )
     cast, main = cast_weights(weights, dtype=dtype, record=record)
     mixed: dict[str, int] = {}
     if dtype is None and record is None and main is None:

@@ -528,6 +528,7 @@ class Run:
         config_from: str | os.PathLike[str] | None = None,
         dtype: str = AS_TRAINED,
         layout: Layout = "auto",
+        base: str | os.PathLike[str] | None = None,
     ) -> Path:
         """Write the weights under ``key`` as ``out_dir/model.safetensors``; returns the path.
 
@@ -541,18 +542,28 @@ class Run:
         stored), ``"bf16"``, ``"fp16"`` or ``"fp32"``; ``config.json``'s ``dtype`` says the
         same, so ``from_pretrained`` keeps it. ``layout="safetensors"`` writes the weights
         file alone; ``"hf"`` the folder even without a record (see
-        :func:`~ckptwise.read.hf_model.write_model_folder`).
+        :func:`~ckptwise.read.hf_model.write_model_folder`). ``base`` (the folder of the model
+        the run fine-tuned, safetensors weights) supplies the tensors the checkpoint lacks:
+        a ``Trainer`` checkpoint saved with ``weights="trainable"`` holds no frozen weights
+        and is refused without it.
 
         Raises:
-            ConfigError: an unknown ``dtype``.
-            CheckpointError: the checkpoint has no tensors under ``key``.
+            ConfigError: an unknown ``dtype``, or a ``base`` with no safetensors weights.
+            CheckpointError: the checkpoint has no tensors under ``key``, or holds the
+                trained weights only and no ``base`` was given.
         """
         cast = export_dtype(dtype)
         return self._named(
             step,
             lambda chosen: (
                 self._export(
-                    chosen, out_dir, key=key, config_from=config_from, dtype=cast, layout=layout
+                    chosen,
+                    out_dir,
+                    key=key,
+                    config_from=config_from,
+                    dtype=cast,
+                    layout=layout,
+                    base=base,
                 ).path
             ),
         )
@@ -566,6 +577,7 @@ class Run:
         config_from: str | os.PathLike[str] | None = None,
         dtype: str = AS_TRAINED,
         layout: Layout = "auto",
+        base: str | os.PathLike[str] | None = None,
     ) -> ExportedFolder:
         """:meth:`export` of the committed ``step``, saying what it wrote: the files, the
         dtype ``config.json`` got, and (without a record) whether the stored weights mix
@@ -578,6 +590,7 @@ class Run:
             config_from=config_from,
             dtype=export_dtype(dtype),
             layout=layout,
+            base=base,
         )
 
     def _export(
@@ -589,6 +602,7 @@ class Run:
         config_from: str | os.PathLike[str] | None,
         dtype: torch.dtype | None,
         layout: Layout,
+        base: str | os.PathLike[str] | None,
     ) -> ExportedFolder:
         """:meth:`export` of the step ``chosen``."""
         manifest = self.manifest(chosen)
@@ -609,6 +623,7 @@ class Run:
             dtype=dtype,
             layout=layout,
             config_from=config_from,
+            base=base,
             step=chosen,
         )
 

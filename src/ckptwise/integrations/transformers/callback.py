@@ -155,7 +155,7 @@ class CheckpointCallback(TrainerCallback):
         )
         self._last_saved: int | None = None
         self._trained = False
-        self._recorder = ModelRecorder(trainer)
+        self._recorder = ModelRecorder(trainer, trainable_only=weights == "trainable")
 
     def _open_manager(self) -> CheckpointManager:
         """The manager, reopened if training ended (and closed it) since it was created."""
@@ -501,6 +501,8 @@ class CheckpointCallback(TrainerCallback):
         if record is None and self._recorder.records():
             record = self._recorder.record()  # saved before ckptwise recorded the model
         if record is not None:
+            # _weights_of took the frozen weights the checkpoint lacks from the live model
+            record = dataclasses.replace(record, trainable_only=False)
             write_model_folder(weights, out, record=record, dtype=cast, layout="hf", step=chosen)
             return out
         if cast is not None:

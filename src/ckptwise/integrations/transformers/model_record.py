@@ -49,6 +49,12 @@ def trained_dtypes(model: Any) -> tuple[str | None, dict[str, str]]:
     return _name(main), {name: _name(d) for name, d in floating if d != main}
 
 
+def _partly_frozen(model: Any) -> bool:
+    """Whether the model's state dict holds more than its trained parameters."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return any(name not in trained for name in model.state_dict())
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -61,8 +67,11 @@ class ModelRecorder:
     recorded (:meth:`records`).
     """
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, trainer: Any, *, trainable_only: bool = False) -> None:
         self.trainer = trainer
+        #: whether the checkpoints hold the trained parameters only (``weights="trainable"``);
+        #: a record says so when the model has more than those (frozen ones, buffers)
+        self.trainable_only = trainable_only
         self._files: tuple[tuple[int, int], dict[str, bytes], dict[str, Any]] | None = None
 
     def refresh(self) -> None:
@@ -95,7 +104,9 @@ class ModelRecorder:
         if auto_map:
             doc["auto_map"] = auto_map
         dtype, dtypes = trained_dtypes(model)
-        return HfModelRecord(doc, dtype, dtypes, files)
+        return HfModelRecord(
+            doc, dtype, dtypes, files, self.trainable_only and _partly_frozen(model)
+        )
 
     def value(self) -> dict[str, Any] | None:
         """:meth:`record` as a checkpoint entry; ``None`` when the model is not recorded."""
