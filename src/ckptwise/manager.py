@@ -56,6 +56,8 @@ from ckptwise.save.pipeline import AsyncPath, RanksPath, SaveOrder, SavePath, Sa
 from ckptwise.save.upkeep import Upkeep
 from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState
 from ckptwise.store import RunLock, TieredBackend, open_store, rank_cache
+from ckptwise.store.cache_folder import SET_ASIDE
+from ckptwise.store.layout import manifest_step
 
 __all__ = ["RNG_KEY", "CheckpointManager", "RestoreWarning"]
 
@@ -629,20 +631,42 @@ class CheckpointManager:
         if self.ranks is None:
             return
         if self._confirmer is not None:
+            assert self._cached is not None
             failure: Failure | None = None
             try:
                 self._confirmer.drain()
                 if self.ranks.coordinator:
                     self._store.flush_uploads()
+                    self._set_aside_lost()
             except CheckpointError as exc:
                 failure = Failure.of(self.ranks.rank, exc)
             # rank 0's manifests are up (or every rank raises why not)
             self.ranks.agree(failure, "making the committed checkpoints durable before reading")
             if not self.ranks.coordinator:
-                assert self._cached is not None
                 self._cached.relist()
         if not self.ranks.coordinator:
             self._store.refresh()
+
+    def _set_aside_lost(self) -> None:
+        """On rank 0, every rank's uploads confirmed: the manifests still waiting for
+        objects can never go up (see :meth:`TieredBackend.set_aside_parked`), so they stop
+        being checkpoints of this run, with a warning, and the ranks read the same run."""
+        assert self._cached is not None
+        lost = self._cached.set_aside_parked()
+        if not lost:
+            return
+        steps = [manifest_step(p) for p in lost]
+        log.warning(
+            "checkpoint(s) at step %s were committed into rank 0's cache but can never be "
+            "uploaded to %s: objects other ranks wrote for them are neither in those ranks' "
+            "cache folders nor in the store (a node came back without its cache folder, or "
+            "an object was damaged). They are set aside in %s, and the ranks resume from the "
+            "newest checkpoint whole in the store",
+            ", ".join(str(s) for s in steps),
+            self._cached.url,
+            os.path.join(self._cached.cache, SET_ASIDE),
+        )
+        self._store.refresh()
 
     def _read_rank(self) -> int:
         """Whose per-rank entries this process reads alone: its rank among the ranks it

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -632,3 +633,47 @@ def test_rank_0s_manifest_waits_for_the_other_ranks_confirmed_uploads(
     lock.release()
     again.close()
     other_again.close()
+
+
+def test_a_manifest_whose_objects_were_lost_with_a_ranks_cache_is_set_aside(
+    s3: dict[str, Any], proxy: S3Proxy, tmp_path: Path
+) -> None:
+    url = _url(tmp_path)
+    options = _through(proxy, s3)
+    first = _tiered(tmp_path / "rank-00000", url, options)
+    first.expect_confirmations()
+    lock, publisher = _writer(first)
+    other = _tiered(tmp_path / "rank-00001", url, options)
+    writer = CheckpointStore(other)
+    writer.start_uploads()
+    _from_another_rank(writer, publisher, 1)
+    assert other.wait_sent(other.unsent_objects(), 30) is True
+    first.confirm_step(1)
+    proxy.fail(matching("PUT", "/objects/"))
+    _from_another_rank(writer, publisher, 2)  # rank 1's objects of step 2 never go up
+    with pytest.raises(StorageError):
+        other.close(WAIT)
+    first.flush(WAIT)
+    lock.release()
+    first.close()
+    proxy.heal()
+    shutil.rmtree(tmp_path / "rank-00001")  # rank 1 comes back without its cache folder
+
+    again = _tiered(tmp_path / "rank-00000", url, options)
+    again.expect_confirmations()
+    lock, store = _writer(again)
+    again.recheck_parked()  # the bucket lacks them too: nothing can upload step 2 now
+    again.flush(WAIT)
+    assert store.steps() == [1, 2]  # rank 0 alone would read step 2
+    assert again.set_aside_parked() == [manifest_path(2)]
+    assert again.set_aside_parked() == []
+    store.refresh()
+    assert store.steps() == [1]
+    aside = tmp_path / "rank-00000" / "set-aside" / manifest_path(2)
+    assert aside.is_file()  # kept for a person to look at, never uploaded
+    again.flush(WAIT)
+    remote = _remote(url, s3)
+    assert remote.steps() == [1]
+    assert remote.verify() == []
+    lock.release()
+    again.close()

@@ -48,6 +48,8 @@ log = logging.getLogger("ckptwise")
 
 CACHE_LOCK = "cache.lock"
 FILES = "files"
+#: where manifests that can never be uploaded are moved (see :meth:`CacheFolder.set_aside`)
+SET_ASIDE = "set-aside"
 STAGING = "staging"
 FORMAT = {"format": "ckptwise.cache", "version": 1}
 
@@ -139,6 +141,15 @@ class CacheFolder:
     def path(self, path: str) -> str:
         """The local file of the run-relative ``path``."""
         return os.path.join(self.local.root, *path.split("/"))
+
+    def set_aside(self, path: str) -> str:
+        """Move the cached file ``path`` out of the files the cache lists, into
+        ``SET_ASIDE`` beside them (kept for a person to look at, never read or uploaded);
+        returns where it went."""
+        target = os.path.join(self.root, SET_ASIDE, *path.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(self.path(path), target)
+        return target
 
     def scan(self) -> Iterator[tuple[int, str, int, bool]]:
         """The regular files the cache holds that go through it, in listing order: their

@@ -641,6 +641,23 @@ class TieredBackend:
         with self._cond:
             self._uploads.confirm(found)
 
+    def set_aside_parked(self) -> list[str]:
+        """Move the manifests still waiting for objects out of the cache's listing (into
+        its ``set-aside`` folder) and return their paths.
+
+        Rank 0 calls it once every rank's uploads are confirmed and the remote was asked
+        (:meth:`recheck_parked`): an object a waiting manifest names is then neither on the
+        remote nor unsent in any rank's cache (that rank's cache folder was lost, or the
+        object was dropped as damaged), so the checkpoint can never go up, and no other
+        rank can read it. Listed, it would be the newest checkpoint to rank 0 alone."""
+        with self._cond:
+            paths = sorted(p for p in self._uploads.parked if p in self._entries.files)
+            for path in paths:
+                del self._uploads.parked[path]
+                self._folder.set_aside(path)
+                self._entries.forget(path)
+        return paths
+
     def relist(self) -> None:
         """List the remote again (a process that does not write manifests, before it reads
         the checkpoints another process uploaded)."""
