@@ -573,17 +573,25 @@ def _from_another_rank(
     return saved
 
 
-def test_rank_0s_manifest_waits_for_the_other_ranks_confirmed_uploads(
-    s3: dict[str, Any], proxy: S3Proxy, tmp_path: Path
-) -> None:
-    url = _url(tmp_path)
-    options = _through(proxy, s3)
+def _two_ranks(
+    tmp_path: Path, url: str, options: dict[str, Any]
+) -> tuple[TieredBackend, RunLock, CheckpointStore, TieredBackend, CheckpointStore]:
+    """Rank 0's cached backend (expecting confirmations, its lock taken, its store) and
+    rank 1's (uploading under rank 0's lock, its store), each with a cache folder of its own."""
     first = _tiered(tmp_path / "rank-00000", url, options)
     first.expect_confirmations()
     lock, publisher = _writer(first)
     other = _tiered(tmp_path / "rank-00001", url, options)
     writer = CheckpointStore(other)
     writer.start_uploads()  # rank 0's lock covers the job
+    return first, lock, publisher, other, writer
+
+
+def test_rank_0s_manifest_waits_for_the_other_ranks_confirmed_uploads(
+    s3: dict[str, Any], proxy: S3Proxy, tmp_path: Path
+) -> None:
+    url, options = _url(tmp_path), _through(proxy, s3)
+    first, lock, publisher, other, writer = _two_ranks(tmp_path, url, options)
     held = proxy.hold(matching("PUT", "/objects/"))
     saved = _from_another_rank(writer, publisher, 1)
     unsent = other.unsent_objects()
@@ -638,14 +646,8 @@ def test_rank_0s_manifest_waits_for_the_other_ranks_confirmed_uploads(
 def test_a_manifest_whose_objects_were_lost_with_a_ranks_cache_is_set_aside(
     s3: dict[str, Any], proxy: S3Proxy, tmp_path: Path
 ) -> None:
-    url = _url(tmp_path)
-    options = _through(proxy, s3)
-    first = _tiered(tmp_path / "rank-00000", url, options)
-    first.expect_confirmations()
-    lock, publisher = _writer(first)
-    other = _tiered(tmp_path / "rank-00001", url, options)
-    writer = CheckpointStore(other)
-    writer.start_uploads()
+    url, options = _url(tmp_path), _through(proxy, s3)
+    first, lock, publisher, other, writer = _two_ranks(tmp_path, url, options)
     _from_another_rank(writer, publisher, 1)
     assert other.wait_sent(other.unsent_objects(), 30) is True
     first.confirm_step(1)
