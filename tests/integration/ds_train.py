@@ -192,9 +192,25 @@ def main() -> int:
     )
     if args.dump_start:
         dump = args.dump_start
+        is_deepspeed = args.stage > 0
 
         class DumpStart(TrainerCallback):
             def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+                if not is_deepspeed:  # DDP: the weights and Adam's moments, by name
+                    from safetensors.torch import save_file
+
+                    live: Any = trainer.model
+                    optimizer: Any = trainer.optimizer
+                    tensors = {f"model/{k}": v for k, v in live.state_dict().items()}
+                    # numbered as the optimizer's state_dict() numbers them
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    for index, param in enumerate(params):
+                        for key, value in optimizer.state.get(param, {}).items():
+                            tensors[f"optimizer/{index}/{key}"] = torch.as_tensor(value)
+                    Path(dump).mkdir(parents=True, exist_ok=True)
+                    tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+                    save_file(tensors, f"{dump}/rank{rank}.safetensors")
+                    return control
                 engine: Any = trainer.model_wrapped  # the DeepSpeed engine, once training began
                 engine.save_checkpoint(dump, tag="start")
                 return control

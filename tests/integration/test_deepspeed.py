@@ -349,6 +349,57 @@ def test_zero_stage_resumes_on_another_number_of_ranks_through_universal_checkpo
         assert got == pytest.approx(expected, rel=0.03)
 
 
+@pytest.mark.parametrize("straight", [0], ids=["ddp"], indirect=True)
+def test_the_trainer_with_ddp_resumes_on_another_number_of_ranks(
+    tmp_path: Path, straight: Straight
+) -> None:
+    """Without DeepSpeed every rank holds the whole model and optimizer: 2 -> 1 and
+    1 -> 2 restore them exactly, with the step count and the schedule."""
+    run_dir = straight.copy(tmp_path / "run")
+    (one,) = torchrun(
+        run_dir, tmp_path / "one", "--stage", "0", "--steps", "20", "--save", "every(5)",
+        "--resume", "10", "--dump-start", str(tmp_path / "dump1"), ranks=1,
+    )  # fmt: skip
+    two = torchrun(
+        run_dir, tmp_path / "two", "--stage", "0", "--steps", "20", "--save", "every(5)",
+        "--resume", "15", "--dump-start", str(tmp_path / "dump2"),
+    )  # fmt: skip
+    run = cw.open_run(run_dir)
+    assert (run.manifest(10).world_size, run.manifest(15).world_size) == (2, 1)
+    assert one["resumed_from"] == 10
+    assert one["saves"] == [[15, ["every(5)"]], [20, ["every(5)"]]]
+    assert [r["resumed_from"] for r in two] == [15, 15]
+    assert [r["saves"] for r in two] == [[[20, ["every(5)"]]]] * 2
+    # the RNG file Trainer reads on each rank (a new rank: rank 0's, as Trainer seeds every
+    # rank alike)
+    assert "rng_state.pth" in one["resume_files"]
+    assert [f"rng_state_{r}.pth" in two[r]["resume_files"] for r in (0, 1)] == [True, True]
+    # exact: the weights and Adam's moments and steps every rank starts from
+    for step, dump, ranks in ((10, tmp_path / "dump1", 1), (15, tmp_path / "dump2", 2)):
+        saved = run.load(step)
+        expected = {f"model/{k}": v for k, v in saved["model"].items()}
+        for index, moments in saved["optimizer"]["state"].items():
+            expected.update({f"optimizer/{index}/{k}": v for k, v in moments.items()})
+        assert sum(k.endswith("/exp_avg_sq") for k in expected) >= 4  # the trained ones
+        for rank in range(ranks):
+            started = load_file(str(dump / f"rank{rank}.safetensors"))
+            assert started.keys() == expected.keys()
+            differ = [
+                k for k, v in started.items() if not torch.equal(v, torch.as_tensor(expected[k]))
+            ]
+            assert not differ, (step, rank, differ)
+
+    # the data order changes with the number of ranks (each step takes another batch), so
+    # the losses follow the uninterrupted run's closely, not bit for bit
+    def losses(record: dict[str, Any], steps: range) -> list[float]:
+        return [float.fromhex(record["losses"][str(s)]) for s in steps]
+
+    assert losses(one, range(11, 21)) == pytest.approx(
+        losses(straight.records[0], range(11, 21)), rel=0.03
+    )
+    assert losses(two[0], range(16, 21)) == pytest.approx(losses(one, range(16, 21)), rel=0.03)
+
+
 #: the bucket of the module's S3-compatible server (the ``s3`` fixture, tests/conftest.py)
 BUCKET = "deepspeed"
 
