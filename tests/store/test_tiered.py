@@ -39,6 +39,7 @@ from ckptwise.store.layout import (
 )
 from ckptwise.store.retry import RetryPolicy
 from ckptwise.store.tiered import TieredBackend
+from ckptwise.store.uploads import Uploads
 from s3_proxy import S3Proxy, matching
 
 pytestmark = pytest.mark.integration
@@ -679,3 +680,46 @@ def test_a_manifest_whose_objects_were_lost_with_a_ranks_cache_is_set_aside(
     assert remote.verify() == []
     lock.release()
     again.close()
+
+
+def test_the_recovery_check_covers_a_manifest_the_uploader_has_not_checked_yet(
+    s3: dict[str, Any], proxy: S3Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart rank 0 asks the remote once for the objects its manifests wait for.
+    A manifest the uploader is still about to check must be counted, or it parks right
+    after for objects the remote holds by then, and never goes up."""
+    url, options = _url(tmp_path), _through(proxy, s3)
+    first, lock, publisher, other, writer = _two_ranks(tmp_path, url, options)
+    held = proxy.hold(matching("PUT", "/objects/"))
+    _from_another_rank(writer, publisher, 1)  # rank 1's objects wait at the proxy
+    first.flush(WAIT)
+    lock.release()
+    first.close()
+
+    # rank 0 restarts; its uploader lists the remote (without rank 1's objects) and is
+    # about to check step 1's manifest when rank 1's objects arrive in the bucket
+    checking, go_on = threading.Event(), threading.Event()
+    real_check = Uploads._check
+
+    def slow_check(uploads: Uploads, path: str, staged: str) -> None:
+        if path == manifest_path(1):
+            checking.set()
+            go_on.wait(30)
+        real_check(uploads, path, staged)
+
+    monkeypatch.setattr(Uploads, "_check", slow_check)
+    again = _tiered(tmp_path / "rank-00000", url, options)
+    again.expect_confirmations()
+    lock, _ = _writer(again)
+    assert checking.wait(30)
+    held.release.set()
+    assert other.wait_sent(other.unsent_objects(), 30) is True
+    again.recheck_parked()  # the recovery round's one look at the remote
+    go_on.set()
+    again.flush(WAIT)
+    remote = _remote(url, s3)
+    assert remote.steps() == [1]
+    assert remote.verify() == []
+    lock.release()
+    again.close()
+    other.close()

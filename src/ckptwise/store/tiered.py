@@ -631,10 +631,25 @@ class TieredBackend:
             self._uploads.confirm(_named(manifest))
 
     def recheck_parked(self) -> None:
-        """Ask the remote for the objects waiting manifests name (after a restart: another
-        process may have uploaded them before it died) and release those now whole."""
+        """Ask the remote for the objects that the manifests not uploaded yet name (after a
+        restart: other processes may have uploaded them since the remote was listed, or
+        before they died) and take those it holds as there, releasing the manifests now
+        whole. Manifests still queued or under way count too: one the uploader has not
+        checked yet would otherwise be parked afterwards for objects the remote holds."""
         with self._cond:
             missing = set().union(*self._uploads.parked.values()) if self._uploads.parked else set()
+            ops = [*self._uploads.queue.values(), *self._uploads.inflight.values()]
+            unchecked = [
+                op.path for op in ops if op.kind == "put" and manifest_step(op.path) is not None
+            ]
+        for path in unchecked:
+            try:
+                data = self.local.read_bytes(path)
+                missing |= _named(decode_manifest(data, where=path, codecs=readable()))
+            except (OSError, CheckpointError):
+                continue  # rewritten or deleted meanwhile: its upload judges it
+        with self._cond:
+            missing -= self._uploads.remote_files or set()
         if not missing:
             return
         found = {p for p, size in self.remote.sizes(missing).items() if isinstance(size, int)}
