@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import ckptwise as cw
 from ckptwise.config import RankedBy, policy_from_config, policy_ranking, policy_record, ranking_of
@@ -55,13 +58,31 @@ def test_the_record_holds_the_ranking_and_survives_json(
     assert ranking_of(record) == ranked
 
 
-def test_the_record_holds_the_config_that_rebuilds_the_policies() -> None:
-    save = cw.every(1000, start=200) | cw.on_improvement("eval_loss")
+@pytest.mark.parametrize(
+    "save",
+    [
+        cw.every(1000, start=200) | cw.on_improvement("eval_loss"),
+        cw.schedule({0: 2000, 10_000: 1000}) | cw.on_signal(),  # int keys in Python
+        cw.at_steps([10, 20]) | cw.geometric(10, 2.0) | cw.every_duration(timedelta(hours=1)),
+    ],
+)
+def test_the_record_is_plain_json_and_rebuilds_the_policies(save: cw.Trigger) -> None:
     keep = cw.keep_last(3) | cw.keep_best(1, "eval_loss")
     content = cw.full_every(5000, otherwise=cw.weights_only(cast="bfloat16"))
-    record = json.loads(json.dumps(policy_record(save, keep, content)))
+    record = policy_record(save, keep, content)
+    # what the manifest holds, as it is: JSON already (no int keys, no tuples)
+    assert json.loads(json.dumps(record)) == record
     rebuilt = policy_from_config(record["config"])
     assert (rebuilt.save, rebuilt.keep, rebuilt.content) == (save, keep, content)
+
+
+def test_a_run_under_a_schedule_saves_where_it_says(tmp_path: Path) -> None:
+    with cw.CheckpointManager(
+        tmp_path / "run", save=cw.schedule({0: 20, 50: 10}), keep=cw.keep_all(), async_save=False
+    ) as manager:
+        for step in range(1, 81):
+            manager.step(step, {"w": torch.full((2,), float(step))})
+    assert cw.open_run(tmp_path / "run").steps() == [20, 40, 50, 60, 70, 80]
 
 
 def test_a_policy_of_your_own_is_recorded_without_config_but_with_its_ranking() -> None:

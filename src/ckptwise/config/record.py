@@ -14,6 +14,7 @@ RankedBy(metric='eval_loss', mode='min', policy='keep_best')
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -68,14 +69,17 @@ def policy_record(
 ) -> dict[str, Any]:
     """The JSON a manifest records of the policies that wrote it (``extra["policy"]``).
 
-    ``config`` is :func:`~ckptwise.config.to_config` of the three (``None`` when one is a
-    policy of your own, which has no config form); ``ranking`` is :func:`policy_ranking`'s
-    answer as ``{"metric", "mode", "policy"}`` (``None`` when there is none).
+    ``config`` is :func:`~ckptwise.config.to_config` of the three as a JSON policy file
+    writes it (``schedule``'s steps become string keys; ``None`` when one is a policy of
+    your own, which has no config form); ``ranking`` is :func:`policy_ranking`'s answer as
+    ``{"metric", "mode", "policy"}`` (``None`` when there is none).
     """
     try:
         config: dict[str, Any] | None = to_config(Policy(save=save, keep=keep, content=content))
     except CheckpointError:
         config = None
+    if config is not None:
+        config = json.loads(json.dumps(config))  # a manifest holds JSON only
     ranked = policy_ranking(save, keep)
     ranking = None
     if ranked is not None:
