@@ -440,3 +440,19 @@ def test_every_example_builds_the_same_policy_in_both_spellings(kind: str, spec:
     parse = cw.parse_save if kind == "save" else cw.parse_keep
     assert parse(spec.example_in("line")) == built
     assert isinstance(built, spec.cls)
+
+
+def test_every_policy_s_record_is_a_manifest_s_json() -> None:
+    """Each checkpoint records its policies (``extra["policy"]``): for every built-in
+    one the record passes the manifest's own checks, as written and read back."""
+    from ckptwise.config import policy_record
+    from ckptwise.store.manifest import Manifest, decode_manifest, encode_manifest
+
+    triggers = [t for _, t in TRIGGERS + SCHEDULES]
+    keep = keep_any(*(p for _, p in RETENTION))
+    for save in (*triggers, any_of(*triggers)):
+        record = policy_record(save, keep)
+        data = encode_manifest(Manifest(step=1, time=1.0, tensors={}, extra={"policy": record}))
+        read = decode_manifest(data, where="test", codecs=frozenset())
+        assert read.extra["policy"] == record
+        assert policy_from_config(record["config"]).save == save
