@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import ckptwise as cw
 from ckptwise.cli.main import cli
 from ckptwise.store import CheckpointStore, LocalBackend
+from ckptwise.store.commit import Committer
 
 
 @pytest.fixture
@@ -230,3 +231,28 @@ def test_export_hf_warns_when_the_folder_cannot_load(run: Path, tmp_path: Path) 
     assert config == {"model_type": "x", "dtype": "bfloat16", "torch_dtype": "bfloat16"}
     weights = load_file(str(tmp_path / "hf2" / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+
+def test_du_shows_what_a_failed_save_left_until_the_next_writer_removes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "run"
+    with cw.CheckpointManager(root, save=cw.every(1), rng=False, async_save=False) as manager:
+        manager.step(1, {"w": torch.zeros(1000)})
+
+        def full_disk(committer: Committer, manifest: object) -> None:
+            raise OSError(28, "No space left on device (injected)")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Committer, "publish", full_disk)
+            with pytest.raises(cw.CheckpointError):  # its objects were written, not its manifest
+                manager.step(2, {"w": torch.randn(100_000)})
+    doc = json.loads(invoke("du", str(root), "--json"))["total"]
+    assert doc["unreferenced_objects"] == 1
+    assert doc["unreferenced_bytes"] > 100_000  # random floats barely compress
+    assert "object(s) no checkpoint names" in invoke("du", str(root))
+    with cw.CheckpointManager(root, save=cw.every(1)):  # the next writer collects them
+        pass
+    doc = json.loads(invoke("du", str(root), "--json"))["total"]
+    assert (doc["unreferenced_objects"], doc["unreferenced_bytes"]) == (0, 0)
+    assert "no checkpoint names" not in invoke("du", str(root))

@@ -181,6 +181,8 @@ def du_command(run: str, as_json: bool) -> None:
         "physical_bytes": physical,
         "saved_by_dedup": usage.saved_by_dedup,
         "saved_by_compression": usage.saved_by_compression,
+        "unreferenced_objects": usage.unreferenced_objects,
+        "unreferenced_bytes": usage.unreferenced_bytes,
     }
     if as_json:
         echo_json({"run": run, "checkpoints": rows, "total": totals})
@@ -204,6 +206,13 @@ def du_command(run: str, as_json: bool) -> None:
         f"(saved {human_size(totals['saved_by_dedup'])}) -> {human_size(physical)} on disk after "
         f"compression (saved {human_size(totals['saved_by_compression'])})"
     )
+    if usage.unreferenced_objects:
+        click.echo(
+            f"plus {human_size(usage.unreferenced_bytes)} on disk in "
+            f"{usage.unreferenced_objects} object(s) no checkpoint names: left by a save that "
+            "failed or was interrupted (or written by one in progress); the next writer of the "
+            "run removes them"
+        )
 
 
 @click.command("diff")

@@ -472,8 +472,11 @@ class Run:
 
     def usage(self) -> Usage:
         """Per checkpoint: logical, written, exclusive and shared bytes; what dedup and
-        compression saved over the run."""
-        return usage_of({s: self.manifest(s) for s in self.steps()})
+        compression saved over the run; and the objects no checkpoint names (a failed or
+        interrupted save's, which the next writer removes)."""
+        usage = usage_of({s: self.manifest(s) for s in self.steps()})
+        count, size = self._store.unreferenced_bytes()
+        return replace(usage, unreferenced_objects=count, unreferenced_bytes=size)
 
     def first_stored(self, step: int) -> dict[str, int]:
         """For each tensor of ``step``, the oldest committed step that holds its object

@@ -43,6 +43,9 @@ class Usage:
     logical_bytes: int = 0
     unique_bytes: int = 0
     physical_bytes: int = 0
+    #: objects no checkpoint names (a failed or interrupted save's), and their bytes on disk
+    unreferenced_objects: int = 0
+    unreferenced_bytes: int = 0
 
     @property
     def saved_by_dedup(self) -> int:

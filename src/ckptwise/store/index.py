@@ -405,6 +405,22 @@ class Index:
                 keep.update(oid for oid, _ in _objects_of(entry))
         return keep
 
+    def unreferenced(self) -> list[str]:
+        """The objects (run-relative paths) that no committed checkpoint, branch or hold
+        names, without changing anything: what the next :meth:`collect_garbage` removes
+        (left by a save that failed or was interrupted, or written by one in progress)."""
+        with self.lock:
+            keep = set(self._refs) | self._held
+            for manifests in self.branches().values():
+                for manifest in manifests:
+                    for entry in manifest.entries():
+                        keep.update(oid for oid, _ in _objects_of(entry))
+            return [
+                path
+                for path in self.backend.list_files(OBJECTS)
+                if TMP_MARK not in (oid := path.rsplit("/", 1)[-1]) and oid not in keep
+            ]
+
     def collect_garbage(self) -> int:
         """Delete objects no manifest references; returns how many.
 

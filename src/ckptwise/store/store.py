@@ -381,6 +381,14 @@ class CheckpointStore:
         """
         self._index.delete(steps)
 
+    def unreferenced_bytes(self) -> tuple[int, int]:
+        """How many objects no committed checkpoint or branch names, and their bytes on
+        disk: debris of a save that failed or was interrupted (or one in progress), which
+        the next writer's garbage collection removes. Changes nothing."""
+        paths = self._index.unreferenced()
+        sizes = self.backend.sizes(paths) if paths else {}
+        return len(paths), sum(s for s in sizes.values() if isinstance(s, int))
+
     def collect_garbage(self) -> int:
         """Delete objects no manifest on disk references (branches' included); returns how
         many.
