@@ -577,7 +577,8 @@ def test_lora_adapter_with_modules_to_save_exports_for_peft(tmp_path: Path) -> N
     assert not any(".llm." in name and "lora" not in name for name in saved)
 
     out = callback.export(tmp_path / "adapter", 8)
-    assert (out / "adapter_config.json").exists()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["adapter_model.safetensors"] == modes["adapter_config.json"], modes
     reloaded = peft.PeftModel.from_pretrained(build_model(), out).eval()
     batch = SyntheticImageText(4, seed=9)
     inputs = {

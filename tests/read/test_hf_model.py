@@ -114,6 +114,19 @@ def test_layout_safetensors_writes_the_weights_alone(run_dir: Path, tmp_path: Pa
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.safetensors"]
 
 
+def test_the_exported_weights_are_as_readable_as_the_files_beside_them(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """Another user or a serving container reads the export (safetensors 0.8 alone would
+    leave the weights at mode 0600)."""
+    _save(run_dir, steps=1)
+    out = tmp_path / "out"
+    cw.open_run(run_dir).export(1, out)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+    assert modes["model.safetensors"] & 0o044  # readable by others under the usual umask
+
+
 def test_config_from_goes_over_the_recorded_files_with_the_exported_dtype(
     run_dir: Path, tmp_path: Path
 ) -> None:

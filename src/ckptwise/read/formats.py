@@ -24,7 +24,13 @@ else:
     from ckptwise._lazy import torch
 
 
-__all__ = ["copy_hf_metadata", "read_model_folder", "resume_scratch", "write_safetensors"]
+__all__ = [
+    "copy_hf_metadata",
+    "open_permissions",
+    "read_model_folder",
+    "resume_scratch",
+    "write_safetensors",
+]
 
 #: JSON files of a model folder that describe one saved state, not the model: never copied
 _STATE_FILES = frozenset({"model.safetensors.index.json", "trainer_state.json"})
@@ -53,7 +59,34 @@ def write_safetensors(
     if step is not None:
         metadata["ckptwise_step"] = str(step)
     save_file(plain, str(out), metadata=metadata)
+    open_permissions(out)
     return out
+
+
+def open_permissions(*paths: str | os.PathLike[str]) -> None:
+    """Give files the mode any new file gets here (``0o666`` less the umask).
+
+    safetensors 0.8 writes through a temporary file of mode ``0o600`` and renames it
+    (safetensors issue #782), so a model another user or a serving container reads
+    would otherwise be readable by its writer alone, unlike the ``config.json`` beside it.
+    """
+    mode = 0o666 & ~_umask()
+    for path in paths:
+        os.chmod(path, mode)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the usual set-and-restore
+    os.umask(mask)
+    return mask
 
 
 def read_model_folder(

@@ -30,7 +30,7 @@ from ckptwise.integrations.transformers.deepspeed import (
     to_universal,
     write_engine_files,
 )
-from ckptwise.read.formats import write_safetensors
+from ckptwise.read.formats import open_permissions, write_safetensors
 from ckptwise.snapshot import RNG_KEY
 
 __all__ = [
@@ -62,6 +62,7 @@ def write_weights(model: Any, weights: Mapping[str, torch.Tensor], folder: Path)
     other_rank = dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
     if hasattr(model, "save_pretrained") and not other_rank:
         model.save_pretrained(str(folder), state_dict=dict(weights))
+        open_permissions(*folder.glob("*.safetensors"))  # as write_safetensors does
     else:
         write_safetensors(weights, folder / "model.safetensors")
 
