@@ -32,6 +32,7 @@ def test_policies_decide_saves_and_retention(run_dir: Path) -> None:
             metrics = {"eval_loss": evals[step]} if step in evals else {}
             decisions[step] = manager.step(step, state, metrics=metrics, final=step == 70)
         saved = {s: d.reasons for s, d in decisions.items() if d.save}
+        assert [s for s, d in decisions.items() if d] == list(saved)  # truthy when it saves
         assert saved == {
             15: ("on_improvement(eval_loss)",),
             20: ("every(10)",),

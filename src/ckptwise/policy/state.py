@@ -187,6 +187,10 @@ class Decision:
     reasons: tuple[str, ...] = ()
     requests: frozenset[Request] = frozenset()
 
+    def __bool__(self) -> bool:
+        """Whether it says to save, so ``if manager.step(...):`` reads as it should."""
+        return self.save
+
     @classmethod
     def no(cls) -> Decision:
         """The decision not to save."""
