@@ -127,12 +127,11 @@ def repo() -> Path:
 def tiny_dataset_parts() -> tuple[Any, ...]:
     """``model, optimizer, scheduler, dataset, train_step, evaluate, total_steps``: a small
     regression whose ``train_step(batch)`` takes a batch of a ``DataLoader`` over
-    ``dataset`` (enough samples for every step of one epoch)."""
+    ``dataset`` (batches of 8: the steps run three epochs)."""
     torch.manual_seed(0)
     total_steps = 3000
-    dataset = torch.utils.data.TensorDataset(
-        torch.randn(8 * total_steps, 16), torch.randn(8 * total_steps, 1)
-    )
+    samples = 8 * total_steps // 3
+    dataset = torch.utils.data.TensorDataset(torch.randn(samples, 16), torch.randn(samples, 1))
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1000, gamma=0.5)

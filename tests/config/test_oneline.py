@@ -146,6 +146,8 @@ KEEP_LINES: list[tuple[str, RetentionPolicy]] = [
     ("keep_last(3)", cw.keep_last(3)),
     ("keep_best(2, accuracy, max)", cw.keep_best(2, "accuracy", "max")),
     ("best(n=1, metric='eval/loss')", cw.keep_best(1, "eval/loss")),
+    ("best(eval_loss)", cw.keep_best(1, "eval_loss")),  # as `best: eval_loss` in a file
+    ("best(eval_acc, mode=max)", cw.keep_best(1, "eval_acc", "max")),
     ("every(10000)", cw.keep_every(10_000)),
     ("keep_every(interval=500)", cw.keep_every(500)),
     ("within(1d12h)", cw.keep_within(timedelta(days=1, hours=12))),

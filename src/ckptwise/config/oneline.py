@@ -132,7 +132,12 @@ class _Parser:
                     raise self.error(f"expected ',' or ')', found {_describe(self.peek())}")
             self.take(")")
         params: dict[str, Any] = {}
-        if spec.variadic and len(args) == 1 and isinstance(args[0], list):
+        # a lone value the file form takes as a shorthand reads the same here
+        # (best(eval_loss), as best: eval_loss)
+        short = spec.shorthand(args[0]) if spec.shorthand and len(args) == 1 else None
+        if short is not None:
+            params.update(short)
+        elif spec.variadic and len(args) == 1 and isinstance(args[0], list):
             params[spec.params[0].name] = args[0]
         elif spec.variadic and args:
             params[spec.params[0].name] = args
