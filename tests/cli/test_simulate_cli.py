@@ -224,3 +224,16 @@ def test_each_bad_policy_option_is_named_with_an_example_in_its_own_spelling(
     assert f"Invalid value for {named}:" in result.output
     assert example in result.output
     assert "cw." not in result.output
+
+
+def test_the_times_it_assumes_are_said_until_given() -> None:
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(cli, ["simulate", "--save", "every(5)", "--steps", "20", *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "(times assume 1s per step (--step-time) and 30s per save (--save-cost)" in run()
+    assert "(times assume 1s per step (--step-time): " in run("--save-cost", "2s")
+    assert "times assume" not in run("--save-cost", "2s", "--step-time", "1s")
+    doc = json.loads(run("--json", "--step-time", "3s"))
+    assert doc["assumed"] == ["30s per save (--save-cost)"]

@@ -132,6 +132,10 @@ def _retention_leaves(keep: RetentionPolicy | None) -> list[RetentionPolicy]:
     return [keep]
 
 
+#: what simulate assumes of a run whose times are not given
+STEP_TIME, SAVE_COST = "1s", "30s"
+
+
 def _human_seconds(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -161,10 +165,14 @@ def _parse_option(kind: str, value: str | None, parse: Any) -> Any:
 @click.option("--save-steps", type=int, help="As Trainer's --save_steps: every(N) | on_final().")
 @click.option("--save-total-limit", type=int, help="As Trainer's --save_total_limit: last(N).")
 @click.option("--steps", type=int, required=True, help="Length of the run in steps.")
-@click.option("--step-time", default="1s", show_default=True, help="Time per step, e.g. 1.2s.")
-@click.option("--save-cost", default="30s", show_default=True, help="Time per save, e.g. 30s.")
+@click.option("--step-time", help=f"Time per step, e.g. 1.2s.  [default: {STEP_TIME}]")
+@click.option("--save-cost", help=f"Time per save, e.g. 5m.  [default: {SAVE_COST}]")
 @click.option(
-    "--checkpoint-bytes", default="0", show_default=True, help="Bytes per checkpoint, e.g. 22GB."
+    "--checkpoint-bytes",
+    default="0",
+    show_default=True,
+    help="Bytes per checkpoint, e.g. 22GB (every save counts this much, also the slimmer "
+    "saves of a content: policy).",
 )
 @click.option(
     "--metrics",
@@ -182,8 +190,8 @@ def simulate_command(
     save_steps: int | None,
     save_total_limit: int | None,
     steps: int,
-    step_time: str,
-    save_cost: str,
+    step_time: str | None,
+    save_cost: str | None,
     checkpoint_bytes: str,
     metrics_csv: str | None,
     mtbf: str | None,
@@ -195,8 +203,16 @@ def simulate_command(
     from ckptwise.simulate import simulate
 
     save_policy, keep_policy = _policy(config, save, keep, save_steps, save_total_limit)
-    step_td = _parse_option("--step-time", step_time, parse_duration)
-    cost_td = _parse_option("--save-cost", save_cost, parse_duration)
+    assumed = [
+        f"{default} per {what} ({option})"
+        for given, default, what, option in (
+            (step_time, STEP_TIME, "step", "--step-time"),
+            (save_cost, SAVE_COST, "save", "--save-cost"),
+        )
+        if given is None
+    ]
+    step_td = _parse_option("--step-time", step_time or STEP_TIME, parse_duration)
+    cost_td = _parse_option("--save-cost", save_cost or SAVE_COST, parse_duration)
     size = _parse_option("--checkpoint-bytes", checkpoint_bytes, parse_bytes)
     mtbf_td = _parse_option("--mtbf", mtbf, parse_duration)
     if mtbf_td is not None and mtbf_td.total_seconds() <= 0:
@@ -223,6 +239,7 @@ def simulate_command(
     doc = result.to_json()
     doc["policy"] = to_config(save_policy, keep_policy)
     doc["warnings"] = unmet
+    doc["assumed"] = assumed
     if mtbf_td is not None:
         failures = result.wall_seconds / mtbf_td.total_seconds()
         doc["expected_failures"] = failures
@@ -252,6 +269,8 @@ def simulate_command(
         f"time saving: {_human_seconds(result.save_seconds)} of "
         f"{_human_seconds(result.wall_seconds)} ({100 * result.overhead:.2f}%)"
     )
+    if assumed:
+        click.echo(f"  (times assume {' and '.join(assumed)}: give your run's own)")
     click.echo(
         f"expected work lost per failure: {_human_seconds(result.expected_loss_seconds)}"
         f" (~{result.expected_loss_steps:.0f} steps)"
