@@ -50,13 +50,20 @@ def test_signal_requests_a_save_and_chains_the_previous_handler(run_dir: Path) -
 
 
 @pytest.mark.usefixtures("restore_sigusr1")
-def test_signal_with_then_exit_raises_system_exit_zero_after_the_commit(run_dir: Path) -> None:
+def test_signal_with_then_exit_raises_system_exit_zero_after_the_commit(
+    run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     manager = cw.CheckpointManager(run_dir, save=cw.on_signal("SIGUSR1"))
     os.kill(os.getpid(), signal.SIGUSR1)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info, caplog.at_level("WARNING", "ckptwise"):
         manager.step(7, {"w": torch.ones(2)})
     assert exit_info.value.code == 0
     assert steps_of(manager) == [7]
+    # the log says why the process ended, at a level shown by default
+    (record,) = [r for r in caplog.records if "exiting" in r.message]
+    assert record.levelname == "WARNING"
+    assert "saved step 7 to " in record.message
+    assert "on_signal(SIGUSR1)" in record.message
     manager.close()
 
 

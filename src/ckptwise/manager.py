@@ -440,7 +440,13 @@ class CheckpointManager:
         )
         if self._decider.wants_exit(decision):
             self.wait()
-            log.info("saved step %d on a signal; exiting as on_signal(then='exit') asks", step)
+            # a warning: the process ends here, and its log should say why
+            log.warning(
+                "saved step %d to %s on a signal (%s); exiting as on_signal(then='exit') asks",
+                step,
+                self.run.url,
+                ", ".join(decision.reasons),
+            )
             raise SystemExit(0)
         return decision
 
