@@ -333,12 +333,12 @@ CONFIG_ERRORS: list[tuple[str, dict[str, Any], str]] = [
     (
         "bad-mode",
         {"save": {"on_improvement": {"metric": "eval_loss", "mode": "lowest"}}},
-        r"save\.on_improvement: mode must be 'min' .* or 'max' .*got 'lowest'",
+        r"save\.on_improvement\.mode: must be 'min' .* or 'max' .*got 'lowest'",
     ),
     (
         "bad-keep-mode",
         {"keep": {"best": {"n": 1, "metric": "acc", "mode": "up"}}},
-        r"keep\.best: mode must be 'min' .* or 'max' .*got 'up'",
+        r"keep\.best\.mode: must be 'min' .* or 'max' .*got 'up'",
     ),
     (
         "bad-then",

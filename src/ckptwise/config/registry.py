@@ -26,6 +26,7 @@ from ckptwise.config.values import (
     read_float,
     read_int,
     read_int_list,
+    read_mode,
     read_positive_duration,
     read_positive_int,
     read_positive_size,
@@ -336,7 +337,7 @@ SAVE = Registry(
             on_improvement,
             (
                 Param("metric", read_str, required=True),
-                Param("mode", read_str),
+                Param("mode", read_mode),
                 Param("min_delta", read_float),
                 Param("patience", read_int),
             ),
@@ -378,7 +379,7 @@ KEEP = Registry(
             (
                 Param("n", read_positive_int, required=True),
                 Param("metric", read_str, required=True),
-                Param("mode", read_str),
+                Param("mode", read_mode),
             ),
             shorthand=_best_metric,
             example={"n": 2, "metric": "eval_loss", "mode": "min"},

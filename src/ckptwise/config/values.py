@@ -147,6 +147,16 @@ def read_str(value: object, where: str) -> str:
     return value
 
 
+def read_mode(value: object, where: str) -> str:
+    """A ranking direction: ``"min"`` or ``"max"``."""
+    if value not in ("min", "max"):
+        raise ConfigError(
+            f"{where}: must be 'min' (lower is better, e.g. a loss) or 'max' (e.g. "
+            f"accuracy), got {value!r}"
+        )
+    return str(value)
+
+
 def read_int_list(value: object, where: str) -> list[int]:
     """A list of step numbers."""
     if not isinstance(value, (list, tuple)):
