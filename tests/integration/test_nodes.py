@@ -50,6 +50,8 @@ def resumes_exactly(job: Nodes, tag: str, straight: Nodes, step: int) -> None:
     for node in (0, 1):
         mine, theirs = job.record(node, tag), straight.record(node, "a")
         assert mine["restored"] == step
+        assert mine["errors"] == []
+        assert mine["saves"][-1][0] == 20
         assert mine["losses"], mine
         for at, loss in mine["losses"].items():
             assert loss == theirs["losses"][at], at
@@ -113,11 +115,11 @@ def test_two_nodes_upload_whole_checkpoints_and_a_killed_node_resumes_exactly(
     # both nodes start again on their caches: node 1 uploads what it held, rank 0 then
     # uploads the manifests it had committed, and the job resumes from the newest
     job.start("c", "--steps", "20", "--keep", "all")
-    job.wait()
+    logs = job.wait()
     resumes_exactly(job, "c", straight, max(committed))
     final = remote(s3, job.run)
     assert final.verify() == []
-    assert final.steps() == [5, 10, 15, 20]
+    assert final.steps() == [5, 10, 15, 20], "\n".join(log[-4000:] for log in logs)
     assert cli(s3, "verify", job.run).strip().endswith(": ok")
     assert "20" in cli(s3, "du", job.run)
     cli(s3, "export", job.run, str(tmp_path / "exported"))
@@ -150,4 +152,4 @@ def test_a_node_back_without_its_cache_folder_resumes_from_the_newest_whole_chec
     assert sorted(p.name for p in aside.iterdir()) == [f"{step:012d}.json" for step in lost]
     final = remote(s3, job.run)
     assert final.verify() == []
-    assert final.steps() == [5, 10, 15, 20]
+    assert final.steps() == [5, 10, 15, 20], "\n".join(log[-4000:] for log in logs)

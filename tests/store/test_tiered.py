@@ -723,3 +723,37 @@ def test_the_recovery_check_covers_a_manifest_the_uploader_has_not_checked_yet(
     lock.release()
     again.close()
     other.close()
+
+
+def test_a_confirmation_that_lands_while_the_uploader_parks_the_manifest_releases_it(
+    s3: dict[str, Any], proxy: S3Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The uploader checks a manifest's objects, then parks it: a confirmation between the
+    two must still let it go up (the job's last checkpoint was left in rank 0's cache)."""
+    checked, go_on = threading.Event(), threading.Event()
+    real_check = Uploads._check
+
+    def check_then_pause(uploads: Uploads, path: str, staged: str) -> None:
+        try:
+            real_check(uploads, path, staged)
+        except Exception:
+            if path == manifest_path(1):
+                checked.set()
+                go_on.wait(30)
+            raise
+
+    monkeypatch.setattr(Uploads, "_check", check_then_pause)
+    url, options = _url(tmp_path), _through(proxy, s3)
+    first, lock, publisher, other, writer = _two_ranks(tmp_path, url, options)
+    _from_another_rank(writer, publisher, 1)
+    assert other.wait_sent(other.unsent_objects(), 30) is True
+    assert checked.wait(30)  # the uploader found rank 1's objects not confirmed yet
+    first.confirm_step(1)  # the confirmation lands before it parks the manifest
+    go_on.set()
+    first.flush(WAIT)
+    remote = _remote(url, s3)
+    assert remote.steps() == [1]
+    assert remote.verify() == []
+    lock.release()
+    first.close()
+    other.close()

@@ -451,6 +451,14 @@ class Uploads:
     def _park(self, op: Op, missing: set[str]) -> None:
         """Hold back the manifest ``op`` uploads until the remote has ``missing``
         (holding the lock)."""
+        assert self.remote_files is not None
+        # the check ran without the lock: an upload or a confirmation may have come since,
+        # and nothing would release a manifest parked for objects already there
+        missing = missing - self.remote_files
+        if not missing:
+            if op.path in self._entries.files:
+                self.enqueue(Op("put", op.path))
+            return
         self.parked[op.path] = missing
         if self.confirming and not missing & self.dropped:
             log.debug("%s waits for the other ranks' uploads of its objects", op.path)
