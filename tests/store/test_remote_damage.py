@@ -242,3 +242,37 @@ def test_a_save_through_the_cache_goes_on_when_the_bucket_cannot_be_asked(
     assert remote.verify() == []
     lock.release()
     backend.close()
+
+
+def test_a_confirmation_never_takes_an_object_dropped_as_damaged_as_uploaded(
+    s3: dict[str, Any], proxy: S3Proxy, tmp_path: Path
+) -> None:
+    """Rank 0 of a job of several: the other ranks' word that a checkpoint's objects are
+    up must not cover an object this cache dropped as damaged, or the bucket would list a
+    checkpoint without it. And the part of a save naming such an object says so."""
+    url = _url(tmp_path)
+    cache = tmp_path / "cache"
+    first = _tiered(cache, url, _options(proxy, s3))
+    CheckpointStore(first).commit(1, _state(1, 2))
+    damaged = CheckpointStore(first).manifest(1).tensors["tower.1"].object
+    cached = cache / "files" / object_path(damaged)
+    data = bytearray(cached.read_bytes())
+    data[0] ^= 0x01
+    cached.write_bytes(bytes(data))
+
+    backend = _tiered(cache, url, _options(proxy, s3))
+    backend.expect_confirmations()  # rank 0: manifests wait for the ranks' word
+    store = CheckpointStore(backend)
+    lock = store.lock()
+    lock.acquire()
+    backend.flush(WAIT)  # the damaged object is dropped, the sound ones go up
+    part = store.manifest(1).view(0).values()
+    assert backend.dropped_of(part) == {object_path(damaged)}
+    assert backend.wait_sent(backend.dropped_of(part), 0.1) is None  # never will be
+    backend.confirm_step(1)  # every rank's word: all it uploaded is up
+    backend.flush(WAIT)
+    remote = CheckpointStore(FsspecBackend(url, **s3))
+    assert remote.steps() == []  # still waits for the damaged object, written again
+    assert backend.upload_states() == {1: "local"}
+    lock.release()
+    backend.close()

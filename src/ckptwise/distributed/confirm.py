@@ -29,11 +29,12 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterable
 from datetime import timedelta
 
 from ckptwise.distributed.ranks import Ranks
 from ckptwise.errors import CheckpointError, StorageError
-from ckptwise.store import TieredBackend
+from ckptwise.store import TensorEntry, TieredBackend
 
 __all__ = ["UploadConfirmer"]
 
@@ -77,9 +78,12 @@ class UploadConfirmer:
         self._thread.start()
         _register(self)
 
-    def committed(self, step: int) -> None:
-        """Confirm ``step``'s uploads: call on every rank once it committed."""
-        unsent = self._backend.unsent_objects()
+    def committed(self, step: int, part: Iterable[TensorEntry] = ()) -> None:
+        """Confirm ``step``'s uploads: call on every rank once it committed, with the
+        entries of this rank's part. An object of the part that this rank dropped as
+        damaged (after the save had planned to reuse it) counts as never sent: the
+        checkpoint then stays in rank 0's cache, never listed remotely without it."""
+        unsent = self._backend.unsent_objects() | self._backend.dropped_of(part)
         with self._cond:
             self._queue.append((step, unsent))
             self._cond.notify_all()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn, Protocol
@@ -36,7 +36,7 @@ from ckptwise.save.upkeep import Upkeep
 from ckptwise.save.writer import AsyncWriter, SyncWriter, Writer
 from ckptwise.snapshot import Snapshot, capture
 from ckptwise.snapshot.copying import SnapshotCopier, available_memory, optimizers_in
-from ckptwise.store import CheckpointStore, Manifest, RunLock
+from ckptwise.store import CheckpointStore, Manifest, RunLock, TensorEntry
 
 __all__ = [
     "AsyncPath",
@@ -284,7 +284,7 @@ class RanksPath:
         *,
         background: bool = False,
         defer: bool = False,
-        committed: Callable[[int], object] | None = None,
+        committed: Callable[[int, Sequence[TensorEntry]], object] | None = None,
     ) -> None:
         self._store = store
         self._upkeep = upkeep
@@ -292,8 +292,9 @@ class RanksPath:
         self._copies = _Copies(defer=defer) if background else None
         self.copier = None if self._copies is None else self._copies.copier
         self._channel = ranks.channel()
-        #: told each step every rank committed, on every rank, in commit order (a cached
-        #: run's upload confirmations: see ckptwise.distributed.confirm)
+        #: told each step every rank committed, with the entries of this rank's part, on
+        #: every rank, in commit order (a cached run's upload confirmations: see
+        #: ckptwise.distributed.confirm)
         self._committed = committed
         #: whether this rank's view of the run must be listed again before it plans (its
         #: first save, or one after a failure); else rank 0's word keeps it current
@@ -354,7 +355,11 @@ class RanksPath:
         )
         self._stale = False
         if self._committed is not None:
-            self._committed(order.step)
+            try:
+                part = list(self._store.manifest(order.step).view(self._channel.rank).values())
+            except CheckpointError:
+                part = []  # pruned as it committed: nothing waits for it
+            self._committed(order.step, part)
         return info
 
     def refuse(self, step: int, error: Exception) -> NoReturn:

@@ -108,7 +108,7 @@ from ckptwise.store.layout import (
     manifest_step,
     object_path,
 )
-from ckptwise.store.manifest import Manifest, decode_manifest
+from ckptwise.store.manifest import Manifest, TensorEntry, decode_manifest
 from ckptwise.store.uploads import RESUME_AFTER as RESUME_AFTER
 from ckptwise.store.uploads import UPLOADERS, Op, Uploads, barrier, register, unregister
 
@@ -603,6 +603,16 @@ class TieredBackend:
                 if op.kind == "put" and p.startswith(OBJECTS + "/")
             )
             return unsent
+
+    def dropped_of(self, entries: Iterable[TensorEntry]) -> set[str]:
+        """The objects ``entries`` need (delta bases included) that this cache dropped as
+        damaged and no save wrote again: they will never be uploaded from here."""
+        with self._cond:
+            if not self._uploads.dropped:
+                return set()
+            needed = {object_path(e.object) for e in entries}
+            needed.update(object_path(oid) for e in entries for oid, _, _ in e.bases)
+            return needed & self._uploads.dropped
 
     def wait_sent(self, paths: set[str], timeout: float) -> bool | None:
         """Wait up to ``timeout`` seconds until every object of ``paths`` is uploaded;

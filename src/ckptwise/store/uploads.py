@@ -591,6 +591,9 @@ class Uploads:
         said so) and release the manifests that waited only for them (holding the lock)."""
         if self.remote_files is None:
             return
+        # an object this uploader dropped as damaged is not on the remote whatever a
+        # manifest that names it says, until a save writes it again
+        paths = paths - self.dropped
         self.remote_files.update(paths)
         for manifest, missing in list(self.parked.items()):
             missing.difference_update(paths)
