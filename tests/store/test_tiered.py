@@ -665,6 +665,11 @@ def test_a_manifest_whose_objects_were_lost_with_a_ranks_cache_is_set_aside(
     again = _tiered(tmp_path / "rank-00000", url, options)
     again.expect_confirmations()
     lock, store = _writer(again)
+    # a bucket that cannot be asked is no "not there": nothing is taken as lost
+    proxy.fail(lambda method, path: method in ("HEAD", "GET") and "rank-" not in path)
+    with pytest.raises(StorageError, match=r"could not ask .* which objects"):
+        again.recheck_parked()
+    proxy.heal()
     again.recheck_parked()  # the bucket lacks them too: nothing can upload step 2 now
     again.flush(WAIT)
     assert store.steps() == [1, 2]  # rank 0 alone would read step 2

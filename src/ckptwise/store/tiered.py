@@ -662,7 +662,17 @@ class TieredBackend:
             missing -= self._uploads.remote_files or set()
         if not missing:
             return
-        found = {p for p, size in self.remote.sizes(missing).items() if isinstance(size, int)}
+        sizes = self.remote.sizes(missing)
+        failed = [e for e in sizes.values() if isinstance(e, CheckpointError)]
+        failed = [e for e in failed if not isinstance(e, CheckpointNotFoundError)]
+        if failed:
+            # "not there" must be known, never guessed: a manifest taken as waiting for
+            # objects the bucket holds would be set aside as lost (see set_aside_parked)
+            raise StorageError(
+                f"could not ask {self.url} which objects of the waiting checkpoints it holds "
+                f"({failed[0]}); they stay whole in the cache, for a restart to upload"
+            )
+        found = {p for p, size in sizes.items() if isinstance(size, int)}
         with self._cond:
             self._uploads.confirm(found)
 

@@ -206,6 +206,7 @@ class Uploads:
         lock is no longer this writer's; ``vouch`` checks an object before its upload (see
         *Damage* in the module docstring; without it objects go up unchecked)."""
         pending.sort(key=upload_order)
+        self.parked.clear()  # each is among the pending files, checked again in its turn
         for path in pending:
             if path not in self.queue:  # queued earlier: keeps its place
                 self.queue[path] = Op("put", path)
@@ -482,6 +483,7 @@ class Uploads:
             self.remote_files.discard(op.path)
             return
         self.remote_files.add(op.path)
+        self.parked.pop(op.path, None)  # an older version's wait, if one parked meanwhile
         entry = self._entries.files.get(op.path)
         if entry is not None and entry.version == op.version:
             entry.uploaded = True
