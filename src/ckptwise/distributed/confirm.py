@@ -43,7 +43,7 @@ log = logging.getLogger("ckptwise")
 #: how long a rank waits for its uploads before each round of agreement
 POLL_SECONDS = 0.5
 
-_DONE, _WAITING, _DROPPED = 0, 1, 2
+_DONE, _WAITING, _DROPPED, _FAILED = 0, 1, 2, 3
 
 
 class UploadConfirmer:
@@ -179,7 +179,8 @@ class UploadConfirmer:
         the ranks gave up together."""
         while True:
             sent = self._backend.wait_sent(unsent, self._poll)
-            state = _DONE if sent else _WAITING if sent is False else _DROPPED
+            fatal = self._backend.fatal_error
+            state = _state(sent, fatal)
             with self._cond:
                 give_up = int(self._give_up)
             worst, quit_ = self._ranks.max_flags([state, give_up])
@@ -193,6 +194,12 @@ class UploadConfirmer:
                     left,
                 )
                 return False
+            if worst == _FAILED:  # every rank stops: nothing will be confirmed any more
+                raise StorageError(
+                    f"a rank's uploads to {self._backend.url} stopped for good "
+                    f"({fatal or 'on another rank'}); the checkpoints not confirmed stay "
+                    "whole in the ranks' caches"
+                )
             if worst == _WAITING:
                 continue
             if self._ranks.coordinator:
@@ -212,6 +219,16 @@ class UploadConfirmer:
             )
             return
         self._backend.confirm_step(step)
+
+
+def _state(sent: bool | None, fatal: CheckpointError | None) -> int:
+    """This rank's word in a round: its uploader stopped for good, an object dropped as
+    damaged (``sent`` is ``None``), still uploading, or done."""
+    if fatal is not None:
+        return _FAILED
+    if sent is None:
+        return _DROPPED
+    return _DONE if sent else _WAITING
 
 
 _live: weakref.WeakSet[UploadConfirmer] = weakref.WeakSet()

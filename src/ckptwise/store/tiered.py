@@ -320,6 +320,13 @@ class TieredBackend:
         """The failure that stopped the uploader, if it is stopped."""
         return self._uploads.halted
 
+    @property
+    def fatal_error(self) -> CheckpointError | None:
+        """The failure that stopped the uploader for good (the run's lock was taken over),
+        if any: nothing it holds unsent will be uploaded by this process."""
+        with self._cond:
+            return self._uploads.fatal
+
     def _evict(self) -> None:
         """Delete uploaded files from the cache, least recently used first, until it holds
         at most ``cache_bytes``."""

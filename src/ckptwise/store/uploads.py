@@ -270,6 +270,12 @@ class Uploads:
         deletes = len(ops) - len(puts)
         return f"{len(puts)} file(s) ({size} bytes) to upload and {deletes} to delete"
 
+    @property
+    def fatal(self) -> CheckpointError | None:
+        """The failure that stopped the uploader for good (the run's lock was taken over),
+        if it did; no later call starts it again."""
+        return self.halted if self._fatal else None
+
     def stopped_error(self) -> CheckpointError:
         """The error to raise for the failure that stopped the uploader (holding the lock)."""
         assert self.halted is not None
