@@ -56,8 +56,6 @@ from ckptwise.save.pipeline import AsyncPath, RanksPath, SaveOrder, SavePath, Sa
 from ckptwise.save.upkeep import Upkeep
 from ckptwise.snapshot import RNG_KEY, ModelWeights, RngState
 from ckptwise.store import RunLock, TieredBackend, open_store, rank_cache
-from ckptwise.store.cache_folder import SET_ASIDE
-from ckptwise.store.layout import manifest_step
 
 __all__ = ["RNG_KEY", "CheckpointManager", "RestoreWarning"]
 
@@ -658,10 +656,9 @@ class CheckpointManager:
         objects can never go up (see :meth:`TieredBackend.set_aside_parked`), so they stop
         being checkpoints of this run, with a warning, and the ranks read the same run."""
         assert self._cached is not None
-        lost = self._cached.set_aside_parked()
-        if not lost:
+        steps = self._cached.set_aside_parked()
+        if not steps:
             return
-        steps = [manifest_step(p) for p in lost]
         log.warning(
             "checkpoint(s) at step %s were committed into rank 0's cache but can never be "
             "uploaded to %s: objects other ranks wrote for them are neither in those ranks' "
@@ -670,7 +667,7 @@ class CheckpointManager:
             "newest checkpoint whole in the store",
             ", ".join(str(s) for s in steps),
             self._cached.url,
-            os.path.join(self._cached.cache, SET_ASIDE),
+            self._cached.set_aside_folder,
         )
         self._store.refresh()
 

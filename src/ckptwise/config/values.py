@@ -24,6 +24,7 @@ __all__ = [
     "read_float",
     "read_int",
     "read_int_list",
+    "read_mode",
     "read_positive_duration",
     "read_positive_int",
     "read_positive_size",

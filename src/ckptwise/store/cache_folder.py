@@ -35,6 +35,7 @@ from ckptwise.store.local import LocalBackend
 
 __all__ = [
     "CACHE_FILE",
+    "SET_ASIDE",
     "TIERED_DIRS",
     "UPLOADED",
     "CacheEntries",

@@ -92,6 +92,7 @@ from ckptwise.store.backend import (
     sizes_one_by_one,
 )
 from ckptwise.store.cache_folder import (
+    SET_ASIDE,
     TIERED_DIRS,
     CacheEntries,
     CacheFolder,
@@ -683,22 +684,30 @@ class TieredBackend:
         with self._cond:
             self._uploads.confirm(found)
 
-    def set_aside_parked(self) -> list[str]:
+    def set_aside_parked(self) -> list[int]:
         """Move the manifests still waiting for objects out of the cache's listing (into
-        its ``set-aside`` folder) and return their paths.
+        :attr:`set_aside_folder`) and return their steps.
 
         Rank 0 calls it once every rank's uploads are confirmed and the remote was asked
         (:meth:`recheck_parked`): an object a waiting manifest names is then neither on the
         remote nor unsent in any rank's cache (that rank's cache folder was lost, or the
         object was dropped as damaged), so the checkpoint can never go up, and no other
         rank can read it. Listed, it would be the newest checkpoint to rank 0 alone."""
+        steps = []
         with self._cond:
-            paths = sorted(p for p in self._uploads.parked if p in self._entries.files)
-            for path in paths:
+            for path in sorted(p for p in self._uploads.parked if p in self._entries.files):
                 del self._uploads.parked[path]
                 self._folder.set_aside(path)
                 self._entries.forget(path)
-        return paths
+                step = manifest_step(path)
+                if step is not None:
+                    steps.append(step)
+        return steps
+
+    @property
+    def set_aside_folder(self) -> str:
+        """Where :meth:`set_aside_parked` moves manifests that can never be uploaded."""
+        return os.path.join(self.cache, SET_ASIDE)
 
     def relist(self) -> None:
         """List the remote again (a process that does not write manifests, before it reads
