@@ -295,18 +295,18 @@ def assert_resumed_exactly(run: cw.Run, step: int, dump: Path, tmp: Path) -> Non
     assert scheduler == engine["lr_scheduler"]
 
 
-@pytest.mark.parametrize("straight", [2, 3], ids=["zero2", "zero3"], indirect=True)
-def test_zero_stage_resumes_on_another_number_of_ranks_through_universal_checkpoints(
-    tmp_path: Path, straight: Straight
-) -> None:
+def two_to_one_to_two(
+    straight: Straight, tmp_path: Path
+) -> tuple[cw.Run, dict[str, Any], list[dict[str, Any]]]:
+    """A copy of ``straight``'s run resumed 2 -> 1 (its step 10 on one rank, which saves at
+    15 and 20), then 1 -> 2 (that rank's step 15 on two ranks), each dumping the state it
+    starts from into ``dump1``/``dump2``; the run and the two jobs' records."""
     run_dir = straight.copy(tmp_path / "run")
     stage = str(straight.stage)
-    # 2 -> 1: the two ranks' step 10 on one rank, which saves at 15 and 20
     (one,) = torchrun(
         run_dir, tmp_path / "one", "--stage", stage, "--steps", "20", "--save", "every(5)",
         "--resume", "10", "--dump-start", str(tmp_path / "dump1"), ranks=1,
     )  # fmt: skip
-    # 1 -> 2: that rank's step 15 on two ranks
     two = torchrun(
         run_dir, tmp_path / "two", "--stage", stage, "--steps", "20", "--save", "every(5)",
         "--resume", "15", "--dump-start", str(tmp_path / "dump2"),
@@ -316,6 +316,14 @@ def test_zero_stage_resumes_on_another_number_of_ranks_through_universal_checkpo
     assert one["resumed_from"] == 10
     assert one["saves"] == [[15, ["every(5)"]], [20, ["every(5)"]]]
     assert [r["resumed_from"] for r in two] == [15, 15]
+    return run, one, two
+
+
+@pytest.mark.parametrize("straight", [2, 3], ids=["zero2", "zero3"], indirect=True)
+def test_zero_stage_resumes_on_another_number_of_ranks_through_universal_checkpoints(
+    tmp_path: Path, straight: Straight
+) -> None:
+    run, one, two = two_to_one_to_two(straight, tmp_path)
     # one folder for the node's ranks, with DeepSpeed's universal checkpoint; the RNG states
     # of the ranks the checkpoint had (a new rank keeps the seeded state Trainer starts with)
     assert "latest_universal" in one["resume_files"]
@@ -355,20 +363,7 @@ def test_the_trainer_with_ddp_resumes_on_another_number_of_ranks(
 ) -> None:
     """Without DeepSpeed every rank holds the whole model and optimizer: 2 -> 1 and
     1 -> 2 restore them exactly, with the step count and the schedule."""
-    run_dir = straight.copy(tmp_path / "run")
-    (one,) = torchrun(
-        run_dir, tmp_path / "one", "--stage", "0", "--steps", "20", "--save", "every(5)",
-        "--resume", "10", "--dump-start", str(tmp_path / "dump1"), ranks=1,
-    )  # fmt: skip
-    two = torchrun(
-        run_dir, tmp_path / "two", "--stage", "0", "--steps", "20", "--save", "every(5)",
-        "--resume", "15", "--dump-start", str(tmp_path / "dump2"),
-    )  # fmt: skip
-    run = cw.open_run(run_dir)
-    assert (run.manifest(10).world_size, run.manifest(15).world_size) == (2, 1)
-    assert one["resumed_from"] == 10
-    assert one["saves"] == [[15, ["every(5)"]], [20, ["every(5)"]]]
-    assert [r["resumed_from"] for r in two] == [15, 15]
+    run, one, two = two_to_one_to_two(straight, tmp_path)
     assert [r["saves"] for r in two] == [[[20, ["every(5)"]]]] * 2
     # the RNG file Trainer reads on each rank (a new rank: rank 0's, as Trainer seeds every
     # rank alike)

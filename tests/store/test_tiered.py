@@ -87,6 +87,13 @@ def _remote(url: str, s3: dict[str, Any]) -> CheckpointStore:
     return CheckpointStore(FsspecBackend(url, **s3))
 
 
+def _bucket_lists(url: str, s3: dict[str, Any], steps: list[int]) -> None:
+    """The bucket, read as another machine reads it, lists ``steps``, each whole."""
+    remote = _remote(url, s3)
+    assert remote.steps() == steps
+    assert remote.verify() == []
+
+
 def _tensors(step: int, n: int = 2048) -> dict[str, torch.Tensor]:
     return {
         "frozen": torch.arange(float(n)),  # the same every step: one shared object
@@ -680,9 +687,7 @@ def test_a_manifest_whose_objects_were_lost_with_a_ranks_cache_is_set_aside(
     aside = tmp_path / "rank-00000" / "set-aside" / manifest_path(2)
     assert aside.is_file()  # kept for a person to look at, never uploaded
     again.flush(WAIT)
-    remote = _remote(url, s3)
-    assert remote.steps() == [1]
-    assert remote.verify() == []
+    _bucket_lists(url, s3, [1])
     lock.release()
     again.close()
 
@@ -722,9 +727,7 @@ def test_the_recovery_check_covers_a_manifest_the_uploader_has_not_checked_yet(
     again.recheck_parked()  # the recovery round's one look at the remote
     go_on.set()
     again.flush(WAIT)
-    remote = _remote(url, s3)
-    assert remote.steps() == [1]
-    assert remote.verify() == []
+    _bucket_lists(url, s3, [1])
     lock.release()
     again.close()
     other.close()
@@ -756,9 +759,7 @@ def test_a_confirmation_that_lands_while_the_uploader_parks_the_manifest_release
     first.confirm_step(1)  # the confirmation lands before it parks the manifest
     go_on.set()
     first.flush(WAIT)
-    remote = _remote(url, s3)
-    assert remote.steps() == [1]
-    assert remote.verify() == []
+    _bucket_lists(url, s3, [1])
     lock.release()
     first.close()
     other.close()
